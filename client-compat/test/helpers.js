@@ -1,0 +1,443 @@
+'use strict';
+// Shared machinery for the client-compat suite: start the real herald binary
+// on a fixture database, mint tokens, connect unmodified socket.io clients,
+// wait for acks and events, and check that nothing else arrives.
+
+const { spawn } = require('node:child_process');
+const crypto = require('node:crypto');
+const fs = require('node:fs');
+const os = require('node:os');
+const path = require('node:path');
+const { setTimeout: sleep } = require('node:timers/promises');
+
+const jwt = require('jsonwebtoken');
+const initSqlJs = require('sql.js');
+const { io } = require('socket.io-client');
+
+const CLIENT_COMPAT_DIR = path.resolve(__dirname, '..');
+const HERALD_BIN = process.env.HERALD_BIN
+  ? path.resolve(process.env.HERALD_BIN)
+  : path.resolve(CLIENT_COMPAT_DIR, '../target/debug/herald');
+
+const START_TIMEOUT_MS = 15_000;
+const STOP_GRACE_MS = 5_000;
+const ACK_TIMEOUT_MS = 3_000;
+const EVENT_TIMEOUT_MS = 3_000;
+/** How long "nothing arrives" waits: long enough for a local delivery, short enough to be cheap. */
+const QUIET_MS = 300;
+const LISTENING_RE = /listening on http:\/\/([0-9.]+):(\d+)/;
+
+const OK = Object.freeze({ success: true });
+const UNAUTHORIZED = Object.freeze({ success: false, error: 'Unauthorized' });
+const INVALID = Object.freeze({ success: false, error: 'Invalid payload' });
+
+/**
+ * The membership and hierarchy rows written before herald starts.
+ *   c1: alice, bob      s1 (st1, st3), s3
+ *   c2: carol           s2 (st2)
+ */
+const FIXTURE = Object.freeze({
+  campaignMembers: [
+    ['c1', 'alice'],
+    ['c1', 'bob'],
+    ['c2', 'carol'],
+  ],
+  settlements: [
+    ['s1', 'c1'],
+    ['s3', 'c1'],
+    ['s2', 'c2'],
+  ],
+  structures: [
+    ['st1', 's1'],
+    ['st3', 's1'],
+    ['st2', 's2'],
+  ],
+});
+
+function assertBinaryExists() {
+  let stat;
+  try {
+    stat = fs.statSync(HERALD_BIN);
+  } catch {
+    throw new Error(
+      `herald binary not found at ${HERALD_BIN}. ` +
+        'Build it with `cargo build --bin herald` in the repository root, ' +
+        'or point HERALD_BIN at an existing binary.',
+    );
+  }
+  if (!stat.isFile()) throw new Error(`HERALD_BIN=${HERALD_BIN} is not a file`);
+}
+
+async function writeFixtureDb(file, fixture = FIXTURE) {
+  const SQL = await initSqlJs();
+  const db = new SQL.Database();
+  db.run(`CREATE TABLE campaign_members (campaign_id TEXT NOT NULL, user_id TEXT NOT NULL,
+          PRIMARY KEY (campaign_id, user_id))`);
+  db.run('CREATE TABLE settlements (id TEXT PRIMARY KEY, campaign_id TEXT NOT NULL)');
+  db.run('CREATE TABLE structures (id TEXT PRIMARY KEY, settlement_id TEXT NOT NULL)');
+  for (const row of fixture.campaignMembers) db.run('INSERT INTO campaign_members VALUES (?, ?)', row);
+  for (const row of fixture.settlements) db.run('INSERT INTO settlements VALUES (?, ?)', row);
+  for (const row of fixture.structures) db.run('INSERT INTO structures VALUES (?, ?)', row);
+  fs.writeFileSync(file, Buffer.from(db.export()));
+  db.close();
+}
+
+function randomSecret() {
+  return crypto.randomBytes(32).toString('base64url');
+}
+
+let uniqueCounter = 0;
+/** A fresh id, unique within the process, usable as a correlation id. */
+function uniqueId(prefix = 'id') {
+  uniqueCounter += 1;
+  return `${prefix}-${process.pid}-${uniqueCounter}`;
+}
+
+/**
+ * Starts herald with a fresh fixture database and fresh secrets.
+ * Returns a handle; call `stop()` when done (it also closes the clients
+ * opened through the handle).
+ */
+async function startHerald({ log = process.env.HERALD_LOG || 'info', fixture = FIXTURE } = {}) {
+  assertBinaryExists();
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'herald-compat-'));
+  const dbPath = path.join(dir, 'herald.db');
+  await writeFixtureDb(dbPath, fixture);
+
+  const jwtSecret = randomSecret();
+  const publishToken = randomSecret();
+  const env = {};
+  for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('HERALD_')) env[k] = v;
+  Object.assign(env, {
+    HERALD_LISTEN: '127.0.0.1:0',
+    HERALD_JWT_SECRET: jwtSecret,
+    HERALD_PUBLISH_TOKEN: publishToken,
+    HERALD_DATABASE_URL: `sqlite://${dbPath}`,
+    HERALD_LOG: log,
+  });
+
+  const child = spawn(HERALD_BIN, [], { env, cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
+  const output = { text: '' };
+  const MAX_OUTPUT = 32 * 1024 * 1024;
+  const exited = new Promise((resolve) => {
+    child.once('exit', (code, signal) => resolve({ code, signal }));
+  });
+  let exitInfo = null;
+  exited.then((info) => {
+    exitInfo = info;
+  });
+
+  const address = await new Promise((resolve, reject) => {
+    let stdoutBuf = '';
+    const timer = setTimeout(() => {
+      fail(new Error(`herald did not print "herald listening on http://…" within ${START_TIMEOUT_MS} ms`));
+    }, START_TIMEOUT_MS);
+    function fail(err) {
+      clearTimeout(timer);
+      child.kill('SIGKILL');
+      err.message += `\n--- herald output ---\n${output.text.slice(-8000)}`;
+      reject(err);
+    }
+    const onError = (err) => fail(new Error(`could not start ${HERALD_BIN}: ${err.message}`));
+    const onExit = (code, signal) => fail(new Error(`herald exited during start-up (code ${code}, signal ${signal})`));
+    child.once('error', onError);
+    child.once('exit', onExit);
+    child.stdout.on('data', (chunk) => {
+      const s = chunk.toString('utf8');
+      if (output.text.length < MAX_OUTPUT) output.text += s;
+      stdoutBuf += s;
+      const m = LISTENING_RE.exec(stdoutBuf);
+      if (m) {
+        clearTimeout(timer);
+        child.off('exit', onExit);
+        child.off('error', onError);
+        stdoutBuf = '';
+        resolve({ host: m[1], port: Number(m[2]) });
+      }
+    });
+    child.stderr.on('data', (chunk) => {
+      if (output.text.length < MAX_OUTPUT) output.text += chunk.toString('utf8');
+    });
+  });
+
+  const url = `http://${address.host}:${address.port}`;
+  const clients = new Set();
+
+  const herald = {
+    url,
+    port: address.port,
+    jwtSecret,
+    publishToken,
+    dir,
+    child,
+    /** Everything herald wrote to stdout and stderr so far. */
+    get output() {
+      return output.text;
+    },
+    get exitInfo() {
+      return exitInfo;
+    },
+    exited,
+
+    /** Every token minted through `token()`, for the log-leak check. */
+    minted: [],
+
+    /**
+     * A token for `sub` (HS256, valid for an hour, signed with herald's secret
+     * unless told otherwise). A claim set to `undefined` in `claims` is left out.
+     */
+    token(sub = 'alice', { secret = jwtSecret, algorithm = 'HS256', expiresIn = 3600, claims = {} } = {}) {
+      const now = Math.floor(Date.now() / 1000);
+      const body = { sub, iat: now, exp: now + expiresIn, ...claims };
+      for (const k of Object.keys(body)) if (body[k] === undefined) delete body[k];
+      const token = jwt.sign(body, secret, { algorithm, noTimestamp: true });
+      herald.minted.push(token);
+      return token;
+    },
+
+    /**
+     * A v4 client (not yet connected) registered for closing.
+     * Options go straight to `io()`; reconnection is off and every client gets its own Manager.
+     */
+    client(options = {}) {
+      const socket = io(url, { forceNew: true, reconnection: false, timeout: 10_000, ...options });
+      clients.add(socket);
+      return socket;
+    },
+
+    /**
+     * Connects as `user` (a token in `auth`) or with explicit options, and
+     * resolves once connected; rejects with the connect_error.
+     */
+    connect(userOrOptions = 'alice', transports) {
+      const options =
+        typeof userOrOptions === 'string' ? { auth: { token: herald.token(userOrOptions) } } : { ...userOrOptions };
+      if (transports && !options.transports) options.transports = transports;
+      return waitForConnect(herald.client(options));
+    },
+
+    /** Resolves with the connect_error of a connection that must be refused. */
+    async connectRejected(options) {
+      const socket = herald.client(options);
+      try {
+        await waitForConnect(socket);
+      } catch (err) {
+        return err;
+      }
+      socket.close();
+      throw new Error(`connection was accepted but should have been refused (options: ${describeOptions(options)})`);
+    },
+
+    /** Closes every client opened through this handle. */
+    closeClients() {
+      for (const socket of clients) socket.close();
+      clients.clear();
+    },
+
+    /** Registers a socket created elsewhere (e.g. a v2 client) for closing. */
+    track(socket) {
+      clients.add(socket);
+      return socket;
+    },
+
+    /** POST /v1/events; returns `{ status, body }` whatever the status. */
+    async publishRaw(body, { token = publishToken, contentType = 'application/json' } = {}) {
+      const headers = {};
+      if (token !== null) headers.authorization = `Bearer ${token}`;
+      if (contentType !== null) headers['content-type'] = contentType;
+      const res = await fetch(`${url}/v1/events`, {
+        method: 'POST',
+        headers,
+        body: typeof body === 'string' ? body : JSON.stringify(body),
+      });
+      const text = await res.text();
+      let parsed;
+      try {
+        parsed = JSON.parse(text);
+      } catch {
+        parsed = text;
+      }
+      return { status: res.status, body: parsed };
+    },
+
+    /** Publishes one event or an array and insists on `202 {"accepted": n}`. */
+    async publish(events) {
+      const n = Array.isArray(events) ? events.length : 1;
+      const res = await herald.publishRaw(events);
+      if (res.status !== 202 || res.body?.accepted !== n) {
+        throw new Error(
+          `publish of ${JSON.stringify(events)} answered ${res.status} ${JSON.stringify(res.body)}; ` +
+            `expected 202 {"accepted":${n}}`,
+        );
+      }
+      return res.body;
+    },
+
+    /** SIGTERM, then SIGKILL after 5 s; removes the temp dir. Resolves with how it exited. */
+    async stop() {
+      herald.closeClients();
+      if (!exitInfo) {
+        child.kill('SIGTERM');
+        const timer = setTimeout(() => child.kill('SIGKILL'), STOP_GRACE_MS);
+        await exited;
+        clearTimeout(timer);
+      }
+      fs.rmSync(dir, { recursive: true, force: true });
+      return exitInfo;
+    },
+  };
+  return herald;
+}
+
+function describeOptions(options) {
+  return JSON.stringify(options, (k, v) => (typeof v === 'string' && v.length > 40 ? `${v.slice(0, 12)}…` : v));
+}
+
+/** Resolves with the socket on `connect`, rejects with the error of `connect_error`. */
+function waitForConnect(socket) {
+  if (socket.connected) return Promise.resolve(socket);
+  return new Promise((resolve, reject) => {
+    function onConnect() {
+      socket.off('connect_error', onError);
+      resolve(socket);
+    }
+    function onError(err) {
+      socket.off('connect', onConnect);
+      socket.close();
+      reject(err);
+    }
+    socket.once('connect', onConnect);
+    socket.once('connect_error', onError);
+  });
+}
+
+/** Emits `event` with `args` and resolves with the ack's first argument. */
+async function ack(socket, event, ...args) {
+  try {
+    return await socket.timeout(ACK_TIMEOUT_MS).emitWithAck(event, ...args);
+  } catch (err) {
+    throw new Error(`no ack for ${event}(${args.map((a) => JSON.stringify(a)).join(', ')}) within ${ACK_TIMEOUT_MS} ms (${err.message})`);
+  }
+}
+
+/**
+ * Records every `type` event a socket receives, through `socket.on(type, …)`.
+ * Each entry is the full argument list, so `args.length` can be checked.
+ */
+class Inbox {
+  constructor(socket, type) {
+    this.socket = socket;
+    this.type = type;
+    this.calls = [];
+    this.waiters = new Set();
+    socket.on(type, (...args) => {
+      this.calls.push(args);
+      for (const w of this.waiters) w();
+    });
+  }
+
+  /** Calls whose event object carries this correlation id (all calls when id is undefined). */
+  matching(correlationId) {
+    if (correlationId === undefined) return this.calls;
+    return this.calls.filter((args) => args[0]?.metadata?.correlationId === correlationId);
+  }
+
+  /** Waits until `count` matching calls have arrived, and resolves with them. */
+  async waitFor(correlationId, count = 1, timeoutMs = EVENT_TIMEOUT_MS) {
+    if (this.matching(correlationId).length >= count) return this.matching(correlationId);
+    await new Promise((resolve, reject) => {
+      const check = () => {
+        if (this.matching(correlationId).length >= count) {
+          clearTimeout(timer);
+          this.waiters.delete(check);
+          resolve();
+        }
+      };
+      const timer = setTimeout(() => {
+        this.waiters.delete(check);
+        reject(
+          new Error(
+            `expected ${count} "${this.type}" event(s)` +
+              (correlationId ? ` with correlationId ${correlationId}` : '') +
+              `, got ${this.matching(correlationId).length} within ${timeoutMs} ms`,
+          ),
+        );
+      }, timeoutMs);
+      this.waiters.add(check);
+    });
+    return this.matching(correlationId);
+  }
+
+  /** Resolves with the first matching event object. */
+  async next(correlationId, timeoutMs) {
+    const calls = await this.waitFor(correlationId, 1, timeoutMs);
+    return calls[0][0];
+  }
+}
+
+function inbox(socket, type) {
+  return new Inbox(socket, type);
+}
+
+/** Records every event whatever its name (socket.onAny). */
+function recordAll(socket) {
+  const seen = [];
+  socket.onAny((name, ...args) => seen.push({ name, args }));
+  return seen;
+}
+
+/** Waits QUIET_MS (or `ms`): used before asserting that nothing (more) arrived. */
+function quietPeriod(ms = QUIET_MS) {
+  return sleep(ms);
+}
+
+/** Asserts that `seen` (an array filled by a listener) stays empty for `ms`. */
+async function assertNothingArrives(seen, ms = QUIET_MS, what = 'event') {
+  await sleep(ms);
+  if (seen.length !== 0) {
+    throw new Error(`expected no ${what} within ${ms} ms, got ${seen.length}: ${JSON.stringify(seen).slice(0, 500)}`);
+  }
+}
+
+/** Waits for one emission of `event` on an EventEmitter-like object. */
+function once(emitter, event, timeoutMs = EVENT_TIMEOUT_MS) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      emitter.off(event, handler);
+      reject(new Error(`no "${event}" within ${timeoutMs} ms`));
+    }, timeoutMs);
+    function handler(...args) {
+      clearTimeout(timer);
+      resolve(args);
+    }
+    emitter.once(event, handler);
+  });
+}
+
+/** An unsigned token (`alg: none`) for `sub`. */
+function unsignedToken(claims) {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  return `${b64({ alg: 'none', typ: 'JWT' })}.${b64(claims)}.`;
+}
+
+module.exports = {
+  HERALD_BIN,
+  FIXTURE,
+  OK,
+  UNAUTHORIZED,
+  INVALID,
+  QUIET_MS,
+  ACK_TIMEOUT_MS,
+  startHerald,
+  writeFixtureDb,
+  waitForConnect,
+  ack,
+  inbox,
+  recordAll,
+  quietPeriod,
+  assertNothingArrives,
+  once,
+  unsignedToken,
+  uniqueId,
+  sleep,
+};

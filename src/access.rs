@@ -1,0 +1,131 @@
+//! Who may join which room: the campaign membership check, through the
+//! settlement and structure hierarchy, with a short-lived cache in front of
+//! the store.
+//!
+//! Every lookup (membership and hierarchy) is cached for the configured TTL,
+//! positive and negative answers alike, so a revoked member can subscribe at
+//! most until its entry expires. Concurrent misses for one key share a single
+//! store query.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use moka::future::Cache;
+
+use crate::rooms::{CampaignId, Room, SettlementId, StructureId};
+use crate::store::{MembershipStore, StoreError};
+
+/// The answer to "may this user join this room?".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Allowed,
+    /// Not a member, or the id does not exist: the two are not told apart.
+    Denied,
+}
+
+/// Cached access checks over a [`MembershipStore`].
+pub struct Access<S> {
+    store: Arc<S>,
+    members: Cache<(CampaignId, Arc<str>), bool>,
+    settlements: Cache<SettlementId, Option<CampaignId>>,
+    structures: Cache<StructureId, Option<SettlementId>>,
+}
+
+impl<S> Clone for Access<S> {
+    fn clone(&self) -> Self {
+        Access {
+            store: self.store.clone(),
+            members: self.members.clone(),
+            settlements: self.settlements.clone(),
+            structures: self.structures.clone(),
+        }
+    }
+}
+
+/// The store failed during a check (shared between concurrent waiters).
+pub type AccessError = Arc<StoreError>;
+
+const CACHE_CAPACITY: u64 = 100_000;
+
+impl<S: MembershipStore> Access<S> {
+    /// Wraps `store` with caches whose entries live `ttl` (zero disables caching).
+    pub fn new(store: Arc<S>, ttl: Duration) -> Self {
+        fn cache<K, V>(ttl: Duration) -> Cache<K, V>
+        where
+            K: std::hash::Hash + Eq + Send + Sync + 'static,
+            V: Clone + Send + Sync + 'static,
+        {
+            let capacity = if ttl.is_zero() { 0 } else { CACHE_CAPACITY };
+            Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(ttl.max(Duration::from_millis(1)))
+                .build()
+        }
+        Access {
+            store,
+            members: cache(ttl),
+            settlements: cache(ttl),
+            structures: cache(ttl),
+        }
+    }
+
+    /// The store behind the cache.
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    /// May `user` join `room`?
+    pub async fn check(&self, user: &Arc<str>, room: &Room) -> Result<Decision, AccessError> {
+        let campaign = match room {
+            Room::Campaign(id) => Some(id.clone()),
+            Room::Settlement(id) => self.settlement_campaign(id).await?,
+            Room::Structure(id) => match self.structure_settlement(id).await? {
+                Some(settlement) => self.settlement_campaign(&settlement).await?,
+                None => None,
+            },
+        };
+        let Some(campaign) = campaign else {
+            return Ok(Decision::Denied);
+        };
+        let member = self
+            .members
+            .try_get_with((campaign.clone(), user.clone()), async {
+                self.store.is_member(&campaign, user).await
+            })
+            .await?;
+        Ok(if member {
+            Decision::Allowed
+        } else {
+            Decision::Denied
+        })
+    }
+
+    async fn settlement_campaign(
+        &self,
+        id: &SettlementId,
+    ) -> Result<Option<CampaignId>, AccessError> {
+        self.settlements
+            .try_get_with(id.clone(), async {
+                self.store.settlement_campaign(id).await
+            })
+            .await
+    }
+
+    async fn structure_settlement(
+        &self,
+        id: &StructureId,
+    ) -> Result<Option<SettlementId>, AccessError> {
+        self.structures
+            .try_get_with(id.clone(), async {
+                self.store.structure_settlement(id).await
+            })
+            .await
+    }
+
+    /// Forgets the cached membership of `user` in `campaign`.
+    pub async fn forget_membership(&self, campaign: &CampaignId, user: &Arc<str>) {
+        self.members
+            .invalidate(&(campaign.clone(), user.clone()))
+            .await;
+    }
+}

@@ -1,0 +1,248 @@
+//! Wiring: builds the whole gateway from a [`Config`], binds the listener and
+//! serves until a shutdown future resolves.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::{HeaderValue, Method, header};
+use rand::Rng;
+use secrecy::SecretString;
+use socketioxide::SocketIo;
+use tokio::net::TcpListener;
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+
+use crate::access::Access;
+use crate::auth::{KeyError, Minter, Verifier};
+use crate::config::{Config, ConfigError, JwtAlgorithm, Mode};
+use crate::delivery::Delivery;
+use crate::gateway::Gateway;
+use crate::health::{self, OpsState, Probe};
+use crate::publish::{self, PublishState};
+use crate::store::{MembershipStore, SqlStore, StoreError};
+use crate::telemetry::Metrics;
+
+/// The gateway could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("JWT key: {0}")]
+    Key(#[from] KeyError),
+    #[error("membership store: {0}")]
+    Store(#[from] StoreError),
+    #[error("invalid CORS origin {0:?}")]
+    CorsOrigin(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What development mode generated, for the start-up banner.
+pub struct DevCredentials {
+    /// A client token for `demo-user`, when the JWT secret was generated.
+    pub client_token: Option<String>,
+    /// The publish token, when it was generated.
+    pub publish_token: Option<SecretString>,
+    /// Whether the demo campaign was added to an empty store.
+    pub demo_seeded: bool,
+}
+
+/// A built gateway, bound to its listener.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    io: SocketIo,
+    store: SqlStore,
+    grace: Duration,
+    dev: Option<DevCredentials>,
+}
+
+/// The user the development banner's token is for.
+pub const DEMO_USER: &str = "demo-user";
+
+fn random_secret() -> SecretString {
+    let bytes: [u8; 32] = rand::rng().random();
+    SecretString::from(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+fn cors_layer(config: &Config) -> Result<Option<CorsLayer>, BuildError> {
+    let origin = if !config.cors_origins.is_empty() {
+        let origins = config
+            .cors_origins
+            .iter()
+            .map(|o| HeaderValue::from_str(o.trim()).map_err(|_| BuildError::CorsOrigin(o.clone())))
+            .collect::<Result<Vec<_>, _>>()?;
+        AllowOrigin::list(origins)
+    } else if config.mode == Mode::Development {
+        AllowOrigin::mirror_request()
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(origin)
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers(AllowHeaders::list([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+            ]))
+            .allow_credentials(true)
+            .max_age(Duration::from_secs(600)),
+    ))
+}
+
+impl Application {
+    /// Builds the gateway and binds its listener. Secrets must already be
+    /// resolved into `config` ([`Config::load_secrets`]); in development mode
+    /// the missing ones are generated.
+    pub async fn build(mut config: Config) -> Result<Self, BuildError> {
+        config.validate()?;
+        let demo = config.mode == Mode::Development && config.no_secrets_configured();
+        let mut dev = None;
+        if config.mode == Mode::Development {
+            let mut creds = DevCredentials {
+                client_token: None,
+                publish_token: None,
+                demo_seeded: false,
+            };
+            if config.jwt_algorithm == JwtAlgorithm::Hs256 && config.jwt_secret.is_none() {
+                let secret = random_secret();
+                creds.client_token = Some(
+                    Minter::hs256(&secret, &config)
+                        .mint(DEMO_USER, Duration::from_secs(24 * 3600))?,
+                );
+                config.jwt_secret = Some(secret);
+            }
+            if config.publish_token.is_none() {
+                let token = random_secret();
+                creds.publish_token = Some(token.clone());
+                config.publish_token = Some(token);
+            }
+            if creds.client_token.is_some() || creds.publish_token.is_some() {
+                dev = Some(creds);
+            }
+        }
+        let publish_token = config
+            .publish_token
+            .clone()
+            .ok_or(ConfigError::MissingInProduction("HERALD_PUBLISH_TOKEN"))?;
+        let verifier = Verifier::from_config(&config)?;
+
+        let store = SqlStore::connect(
+            &config.database_url,
+            config.database_max_connections,
+            config.database_migrate,
+        )
+        .await?;
+        if demo {
+            let seeded = store.seed_demo_if_empty().await?;
+            if let Some(creds) = dev.as_mut() {
+                creds.demo_seeded = seeded;
+            }
+        }
+
+        let metrics = Metrics::new();
+        let (io_layer, io) = SocketIo::builder()
+            .max_payload(config.max_message_bytes)
+            .ws_max_message_size(config.max_message_bytes as usize)
+            .ws_max_frame_size(config.max_message_bytes as usize)
+            .build_layer();
+        let access = Access::new(Arc::new(store.clone()), config.membership_cache_ttl);
+        Gateway::new(verifier, access, metrics.clone()).attach(&io);
+
+        let delivery = Delivery::new(io.clone(), metrics.clone());
+        let publish_state = Arc::new(PublishState {
+            token: publish_token,
+            max_body_bytes: config.max_body_bytes,
+            delivery,
+            metrics: metrics.clone(),
+        });
+        let store_probe: Probe = {
+            let store = store.clone();
+            Arc::new(move || {
+                let store = store.clone();
+                Box::pin(async move { store.ping().await.map_err(|e| e.to_string()) })
+            })
+        };
+        let ops = OpsState {
+            metrics,
+            probes: vec![("store", store_probe)],
+        };
+
+        let mut router = publish::router(publish_state)
+            .merge(health::router(ops))
+            .layer(io_layer);
+        // Outside the Socket.IO layer, so that preflights never reach it.
+        if let Some(cors) = cors_layer(&config)? {
+            router = router.layer(cors);
+        }
+
+        let listener =
+            TcpListener::bind(&config.listen)
+                .await
+                .map_err(|source| BuildError::Bind {
+                    addr: config.listen.clone(),
+                    source,
+                })?;
+        Ok(Application {
+            listener,
+            router,
+            io,
+            store,
+            grace: config.shutdown_grace,
+            dev,
+        })
+    }
+
+    /// The address the gateway listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// What development mode generated, if anything.
+    pub fn development_credentials(&self) -> Option<&DevCredentials> {
+        self.dev.as_ref()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, disconnects
+    /// every socket and returns, within the grace period.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let Application {
+            listener,
+            router,
+            io,
+            store,
+            grace,
+            ..
+        } = self;
+        let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = stopping_tx.send(());
+            tracing::info!("shutting down: disconnecting every socket");
+            io.close().await;
+        });
+        let deadline = async move {
+            match stopping_rx.await {
+                Ok(()) => tokio::time::sleep(grace).await,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            result = server => result?,
+            () = deadline => tracing::warn!(?grace, "grace period over; exiting with connections still open"),
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), store.close()).await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

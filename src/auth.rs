@@ -1,0 +1,275 @@
+//! Client authentication: JWT verification and token minting.
+//!
+//! Nothing here logs or returns anything about a token: errors say only that
+//! a token was refused.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, JwtAlgorithm};
+
+/// The authenticated user of a socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    /// The `sub` claim.
+    pub id: Arc<str>,
+    /// When the token expires (`exp`, seconds since the epoch).
+    pub expires_at: u64,
+}
+
+/// The claims herald reads.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub exp: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+}
+
+/// A token was refused. Deliberately says nothing more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("Unauthorized")]
+pub struct Unauthorized;
+
+/// The verification key could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("no JWT secret configured")]
+    NoSecret,
+    #[error("cannot read the key file {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the key file {path} is not a valid {alg} PEM key")]
+    BadPem {
+        path: std::path::PathBuf,
+        alg: &'static str,
+    },
+    #[error("cannot sign a token: {0}")]
+    Sign(String),
+}
+
+fn algorithm(alg: JwtAlgorithm) -> Algorithm {
+    match alg {
+        JwtAlgorithm::Hs256 => Algorithm::HS256,
+        JwtAlgorithm::Rs256 => Algorithm::RS256,
+        JwtAlgorithm::Es256 => Algorithm::ES256,
+    }
+}
+
+fn alg_name(alg: JwtAlgorithm) -> &'static str {
+    match alg {
+        JwtAlgorithm::Hs256 => "HS256",
+        JwtAlgorithm::Rs256 => "RS256",
+        JwtAlgorithm::Es256 => "ES256",
+    }
+}
+
+/// Verifies client tokens with the one configured algorithm.
+#[derive(Clone)]
+pub struct Verifier {
+    key: Arc<DecodingKey>,
+    validation: Arc<Validation>,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("algorithms", &self.validation.algorithms)
+            .finish()
+    }
+}
+
+impl Verifier {
+    /// Builds the verifier from the configuration (the secret must be resolved).
+    pub fn from_config(config: &Config) -> Result<Self, KeyError> {
+        let key = match config.jwt_algorithm {
+            JwtAlgorithm::Hs256 => {
+                let secret = config.jwt_secret.as_ref().ok_or(KeyError::NoSecret)?;
+                DecodingKey::from_secret(secret.expose_secret().as_bytes())
+            }
+            alg @ (JwtAlgorithm::Rs256 | JwtAlgorithm::Es256) => {
+                let path = config
+                    .jwt_public_key_file
+                    .clone()
+                    .ok_or(KeyError::NoSecret)?;
+                let pem = std::fs::read(&path).map_err(|source| KeyError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                let key = if alg == JwtAlgorithm::Rs256 {
+                    DecodingKey::from_rsa_pem(&pem)
+                } else {
+                    DecodingKey::from_ec_pem(&pem)
+                };
+                key.map_err(|_| KeyError::BadPem {
+                    path,
+                    alg: alg_name(alg),
+                })?
+            }
+        };
+        let mut validation = Validation::new(algorithm(config.jwt_algorithm));
+        validation.leeway = config.jwt_leeway.as_secs();
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        if let Some(iss) = &config.jwt_issuer {
+            validation.set_issuer(&[iss]);
+        }
+        match &config.jwt_audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        Ok(Verifier {
+            key: Arc::new(key),
+            validation: Arc::new(validation),
+        })
+    }
+
+    /// Verifies a token (a leading `Bearer ` is stripped) and returns its user.
+    pub fn verify(&self, token: &str) -> Result<User, Unauthorized> {
+        let token = token.strip_prefix("Bearer ").unwrap_or(token);
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map_err(|_| Unauthorized)?;
+        if data.claims.sub.is_empty() {
+            return Err(Unauthorized);
+        }
+        Ok(User {
+            id: Arc::from(data.claims.sub),
+            expires_at: data.claims.exp,
+        })
+    }
+}
+
+/// Signs client tokens, for `herald token` and the development banner.
+pub struct Minter {
+    key: EncodingKey,
+    header: Header,
+    issuer: Option<String>,
+    audience: Option<String>,
+}
+
+impl Minter {
+    /// A minter for HS256 with the configured secret.
+    pub fn hs256(secret: &SecretString, config: &Config) -> Self {
+        Minter {
+            key: EncodingKey::from_secret(secret.expose_secret().as_bytes()),
+            header: Header::new(Algorithm::HS256),
+            issuer: config.jwt_issuer.clone(),
+            audience: config.jwt_audience.clone(),
+        }
+    }
+
+    /// A minter for RS256 / ES256 from a PEM private key.
+    pub fn from_private_key(path: &std::path::Path, config: &Config) -> Result<Self, KeyError> {
+        let alg = config.jwt_algorithm;
+        let pem = std::fs::read(path).map_err(|source| KeyError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let key = match alg {
+            JwtAlgorithm::Rs256 => EncodingKey::from_rsa_pem(&pem),
+            JwtAlgorithm::Es256 => EncodingKey::from_ec_pem(&pem),
+            JwtAlgorithm::Hs256 => {
+                return Err(KeyError::Sign(
+                    "HS256 signs with the JWT secret, not a key file".into(),
+                ));
+            }
+        }
+        .map_err(|_| KeyError::BadPem {
+            path: path.to_owned(),
+            alg: alg_name(alg),
+        })?;
+        Ok(Minter {
+            key,
+            header: Header::new(algorithm(alg)),
+            issuer: config.jwt_issuer.clone(),
+            audience: config.jwt_audience.clone(),
+        })
+    }
+
+    /// Mints a token for `sub`, valid for `ttl`.
+    pub fn mint(&self, sub: &str, ttl: Duration) -> Result<String, KeyError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let claims = Claims {
+            sub: sub.to_owned(),
+            exp: now + ttl.as_secs(),
+            iat: Some(now),
+            iss: self.issuer.clone(),
+            aud: self.audience.clone(),
+        };
+        jsonwebtoken::encode(&self.header, &claims, &self.key)
+            .map_err(|e| KeyError::Sign(e.to_string()))
+    }
+}
+
+/// Finds the client's token: `auth.token` first, then the `token` query parameter.
+pub fn find_token(auth: Option<&serde_json::Value>, query: Option<&str>) -> Option<String> {
+    if let Some(token) = auth
+        .and_then(|a| a.get("token"))
+        .and_then(|t| t.as_str())
+        .filter(|t| !t.is_empty())
+    {
+        return Some(token.to_owned());
+    }
+    let query = query?;
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, v)| k == "token" && !v.is_empty())
+        .map(|(_, v)| v.into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn config(secret: &str) -> Config {
+        let mut c = Config::defaults();
+        c.jwt_secret = Some(secret.into());
+        c
+    }
+
+    #[test]
+    fn a_minted_token_verifies_and_bearer_is_stripped() {
+        let c = config("s");
+        let token = Minter::hs256(c.jwt_secret.as_ref().unwrap(), &c)
+            .mint("u1", Duration::from_secs(60))
+            .unwrap();
+        let v = Verifier::from_config(&c).unwrap();
+        assert_eq!(&*v.verify(&token).unwrap().id, "u1");
+        assert_eq!(&*v.verify(&format!("Bearer {token}")).unwrap().id, "u1");
+        assert_eq!(
+            Verifier::from_config(&config("other"))
+                .unwrap()
+                .verify(&token),
+            Err(Unauthorized)
+        );
+    }
+
+    #[test]
+    fn the_auth_token_wins_over_the_query() {
+        assert_eq!(
+            find_token(Some(&json!({"token": "a"})), Some("token=b")),
+            Some("a".into())
+        );
+        assert_eq!(
+            find_token(Some(&json!({})), Some("EIO=4&token=b%20c")),
+            Some("b c".into())
+        );
+        assert_eq!(find_token(None, Some("EIO=4")), None);
+        assert_eq!(find_token(Some(&json!({"token": 5})), None), None);
+    }
+}

@@ -1,0 +1,322 @@
+//! Configuration: one typed tree, from flags and `HERALD_*` variables, loaded
+//! once at start.
+//!
+//! Secrets (the JWT secret and the publish token) come from the environment or
+//! from a file named by a `_FILE` variable or flag, never from a flag's value,
+//! which would show in `ps`. They are wrapped so that they cannot be printed.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use secrecy::SecretString;
+
+/// What `--help` says about the settings that are not flags.
+const SECRETS_HELP: &str = "\
+Secrets are never flags (a flag's value shows in `ps`). Give each one in the environment or in a file:
+  HERALD_JWT_SECRET       HS256 secret that client tokens are signed with
+  HERALD_JWT_SECRET_FILE  file holding it (also --jwt-secret-file)
+  HERALD_PUBLISH_TOKEN    bearer token of the publish API (POST /v1/events)
+  HERALD_PUBLISH_TOKEN_FILE  file holding it (also --publish-token-file)
+In development mode (the default) missing secrets are generated at start and printed once, with a
+ready-to-use client token. With HERALD_ENV=production herald refuses to start without them.";
+
+/// herald: the real-time Socket.IO gateway.
+#[derive(Debug, Parser)]
+#[command(name = "herald", version, about, after_long_help = SECRETS_HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+/// What to do.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway (the default).
+    Serve,
+    /// Mint a client token signed with the configured key, and print it.
+    Token {
+        /// The user id (`sub` claim).
+        #[arg(long)]
+        sub: String,
+        /// How long the token is valid, e.g. `1h`, `30m`, `7d`.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// PEM private key, for RS256 and ES256 (HS256 uses the JWT secret).
+        #[arg(long, env = "HERALD_JWT_PRIVATE_KEY_FILE")]
+        private_key_file: Option<PathBuf>,
+    },
+}
+
+/// Development (generated secrets, demo data, any CORS origin) or production.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    Development,
+    Production,
+}
+
+/// The JWT signature algorithms herald accepts (one at a time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "UPPER")]
+pub enum JwtAlgorithm {
+    #[value(name = "HS256")]
+    Hs256,
+    #[value(name = "RS256")]
+    Rs256,
+    #[value(name = "ES256")]
+    Es256,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Every setting of the gateway.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// `development` or `production`. Production refuses to start without configured secrets
+    /// and allows no CORS origin unless configured.
+    #[arg(
+        long = "env",
+        env = "HERALD_ENV",
+        value_enum,
+        default_value = "development"
+    )]
+    pub mode: Mode,
+
+    /// Address to listen on (HTTP and Socket.IO).
+    #[arg(long, env = "HERALD_LISTEN", default_value = "0.0.0.0:3000")]
+    pub listen: String,
+
+    /// File holding the HS256 JWT secret (instead of HERALD_JWT_SECRET).
+    #[arg(long, env = "HERALD_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// Signature algorithm of client tokens: HS256 (shared secret), RS256 or ES256 (public key).
+    #[arg(
+        long,
+        env = "HERALD_JWT_ALGORITHM",
+        value_enum,
+        default_value = "HS256"
+    )]
+    pub jwt_algorithm: JwtAlgorithm,
+
+    /// PEM public key for RS256 / ES256.
+    #[arg(long, env = "HERALD_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+
+    /// Required `iss` claim, checked when set.
+    #[arg(long, env = "HERALD_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Required `aud` claim, checked when set.
+    #[arg(long, env = "HERALD_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Clock leeway for `exp` and `nbf`.
+    #[arg(long, env = "HERALD_JWT_LEEWAY", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub jwt_leeway: Duration,
+
+    /// File holding the publish API token (instead of HERALD_PUBLISH_TOKEN).
+    #[arg(long, env = "HERALD_PUBLISH_TOKEN_FILE")]
+    pub publish_token_file: Option<PathBuf>,
+
+    /// Membership store: `sqlite://FILE` (created if missing) or `postgres://...`.
+    #[arg(
+        long,
+        env = "HERALD_DATABASE_URL",
+        default_value = "sqlite://herald.db"
+    )]
+    pub database_url: String,
+
+    /// Create the tables in PostgreSQL on start (SQLite always does). Leave off when the
+    /// relations are views over the application's tables.
+    #[arg(long, env = "HERALD_DATABASE_MIGRATE", default_value_t = false)]
+    pub database_migrate: bool,
+
+    /// Most connections in the membership store's pool.
+    #[arg(long, env = "HERALD_DATABASE_MAX_CONNECTIONS", default_value_t = 8)]
+    pub database_max_connections: u32,
+
+    /// How long a membership or hierarchy lookup is cached.
+    #[arg(long, env = "HERALD_MEMBERSHIP_CACHE_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub membership_cache_ttl: Duration,
+
+    /// Redis URL for running several instances. Unset: one instance, local adapter.
+    #[arg(long, env = "HERALD_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Allowed CORS origins, comma-separated. Unset: any origin in development, none in production.
+    #[arg(long, env = "HERALD_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
+    /// Largest publish API body, in bytes.
+    #[arg(long, env = "HERALD_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Largest inbound Socket.IO message (WebSocket message or polling body), in bytes.
+    #[arg(long, env = "HERALD_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_message_bytes: u64,
+
+    /// How long shutdown may take before herald exits anyway.
+    #[arg(long, env = "HERALD_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Log filter, in `tracing` env-filter syntax (`info`, `herald=debug,info`).
+    #[arg(long, env = "HERALD_LOG", default_value = "info")]
+    pub log: String,
+
+    /// Log format.
+    #[arg(long, env = "HERALD_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// The JWT secret, from HERALD_JWT_SECRET or the secret file.
+    #[arg(skip)]
+    pub jwt_secret: Option<SecretString>,
+
+    /// The publish token, from HERALD_PUBLISH_TOKEN or the token file.
+    #[arg(skip)]
+    pub publish_token: Option<SecretString>,
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {what} from {path}: {source}")]
+    ReadFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} is empty")]
+    Empty(&'static str),
+    #[error("{0} is set both directly and as a file; set one")]
+    Both(&'static str),
+    #[error("HERALD_ENV=production needs {0}; set it in the environment or in a file (see --help)")]
+    MissingInProduction(&'static str),
+    #[error("HERALD_JWT_ALGORITHM={0} needs HERALD_JWT_PUBLIC_KEY_FILE")]
+    MissingPublicKey(&'static str),
+}
+
+fn read_secret_file(what: &'static str, path: &Path) -> Result<SecretString, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        what,
+        path: path.to_owned(),
+        source,
+    })?;
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(ConfigError::Empty(what));
+    }
+    Ok(SecretString::from(trimmed.to_owned()))
+}
+
+/// Resolves one secret from its variable's value and its file.
+fn resolve_secret(
+    what: &'static str,
+    value: Option<String>,
+    file: Option<&Path>,
+) -> Result<Option<SecretString>, ConfigError> {
+    match (value.filter(|v| !v.is_empty()), file) {
+        (Some(_), Some(_)) => Err(ConfigError::Both(what)),
+        (Some(v), None) => Ok(Some(SecretString::from(v))),
+        (None, Some(path)) => read_secret_file(what, path).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+impl Config {
+    /// Reads the secrets from the process environment and the `_FILE` settings.
+    pub fn load_secrets(&mut self) -> Result<(), ConfigError> {
+        self.jwt_secret = resolve_secret(
+            "HERALD_JWT_SECRET",
+            std::env::var("HERALD_JWT_SECRET").ok(),
+            self.jwt_secret_file.as_deref(),
+        )?;
+        self.publish_token = resolve_secret(
+            "HERALD_PUBLISH_TOKEN",
+            std::env::var("HERALD_PUBLISH_TOKEN").ok(),
+            self.publish_token_file.as_deref(),
+        )?;
+        Ok(())
+    }
+
+    /// Checks what can be checked without touching the network.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let needs_key = match self.jwt_algorithm {
+            JwtAlgorithm::Hs256 => None,
+            JwtAlgorithm::Rs256 => Some("RS256"),
+            JwtAlgorithm::Es256 => Some("ES256"),
+        };
+        if let Some(alg) = needs_key
+            && self.jwt_public_key_file.is_none()
+        {
+            return Err(ConfigError::MissingPublicKey(alg));
+        }
+        if self.mode == Mode::Production {
+            if self.jwt_algorithm == JwtAlgorithm::Hs256 && self.jwt_secret.is_none() {
+                return Err(ConfigError::MissingInProduction("HERALD_JWT_SECRET"));
+            }
+            if self.publish_token.is_none() {
+                return Err(ConfigError::MissingInProduction("HERALD_PUBLISH_TOKEN"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether no secret at all was configured (development's demo mode).
+    pub fn no_secrets_configured(&self) -> bool {
+        self.jwt_secret.is_none()
+            && self.publish_token.is_none()
+            && self.jwt_public_key_file.is_none()
+    }
+
+    /// The defaults, as if herald ran with no flag and no variable. Tests start from this.
+    pub fn defaults() -> Config {
+        Cli::parse_from(["herald"]).config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn production_needs_secrets() {
+        let mut config = Config::defaults();
+        config.mode = Mode::Production;
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::MissingInProduction(_))
+        ));
+        config.jwt_secret = Some("s".into());
+        config.publish_token = Some("p".into());
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn a_secret_is_read_from_its_file_and_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let secret = resolve_secret("X", None, Some(&path)).unwrap().unwrap();
+        use secrecy::ExposeSecret;
+        assert_eq!(secret.expose_secret(), "s3cret");
+        assert!(matches!(
+            resolve_secret("X", Some("a".into()), Some(&path)),
+            Err(ConfigError::Both(_))
+        ));
+    }
+}

@@ -1,0 +1,615 @@
+//! Domain events: the five kinds backends publish, their validation, and the
+//! rooms each one is delivered to.
+//!
+//! Validation is typed (one struct per kind) and reports the failing field as
+//! a path (`events[1].payload.operation`). What is delivered is the event as
+//! it was published: fields of `payload` and `metadata` that herald does not
+//! know pass through unchanged, and optional fields left out stay absent.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::rooms::{CampaignId, EntityId, Room, SettlementId, StructureId};
+
+/// The kinds of domain event, named as on the wire (`type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    EntityUpdated,
+    StateInvalidated,
+    WorldTimeChanged,
+    SettlementUpdated,
+    StructureUpdated,
+}
+
+impl EventKind {
+    /// Every kind.
+    pub const ALL: [EventKind; 5] = [
+        EventKind::EntityUpdated,
+        EventKind::StateInvalidated,
+        EventKind::WorldTimeChanged,
+        EventKind::SettlementUpdated,
+        EventKind::StructureUpdated,
+    ];
+
+    /// The wire name, which is also the Socket.IO event name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::EntityUpdated => "entity_updated",
+            EventKind::StateInvalidated => "state_invalidated",
+            EventKind::WorldTimeChanged => "world_time_changed",
+            EventKind::SettlementUpdated => "settlement_updated",
+            EventKind::StructureUpdated => "structure_updated",
+        }
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An RFC 3339 timestamp, kept exactly as it was written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Timestamp(String);
+
+impl Timestamp {
+    /// Validates `s` as RFC 3339.
+    pub fn parse(s: &str) -> Result<Self, time::error::Parse> {
+        OffsetDateTime::parse(s, &Rfc3339)?;
+        Ok(Timestamp(s.to_owned()))
+    }
+
+    /// Now, in UTC with milliseconds: `2026-11-25T17:00:00.000Z`.
+    pub fn now() -> Self {
+        let t = OffsetDateTime::now_utc();
+        Timestamp(format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.millisecond()
+        ))
+    }
+
+    /// The timestamp as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Timestamp::parse(&s).map_err(|_| serde::de::Error::custom("expected an RFC 3339 timestamp"))
+    }
+}
+
+/// A string that is not empty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct NonEmpty(String);
+
+impl NonEmpty {
+    /// The string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for NonEmpty {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.is_empty() {
+            return Err(serde::de::Error::custom("expected a non-empty string"));
+        }
+        Ok(NonEmpty(s))
+    }
+}
+
+/// An optional field: absent is `None`, `null` is an error like any other
+/// wrong type.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
+/// A required field that may be `null`.
+fn nullable<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d)
+}
+
+/// `create`, `update` or `delete`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operation {
+    Create,
+    Update,
+    Delete,
+}
+
+/// What a `state_invalidated` event invalidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    Campaign,
+    Entity,
+}
+
+/// Payload of `entity_updated`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EntityUpdated {
+    /// `campaign`, `settlement`, `structure`, or any other entity kind.
+    pub entity_type: NonEmpty,
+    pub entity_id: EntityId,
+    pub campaign_id: CampaignId,
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub changed_fields: Option<Vec<String>>,
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub entity_data: Option<Map<String, Value>>,
+}
+
+/// Payload of `state_invalidated`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StateInvalidated {
+    pub campaign_id: CampaignId,
+    pub scope: Scope,
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub entity_ids: Option<Vec<String>>,
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub reason: Option<String>,
+}
+
+/// Payload of `world_time_changed`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorldTimeChanged {
+    pub campaign_id: CampaignId,
+    /// Required, and `null` for the first time set.
+    #[serde(deserialize_with = "nullable")]
+    pub previous_time: Option<Timestamp>,
+    pub new_time: Timestamp,
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub elapsed: Option<f64>,
+}
+
+/// Payload of `settlement_updated`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SettlementUpdated {
+    pub campaign_id: CampaignId,
+    pub settlement_id: SettlementId,
+    pub operation: Operation,
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub changes: Option<Map<String, Value>>,
+}
+
+/// Payload of `structure_updated`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StructureUpdated {
+    pub campaign_id: CampaignId,
+    pub settlement_id: SettlementId,
+    pub structure_id: StructureId,
+    pub operation: Operation,
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub changes: Option<Map<String, Value>>,
+}
+
+/// Optional event metadata.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Metadata {
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub user_id: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub source: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub correlation_id: Option<String>,
+}
+
+/// A validated payload, one variant per kind.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    EntityUpdated(EntityUpdated),
+    StateInvalidated(StateInvalidated),
+    WorldTimeChanged(WorldTimeChanged),
+    SettlementUpdated(SettlementUpdated),
+    StructureUpdated(StructureUpdated),
+}
+
+impl Payload {
+    /// The rooms an event with this payload is delivered to (the contract's
+    /// targeting table). A socket in several of them gets one copy.
+    pub fn rooms(&self) -> Vec<Room> {
+        match self {
+            Payload::EntityUpdated(p) => {
+                let mut rooms = vec![Room::Campaign(p.campaign_id.clone())];
+                let id = p.entity_id.as_str();
+                match p.entity_type.as_str() {
+                    // Both parse: an EntityId has the same syntax.
+                    "settlement" => {
+                        rooms.extend(SettlementId::parse(id).ok().map(Room::Settlement))
+                    }
+                    "structure" => rooms.extend(StructureId::parse(id).ok().map(Room::Structure)),
+                    _ => {}
+                }
+                rooms
+            }
+            Payload::StateInvalidated(p) => vec![Room::Campaign(p.campaign_id.clone())],
+            Payload::WorldTimeChanged(p) => vec![Room::Campaign(p.campaign_id.clone())],
+            Payload::SettlementUpdated(p) => vec![
+                Room::Campaign(p.campaign_id.clone()),
+                Room::Settlement(p.settlement_id.clone()),
+            ],
+            Payload::StructureUpdated(p) => vec![
+                Room::Campaign(p.campaign_id.clone()),
+                Room::Settlement(p.settlement_id.clone()),
+                Room::Structure(p.structure_id.clone()),
+            ],
+        }
+    }
+
+    /// The campaign the event belongs to.
+    pub fn campaign_id(&self) -> &CampaignId {
+        match self {
+            Payload::EntityUpdated(p) => &p.campaign_id,
+            Payload::StateInvalidated(p) => &p.campaign_id,
+            Payload::WorldTimeChanged(p) => &p.campaign_id,
+            Payload::SettlementUpdated(p) => &p.campaign_id,
+            Payload::StructureUpdated(p) => &p.campaign_id,
+        }
+    }
+}
+
+/// The event object clients receive, exactly as published (plus a timestamp
+/// when the publisher left it out).
+#[derive(Debug, Clone, Serialize)]
+pub struct Envelope {
+    #[serde(rename = "type")]
+    pub kind: EventKind,
+    pub timestamp: Timestamp,
+    pub payload: Map<String, Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Map<String, Value>>,
+}
+
+/// A validated event, ready for delivery.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// What clients receive.
+    pub envelope: Envelope,
+    /// The typed view of the payload.
+    pub payload: Payload,
+    /// Where it goes.
+    pub rooms: Vec<Room>,
+}
+
+impl Event {
+    /// The event's kind.
+    pub fn kind(&self) -> EventKind {
+        self.envelope.kind
+    }
+}
+
+/// Why a published body or event was refused: the failing field as a path,
+/// and what was wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct InvalidEvent {
+    /// `events[1].payload.operation`, `payload.campaignId`, `body`...
+    pub path: String,
+    /// What was expected.
+    pub message: String,
+}
+
+/// The top level of a published event.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Incoming {
+    #[serde(rename = "type")]
+    kind: EventKind,
+    #[serde(default, deserialize_with = "present")]
+    timestamp: Option<Timestamp>,
+    payload: Value,
+    #[serde(default, deserialize_with = "present")]
+    metadata: Option<Value>,
+}
+
+/// Joins a path prefix and a field.
+fn join(prefix: &str, field: &str) -> String {
+    match (prefix.is_empty(), field.is_empty()) {
+        (true, _) => field.to_owned(),
+        (false, true) => prefix.to_owned(),
+        (false, false) => format!("{prefix}.{field}"),
+    }
+}
+
+/// Deserializes `value` as `T`, naming the failing field under `prefix`.
+fn typed<'a, T: Deserialize<'a>>(value: &'a Value, prefix: &str) -> Result<T, InvalidEvent> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let mut path = String::new();
+        for segment in e.path().iter() {
+            use serde_path_to_error::Segment;
+            match segment {
+                Segment::Seq { index } => path.push_str(&format!("[{index}]")),
+                Segment::Map { key } | Segment::Enum { variant: key } => {
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(key);
+                }
+                Segment::Unknown => {}
+            }
+        }
+        let mut message = e.into_inner().to_string();
+        // serde names a missing field in the message; make it part of the path.
+        if let Some(field) = message
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.strip_suffix('`'))
+        {
+            path = join(&path, field);
+            message = "required field is missing".to_owned();
+        }
+        let path = join(prefix, &path);
+        let path = if path.is_empty() {
+            "event".to_owned()
+        } else {
+            path
+        };
+        InvalidEvent { path, message }
+    })
+}
+
+/// Validates one published event. `at` is its path (`events[1]`, or empty
+/// for a single event).
+pub fn parse_event(value: &Value, at: &str) -> Result<Event, InvalidEvent> {
+    if !value.is_object() {
+        return Err(InvalidEvent {
+            path: if at.is_empty() {
+                "event".into()
+            } else {
+                at.into()
+            },
+            message: "expected an event object".into(),
+        });
+    }
+    let incoming: Incoming = typed(value, at)?;
+    let payload_at = join(at, "payload");
+    let Value::Object(payload_map) = incoming.payload else {
+        return Err(InvalidEvent {
+            path: payload_at,
+            message: "expected an object".into(),
+        });
+    };
+    let metadata = match incoming.metadata {
+        None => None,
+        Some(Value::Object(map)) => {
+            let meta = Value::Object(map);
+            typed::<Metadata>(&meta, &join(at, "metadata"))?;
+            let Value::Object(map) = meta else {
+                unreachable!("checked above")
+            };
+            Some(map)
+        }
+        Some(_) => {
+            return Err(InvalidEvent {
+                path: join(at, "metadata"),
+                message: "expected an object".into(),
+            });
+        }
+    };
+    let payload_value = Value::Object(payload_map);
+    let payload = match incoming.kind {
+        EventKind::EntityUpdated => Payload::EntityUpdated(typed(&payload_value, &payload_at)?),
+        EventKind::StateInvalidated => {
+            Payload::StateInvalidated(typed(&payload_value, &payload_at)?)
+        }
+        EventKind::WorldTimeChanged => {
+            Payload::WorldTimeChanged(typed(&payload_value, &payload_at)?)
+        }
+        EventKind::SettlementUpdated => {
+            Payload::SettlementUpdated(typed(&payload_value, &payload_at)?)
+        }
+        EventKind::StructureUpdated => {
+            Payload::StructureUpdated(typed(&payload_value, &payload_at)?)
+        }
+    };
+    let Value::Object(payload_map) = payload_value else {
+        unreachable!("built as an object")
+    };
+    let rooms = payload.rooms();
+    Ok(Event {
+        envelope: Envelope {
+            kind: incoming.kind,
+            timestamp: incoming.timestamp.unwrap_or_else(Timestamp::now),
+            payload: payload_map,
+            metadata,
+        },
+        payload,
+        rooms,
+    })
+}
+
+/// Validates a publish body: one event object, or an array of them (called
+/// `events` in error paths). Any invalid event fails the whole body.
+pub fn parse_body(body: &[u8]) -> Result<Vec<Event>, InvalidEvent> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| InvalidEvent {
+        path: "body".into(),
+        message: format!("invalid JSON ({e})"),
+    })?;
+    match &value {
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| parse_event(item, &format!("events[{i}]")))
+            .collect(),
+        Value::Object(_) => Ok(vec![parse_event(&value, "")?]),
+        _ => Err(InvalidEvent {
+            path: "body".into(),
+            message: "expected an event object or an array of events".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn err(body: Value) -> String {
+        parse_body(body.to_string().as_bytes())
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn structure_updated_targets_three_rooms() {
+        let body = json!({"type": "structure_updated", "payload": {
+            "campaignId": "c1", "settlementId": "s1", "structureId": "st1", "operation": "create"}});
+        let events = parse_body(body.to_string().as_bytes()).unwrap();
+        let rooms: Vec<String> = events[0].rooms.iter().map(|r| r.to_string()).collect();
+        assert_eq!(rooms, ["campaign:c1", "settlement:s1", "structure:st1"]);
+    }
+
+    #[test]
+    fn entity_updated_adds_the_entity_room_for_settlements_and_structures() {
+        for (kind, extra) in [
+            ("settlement", Some("settlement:e1")),
+            ("structure", Some("structure:e1")),
+            ("npc", None),
+        ] {
+            let body = json!({"type": "entity_updated", "payload": {
+                "entityType": kind, "entityId": "e1", "campaignId": "c1"}});
+            let events = parse_body(body.to_string().as_bytes()).unwrap();
+            let rooms: Vec<String> = events[0].rooms.iter().map(|r| r.to_string()).collect();
+            let mut expected = vec!["campaign:c1".to_string()];
+            expected.extend(extra.map(String::from));
+            assert_eq!(rooms, expected);
+        }
+    }
+
+    #[test]
+    fn errors_name_the_failing_field() {
+        let bad_op = json!({"type": "settlement_updated", "payload": {
+            "campaignId": "c1", "settlementId": "s1", "operation": "upsert"}});
+        assert!(
+            err(bad_op.clone()).starts_with("payload.operation: "),
+            "{}",
+            err(bad_op.clone())
+        );
+        let good = json!({"type": "state_invalidated", "payload": {"campaignId": "c1", "scope": "campaign"}});
+        let batch = json!([good, bad_op]);
+        assert!(err(batch).starts_with("events[1].payload.operation: "));
+        let missing = json!({"type": "state_invalidated", "payload": {"scope": "campaign"}});
+        assert!(err(missing).starts_with("payload.campaignId: "));
+        let unknown_type = json!({"type": "party_started", "payload": {}});
+        assert!(err(unknown_type).starts_with("type: "));
+        let unknown_top = json!({"type": "state_invalidated", "payload": {"campaignId": "c1", "scope": "entity"}, "extra": 1});
+        assert!(err(unknown_top).starts_with("extra: unknown field"));
+        let null_optional = json!({"type": "state_invalidated", "payload": {"campaignId": "c1", "scope": "entity", "reason": null}});
+        assert!(err(null_optional).starts_with("payload.reason: "));
+        let meta = json!({"type": "state_invalidated", "payload": {"campaignId": "c1", "scope": "entity"}, "metadata": {"userId": 5}});
+        assert!(err(meta).starts_with("metadata.userId: "));
+        assert!(err(json!(3)).starts_with("body: "));
+        assert!(
+            parse_body(b"{")
+                .unwrap_err()
+                .to_string()
+                .starts_with("body: invalid JSON")
+        );
+    }
+
+    #[test]
+    fn world_time_previous_time_is_required_but_nullable() {
+        let ok = json!({"type": "world_time_changed", "payload": {
+            "campaignId": "c1", "previousTime": null, "newTime": "2026-11-25T17:00:00Z"}});
+        assert!(parse_body(ok.to_string().as_bytes()).is_ok());
+        let missing = json!({"type": "world_time_changed", "payload": {
+            "campaignId": "c1", "newTime": "2026-11-25T17:00:00Z"}});
+        assert!(err(missing).starts_with("payload.previousTime: "));
+        let bad_time = json!({"type": "world_time_changed", "payload": {
+            "campaignId": "c1", "previousTime": null, "newTime": "yesterday"}});
+        assert!(err(bad_time).starts_with("payload.newTime: "));
+    }
+
+    #[test]
+    fn payload_and_timestamp_pass_through_unchanged() {
+        let body = json!({"type": "settlement_updated", "timestamp": "2026-11-25T17:00:00.1+01:00",
+            "payload": {"zeta": 1, "campaignId": "c1", "settlementId": "s1", "operation": "update", "alpha": [null]}});
+        let event = parse_body(body.to_string().as_bytes()).unwrap().remove(0);
+        let out = serde_json::to_value(&event.envelope).unwrap();
+        assert_eq!(out["timestamp"], "2026-11-25T17:00:00.1+01:00");
+        assert_eq!(out["payload"], body["payload"]);
+        assert_eq!(
+            serde_json::to_string(&out["payload"]).unwrap(),
+            serde_json::to_string(&body["payload"]).unwrap()
+        );
+        assert!(out.get("metadata").is_none());
+    }
+
+    #[test]
+    fn stamped_timestamps_are_rfc3339_with_millis() {
+        let t = Timestamp::now();
+        assert!(Timestamp::parse(t.as_str()).is_ok());
+        assert_eq!(t.as_str().len(), "2026-11-25T17:00:00.000Z".len());
+    }
+}

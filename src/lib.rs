@@ -1,0 +1,40 @@
+//! herald: a real-time Socket.IO gateway for campaign world-building
+//! applications.
+//!
+//! Unmodified `socket.io-client` frontends connect with a JWT, subscribe to
+//! campaign, settlement and structure rooms, and receive the domain events
+//! that backends publish over HTTP.
+//!
+//! The map of the house:
+//!
+//! - [`config`]: every setting, from flags and `HERALD_*` variables; secrets
+//!   from the environment or files.
+//! - [`auth`]: JWT verification (the handshake) and token minting.
+//! - [`rooms`]: room names and the ids in them, validated at the edge.
+//! - [`store`]: the membership and hierarchy store (SQLite or PostgreSQL).
+//! - [`access`]: who may join which room, with a short-lived cache.
+//! - [`events`]: the five domain event kinds, their validation and targeting.
+//! - [`delivery`]: the one path every outgoing event takes to its rooms.
+//! - [`gateway`]: the Socket.IO handlers (handshake, subscribe, unsubscribe).
+//! - [`publish`]: the HTTP publish API for backends.
+//! - [`health`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`telemetry`]: logs and metrics.
+//! - [`shutdown`]: the SIGTERM / ctrl-c signal.
+//! - [`app`]: builds it all from a config and serves it.
+
+pub mod access;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod delivery;
+pub mod events;
+pub mod gateway;
+pub mod health;
+pub mod publish;
+pub mod rooms;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+
+pub use app::{Application, BuildError};
+pub use config::Config;

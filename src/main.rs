@@ -1,0 +1,63 @@
+//! The `herald` binary: parses the configuration and runs the gateway.
+
+use anyhow::Context;
+use clap::Parser;
+use herald::Application;
+use herald::auth::Minter;
+use herald::config::{Cli, Command, JwtAlgorithm};
+use secrecy::ExposeSecret;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let Cli {
+        command,
+        mut config,
+    } = Cli::parse();
+    config.load_secrets()?;
+    herald::telemetry::init_tracing(&config.log, config.log_format)
+        .map_err(|e| anyhow::anyhow!("HERALD_LOG: {e}"))?;
+
+    if let Some(Command::Token {
+        sub,
+        ttl,
+        private_key_file,
+    }) = command
+    {
+        let minter = match (config.jwt_algorithm, private_key_file) {
+            (JwtAlgorithm::Hs256, _) => {
+                let secret = config
+                    .jwt_secret
+                    .as_ref()
+                    .context("herald token needs HERALD_JWT_SECRET (or HERALD_JWT_SECRET_FILE)")?;
+                Minter::hs256(secret, &config)
+            }
+            (_, Some(path)) => Minter::from_private_key(&path, &config)?,
+            (_, None) => anyhow::bail!("RS256 and ES256 tokens need --private-key-file"),
+        };
+        println!("{}", minter.mint(&sub, ttl)?);
+        return Ok(());
+    }
+
+    let app = Application::build(config).await?;
+    let addr = app.local_addr()?;
+    if let Some(dev) = app.development_credentials() {
+        println!(
+            "herald is running in development mode with throwaway secrets (HERALD_ENV=production refuses this)."
+        );
+        if let Some(token) = &dev.client_token {
+            println!("  client token (sub {}):  {token}", herald::app::DEMO_USER);
+        }
+        if let Some(token) = &dev.publish_token {
+            println!("  publish token:  {}", token.expose_secret());
+        }
+        if dev.demo_seeded {
+            println!(
+                "  demo data: campaign demo-campaign, settlement demo-settlement, structure demo-structure; demo-user is a member"
+            );
+        }
+    }
+    println!("herald listening on http://{addr}");
+    tracing::info!(%addr, "listening");
+    app.run_until_stopped(herald::shutdown::signal()).await?;
+    Ok(())
+}

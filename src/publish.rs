@@ -1,0 +1,202 @@
+//! The publish API: `POST /v1/events`, how backends hand events to the gateway.
+//!
+//! Checks run in the contract's order: the token (401), the content type
+//! (415), the size (413), then the events (400). A batch is validated whole
+//! before anything of it is delivered.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::json;
+use socketioxide::adapter::Adapter;
+
+use crate::delivery::{Delivery, DeliveryError};
+use crate::events::{self, InvalidEvent};
+use crate::telemetry::Metrics;
+
+/// Why a publish was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("Unauthorized")]
+    Unauthorized,
+    #[error("expected Content-Type: application/json")]
+    UnsupportedMediaType,
+    #[error("body over {0} bytes")]
+    TooLarge(usize),
+    #[error("cannot read the body")]
+    BadBody,
+    #[error(transparent)]
+    Invalid(#[from] InvalidEvent),
+    #[error("the adapter is unavailable; nothing more was published")]
+    Unavailable { accepted: usize },
+    #[error("internal error")]
+    Internal,
+}
+
+impl PublishError {
+    fn status(&self) -> StatusCode {
+        match self {
+            PublishError::Unauthorized => StatusCode::UNAUTHORIZED,
+            PublishError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            PublishError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            PublishError::BadBody | PublishError::Invalid(_) => StatusCode::BAD_REQUEST,
+            PublishError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            PublishError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for PublishError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = match &self {
+            PublishError::Unavailable { accepted } => {
+                json!({ "error": self.to_string(), "accepted": accepted })
+            }
+            _ => json!({ "error": self.to_string() }),
+        };
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+/// What the publish API needs.
+pub struct PublishState<A: Adapter> {
+    pub token: SecretString,
+    pub max_body_bytes: usize,
+    pub delivery: Delivery<A>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The publish API's routes.
+pub fn router<A: Adapter>(state: Arc<PublishState<A>>) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/events", post(publish::<A>))
+        .with_state(state)
+}
+
+fn authorized(headers: &HeaderMap, token: &SecretString) -> bool {
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some(given) = value.strip_prefix("Bearer ") else {
+        return false;
+    };
+    constant_time_eq::constant_time_eq(given.as_bytes(), token.expose_secret().as_bytes())
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
+}
+
+async fn publish<A: Adapter>(
+    State(state): State<Arc<PublishState<A>>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = handle(&state, &headers, body).await;
+    let status = match &result {
+        Ok(_) => StatusCode::ACCEPTED,
+        Err(e) => e.status(),
+    };
+    state
+        .metrics
+        .publish_requests
+        .get_or_create(&[("status", status_label(status))])
+        .inc();
+    match result {
+        Ok(accepted) => {
+            (StatusCode::ACCEPTED, Json(json!({ "accepted": accepted }))).into_response()
+        }
+        Err(e) => {
+            tracing::info!(status = status.as_u16(), error = %e, "publish refused");
+            e.into_response()
+        }
+    }
+}
+
+fn status_label(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        202 => "202",
+        400 => "400",
+        401 => "401",
+        413 => "413",
+        415 => "415",
+        503 => "503",
+        _ => "500",
+    }
+}
+
+async fn handle<A: Adapter>(
+    state: &PublishState<A>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<usize, PublishError> {
+    if !authorized(headers, &state.token) {
+        return Err(PublishError::Unauthorized);
+    }
+    if !is_json(headers) {
+        return Err(PublishError::UnsupportedMediaType);
+    }
+    let limit = state.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(PublishError::TooLarge(limit));
+    }
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            PublishError::TooLarge(limit)
+        } else {
+            PublishError::BadBody
+        }
+    })?;
+    let events = events::parse_body(&bytes)?;
+    match state.delivery.publish(&events).await {
+        Ok(accepted) => {
+            let mut rooms: Vec<String> = events
+                .iter()
+                .flat_map(|e| e.rooms.iter().map(ToString::to_string))
+                .collect();
+            rooms.dedup();
+            tracing::info!(
+                events = accepted,
+                types = ?events.iter().map(|e| e.kind().as_str()).collect::<Vec<_>>(),
+                rooms = ?rooms,
+                "published"
+            );
+            Ok(accepted)
+        }
+        Err(DeliveryError::AdapterUnavailable { accepted, reason }) => {
+            tracing::warn!(accepted, error = %reason, "publish failed: adapter unavailable");
+            Err(PublishError::Unavailable { accepted })
+        }
+        Err(DeliveryError::Encode(reason)) => {
+            tracing::error!(error = %reason, "publish failed: could not encode an event");
+            Err(PublishError::Internal)
+        }
+    }
+}

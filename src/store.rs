@@ -1,0 +1,233 @@
+//! The membership and hierarchy store: who is in which campaign, and which
+//! campaign a settlement or structure belongs to.
+//!
+//! [`MembershipStore`] is the seam; [`SqlStore`] implements it over SQLite
+//! (the embedded default, created and migrated on start) or PostgreSQL (where
+//! the relations may be views over the application's own tables).
+
+use std::future::Future;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+
+use crate::rooms::{CampaignId, SettlementId, StructureId};
+
+/// The store failed or is unreachable.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("unsupported database URL scheme (use sqlite:// or postgres://)")]
+    UnsupportedUrl,
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("relation {0} is missing: create it, or start with HERALD_DATABASE_MIGRATE=true")]
+    MissingRelation(&'static str),
+}
+
+/// What the gateway asks of the store.
+pub trait MembershipStore: Send + Sync + 'static {
+    /// Whether `user` is a member of `campaign`.
+    fn is_member(
+        &self,
+        campaign: &CampaignId,
+        user: &str,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// The campaign a settlement belongs to, if the settlement exists.
+    fn settlement_campaign(
+        &self,
+        settlement: &SettlementId,
+    ) -> impl Future<Output = Result<Option<CampaignId>, StoreError>> + Send;
+
+    /// The settlement a structure belongs to, if the structure exists.
+    fn structure_settlement(
+        &self,
+        structure: &StructureId,
+    ) -> impl Future<Output = Result<Option<SettlementId>, StoreError>> + Send;
+
+    /// Checks that the store answers.
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// The SQL store.
+#[derive(Debug, Clone)]
+pub enum SqlStore {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+const RELATIONS: [&str; 3] = ["campaign_members", "settlements", "structures"];
+
+impl SqlStore {
+    /// Connects. SQLite files are created if missing and always migrated;
+    /// PostgreSQL is migrated only when `migrate` is set, and otherwise checked
+    /// for the three relations.
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+        migrate: bool,
+    ) -> Result<Self, StoreError> {
+        let store = if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(Duration::from_secs(5));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(max_connections)
+                .connect_with(options)
+                .await?;
+            sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+            SqlStore::Sqlite(pool)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let pool = PgPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect(url)
+                .await?;
+            if migrate {
+                sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+            }
+            SqlStore::Postgres(pool)
+        } else {
+            return Err(StoreError::UnsupportedUrl);
+        };
+        store.check_relations().await?;
+        Ok(store)
+    }
+
+    async fn check_relations(&self) -> Result<(), StoreError> {
+        for relation in RELATIONS {
+            // The names are constants, never input.
+            let sql = format!("SELECT 1 FROM {relation} LIMIT 0");
+            let result = match self {
+                SqlStore::Sqlite(pool) => sqlx::query(&sql).execute(pool).await.map(drop),
+                SqlStore::Postgres(pool) => sqlx::query(&sql).execute(pool).await.map(drop),
+            };
+            if result.is_err() {
+                return Err(StoreError::MissingRelation(relation));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether this is the embedded SQLite store.
+    pub fn is_sqlite(&self) -> bool {
+        matches!(self, SqlStore::Sqlite(_))
+    }
+
+    /// In an empty store, adds a demo campaign `demo-campaign` with settlement
+    /// `demo-settlement` and structure `demo-structure`, and `demo-user` as a
+    /// member. Returns whether it added them.
+    pub async fn seed_demo_if_empty(&self) -> Result<bool, StoreError> {
+        let SqlStore::Sqlite(pool) = self else {
+            return Ok(false);
+        };
+        let mut tx = pool.begin().await?;
+        let (members,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM campaign_members")
+            .fetch_one(&mut *tx)
+            .await?;
+        let (settlements,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM settlements")
+            .fetch_one(&mut *tx)
+            .await?;
+        if members > 0 || settlements > 0 {
+            return Ok(false);
+        }
+        sqlx::query("INSERT INTO campaign_members (campaign_id, user_id) VALUES ('demo-campaign', 'demo-user')")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO settlements (id, campaign_id) VALUES ('demo-settlement', 'demo-campaign')",
+        )
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("INSERT INTO structures (id, settlement_id) VALUES ('demo-structure', 'demo-settlement')")
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        match self {
+            SqlStore::Sqlite(pool) => pool.close().await,
+            SqlStore::Postgres(pool) => pool.close().await,
+        }
+    }
+}
+
+impl MembershipStore for SqlStore {
+    async fn is_member(&self, campaign: &CampaignId, user: &str) -> Result<bool, StoreError> {
+        let row: Option<(i32,)> = match self {
+            SqlStore::Sqlite(pool) => sqlx::query_as(
+                "SELECT 1 FROM campaign_members WHERE campaign_id = ?1 AND user_id = ?2 LIMIT 1",
+            )
+            .bind(campaign.as_str())
+            .bind(user)
+            .fetch_optional(pool)
+            .await?,
+            SqlStore::Postgres(pool) => sqlx::query_as(
+                "SELECT 1 FROM campaign_members WHERE campaign_id = $1 AND user_id = $2 LIMIT 1",
+            )
+            .bind(campaign.as_str())
+            .bind(user)
+            .fetch_optional(pool)
+            .await?,
+        };
+        Ok(row.is_some())
+    }
+
+    async fn settlement_campaign(
+        &self,
+        settlement: &SettlementId,
+    ) -> Result<Option<CampaignId>, StoreError> {
+        let row: Option<(String,)> = match self {
+            SqlStore::Sqlite(pool) => {
+                sqlx::query_as("SELECT campaign_id FROM settlements WHERE id = ?1")
+                    .bind(settlement.as_str())
+                    .fetch_optional(pool)
+                    .await?
+            }
+            SqlStore::Postgres(pool) => {
+                sqlx::query_as("SELECT campaign_id FROM settlements WHERE id = $1")
+                    .bind(settlement.as_str())
+                    .fetch_optional(pool)
+                    .await?
+            }
+        };
+        // A stored id that is not a valid id can never be a room: no access.
+        Ok(row.and_then(|(id,)| CampaignId::parse(&id).ok()))
+    }
+
+    async fn structure_settlement(
+        &self,
+        structure: &StructureId,
+    ) -> Result<Option<SettlementId>, StoreError> {
+        let row: Option<(String,)> = match self {
+            SqlStore::Sqlite(pool) => {
+                sqlx::query_as("SELECT settlement_id FROM structures WHERE id = ?1")
+                    .bind(structure.as_str())
+                    .fetch_optional(pool)
+                    .await?
+            }
+            SqlStore::Postgres(pool) => {
+                sqlx::query_as("SELECT settlement_id FROM structures WHERE id = $1")
+                    .bind(structure.as_str())
+                    .fetch_optional(pool)
+                    .await?
+            }
+        };
+        Ok(row.and_then(|(id,)| SettlementId::parse(&id).ok()))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            SqlStore::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop)?,
+            SqlStore::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop)?,
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,110 @@
+//! Logs and metrics.
+//!
+//! The tracing subscriber is process-global and installed once, by the
+//! binary. Metrics live in a [`Metrics`] registry owned by each application,
+//! so several gateways can run in one process (the tests do).
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::config::LogFormat;
+
+/// Installs the global tracing subscriber. Call once, from the binary.
+pub fn init_tracing(filter: &str, format: LogFormat) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    result.map_err(|e| e.to_string())
+}
+
+type Labels1 = [(&'static str, &'static str); 1];
+type Labels2 = [(&'static str, &'static str); 2];
+
+/// herald's own metrics, all named `herald_…`.
+pub struct Metrics {
+    registry: Registry,
+    /// Connected Socket.IO clients.
+    pub connections: Gauge,
+    /// Current room subscriptions, by kind.
+    pub subscriptions: Family<Labels1, Gauge>,
+    /// Events handed to the adapter, by type.
+    pub events_published: Family<Labels1, Counter>,
+    /// Rejected handshakes, by reason.
+    pub auth_failures: Family<Labels1, Counter>,
+    /// Acknowledged client events, by event and outcome.
+    pub acks: Family<Labels2, Counter>,
+    /// Publish API requests, by status code.
+    pub publish_requests: Family<Labels1, Counter>,
+}
+
+impl Metrics {
+    /// A fresh registry.
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("herald");
+        let connections = Gauge::default();
+        registry.register(
+            "connections",
+            "Connected Socket.IO clients",
+            connections.clone(),
+        );
+        let subscriptions = Family::<Labels1, Gauge>::default();
+        registry.register(
+            "subscriptions",
+            "Current room subscriptions by kind",
+            subscriptions.clone(),
+        );
+        let events_published = Family::<Labels1, Counter>::default();
+        registry.register(
+            "events_published",
+            "Events handed to the adapter by type",
+            events_published.clone(),
+        );
+        let auth_failures = Family::<Labels1, Counter>::default();
+        registry.register(
+            "auth_failures",
+            "Rejected handshakes by reason",
+            auth_failures.clone(),
+        );
+        let acks = Family::<Labels2, Counter>::default();
+        registry.register(
+            "acks",
+            "Acknowledged client events by event and outcome",
+            acks.clone(),
+        );
+        let publish_requests = Family::<Labels1, Counter>::default();
+        registry.register(
+            "publish_requests",
+            "Publish API requests by status code",
+            publish_requests.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            connections,
+            subscriptions,
+            events_published,
+            auth_failures,
+            acks,
+            publish_requests,
+        })
+    }
+
+    /// The metrics in Prometheus / OpenMetrics text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
