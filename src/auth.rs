@@ -120,7 +120,14 @@ impl Verifier {
         };
         let mut validation = Validation::new(algorithm(config.jwt_algorithm));
         validation.leeway = config.jwt_leeway.as_secs();
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        let mut required = vec!["exp", "sub"];
+        if config.jwt_issuer.is_some() {
+            required.push("iss");
+        }
+        if config.jwt_audience.is_some() {
+            required.push("aud");
+        }
+        validation.set_required_spec_claims(&required);
         validation.validate_exp = true;
         validation.validate_nbf = true;
         if let Some(iss) = &config.jwt_issuer {

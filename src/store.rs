@@ -224,10 +224,7 @@ impl MembershipStore for SqlStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        match self {
-            SqlStore::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop)?,
-            SqlStore::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop)?,
-        }
-        Ok(())
+        // Not just the connection: the relations herald reads must answer.
+        self.check_relations().await
     }
 }

@@ -1,0 +1,11 @@
+//! Integration tests: a real gateway on port 0, real clients over real
+//! sockets, a real database. One test binary; each test has its own app.
+
+mod client;
+mod helpers;
+
+mod auth;
+mod operations;
+mod publish;
+mod store;
+mod subscriptions;
