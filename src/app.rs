@@ -29,10 +29,14 @@ use crate::telemetry::Metrics;
 pub enum BuildError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("JWT key: {0}")]
+    #[error("JWT key")]
     Key(#[from] KeyError),
-    #[error("membership store: {0}")]
+    #[error("membership store")]
     Store(#[from] StoreError),
+    #[error(
+        "HERALD_REDIS_URL is set, but this build has no Redis adapter yet: unset it to run one instance"
+    )]
+    RedisUnsupported,
     #[error("invalid CORS origin {0:?}")]
     CorsOrigin(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -103,6 +107,9 @@ impl Application {
     /// the missing ones are generated.
     pub async fn build(mut config: Config) -> Result<Self, BuildError> {
         config.validate()?;
+        if config.redis_url.is_some() {
+            return Err(BuildError::RedisUnsupported);
+        }
         let demo = config.mode == Mode::Development && config.no_secrets_configured();
         let mut dev = None;
         if config.mode == Mode::Development {
@@ -167,7 +174,12 @@ impl Application {
             let store = store.clone();
             Arc::new(move || {
                 let store = store.clone();
-                Box::pin(async move { store.ping().await.map_err(|e| e.to_string()) })
+                Box::pin(async move {
+                    store
+                        .ping()
+                        .await
+                        .map_err(|e| crate::telemetry::error_chain(&e))
+                })
             })
         };
         let ops = OpsState {

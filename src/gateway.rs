@@ -273,7 +273,12 @@ impl<S: MembershipStore> Gateway<S> {
                 return Err(Refusal::Unauthorized);
             }
             Err(e) => {
-                tracing::error!(user = &*user.id, room = %room, error = %e, "membership lookup failed");
+                tracing::error!(
+                    user = &*user.id,
+                    room = %room,
+                    error = %crate::telemetry::error_chain(&*e),
+                    "membership lookup failed"
+                );
                 return Err(Refusal::Internal);
             }
         }

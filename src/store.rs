@@ -19,9 +19,9 @@ use crate::rooms::{CampaignId, SettlementId, StructureId};
 pub enum StoreError {
     #[error("unsupported database URL scheme (use sqlite:// or postgres://)")]
     UnsupportedUrl,
-    #[error("database error: {0}")]
+    #[error("database error")]
     Database(#[from] sqlx::Error),
-    #[error("migration failed: {0}")]
+    #[error("migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("relation {0} is missing: create it, or start with HERALD_DATABASE_MIGRATE=true")]
     MissingRelation(&'static str),

@@ -108,3 +108,15 @@ impl Metrics {
         out
     }
 }
+
+/// An error and its sources on one line (`a: b: c`), for logs.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
+}
