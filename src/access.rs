@@ -56,17 +56,9 @@ impl<S: MembershipStore> Access<S> {
             V: Clone + Send + Sync + 'static,
         {
             let capacity = if ttl.is_zero() { 0 } else { CACHE_CAPACITY };
-            Cache::builder()
-                .max_capacity(capacity)
-                .time_to_live(ttl.max(Duration::from_millis(1)))
-                .build()
+            Cache::builder().max_capacity(capacity).time_to_live(ttl.max(Duration::from_millis(1))).build()
         }
-        Access {
-            store,
-            members: cache(ttl),
-            settlements: cache(ttl),
-            structures: cache(ttl),
-        }
+        Access { store, members: cache(ttl), settlements: cache(ttl), structures: cache(ttl) }
     }
 
     /// The store behind the cache.
@@ -89,43 +81,21 @@ impl<S: MembershipStore> Access<S> {
         };
         let member = self
             .members
-            .try_get_with((campaign.clone(), user.clone()), async {
-                self.store.is_member(&campaign, user).await
-            })
+            .try_get_with((campaign.clone(), user.clone()), async { self.store.is_member(&campaign, user).await })
             .await?;
-        Ok(if member {
-            Decision::Allowed
-        } else {
-            Decision::Denied
-        })
+        Ok(if member { Decision::Allowed } else { Decision::Denied })
     }
 
-    async fn settlement_campaign(
-        &self,
-        id: &SettlementId,
-    ) -> Result<Option<CampaignId>, AccessError> {
-        self.settlements
-            .try_get_with(id.clone(), async {
-                self.store.settlement_campaign(id).await
-            })
-            .await
+    async fn settlement_campaign(&self, id: &SettlementId) -> Result<Option<CampaignId>, AccessError> {
+        self.settlements.try_get_with(id.clone(), async { self.store.settlement_campaign(id).await }).await
     }
 
-    async fn structure_settlement(
-        &self,
-        id: &StructureId,
-    ) -> Result<Option<SettlementId>, AccessError> {
-        self.structures
-            .try_get_with(id.clone(), async {
-                self.store.structure_settlement(id).await
-            })
-            .await
+    async fn structure_settlement(&self, id: &StructureId) -> Result<Option<SettlementId>, AccessError> {
+        self.structures.try_get_with(id.clone(), async { self.store.structure_settlement(id).await }).await
     }
 
     /// Forgets the cached membership of `user` in `campaign`.
     pub async fn forget_membership(&self, campaign: &CampaignId, user: &Arc<str>) {
-        self.members
-            .invalidate(&(campaign.clone(), user.clone()))
-            .await;
+        self.members.invalidate(&(campaign.clone(), user.clone())).await;
     }
 }

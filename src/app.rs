@@ -3,14 +3,18 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::http::{HeaderValue, Method, header};
 use rand::Rng;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use socketioxide::SocketIo;
+use socketioxide::adapter::{Adapter, Emitter};
+use socketioxide::layer::SocketIoLayer;
+use socketioxide_redis::{CustomRedisAdapter, RedisAdapterConfig, RedisAdapterCtr};
 use tokio::net::TcpListener;
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
@@ -18,6 +22,7 @@ use crate::access::Access;
 use crate::auth::{KeyError, Minter, Verifier};
 use crate::config::{Config, ConfigError, JwtAlgorithm, Mode};
 use crate::delivery::Delivery;
+use crate::fleet::{FleetConfig, FleetDriver, FleetError};
 use crate::gateway::Gateway;
 use crate::health::{self, OpsState, Probe};
 use crate::publish::{self, PublishState};
@@ -33,10 +38,10 @@ pub enum BuildError {
     Key(#[from] KeyError),
     #[error("membership store")]
     Store(#[from] StoreError),
-    #[error(
-        "HERALD_REDIS_URL is set, but this build has no Redis adapter yet: unset it to run one instance"
-    )]
-    RedisUnsupported,
+    #[error("redis")]
+    Redis(#[from] FleetError),
+    #[error("the Redis adapter did not start: {0}")]
+    RedisInit(String),
     #[error("invalid CORS origin {0:?}")]
     CorsOrigin(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -61,10 +66,64 @@ pub struct DevCredentials {
 pub struct Application {
     listener: TcpListener,
     router: Router,
-    io: SocketIo,
+    closer: Closer,
     store: SqlStore,
     grace: Duration,
     dev: Option<DevCredentials>,
+}
+
+/// The Socket.IO adapter of a fleet.
+type FleetAdapter = CustomRedisAdapter<Emitter, FleetDriver>;
+
+/// Disconnects every socket and leaves the fleet.
+type Closer = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// What [`assemble`] needs besides the adapter.
+struct Parts<'a> {
+    config: &'a Config,
+    metrics: Arc<Metrics>,
+    publish_token: SecretString,
+    probes: Vec<(&'static str, Probe)>,
+}
+
+/// Builds the HTTP side over `io`, whatever its adapter.
+fn assemble<A: Adapter>(
+    io: SocketIo<A>,
+    layer: SocketIoLayer<A>,
+    parts: Parts<'_>,
+    driver: Option<FleetDriver>,
+) -> (Router, Closer) {
+    let Parts { config, metrics, publish_token, mut probes } = parts;
+    let delivery = Delivery::new(io.clone(), metrics.clone());
+    let publish_state = Arc::new(PublishState {
+        token: publish_token,
+        max_body_bytes: config.max_body_bytes,
+        delivery,
+        metrics: metrics.clone(),
+    });
+    if let Some(driver) = &driver {
+        let driver = driver.clone();
+        probes.push((
+            "redis",
+            Arc::new(move || {
+                let healthy = driver.is_healthy();
+                Box::pin(async move { if healthy { Ok(()) } else { Err("redis is unreachable".to_owned()) } })
+            }),
+        ));
+    }
+    let ops = OpsState { metrics, probes };
+    let router = publish::router(publish_state).merge(health::router(ops)).layer(layer);
+    let closer: Closer = Arc::new(move || {
+        let io = io.clone();
+        let driver = driver.clone();
+        Box::pin(async move {
+            io.close().await;
+            if let Some(driver) = driver {
+                driver.shutdown();
+            }
+        })
+    });
+    (router, closer)
 }
 
 /// The user the development banner's token is for.
@@ -92,10 +151,7 @@ fn cors_layer(config: &Config) -> Result<Option<CorsLayer>, BuildError> {
         CorsLayer::new()
             .allow_origin(origin)
             .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
-            .allow_headers(AllowHeaders::list([
-                header::AUTHORIZATION,
-                header::CONTENT_TYPE,
-            ]))
+            .allow_headers(AllowHeaders::list([header::AUTHORIZATION, header::CONTENT_TYPE]))
             .allow_credentials(true)
             .max_age(Duration::from_secs(600)),
     ))
@@ -107,23 +163,14 @@ impl Application {
     /// the missing ones are generated.
     pub async fn build(mut config: Config) -> Result<Self, BuildError> {
         config.validate()?;
-        if config.redis_url.is_some() {
-            return Err(BuildError::RedisUnsupported);
-        }
         let demo = config.mode == Mode::Development && config.no_secrets_configured();
         let mut dev = None;
         if config.mode == Mode::Development {
-            let mut creds = DevCredentials {
-                client_token: None,
-                publish_token: None,
-                demo_seeded: false,
-            };
+            let mut creds = DevCredentials { client_token: None, publish_token: None, demo_seeded: false };
             if config.jwt_algorithm == JwtAlgorithm::Hs256 && config.jwt_secret.is_none() {
                 let secret = random_secret();
-                creds.client_token = Some(
-                    Minter::hs256(&secret, &config)
-                        .mint(DEMO_USER, Duration::from_secs(24 * 3600))?,
-                );
+                creds.client_token =
+                    Some(Minter::hs256(&secret, &config).mint(DEMO_USER, Duration::from_secs(24 * 3600))?);
                 config.jwt_secret = Some(secret);
             }
             if config.publish_token.is_none() {
@@ -135,18 +182,12 @@ impl Application {
                 dev = Some(creds);
             }
         }
-        let publish_token = config
-            .publish_token
-            .clone()
-            .ok_or(ConfigError::MissingInProduction("HERALD_PUBLISH_TOKEN"))?;
+        let publish_token =
+            config.publish_token.clone().ok_or(ConfigError::MissingInProduction("HERALD_PUBLISH_TOKEN"))?;
         let verifier = Verifier::from_config(&config)?;
 
-        let store = SqlStore::connect(
-            &config.database_url,
-            config.database_max_connections,
-            config.database_migrate,
-        )
-        .await?;
+        let store =
+            SqlStore::connect(&config.database_url, config.database_max_connections, config.database_migrate).await?;
         if demo {
             let seeded = store.seed_demo_if_empty().await?;
             if let Some(creds) = dev.as_mut() {
@@ -155,61 +196,56 @@ impl Application {
         }
 
         let metrics = Metrics::new();
-        let (io_layer, io) = SocketIo::builder()
+        let builder = SocketIo::builder()
             .max_payload(config.max_message_bytes)
             .ws_max_message_size(config.max_message_bytes as usize)
-            .ws_max_frame_size(config.max_message_bytes as usize)
-            .build_layer();
+            .ws_max_frame_size(config.max_message_bytes as usize);
         let access = Access::new(Arc::new(store.clone()), config.membership_cache_ttl);
-        Gateway::new(verifier, access, metrics.clone()).attach(&io);
-
-        let delivery = Delivery::new(io.clone(), metrics.clone());
-        let publish_state = Arc::new(PublishState {
-            token: publish_token,
-            max_body_bytes: config.max_body_bytes,
-            delivery,
-            metrics: metrics.clone(),
-        });
+        let gateway = Gateway::new(verifier, access, metrics.clone());
         let store_probe: Probe = {
             let store = store.clone();
             Arc::new(move || {
                 let store = store.clone();
-                Box::pin(async move {
-                    store
-                        .ping()
-                        .await
-                        .map_err(|e| crate::telemetry::error_chain(&e))
-                })
+                Box::pin(async move { store.ping().await.map_err(|e| crate::telemetry::error_chain(&e)) })
             })
         };
-        let ops = OpsState {
-            metrics,
-            probes: vec![("store", store_probe)],
-        };
+        let parts = Parts { config: &config, metrics, publish_token, probes: vec![("store", store_probe)] };
 
-        let mut router = publish::router(publish_state)
-            .merge(health::router(ops))
-            .layer(io_layer);
+        let (mut router, closer) = match &config.redis_url {
+            None => {
+                let (layer, io) = builder.build_layer();
+                gateway.attach(&io);
+                assemble(io, layer, parts, None)
+            }
+            Some(url) => {
+                let driver = FleetDriver::connect(
+                    FleetConfig {
+                        url: url.clone(),
+                        prefix: config.redis_prefix.clone(),
+                        op_timeout: config.redis_timeout,
+                        instance_id: random_secret().expose_secret()[..16].to_owned(),
+                    },
+                    parts.metrics.clone(),
+                )
+                .await?;
+                let adapter_config = RedisAdapterConfig::new()
+                    .with_prefix(config.redis_prefix.clone())
+                    .with_request_timeout(config.redis_timeout);
+                let ctr = RedisAdapterCtr::new_with_driver(driver.clone(), adapter_config);
+                let (layer, io) = builder.with_adapter::<FleetAdapter>(ctr).build_layer();
+                gateway.attach(&io).await.map_err(|e| BuildError::RedisInit(e.to_string()))?;
+                assemble(io, layer, parts, Some(driver))
+            }
+        };
         // Outside the Socket.IO layer, so that preflights never reach it.
         if let Some(cors) = cors_layer(&config)? {
             router = router.layer(cors);
         }
 
-        let listener =
-            TcpListener::bind(&config.listen)
-                .await
-                .map_err(|source| BuildError::Bind {
-                    addr: config.listen.clone(),
-                    source,
-                })?;
-        Ok(Application {
-            listener,
-            router,
-            io,
-            store,
-            grace: config.shutdown_grace,
-            dev,
-        })
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .map_err(|source| BuildError::Bind { addr: config.listen.clone(), source })?;
+        Ok(Application { listener, router, closer, store, grace: config.shutdown_grace, dev })
     }
 
     /// The address the gateway listens on.
@@ -224,24 +260,14 @@ impl Application {
 
     /// Serves until `shutdown` resolves, then stops accepting, disconnects
     /// every socket and returns, within the grace period.
-    pub async fn run_until_stopped(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
-        let Application {
-            listener,
-            router,
-            io,
-            store,
-            grace,
-            ..
-        } = self;
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let Application { listener, router, closer, store, grace, .. } = self;
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
         let server = axum::serve(listener, router).with_graceful_shutdown(async move {
             shutdown.await;
             let _ = stopping_tx.send(());
             tracing::info!("shutting down: disconnecting every socket");
-            io.close().await;
+            closer().await;
         });
         let deadline = async move {
             match stopping_rx.await {

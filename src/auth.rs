@@ -51,10 +51,7 @@ pub enum KeyError {
         source: std::io::Error,
     },
     #[error("the key file {path} is not a valid {alg} PEM key")]
-    BadPem {
-        path: std::path::PathBuf,
-        alg: &'static str,
-    },
+    BadPem { path: std::path::PathBuf, alg: &'static str },
     #[error("cannot sign a token: {0}")]
     Sign(String),
 }
@@ -84,9 +81,7 @@ pub struct Verifier {
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier")
-            .field("algorithms", &self.validation.algorithms)
-            .finish()
+        f.debug_struct("Verifier").field("algorithms", &self.validation.algorithms).finish()
     }
 }
 
@@ -99,23 +94,14 @@ impl Verifier {
                 DecodingKey::from_secret(secret.expose_secret().as_bytes())
             }
             alg @ (JwtAlgorithm::Rs256 | JwtAlgorithm::Es256) => {
-                let path = config
-                    .jwt_public_key_file
-                    .clone()
-                    .ok_or(KeyError::NoSecret)?;
-                let pem = std::fs::read(&path).map_err(|source| KeyError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
+                let path = config.jwt_public_key_file.clone().ok_or(KeyError::NoSecret)?;
+                let pem = std::fs::read(&path).map_err(|source| KeyError::Read { path: path.clone(), source })?;
                 let key = if alg == JwtAlgorithm::Rs256 {
                     DecodingKey::from_rsa_pem(&pem)
                 } else {
                     DecodingKey::from_ec_pem(&pem)
                 };
-                key.map_err(|_| KeyError::BadPem {
-                    path,
-                    alg: alg_name(alg),
-                })?
+                key.map_err(|_| KeyError::BadPem { path, alg: alg_name(alg) })?
             }
         };
         let mut validation = Validation::new(algorithm(config.jwt_algorithm));
@@ -137,24 +123,17 @@ impl Verifier {
             Some(aud) => validation.set_audience(&[aud]),
             None => validation.validate_aud = false,
         }
-        Ok(Verifier {
-            key: Arc::new(key),
-            validation: Arc::new(validation),
-        })
+        Ok(Verifier { key: Arc::new(key), validation: Arc::new(validation) })
     }
 
     /// Verifies a token (a leading `Bearer ` is stripped) and returns its user.
     pub fn verify(&self, token: &str) -> Result<User, Unauthorized> {
         let token = token.strip_prefix("Bearer ").unwrap_or(token);
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
-            .map_err(|_| Unauthorized)?;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|_| Unauthorized)?;
         if data.claims.sub.is_empty() {
             return Err(Unauthorized);
         }
-        Ok(User {
-            id: Arc::from(data.claims.sub),
-            expires_at: data.claims.exp,
-        })
+        Ok(User { id: Arc::from(data.claims.sub), expires_at: data.claims.exp })
     }
 }
 
@@ -180,23 +159,15 @@ impl Minter {
     /// A minter for RS256 / ES256 from a PEM private key.
     pub fn from_private_key(path: &std::path::Path, config: &Config) -> Result<Self, KeyError> {
         let alg = config.jwt_algorithm;
-        let pem = std::fs::read(path).map_err(|source| KeyError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let pem = std::fs::read(path).map_err(|source| KeyError::Read { path: path.to_owned(), source })?;
         let key = match alg {
             JwtAlgorithm::Rs256 => EncodingKey::from_rsa_pem(&pem),
             JwtAlgorithm::Es256 => EncodingKey::from_ec_pem(&pem),
             JwtAlgorithm::Hs256 => {
-                return Err(KeyError::Sign(
-                    "HS256 signs with the JWT secret, not a key file".into(),
-                ));
+                return Err(KeyError::Sign("HS256 signs with the JWT secret, not a key file".into()));
             }
         }
-        .map_err(|_| KeyError::BadPem {
-            path: path.to_owned(),
-            alg: alg_name(alg),
-        })?;
+        .map_err(|_| KeyError::BadPem { path: path.to_owned(), alg: alg_name(alg) })?;
         Ok(Minter {
             key,
             header: Header::new(algorithm(alg)),
@@ -207,10 +178,7 @@ impl Minter {
 
     /// Mints a token for `sub`, valid for `ttl`.
     pub fn mint(&self, sub: &str, ttl: Duration) -> Result<String, KeyError> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let claims = Claims {
             sub: sub.to_owned(),
             exp: now + ttl.as_secs(),
@@ -218,24 +186,17 @@ impl Minter {
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
         };
-        jsonwebtoken::encode(&self.header, &claims, &self.key)
-            .map_err(|e| KeyError::Sign(e.to_string()))
+        jsonwebtoken::encode(&self.header, &claims, &self.key).map_err(|e| KeyError::Sign(e.to_string()))
     }
 }
 
 /// Finds the client's token: `auth.token` first, then the `token` query parameter.
 pub fn find_token(auth: Option<&serde_json::Value>, query: Option<&str>) -> Option<String> {
-    if let Some(token) = auth
-        .and_then(|a| a.get("token"))
-        .and_then(|t| t.as_str())
-        .filter(|t| !t.is_empty())
-    {
+    if let Some(token) = auth.and_then(|a| a.get("token")).and_then(|t| t.as_str()).filter(|t| !t.is_empty()) {
         return Some(token.to_owned());
     }
     let query = query?;
-    form_urlencoded::parse(query.as_bytes())
-        .find(|(k, v)| k == "token" && !v.is_empty())
-        .map(|(_, v)| v.into_owned())
+    form_urlencoded::parse(query.as_bytes()).find(|(k, v)| k == "token" && !v.is_empty()).map(|(_, v)| v.into_owned())
 }
 
 #[cfg(test)]
@@ -252,30 +213,17 @@ mod tests {
     #[test]
     fn a_minted_token_verifies_and_bearer_is_stripped() {
         let c = config("s");
-        let token = Minter::hs256(c.jwt_secret.as_ref().unwrap(), &c)
-            .mint("u1", Duration::from_secs(60))
-            .unwrap();
+        let token = Minter::hs256(c.jwt_secret.as_ref().unwrap(), &c).mint("u1", Duration::from_secs(60)).unwrap();
         let v = Verifier::from_config(&c).unwrap();
         assert_eq!(&*v.verify(&token).unwrap().id, "u1");
         assert_eq!(&*v.verify(&format!("Bearer {token}")).unwrap().id, "u1");
-        assert_eq!(
-            Verifier::from_config(&config("other"))
-                .unwrap()
-                .verify(&token),
-            Err(Unauthorized)
-        );
+        assert_eq!(Verifier::from_config(&config("other")).unwrap().verify(&token), Err(Unauthorized));
     }
 
     #[test]
     fn the_auth_token_wins_over_the_query() {
-        assert_eq!(
-            find_token(Some(&json!({"token": "a"})), Some("token=b")),
-            Some("a".into())
-        );
-        assert_eq!(
-            find_token(Some(&json!({})), Some("EIO=4&token=b%20c")),
-            Some("b c".into())
-        );
+        assert_eq!(find_token(Some(&json!({"token": "a"})), Some("token=b")), Some("a".into()));
+        assert_eq!(find_token(Some(&json!({})), Some("EIO=4&token=b%20c")), Some("b c".into()));
         assert_eq!(find_token(None, Some("EIO=4")), None);
         assert_eq!(find_token(Some(&json!({"token": 5})), None), None);
     }

@@ -81,12 +81,7 @@ pub enum LogFormat {
 pub struct Config {
     /// `development` or `production`. Production refuses to start without configured secrets
     /// and allows no CORS origin unless configured.
-    #[arg(
-        long = "env",
-        env = "HERALD_ENV",
-        value_enum,
-        default_value = "development"
-    )]
+    #[arg(long = "env", env = "HERALD_ENV", value_enum, default_value = "development")]
     pub mode: Mode,
 
     /// Address to listen on (HTTP and Socket.IO).
@@ -98,12 +93,7 @@ pub struct Config {
     pub jwt_secret_file: Option<PathBuf>,
 
     /// Signature algorithm of client tokens: HS256 (shared secret), RS256 or ES256 (public key).
-    #[arg(
-        long,
-        env = "HERALD_JWT_ALGORITHM",
-        value_enum,
-        default_value = "HS256"
-    )]
+    #[arg(long, env = "HERALD_JWT_ALGORITHM", value_enum, default_value = "HS256")]
     pub jwt_algorithm: JwtAlgorithm,
 
     /// PEM public key for RS256 / ES256.
@@ -127,11 +117,7 @@ pub struct Config {
     pub publish_token_file: Option<PathBuf>,
 
     /// Membership store: `sqlite://FILE` (created if missing) or `postgres://...`.
-    #[arg(
-        long,
-        env = "HERALD_DATABASE_URL",
-        default_value = "sqlite://herald.db"
-    )]
+    #[arg(long, env = "HERALD_DATABASE_URL", default_value = "sqlite://herald.db")]
     pub database_url: String,
 
     /// Create the tables in PostgreSQL on start (SQLite always does). Leave off when the
@@ -150,6 +136,14 @@ pub struct Config {
     /// Redis URL for running several instances. Unset: one instance, local adapter.
     #[arg(long, env = "HERALD_REDIS_URL")]
     pub redis_url: Option<String>,
+
+    /// Prefix of herald's Redis channels and keys, so several deployments can share one Redis.
+    #[arg(long, env = "HERALD_REDIS_PREFIX", default_value = "herald")]
+    pub redis_prefix: String,
+
+    /// Longest a Redis operation (a publish) may block before it fails.
+    #[arg(long, env = "HERALD_REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub redis_timeout: Duration,
 
     /// Allowed CORS origins, comma-separated. Unset: any origin in development, none in production.
     #[arg(long, env = "HERALD_CORS_ORIGINS", value_delimiter = ',')]
@@ -272,9 +266,7 @@ impl Config {
 
     /// Whether no secret at all was configured (development's demo mode).
     pub fn no_secrets_configured(&self) -> bool {
-        self.jwt_secret.is_none()
-            && self.publish_token.is_none()
-            && self.jwt_public_key_file.is_none()
+        self.jwt_secret.is_none() && self.publish_token.is_none() && self.jwt_public_key_file.is_none()
     }
 
     /// The defaults, as if herald ran with no flag and no variable. Tests start from this.
@@ -297,10 +289,7 @@ mod tests {
     fn production_needs_secrets() {
         let mut config = Config::defaults();
         config.mode = Mode::Production;
-        assert!(matches!(
-            config.validate(),
-            Err(ConfigError::MissingInProduction(_))
-        ));
+        assert!(matches!(config.validate(), Err(ConfigError::MissingInProduction(_))));
         config.jwt_secret = Some("s".into());
         config.publish_token = Some("p".into());
         assert!(config.validate().is_ok());
@@ -314,9 +303,6 @@ mod tests {
         let secret = resolve_secret("X", None, Some(&path)).unwrap().unwrap();
         use secrecy::ExposeSecret;
         assert_eq!(secret.expose_secret(), "s3cret");
-        assert!(matches!(
-            resolve_secret("X", Some("a".into()), Some(&path)),
-            Err(ConfigError::Both(_))
-        ));
+        assert!(matches!(resolve_secret("X", Some("a".into()), Some(&path)), Err(ConfigError::Both(_))));
     }
 }

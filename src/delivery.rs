@@ -34,10 +34,7 @@ pub struct Delivery<A: Adapter> {
 
 impl<A: Adapter> Clone for Delivery<A> {
     fn clone(&self) -> Self {
-        Delivery {
-            io: self.io.clone(),
-            metrics: self.metrics.clone(),
-        }
+        Delivery { io: self.io.clone(), metrics: self.metrics.clone() }
     }
 }
 
@@ -58,26 +55,16 @@ impl<A: Adapter> Delivery<A> {
                 // Some local sockets could not take it (closed, or buffer full);
                 // the others got it. Not the publisher's problem.
                 Err(BroadcastError::Socket(errors)) => {
-                    tracing::debug!(
-                        failed = errors.len(),
-                        event = kind.as_str(),
-                        "some sockets missed an event"
-                    );
+                    tracing::debug!(failed = errors.len(), event = kind.as_str(), "some sockets missed an event");
                 }
                 Err(BroadcastError::Serialize(e)) => {
                     return Err(DeliveryError::Encode(e.to_string()));
                 }
                 Err(BroadcastError::Adapter(e)) => {
-                    return Err(DeliveryError::AdapterUnavailable {
-                        accepted,
-                        reason: e.to_string(),
-                    });
+                    return Err(DeliveryError::AdapterUnavailable { accepted, reason: e.to_string() });
                 }
             }
-            self.metrics
-                .events_published
-                .get_or_create(&[("type", kind.as_str())])
-                .inc();
+            self.metrics.events_published.get_or_create(&[("type", kind.as_str())]).inc();
         }
         Ok(events.len())
     }

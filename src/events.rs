@@ -160,17 +160,9 @@ pub struct EntityUpdated {
     pub entity_type: NonEmpty,
     pub entity_id: EntityId,
     pub campaign_id: CampaignId,
-    #[serde(
-        default,
-        deserialize_with = "present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub changed_fields: Option<Vec<String>>,
-    #[serde(
-        default,
-        deserialize_with = "present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub entity_data: Option<Map<String, Value>>,
 }
 
@@ -180,17 +172,9 @@ pub struct EntityUpdated {
 pub struct StateInvalidated {
     pub campaign_id: CampaignId,
     pub scope: Scope,
-    #[serde(
-        default,
-        deserialize_with = "present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub entity_ids: Option<Vec<String>>,
-    #[serde(
-        default,
-        deserialize_with = "present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
 
@@ -203,11 +187,7 @@ pub struct WorldTimeChanged {
     #[serde(deserialize_with = "nullable")]
     pub previous_time: Option<Timestamp>,
     pub new_time: Timestamp,
-    #[serde(
-        default,
-        deserialize_with = "present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub elapsed: Option<f64>,
 }
 
@@ -218,11 +198,7 @@ pub struct SettlementUpdated {
     pub campaign_id: CampaignId,
     pub settlement_id: SettlementId,
     pub operation: Operation,
-    #[serde(
-        default,
-        deserialize_with = "present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub changes: Option<Map<String, Value>>,
 }
 
@@ -234,11 +210,7 @@ pub struct StructureUpdated {
     pub settlement_id: SettlementId,
     pub structure_id: StructureId,
     pub operation: Operation,
-    #[serde(
-        default,
-        deserialize_with = "present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub changes: Option<Map<String, Value>>,
 }
 
@@ -246,23 +218,11 @@ pub struct StructureUpdated {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Metadata {
-    #[serde(
-        default,
-        deserialize_with = "present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
-    #[serde(
-        default,
-        deserialize_with = "present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
-    #[serde(
-        default,
-        deserialize_with = "present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
 }
 
@@ -286,9 +246,7 @@ impl Payload {
                 let id = p.entity_id.as_str();
                 match p.entity_type.as_str() {
                     // Both parse: an EntityId has the same syntax.
-                    "settlement" => {
-                        rooms.extend(SettlementId::parse(id).ok().map(Room::Settlement))
-                    }
+                    "settlement" => rooms.extend(SettlementId::parse(id).ok().map(Room::Settlement)),
                     "structure" => rooms.extend(StructureId::parse(id).ok().map(Room::Structure)),
                     _ => {}
                 }
@@ -296,10 +254,9 @@ impl Payload {
             }
             Payload::StateInvalidated(p) => vec![Room::Campaign(p.campaign_id.clone())],
             Payload::WorldTimeChanged(p) => vec![Room::Campaign(p.campaign_id.clone())],
-            Payload::SettlementUpdated(p) => vec![
-                Room::Campaign(p.campaign_id.clone()),
-                Room::Settlement(p.settlement_id.clone()),
-            ],
+            Payload::SettlementUpdated(p) => {
+                vec![Room::Campaign(p.campaign_id.clone()), Room::Settlement(p.settlement_id.clone())]
+            }
             Payload::StructureUpdated(p) => vec![
                 Room::Campaign(p.campaign_id.clone()),
                 Room::Settlement(p.settlement_id.clone()),
@@ -402,19 +359,12 @@ fn typed<'a, T: Deserialize<'a>>(value: &'a Value, prefix: &str) -> Result<T, In
         }
         let mut message = e.into_inner().to_string();
         // serde names a missing field in the message; make it part of the path.
-        if let Some(field) = message
-            .strip_prefix("missing field `")
-            .and_then(|rest| rest.strip_suffix('`'))
-        {
+        if let Some(field) = message.strip_prefix("missing field `").and_then(|rest| rest.strip_suffix('`')) {
             path = join(&path, field);
             message = "required field is missing".to_owned();
         }
         let path = join(prefix, &path);
-        let path = if path.is_empty() {
-            "event".to_owned()
-        } else {
-            path
-        };
+        let path = if path.is_empty() { "event".to_owned() } else { path };
         InvalidEvent { path, message }
     })
 }
@@ -424,58 +374,36 @@ fn typed<'a, T: Deserialize<'a>>(value: &'a Value, prefix: &str) -> Result<T, In
 pub fn parse_event(value: &Value, at: &str) -> Result<Event, InvalidEvent> {
     if !value.is_object() {
         return Err(InvalidEvent {
-            path: if at.is_empty() {
-                "event".into()
-            } else {
-                at.into()
-            },
+            path: if at.is_empty() { "event".into() } else { at.into() },
             message: "expected an event object".into(),
         });
     }
     let incoming: Incoming = typed(value, at)?;
     let payload_at = join(at, "payload");
     let Value::Object(payload_map) = incoming.payload else {
-        return Err(InvalidEvent {
-            path: payload_at,
-            message: "expected an object".into(),
-        });
+        return Err(InvalidEvent { path: payload_at, message: "expected an object".into() });
     };
     let metadata = match incoming.metadata {
         None => None,
         Some(Value::Object(map)) => {
             let meta = Value::Object(map);
             typed::<Metadata>(&meta, &join(at, "metadata"))?;
-            let Value::Object(map) = meta else {
-                unreachable!("checked above")
-            };
+            let Value::Object(map) = meta else { unreachable!("checked above") };
             Some(map)
         }
         Some(_) => {
-            return Err(InvalidEvent {
-                path: join(at, "metadata"),
-                message: "expected an object".into(),
-            });
+            return Err(InvalidEvent { path: join(at, "metadata"), message: "expected an object".into() });
         }
     };
     let payload_value = Value::Object(payload_map);
     let payload = match incoming.kind {
         EventKind::EntityUpdated => Payload::EntityUpdated(typed(&payload_value, &payload_at)?),
-        EventKind::StateInvalidated => {
-            Payload::StateInvalidated(typed(&payload_value, &payload_at)?)
-        }
-        EventKind::WorldTimeChanged => {
-            Payload::WorldTimeChanged(typed(&payload_value, &payload_at)?)
-        }
-        EventKind::SettlementUpdated => {
-            Payload::SettlementUpdated(typed(&payload_value, &payload_at)?)
-        }
-        EventKind::StructureUpdated => {
-            Payload::StructureUpdated(typed(&payload_value, &payload_at)?)
-        }
+        EventKind::StateInvalidated => Payload::StateInvalidated(typed(&payload_value, &payload_at)?),
+        EventKind::WorldTimeChanged => Payload::WorldTimeChanged(typed(&payload_value, &payload_at)?),
+        EventKind::SettlementUpdated => Payload::SettlementUpdated(typed(&payload_value, &payload_at)?),
+        EventKind::StructureUpdated => Payload::StructureUpdated(typed(&payload_value, &payload_at)?),
     };
-    let Value::Object(payload_map) = payload_value else {
-        unreachable!("built as an object")
-    };
+    let Value::Object(payload_map) = payload_value else { unreachable!("built as an object") };
     let rooms = payload.rooms();
     Ok(Event {
         envelope: Envelope {
@@ -492,21 +420,16 @@ pub fn parse_event(value: &Value, at: &str) -> Result<Event, InvalidEvent> {
 /// Validates a publish body: one event object, or an array of them (called
 /// `events` in error paths). Any invalid event fails the whole body.
 pub fn parse_body(body: &[u8]) -> Result<Vec<Event>, InvalidEvent> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| InvalidEvent {
-        path: "body".into(),
-        message: format!("invalid JSON ({e})"),
-    })?;
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| InvalidEvent { path: "body".into(), message: format!("invalid JSON ({e})") })?;
     match &value {
-        Value::Array(items) => items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| parse_event(item, &format!("events[{i}]")))
-            .collect(),
+        Value::Array(items) => {
+            items.iter().enumerate().map(|(i, item)| parse_event(item, &format!("events[{i}]"))).collect()
+        }
         Value::Object(_) => Ok(vec![parse_event(&value, "")?]),
-        _ => Err(InvalidEvent {
-            path: "body".into(),
-            message: "expected an event object or an array of events".into(),
-        }),
+        _ => {
+            Err(InvalidEvent { path: "body".into(), message: "expected an event object or an array of events".into() })
+        }
     }
 }
 
@@ -516,9 +439,7 @@ mod tests {
     use serde_json::json;
 
     fn err(body: Value) -> String {
-        parse_body(body.to_string().as_bytes())
-            .unwrap_err()
-            .to_string()
+        parse_body(body.to_string().as_bytes()).unwrap_err().to_string()
     }
 
     #[test]
@@ -532,11 +453,8 @@ mod tests {
 
     #[test]
     fn entity_updated_adds_the_entity_room_for_settlements_and_structures() {
-        for (kind, extra) in [
-            ("settlement", Some("settlement:e1")),
-            ("structure", Some("structure:e1")),
-            ("npc", None),
-        ] {
+        for (kind, extra) in [("settlement", Some("settlement:e1")), ("structure", Some("structure:e1")), ("npc", None)]
+        {
             let body = json!({"type": "entity_updated", "payload": {
                 "entityType": kind, "entityId": "e1", "campaignId": "c1"}});
             let events = parse_body(body.to_string().as_bytes()).unwrap();
@@ -551,11 +469,7 @@ mod tests {
     fn errors_name_the_failing_field() {
         let bad_op = json!({"type": "settlement_updated", "payload": {
             "campaignId": "c1", "settlementId": "s1", "operation": "upsert"}});
-        assert!(
-            err(bad_op.clone()).starts_with("payload.operation: "),
-            "{}",
-            err(bad_op.clone())
-        );
+        assert!(err(bad_op.clone()).starts_with("payload.operation: "), "{}", err(bad_op.clone()));
         let good = json!({"type": "state_invalidated", "payload": {"campaignId": "c1", "scope": "campaign"}});
         let batch = json!([good, bad_op]);
         assert!(err(batch).starts_with("events[1].payload.operation: "));
@@ -563,19 +477,16 @@ mod tests {
         assert!(err(missing).starts_with("payload.campaignId: "));
         let unknown_type = json!({"type": "party_started", "payload": {}});
         assert!(err(unknown_type).starts_with("type: "));
-        let unknown_top = json!({"type": "state_invalidated", "payload": {"campaignId": "c1", "scope": "entity"}, "extra": 1});
+        let unknown_top =
+            json!({"type": "state_invalidated", "payload": {"campaignId": "c1", "scope": "entity"}, "extra": 1});
         assert!(err(unknown_top).starts_with("extra: unknown field"));
-        let null_optional = json!({"type": "state_invalidated", "payload": {"campaignId": "c1", "scope": "entity", "reason": null}});
+        let null_optional =
+            json!({"type": "state_invalidated", "payload": {"campaignId": "c1", "scope": "entity", "reason": null}});
         assert!(err(null_optional).starts_with("payload.reason: "));
         let meta = json!({"type": "state_invalidated", "payload": {"campaignId": "c1", "scope": "entity"}, "metadata": {"userId": 5}});
         assert!(err(meta).starts_with("metadata.userId: "));
         assert!(err(json!(3)).starts_with("body: "));
-        assert!(
-            parse_body(b"{")
-                .unwrap_err()
-                .to_string()
-                .starts_with("body: invalid JSON")
-        );
+        assert!(parse_body(b"{").unwrap_err().to_string().starts_with("body: invalid JSON"));
     }
 
     #[test]
@@ -599,10 +510,7 @@ mod tests {
         let out = serde_json::to_value(&event.envelope).unwrap();
         assert_eq!(out["timestamp"], "2026-11-25T17:00:00.1+01:00");
         assert_eq!(out["payload"], body["payload"]);
-        assert_eq!(
-            serde_json::to_string(&out["payload"]).unwrap(),
-            serde_json::to_string(&body["payload"]).unwrap()
-        );
+        assert_eq!(serde_json::to_string(&out["payload"]).unwrap(), serde_json::to_string(&body["payload"]).unwrap());
         assert!(out.get("metadata").is_none());
     }
 

@@ -66,16 +66,10 @@ impl Refusal {
 }
 
 impl Reply {
-    const OK: Reply = Reply {
-        success: true,
-        error: None,
-    };
+    const OK: Reply = Reply { success: true, error: None };
 
     fn refused(why: Refusal) -> Reply {
-        Reply {
-            success: false,
-            error: Some(why.message()),
-        }
+        Reply { success: false, error: Some(why.message()) }
     }
 }
 
@@ -98,10 +92,7 @@ fn event_name(action: Action, kind: RoomKind) -> &'static str {
 }
 
 /// Reads the room out of a `{ "<kind>Id": "<id>" }` payload.
-pub fn parse_room_request(
-    kind: RoomKind,
-    data: &Result<Value, ParserError>,
-) -> Result<Room, Refusal> {
+pub fn parse_room_request(kind: RoomKind, data: &Result<Value, ParserError>) -> Result<Room, Refusal> {
     let Ok(Value::Object(map)) = data else {
         return Err(Refusal::InvalidPayload);
     };
@@ -121,15 +112,12 @@ pub struct Gateway<S> {
 impl<S: MembershipStore> Gateway<S> {
     /// A gateway that verifies tokens with `verifier` and checks rooms with `access`.
     pub fn new(verifier: Verifier, access: Access<S>, metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(Gateway {
-            verifier,
-            access,
-            metrics,
-        })
+        Arc::new(Gateway { verifier, access, metrics })
     }
 
-    /// Installs the handlers on the default namespace of `io`.
-    pub fn attach<A: Adapter + DefinedAdapter>(self: &Arc<Self>, io: &SocketIo<A>) {
+    /// Installs the handlers on the default namespace of `io`. The result is
+    /// the adapter's initialisation (a future to await, for Redis).
+    pub fn attach<A: Adapter + DefinedAdapter>(self: &Arc<Self>, io: &SocketIo<A>) -> A::InitRes {
         let on_connect = {
             let gw = self.clone();
             move |s: SocketRef<A>| {
@@ -144,31 +132,21 @@ impl<S: MembershipStore> Gateway<S> {
                 async move { gw.authenticate(&s, auth.ok().as_ref()) }
             }
         };
-        io.ns("/", on_connect.with(authenticate));
+        io.ns("/", on_connect.with(authenticate))
     }
 
     /// The connect middleware: verifies the token, keeps the user in the
     /// socket's extensions and registers the event handlers.
-    fn authenticate<A: Adapter>(
-        self: &Arc<Self>,
-        s: &SocketRef<A>,
-        auth: Option<&Value>,
-    ) -> Result<(), Unauthorized> {
+    fn authenticate<A: Adapter>(self: &Arc<Self>, s: &SocketRef<A>, auth: Option<&Value>) -> Result<(), Unauthorized> {
         let Some(token) = find_token(auth, s.req_parts().uri.query()) else {
-            self.metrics
-                .auth_failures
-                .get_or_create(&[("reason", "missing")])
-                .inc();
+            self.metrics.auth_failures.get_or_create(&[("reason", "missing")]).inc();
             tracing::info!(socket = %s.id, reason = "missing token", "handshake rejected");
             return Err(Unauthorized);
         };
         let user = match self.verifier.verify(&token) {
             Ok(user) => user,
             Err(e) => {
-                self.metrics
-                    .auth_failures
-                    .get_or_create(&[("reason", "invalid")])
-                    .inc();
+                self.metrics.auth_failures.get_or_create(&[("reason", "invalid")]).inc();
                 tracing::info!(socket = %s.id, reason = "invalid token", "handshake rejected");
                 return Err(e);
             }
@@ -215,10 +193,7 @@ impl<S: MembershipStore> Gateway<S> {
             Ok(()) => "success",
             Err(why) => why.outcome(),
         };
-        self.metrics
-            .acks
-            .get_or_create(&[("event", event), ("outcome", outcome)])
-            .inc();
+        self.metrics.acks.get_or_create(&[("event", event), ("outcome", outcome)]).inc();
     }
 
     fn connected<A: Adapter>(self: &Arc<Self>, s: &SocketRef<A>) {
@@ -242,10 +217,7 @@ impl<S: MembershipStore> Gateway<S> {
         let rooms = s.rooms();
         for room in &rooms {
             if let Some(room) = Room::parse(room) {
-                self.metrics
-                    .subscriptions
-                    .get_or_create(&[("kind", room.kind().as_str())])
-                    .dec();
+                self.metrics.subscriptions.get_or_create(&[("kind", room.kind().as_str())]).dec();
             }
         }
         let user = s.extensions.get::<User>().map(|u| u.id);
@@ -290,10 +262,7 @@ impl<S: MembershipStore> Gateway<S> {
         let rooms = s.rooms();
         if !rooms.iter().any(|r| *r == name) {
             s.join(name);
-            self.metrics
-                .subscriptions
-                .get_or_create(&[("kind", kind.as_str())])
-                .inc();
+            self.metrics.subscriptions.get_or_create(&[("kind", kind.as_str())]).inc();
         }
         tracing::info!(user = &*user.id, room = %room, subscriptions = rooms.len() + 1, "subscribed");
         Ok(())
@@ -309,10 +278,7 @@ impl<S: MembershipStore> Gateway<S> {
         let name = room.to_string();
         if s.rooms().iter().any(|r| *r == name) {
             s.leave(name);
-            self.metrics
-                .subscriptions
-                .get_or_create(&[("kind", kind.as_str())])
-                .dec();
+            self.metrics.subscriptions.get_or_create(&[("kind", kind.as_str())]).dec();
             let user = s.extensions.get::<User>().map(|u| u.id);
             tracing::info!(user = user.as_deref().unwrap_or("?"), room = %room, "unsubscribed");
         }
@@ -336,12 +302,7 @@ mod tests {
     #[test]
     fn room_requests_are_validated() {
         let ok: Result<Value, ParserError> = Ok(json!({"campaignId": "c1"}));
-        assert_eq!(
-            parse_room_request(RoomKind::Campaign, &ok)
-                .unwrap()
-                .to_string(),
-            "campaign:c1"
-        );
+        assert_eq!(parse_room_request(RoomKind::Campaign, &ok).unwrap().to_string(), "campaign:c1");
         for bad in [
             json!("c1"),
             json!({}),
@@ -351,10 +312,7 @@ mod tests {
             json!({"campaignId": "a:b"}),
             json!({"settlementId": "s1"}),
         ] {
-            assert_eq!(
-                parse_room_request(RoomKind::Campaign, &Ok(bad)),
-                Err(Refusal::InvalidPayload)
-            );
+            assert_eq!(parse_room_request(RoomKind::Campaign, &Ok(bad)), Err(Refusal::InvalidPayload));
         }
     }
 }

@@ -16,8 +16,7 @@ use serde_json::json;
 use crate::telemetry::Metrics;
 
 /// A readiness probe of one dependency: `Ok` when it answers.
-pub type Probe =
-    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+pub type Probe = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
 /// What the operations endpoints need.
 #[derive(Clone)]
@@ -33,10 +32,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The operations routes.
 pub fn router(state: OpsState) -> axum::Router {
     axum::Router::new()
-        .route(
-            "/healthz",
-            get(|| async { Json(json!({ "status": "ok" })) }),
-        )
+        .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
@@ -57,19 +53,10 @@ async fn readyz(State(state): State<OpsState>) -> impl IntoResponse {
     if failing.is_empty() {
         (StatusCode::OK, Json(json!({ "status": "ready" })))
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "not ready", "failing": failing })),
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not ready", "failing": failing })))
     }
 }
 
 async fn metrics(State(state): State<OpsState>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.render())
 }

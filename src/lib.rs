@@ -15,6 +15,7 @@
 //! - [`access`]: who may join which room, with a short-lived cache.
 //! - [`events`]: the five domain event kinds, their validation and targeting.
 //! - [`delivery`]: the one path every outgoing event takes to its rooms.
+//! - [`fleet`]: the Redis driver that lets many instances share events.
 //! - [`gateway`]: the Socket.IO handlers (handshake, subscribe, unsubscribe).
 //! - [`publish`]: the HTTP publish API for backends.
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics`.
@@ -28,6 +29,7 @@ pub mod auth;
 pub mod config;
 pub mod delivery;
 pub mod events;
+pub mod fleet;
 pub mod gateway;
 pub mod health;
 pub mod publish;

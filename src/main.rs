@@ -9,20 +9,11 @@ use secrecy::ExposeSecret;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Cli {
-        command,
-        mut config,
-    } = Cli::parse();
+    let Cli { command, mut config } = Cli::parse();
     config.load_secrets()?;
-    herald::telemetry::init_tracing(&config.log, config.log_format)
-        .map_err(|e| anyhow::anyhow!("HERALD_LOG: {e}"))?;
+    herald::telemetry::init_tracing(&config.log, config.log_format).map_err(|e| anyhow::anyhow!("HERALD_LOG: {e}"))?;
 
-    if let Some(Command::Token {
-        sub,
-        ttl,
-        private_key_file,
-    }) = command
-    {
+    if let Some(Command::Token { sub, ttl, private_key_file }) = command {
         let minter = match (config.jwt_algorithm, private_key_file) {
             (JwtAlgorithm::Hs256, _) => {
                 let secret = config
@@ -41,9 +32,7 @@ async fn main() -> anyhow::Result<()> {
     let app = Application::build(config).await?;
     let addr = app.local_addr()?;
     if let Some(dev) = app.development_credentials() {
-        println!(
-            "herald is running in development mode with throwaway secrets (HERALD_ENV=production refuses this)."
-        );
+        println!("herald is running in development mode with throwaway secrets (HERALD_ENV=production refuses this).");
         if let Some(token) = &dev.client_token {
             println!("  client token (sub {}):  {token}", herald::app::DEMO_USER);
         }

@@ -63,10 +63,7 @@ impl IntoResponse for PublishError {
         };
         let mut response = (status, Json(body)).into_response();
         if status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -82,16 +79,11 @@ pub struct PublishState<A: Adapter> {
 
 /// The publish API's routes.
 pub fn router<A: Adapter>(state: Arc<PublishState<A>>) -> axum::Router {
-    axum::Router::new()
-        .route("/v1/events", post(publish::<A>))
-        .with_state(state)
+    axum::Router::new().route("/v1/events", post(publish::<A>)).with_state(state)
 }
 
 fn authorized(headers: &HeaderMap, token: &SecretString) -> bool {
-    let Some(value) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    else {
+    let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
         return false;
     };
     let Some(given) = value.strip_prefix("Bearer ") else {
@@ -108,25 +100,15 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
 }
 
-async fn publish<A: Adapter>(
-    State(state): State<Arc<PublishState<A>>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+async fn publish<A: Adapter>(State(state): State<Arc<PublishState<A>>>, headers: HeaderMap, body: Body) -> Response {
     let result = handle(&state, &headers, body).await;
     let status = match &result {
         Ok(_) => StatusCode::ACCEPTED,
         Err(e) => e.status(),
     };
-    state
-        .metrics
-        .publish_requests
-        .get_or_create(&[("status", status_label(status))])
-        .inc();
+    state.metrics.publish_requests.get_or_create(&[("status", status_label(status))]).inc();
     match result {
-        Ok(accepted) => {
-            (StatusCode::ACCEPTED, Json(json!({ "accepted": accepted }))).into_response()
-        }
+        Ok(accepted) => (StatusCode::ACCEPTED, Json(json!({ "accepted": accepted }))).into_response(),
         Err(e) => {
             tracing::info!(status = status.as_u16(), error = %e, "publish refused");
             e.into_response()
@@ -146,11 +128,7 @@ fn status_label(status: StatusCode) -> &'static str {
     }
 }
 
-async fn handle<A: Adapter>(
-    state: &PublishState<A>,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<usize, PublishError> {
+async fn handle<A: Adapter>(state: &PublishState<A>, headers: &HeaderMap, body: Body) -> Result<usize, PublishError> {
     if !authorized(headers, &state.token) {
         return Err(PublishError::Unauthorized);
     }
@@ -158,29 +136,19 @@ async fn handle<A: Adapter>(
         return Err(PublishError::UnsupportedMediaType);
     }
     let limit = state.max_body_bytes;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(PublishError::TooLarge(limit));
     }
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_large = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if too_large {
-            PublishError::TooLarge(limit)
-        } else {
-            PublishError::BadBody
-        }
+        let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large { PublishError::TooLarge(limit) } else { PublishError::BadBody }
     })?;
     let events = events::parse_body(&bytes)?;
     match state.delivery.publish(&events).await {
         Ok(accepted) => {
-            let mut rooms: Vec<String> = events
-                .iter()
-                .flat_map(|e| e.rooms.iter().map(ToString::to_string))
-                .collect();
+            let mut rooms: Vec<String> = events.iter().flat_map(|e| e.rooms.iter().map(ToString::to_string)).collect();
             rooms.dedup();
             tracing::info!(
                 events = accepted,

@@ -19,8 +19,7 @@ pub struct InvalidId;
 fn check_id(s: &str) -> Result<(), InvalidId> {
     let ok = !s.is_empty()
         && s.len() <= MAX_ID_LEN
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
     if ok { Ok(()) } else { Err(InvalidId) }
 }
 
@@ -97,11 +96,7 @@ pub enum RoomKind {
 
 impl RoomKind {
     /// Every kind, in hierarchy order.
-    pub const ALL: [RoomKind; 3] = [
-        RoomKind::Campaign,
-        RoomKind::Settlement,
-        RoomKind::Structure,
-    ];
+    pub const ALL: [RoomKind; 3] = [RoomKind::Campaign, RoomKind::Settlement, RoomKind::Structure];
 
     /// The kind as it appears in room names, event names and metric labels.
     pub fn as_str(self) -> &'static str {

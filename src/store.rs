@@ -30,11 +30,7 @@ pub enum StoreError {
 /// What the gateway asks of the store.
 pub trait MembershipStore: Send + Sync + 'static {
     /// Whether `user` is a member of `campaign`.
-    fn is_member(
-        &self,
-        campaign: &CampaignId,
-        user: &str,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    fn is_member(&self, campaign: &CampaignId, user: &str) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// The campaign a settlement belongs to, if the settlement exists.
     fn settlement_campaign(
@@ -65,20 +61,13 @@ impl SqlStore {
     /// Connects. SQLite files are created if missing and always migrated;
     /// PostgreSQL is migrated only when `migrate` is set, and otherwise checked
     /// for the three relations.
-    pub async fn connect(
-        url: &str,
-        max_connections: u32,
-        migrate: bool,
-    ) -> Result<Self, StoreError> {
+    pub async fn connect(url: &str, max_connections: u32, migrate: bool) -> Result<Self, StoreError> {
         let store = if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .busy_timeout(Duration::from_secs(5));
-            let pool = SqlitePoolOptions::new()
-                .max_connections(max_connections)
-                .connect_with(options)
-                .await?;
+            let pool = SqlitePoolOptions::new().max_connections(max_connections).connect_with(options).await?;
             sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
             SqlStore::Sqlite(pool)
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
@@ -126,23 +115,17 @@ impl SqlStore {
             return Ok(false);
         };
         let mut tx = pool.begin().await?;
-        let (members,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM campaign_members")
-            .fetch_one(&mut *tx)
-            .await?;
-        let (settlements,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM settlements")
-            .fetch_one(&mut *tx)
-            .await?;
+        let (members,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM campaign_members").fetch_one(&mut *tx).await?;
+        let (settlements,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM settlements").fetch_one(&mut *tx).await?;
         if members > 0 || settlements > 0 {
             return Ok(false);
         }
         sqlx::query("INSERT INTO campaign_members (campaign_id, user_id) VALUES ('demo-campaign', 'demo-user')")
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
-            "INSERT INTO settlements (id, campaign_id) VALUES ('demo-settlement', 'demo-campaign')",
-        )
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query("INSERT INTO settlements (id, campaign_id) VALUES ('demo-settlement', 'demo-campaign')")
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("INSERT INTO structures (id, settlement_id) VALUES ('demo-structure', 'demo-settlement')")
             .execute(&mut *tx)
             .await?;
@@ -162,28 +145,25 @@ impl SqlStore {
 impl MembershipStore for SqlStore {
     async fn is_member(&self, campaign: &CampaignId, user: &str) -> Result<bool, StoreError> {
         let row: Option<(i32,)> = match self {
-            SqlStore::Sqlite(pool) => sqlx::query_as(
-                "SELECT 1 FROM campaign_members WHERE campaign_id = ?1 AND user_id = ?2 LIMIT 1",
-            )
-            .bind(campaign.as_str())
-            .bind(user)
-            .fetch_optional(pool)
-            .await?,
-            SqlStore::Postgres(pool) => sqlx::query_as(
-                "SELECT 1 FROM campaign_members WHERE campaign_id = $1 AND user_id = $2 LIMIT 1",
-            )
-            .bind(campaign.as_str())
-            .bind(user)
-            .fetch_optional(pool)
-            .await?,
+            SqlStore::Sqlite(pool) => {
+                sqlx::query_as("SELECT 1 FROM campaign_members WHERE campaign_id = ?1 AND user_id = ?2 LIMIT 1")
+                    .bind(campaign.as_str())
+                    .bind(user)
+                    .fetch_optional(pool)
+                    .await?
+            }
+            SqlStore::Postgres(pool) => {
+                sqlx::query_as("SELECT 1 FROM campaign_members WHERE campaign_id = $1 AND user_id = $2 LIMIT 1")
+                    .bind(campaign.as_str())
+                    .bind(user)
+                    .fetch_optional(pool)
+                    .await?
+            }
         };
         Ok(row.is_some())
     }
 
-    async fn settlement_campaign(
-        &self,
-        settlement: &SettlementId,
-    ) -> Result<Option<CampaignId>, StoreError> {
+    async fn settlement_campaign(&self, settlement: &SettlementId) -> Result<Option<CampaignId>, StoreError> {
         let row: Option<(String,)> = match self {
             SqlStore::Sqlite(pool) => {
                 sqlx::query_as("SELECT campaign_id FROM settlements WHERE id = ?1")
@@ -202,10 +182,7 @@ impl MembershipStore for SqlStore {
         Ok(row.and_then(|(id,)| CampaignId::parse(&id).ok()))
     }
 
-    async fn structure_settlement(
-        &self,
-        structure: &StructureId,
-    ) -> Result<Option<SettlementId>, StoreError> {
+    async fn structure_settlement(&self, structure: &StructureId) -> Result<Option<SettlementId>, StoreError> {
         let row: Option<(String,)> = match self {
             SqlStore::Sqlite(pool) => {
                 sqlx::query_as("SELECT settlement_id FROM structures WHERE id = ?1")

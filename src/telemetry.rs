@@ -47,6 +47,8 @@ pub struct Metrics {
     pub acks: Family<Labels2, Counter>,
     /// Publish API requests, by status code.
     pub publish_requests: Family<Labels1, Counter>,
+    /// Redis failures: refused or timed-out operations, lost connections.
+    pub adapter_errors: Counter,
 }
 
 impl Metrics {
@@ -54,41 +56,19 @@ impl Metrics {
     pub fn new() -> Arc<Self> {
         let mut registry = Registry::with_prefix("herald");
         let connections = Gauge::default();
-        registry.register(
-            "connections",
-            "Connected Socket.IO clients",
-            connections.clone(),
-        );
+        registry.register("connections", "Connected Socket.IO clients", connections.clone());
         let subscriptions = Family::<Labels1, Gauge>::default();
-        registry.register(
-            "subscriptions",
-            "Current room subscriptions by kind",
-            subscriptions.clone(),
-        );
+        registry.register("subscriptions", "Current room subscriptions by kind", subscriptions.clone());
         let events_published = Family::<Labels1, Counter>::default();
-        registry.register(
-            "events_published",
-            "Events handed to the adapter by type",
-            events_published.clone(),
-        );
+        registry.register("events_published", "Events handed to the adapter by type", events_published.clone());
         let auth_failures = Family::<Labels1, Counter>::default();
-        registry.register(
-            "auth_failures",
-            "Rejected handshakes by reason",
-            auth_failures.clone(),
-        );
+        registry.register("auth_failures", "Rejected handshakes by reason", auth_failures.clone());
         let acks = Family::<Labels2, Counter>::default();
-        registry.register(
-            "acks",
-            "Acknowledged client events by event and outcome",
-            acks.clone(),
-        );
+        registry.register("acks", "Acknowledged client events by event and outcome", acks.clone());
         let publish_requests = Family::<Labels1, Counter>::default();
-        registry.register(
-            "publish_requests",
-            "Publish API requests by status code",
-            publish_requests.clone(),
-        );
+        registry.register("publish_requests", "Publish API requests by status code", publish_requests.clone());
+        let adapter_errors = Counter::default();
+        registry.register("adapter_errors", "Redis failures (operations and lost connections)", adapter_errors.clone());
         Arc::new(Metrics {
             registry,
             connections,
@@ -97,6 +77,7 @@ impl Metrics {
             auth_failures,
             acks,
             publish_requests,
+            adapter_errors,
         })
     }
 

@@ -41,11 +41,7 @@ const STEP: Duration = Duration::from_secs(5);
 impl Client {
     /// Connects to `/socket.io/` on `addr`. `auth` goes in the CONNECT packet;
     /// `query` is appended to the handshake URL (e.g. `token=...`).
-    pub async fn connect(
-        addr: SocketAddr,
-        auth: Option<Value>,
-        query: &str,
-    ) -> Result<Client, ConnectError> {
+    pub async fn connect(addr: SocketAddr, auth: Option<Value>, query: &str) -> Result<Client, ConnectError> {
         let url = format!(
             "ws://{addr}/socket.io/?EIO=4&transport=websocket{}{query}",
             if query.is_empty() { "" } else { "&" }
@@ -58,36 +54,26 @@ impl Client {
         // Engine.IO open packet.
         let open = next_text(&mut stream).await?;
         if !open.starts_with('0') {
-            return Err(ConnectError::Other(format!(
-                "expected an open packet, got {open}"
-            )));
+            return Err(ConnectError::Other(format!("expected an open packet, got {open}")));
         }
         let connect = match &auth {
             Some(a) => format!("40{a}"),
             None => "40".to_owned(),
         };
-        sink.send(Message::text(connect))
-            .await
-            .map_err(|e| ConnectError::Other(e.to_string()))?;
+        sink.send(Message::text(connect)).await.map_err(|e| ConnectError::Other(e.to_string()))?;
         let sid = loop {
             let frame = next_text(&mut stream).await?;
             if frame == "2" {
-                sink.send(Message::text("3"))
-                    .await
-                    .map_err(|e| ConnectError::Other(e.to_string()))?;
+                sink.send(Message::text("3")).await.map_err(|e| ConnectError::Other(e.to_string()))?;
                 continue;
             }
             if let Some(body) = frame.strip_prefix("40") {
-                let v: Value =
-                    serde_json::from_str(body).map_err(|e| ConnectError::Other(e.to_string()))?;
+                let v: Value = serde_json::from_str(body).map_err(|e| ConnectError::Other(e.to_string()))?;
                 break v["sid"].as_str().unwrap_or_default().to_owned();
             }
             if let Some(body) = frame.strip_prefix("44") {
-                let v: Value =
-                    serde_json::from_str(body).map_err(|e| ConnectError::Other(e.to_string()))?;
-                return Err(ConnectError::Refused(
-                    v["message"].as_str().unwrap_or_default().to_owned(),
-                ));
+                let v: Value = serde_json::from_str(body).map_err(|e| ConnectError::Other(e.to_string()))?;
+                return Err(ConnectError::Refused(v["message"].as_str().unwrap_or_default().to_owned()));
             }
             return Err(ConnectError::Other(format!("unexpected frame {frame}")));
         };
@@ -122,24 +108,14 @@ impl Client {
                         let _ = out.send(Message::text("3"));
                     } else if let Some(body) = text.strip_prefix("42") {
                         if let Ok(Value::Array(mut items)) = serde_json::from_str::<Value>(body) {
-                            let name = items
-                                .first()
-                                .and_then(Value::as_str)
-                                .unwrap_or_default()
-                                .to_owned();
-                            let arg = if items.len() > 1 {
-                                items.remove(1)
-                            } else {
-                                Value::Null
-                            };
+                            let name = items.first().and_then(Value::as_str).unwrap_or_default().to_owned();
+                            let arg = if items.len() > 1 { items.remove(1) } else { Value::Null };
                             let _ = events_tx.send((name, arg));
                         }
                     } else if let Some(body) = text.strip_prefix("43") {
-                        let digits: String =
-                            body.chars().take_while(char::is_ascii_digit).collect();
+                        let digits: String = body.chars().take_while(char::is_ascii_digit).collect();
                         let id: u64 = digits.parse().unwrap_or(u64::MAX);
-                        let args: Value =
-                            serde_json::from_str(&body[digits.len()..]).unwrap_or(Value::Null);
+                        let args: Value = serde_json::from_str(&body[digits.len()..]).unwrap_or(Value::Null);
                         let first = args.get(0).cloned().unwrap_or(Value::Null);
                         if let Some(tx) = acks.lock().unwrap().remove(&id) {
                             let _ = tx.send(first);
@@ -152,15 +128,7 @@ impl Client {
                 closed.notify_waiters();
             });
         }
-        Ok(Client {
-            out,
-            events,
-            acks,
-            next_ack: 0,
-            closed,
-            is_closed,
-            sid,
-        })
+        Ok(Client { out, events, acks, next_ack: 0, closed, is_closed, sid })
     }
 
     /// Sends an event without an ack id.
@@ -175,9 +143,7 @@ impl Client {
 
     /// Sends an event with an ack id and waits for the ack's first argument.
     pub async fn emit_with_ack(&mut self, event: &str, data: Value) -> Value {
-        self.try_emit_with_ack(event, data)
-            .await
-            .unwrap_or_else(|| panic!("no ack for {event} within {STEP:?}"))
+        self.try_emit_with_ack(event, data).await.unwrap_or_else(|| panic!("no ack for {event} within {STEP:?}"))
     }
 
     /// Like `emit_with_ack`, but `None` when no ack comes.
@@ -192,28 +158,17 @@ impl Client {
 
     /// Subscribes to `kind:<id>` and returns the ack.
     pub async fn subscribe(&mut self, kind: &str, id: &str) -> Value {
-        self.emit_with_ack(
-            &format!("subscribe_{kind}"),
-            json!({ format!("{kind}Id"): id }),
-        )
-        .await
+        self.emit_with_ack(&format!("subscribe_{kind}"), json!({ format!("{kind}Id"): id })).await
     }
 
     /// Unsubscribes from `kind:<id>` and returns the ack.
     pub async fn unsubscribe(&mut self, kind: &str, id: &str) -> Value {
-        self.emit_with_ack(
-            &format!("unsubscribe_{kind}"),
-            json!({ format!("{kind}Id"): id }),
-        )
-        .await
+        self.emit_with_ack(&format!("unsubscribe_{kind}"), json!({ format!("{kind}Id"): id })).await
     }
 
     /// The next event, or `None` after `wait`.
     pub async fn next_event(&mut self, wait: Duration) -> Option<(String, Value)> {
-        tokio::time::timeout(wait, self.events.recv())
-            .await
-            .ok()
-            .flatten()
+        tokio::time::timeout(wait, self.events.recv()).await.ok().flatten()
     }
 
     /// The next event, which must come within a few seconds.

@@ -50,9 +50,7 @@ pub fn postgres_url() -> Option<String> {
                 std::env::var("CI").as_deref() != Ok("true"),
                 "HERALD_TEST_DATABASE_URL is not set, and CI=true: the PostgreSQL store tests must run"
             );
-            eprintln!(
-                "SKIPPED: HERALD_TEST_DATABASE_URL is not set; the PostgreSQL store test did not run"
-            );
+            eprintln!("SKIPPED: HERALD_TEST_DATABASE_URL is not set; the PostgreSQL store test did not run");
             None
         }
     }
@@ -77,35 +75,21 @@ pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -
     config.database_url = database_url.clone();
     config.database_migrate = true;
     tweak(&mut config);
-    let app = Application::build(config)
-        .await
-        .expect("the gateway builds");
+    let app = Application::build(config).await.expect("the gateway builds");
     let addr = app.local_addr().unwrap();
     run_sql(&database_url, FIXTURE).await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
     }));
-    TestApp {
-        addr,
-        http: reqwest::Client::new(),
-        database_url,
-        stop: Some(stop),
-        task: Some(task),
-        _dir: dir,
-    }
+    TestApp { addr, http: reqwest::Client::new(), database_url, stop: Some(stop), task: Some(task), _dir: dir }
 }
 
 async fn fresh_postgres_schema() -> String {
     let base = postgres_url().expect("checked by the caller");
     let schema = format!("herald_test_{}", uuid_like());
-    let pool = sqlx::PgPool::connect(&base)
-        .await
-        .expect("PostgreSQL answers");
-    sqlx::query(&format!("CREATE SCHEMA {schema}"))
-        .execute(&pool)
-        .await
-        .expect("create schema");
+    let pool = sqlx::PgPool::connect(&base).await.expect("PostgreSQL answers");
+    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&pool).await.expect("create schema");
     pool.close().await;
     let sep = if base.contains('?') { '&' } else { '?' };
     format!("{base}{sep}options=-c%20search_path%3D{schema}")
@@ -120,28 +104,18 @@ fn uuid_like() -> String {
 pub async fn run_sql(url: &str, sql: &str) {
     if url.starts_with("sqlite:") {
         let pool = sqlx::SqlitePool::connect(url).await.expect("sqlite opens");
-        sqlx::raw_sql(sql)
-            .execute(&pool)
-            .await
-            .expect("fixture SQL runs");
+        sqlx::raw_sql(sql).execute(&pool).await.expect("fixture SQL runs");
         pool.close().await;
     } else {
         let pool = sqlx::PgPool::connect(url).await.expect("postgres opens");
-        sqlx::raw_sql(sql)
-            .execute(&pool)
-            .await
-            .expect("fixture SQL runs");
+        sqlx::raw_sql(sql).execute(&pool).await.expect("fixture SQL runs");
         pool.close().await;
     }
 }
 
 /// A token for `sub` signed with the test secret, valid for an hour.
 pub fn token(sub: &str) -> String {
-    token_with(
-        &Header::default(),
-        json!({ "sub": sub, "exp": now() + 3600 }),
-        JWT_SECRET.as_bytes(),
-    )
+    token_with(&Header::default(), json!({ "sub": sub, "exp": now() + 3600 }), JWT_SECRET.as_bytes())
 }
 
 /// A token with any header, claims and HMAC key.
@@ -150,10 +124,7 @@ pub fn token_with(header: &Header, claims: Value, key: &[u8]) -> String {
 }
 
 pub fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
 impl TestApp {
@@ -163,17 +134,11 @@ impl TestApp {
 
     /// Connects with `auth: { token }`.
     pub async fn connect(&self, sub: &str) -> Client {
-        self.try_connect(Some(json!({ "token": token(sub) })), "")
-            .await
-            .expect("connects")
+        self.try_connect(Some(json!({ "token": token(sub) })), "").await.expect("connects")
     }
 
     /// Connects with the given auth payload and query string.
-    pub async fn try_connect(
-        &self,
-        auth: Option<Value>,
-        query: &str,
-    ) -> Result<Client, ConnectError> {
+    pub async fn try_connect(&self, auth: Option<Value>, query: &str) -> Result<Client, ConnectError> {
         Client::connect(self.addr, auth, query).await
     }
 
@@ -193,14 +158,7 @@ impl TestApp {
 
     /// The `/metrics` text.
     pub async fn metrics(&self) -> String {
-        self.http
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        self.http.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap()
     }
 
     /// Stops the gateway and waits for it to finish.
@@ -227,10 +185,7 @@ impl Drop for TestApp {
 /// A metric's value in the `/metrics` text (`name{labels} value`), or 0.
 pub fn metric(text: &str, series: &str) -> f64 {
     text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.strip_prefix(' '))
-        })
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
 }

@@ -5,6 +5,7 @@ mod client;
 mod helpers;
 
 mod auth;
+mod fleet;
 mod operations;
 mod publish;
 mod store;

@@ -19,28 +19,13 @@ async fn healthz_and_readyz_answer() {
 async fn readyz_follows_the_store() {
     let app = spawn_app().await;
     // Take the store away (the tables), then give it back.
-    run_sql(
-        &app.database_url,
-        "ALTER TABLE campaign_members RENAME TO campaign_members_away;",
-    )
-    .await;
+    run_sql(&app.database_url, "ALTER TABLE campaign_members RENAME TO campaign_members_away;").await;
     let res = app.http.get(app.url("/readyz")).send().await.unwrap();
     assert_eq!(res.status().as_u16(), 503);
     let body: serde_json::Value = res.json().await.unwrap();
     assert_eq!(body["failing"]["store"], "unavailable");
-    run_sql(
-        &app.database_url,
-        "ALTER TABLE campaign_members_away RENAME TO campaign_members;",
-    )
-    .await;
-    let ready = app
-        .http
-        .get(app.url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16();
+    run_sql(&app.database_url, "ALTER TABLE campaign_members_away RENAME TO campaign_members;").await;
+    let ready = app.http.get(app.url("/readyz")).send().await.unwrap().status().as_u16();
     assert_eq!(ready, 200, "ready again by itself");
 }
 
@@ -60,46 +45,26 @@ async fn metrics_are_prometheus_text_named_herald() {
         r#"herald_acks_total{event="subscribe_campaign",outcome="success"} 1"#,
         r#"herald_publish_requests_total{status="202"} 1"#,
     ] {
-        assert!(
-            text.lines().any(|l| l == series),
-            "missing {series} in\n{text}"
-        );
+        assert!(text.lines().any(|l| l == series), "missing {series} in\n{text}");
     }
     assert!(text.contains("# TYPE herald_auth_failures counter"));
 }
 
 #[tokio::test]
 async fn cors_preflight_is_answered_for_allowed_origins_only() {
-    let app = spawn_app_with(Backend::Sqlite, |c| {
-        c.cors_origins = vec!["https://app.example".into()]
-    })
-    .await;
+    let app = spawn_app_with(Backend::Sqlite, |c| c.cors_origins = vec!["https://app.example".into()]).await;
     let preflight = |origin: &'static str| {
         app.http
-            .request(
-                reqwest::Method::OPTIONS,
-                app.url("/socket.io/?EIO=4&transport=polling"),
-            )
+            .request(reqwest::Method::OPTIONS, app.url("/socket.io/?EIO=4&transport=polling"))
             .header("origin", origin)
             .header("access-control-request-method", "GET")
             .send()
     };
     let allowed = preflight("https://app.example").await.unwrap();
     assert!(allowed.status().is_success(), "{}", allowed.status());
-    assert_eq!(
-        allowed
-            .headers()
-            .get("access-control-allow-origin")
-            .unwrap(),
-        "https://app.example"
-    );
+    assert_eq!(allowed.headers().get("access-control-allow-origin").unwrap(), "https://app.example");
     let denied = preflight("https://evil.example").await.unwrap();
-    assert!(
-        denied
-            .headers()
-            .get("access-control-allow-origin")
-            .is_none()
-    );
+    assert!(denied.headers().get("access-control-allow-origin").is_none());
     // A polling handshake from the allowed origin carries the header.
     let res = app
         .http
@@ -109,46 +74,22 @@ async fn cors_preflight_is_answered_for_allowed_origins_only() {
         .await
         .unwrap();
     assert_eq!(res.status().as_u16(), 200);
-    assert_eq!(
-        res.headers().get("access-control-allow-origin").unwrap(),
-        "https://app.example"
-    );
+    assert_eq!(res.headers().get("access-control-allow-origin").unwrap(), "https://app.example");
 }
 
 #[tokio::test]
 async fn development_mode_allows_any_origin_and_production_none_by_default() {
     let dev = spawn_app().await;
-    let res = dev
-        .http
-        .get(dev.url("/healthz"))
-        .header("origin", "http://localhost:5173")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        res.headers().get("access-control-allow-origin").unwrap(),
-        "http://localhost:5173"
-    );
-    let prod = spawn_app_with(Backend::Sqlite, |c| {
-        c.mode = herald::config::Mode::Production
-    })
-    .await;
-    let res = prod
-        .http
-        .get(prod.url("/healthz"))
-        .header("origin", "http://localhost:5173")
-        .send()
-        .await
-        .unwrap();
+    let res = dev.http.get(dev.url("/healthz")).header("origin", "http://localhost:5173").send().await.unwrap();
+    assert_eq!(res.headers().get("access-control-allow-origin").unwrap(), "http://localhost:5173");
+    let prod = spawn_app_with(Backend::Sqlite, |c| c.mode = herald::config::Mode::Production).await;
+    let res = prod.http.get(prod.url("/healthz")).header("origin", "http://localhost:5173").send().await.unwrap();
     assert!(res.headers().get("access-control-allow-origin").is_none());
 }
 
 #[tokio::test]
 async fn shutdown_disconnects_sockets_and_returns_within_the_grace_period() {
-    let app = spawn_app_with(Backend::Sqlite, |c| {
-        c.shutdown_grace = Duration::from_secs(3)
-    })
-    .await;
+    let app = spawn_app_with(Backend::Sqlite, |c| c.shutdown_grace = Duration::from_secs(3)).await;
     let mut clients = Vec::new();
     for _ in 0..20 {
         let mut c = app.connect("alice").await;
@@ -159,15 +100,9 @@ async fn shutdown_disconnects_sockets_and_returns_within_the_grace_period() {
     let took = app.stop().await;
     assert!(took < Duration::from_secs(3), "took {took:?}");
     for c in &clients {
-        assert!(
-            c.closed_within(Duration::from_secs(1)).await,
-            "socket closed by the server"
-        );
+        assert!(c.closed_within(Duration::from_secs(1)).await, "socket closed by the server");
     }
-    assert!(
-        tokio::net::TcpStream::connect(addr).await.is_err(),
-        "no longer accepting"
-    );
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "no longer accepting");
 }
 
 #[tokio::test]
@@ -175,10 +110,7 @@ async fn production_refuses_to_start_without_secrets() {
     let mut config = herald::Config::defaults();
     config.mode = herald::config::Mode::Production;
     config.listen = "127.0.0.1:0".into();
-    let err = herald::Application::build(config)
-        .await
-        .err()
-        .expect("refused");
+    let err = herald::Application::build(config).await.err().expect("refused");
     assert!(err.to_string().contains("HERALD_JWT_SECRET"), "{err}");
 }
 
@@ -188,12 +120,8 @@ async fn development_mode_without_secrets_generates_them_and_seeds_demo_data() {
     let mut config = herald::Config::defaults();
     config.listen = "127.0.0.1:0".into();
     config.database_url = format!("sqlite://{}", dir.path().join("demo.db").display());
-    let app = herald::Application::build(config)
-        .await
-        .expect("starts with no setup");
-    let creds = app
-        .development_credentials()
-        .expect("development credentials");
+    let app = herald::Application::build(config).await.expect("starts with no setup");
+    let creds = app.development_credentials().expect("development credentials");
     let token = creds.client_token.clone().expect("a demo client token");
     assert!(creds.publish_token.is_some());
     assert!(creds.demo_seeded);
@@ -202,14 +130,11 @@ async fn development_mode_without_secrets_generates_them_and_seeds_demo_data() {
     let task = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
     }));
-    let mut c = crate::client::Client::connect(addr, Some(json!({"token": token})), "")
-        .await
-        .expect("demo token connects");
-    for (kind, id) in [
-        ("campaign", "demo-campaign"),
-        ("settlement", "demo-settlement"),
-        ("structure", "demo-structure"),
-    ] {
+    let mut c =
+        crate::client::Client::connect(addr, Some(json!({"token": token})), "").await.expect("demo token connects");
+    for (kind, id) in
+        [("campaign", "demo-campaign"), ("settlement", "demo-settlement"), ("structure", "demo-structure")]
+    {
         assert_eq!(c.subscribe(kind, id).await, json!({"success": true}));
     }
     let _ = stop.send(());

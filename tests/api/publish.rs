@@ -23,33 +23,15 @@ async fn audience(app: &TestApp) -> Audience {
     let mut campaign = app.connect("alice").await;
     assert_eq!(campaign.subscribe("campaign", "c1").await["success"], true);
     let mut settlement = app.connect("alice").await;
-    assert_eq!(
-        settlement.subscribe("settlement", "s1").await["success"],
-        true
-    );
+    assert_eq!(settlement.subscribe("settlement", "s1").await["success"], true);
     let mut structure = app.connect("bob").await;
-    assert_eq!(
-        structure.subscribe("structure", "st1").await["success"],
-        true
-    );
+    assert_eq!(structure.subscribe("structure", "st1").await["success"], true);
     let mut entity_settlement = app.connect("bob").await;
     // Settlement s1's room also receives entity_updated for entityId s1.
-    assert_eq!(
-        entity_settlement.subscribe("settlement", "s1").await["success"],
-        true
-    );
+    assert_eq!(entity_settlement.subscribe("settlement", "s1").await["success"], true);
     let mut other_campaign = app.connect("carol").await;
-    assert_eq!(
-        other_campaign.subscribe("campaign", "c2").await["success"],
-        true
-    );
-    Audience {
-        campaign,
-        settlement,
-        structure,
-        entity_settlement,
-        other_campaign,
-    }
+    assert_eq!(other_campaign.subscribe("campaign", "c2").await["success"], true);
+    Audience { campaign, settlement, structure, entity_settlement, other_campaign }
 }
 
 async fn receives(client: &mut Client, kind: &str) -> Value {
@@ -65,11 +47,9 @@ async fn each_kind_reaches_exactly_its_rooms() {
     let mut a = audience(&app).await;
 
     // campaign-only kinds
-    for body in [
-        bodies::state_invalidated("c1"),
-        bodies::world_time_changed("c1"),
-        bodies::entity_updated("c1", "npc", "n1"),
-    ] {
+    for body in
+        [bodies::state_invalidated("c1"), bodies::world_time_changed("c1"), bodies::entity_updated("c1", "npc", "n1")]
+    {
         let kind = body["type"].as_str().unwrap().to_owned();
         assert_eq!(app.publish(&body).await, (202, json!({"accepted": 1})));
         receives(&mut a.campaign, &kind).await;
@@ -87,8 +67,7 @@ async fn each_kind_reaches_exactly_its_rooms() {
     a.other_campaign.expect_silence(Duration::ZERO).await;
 
     // structure_updated: campaign + settlement + structure
-    app.publish(&bodies::structure_updated("c1", "s1", "st1"))
-        .await;
+    app.publish(&bodies::structure_updated("c1", "s1", "st1")).await;
     receives(&mut a.campaign, "structure_updated").await;
     receives(&mut a.settlement, "structure_updated").await;
     receives(&mut a.structure, "structure_updated").await;
@@ -96,14 +75,12 @@ async fn each_kind_reaches_exactly_its_rooms() {
     a.other_campaign.expect_silence(QUIET).await;
 
     // entity_updated for a settlement / a structure adds that entity's room
-    app.publish(&bodies::entity_updated("c1", "settlement", "s1"))
-        .await;
+    app.publish(&bodies::entity_updated("c1", "settlement", "s1")).await;
     receives(&mut a.campaign, "entity_updated").await;
     receives(&mut a.settlement, "entity_updated").await;
     receives(&mut a.entity_settlement, "entity_updated").await;
     a.structure.expect_silence(QUIET).await;
-    app.publish(&bodies::entity_updated("c1", "structure", "st1"))
-        .await;
+    app.publish(&bodies::entity_updated("c1", "structure", "st1")).await;
     receives(&mut a.campaign, "entity_updated").await;
     receives(&mut a.structure, "entity_updated").await;
     a.settlement.expect_silence(QUIET).await;
@@ -117,15 +94,10 @@ async fn each_kind_reaches_exactly_its_rooms() {
 async fn a_socket_in_several_target_rooms_gets_one_copy() {
     let app = spawn_app().await;
     let mut alice = app.connect("alice").await;
-    for (kind, id) in [
-        ("campaign", "c1"),
-        ("settlement", "s1"),
-        ("structure", "st1"),
-    ] {
+    for (kind, id) in [("campaign", "c1"), ("settlement", "s1"), ("structure", "st1")] {
         assert_eq!(alice.subscribe(kind, id).await["success"], true);
     }
-    app.publish(&bodies::structure_updated("c1", "s1", "st1"))
-        .await;
+    app.publish(&bodies::structure_updated("c1", "s1", "st1")).await;
     receives(&mut alice, "structure_updated").await;
     alice.expect_silence(QUIET).await;
 }
@@ -150,11 +122,7 @@ async fn the_event_object_is_delivered_as_published() {
     app.publish(&body).await;
     let event = receives(&mut alice, "settlement_updated").await;
     let stamped = event["timestamp"].as_str().unwrap();
-    assert!(
-        time::OffsetDateTime::parse(stamped, &time::format_description::well_known::Rfc3339)
-            .is_ok(),
-        "{stamped}"
-    );
+    assert!(time::OffsetDateTime::parse(stamped, &time::format_description::well_known::Rfc3339).is_ok(), "{stamped}");
     assert!(event.get("metadata").is_none());
     assert!(event["payload"].get("changes").is_none());
     assert_eq!(event.as_object().unwrap().len(), 3);
@@ -176,12 +144,7 @@ async fn a_batch_is_published_whole_in_order() {
     receives(&mut alice, "settlement_updated").await;
 }
 
-async fn post(
-    app: &TestApp,
-    token: Option<&str>,
-    content_type: Option<&str>,
-    body: Vec<u8>,
-) -> (u16, Value) {
+async fn post(app: &TestApp, token: Option<&str>, content_type: Option<&str>, body: Vec<u8>) -> (u16, Value) {
     let mut req = app.http.post(app.url("/v1/events")).body(body);
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
@@ -204,16 +167,8 @@ async fn bad_publishes_get_the_contract_status_and_deliver_nothing() {
 
     // 401: missing or wrong token, whatever else is wrong.
     assert_eq!(post(&app, None, json_ct, good.clone()).await.0, 401);
-    assert_eq!(
-        post(&app, Some("wrong"), json_ct, good.clone()).await.0,
-        401
-    );
-    assert_eq!(
-        post(&app, Some("wrong"), Some("text/plain"), vec![b'x'; 2 << 20])
-            .await
-            .0,
-        401
-    );
+    assert_eq!(post(&app, Some("wrong"), json_ct, good.clone()).await.0, 401);
+    assert_eq!(post(&app, Some("wrong"), Some("text/plain"), vec![b'x'; 2 << 20]).await.0, 401);
     let res = app
         .http
         .post(app.url("/v1/events"))
@@ -226,52 +181,14 @@ async fn bad_publishes_get_the_contract_status_and_deliver_nothing() {
     assert_eq!(res.status().as_u16(), 401, "the Bearer scheme is required");
 
     // 415 before 413 and 400.
-    assert_eq!(
-        post(&app, Some(PUBLISH_TOKEN), Some("text/plain"), good.clone())
-            .await
-            .0,
-        415
-    );
-    assert_eq!(
-        post(&app, Some(PUBLISH_TOKEN), None, good.clone()).await.0,
-        415
-    );
-    assert_eq!(
-        post(
-            &app,
-            Some(PUBLISH_TOKEN),
-            Some("text/plain"),
-            vec![b'x'; 2 << 20]
-        )
-        .await
-        .0,
-        415
-    );
-    assert_eq!(
-        post(
-            &app,
-            Some(PUBLISH_TOKEN),
-            Some("application/json; charset=utf-8"),
-            good.clone()
-        )
-        .await
-        .0,
-        202
-    );
+    assert_eq!(post(&app, Some(PUBLISH_TOKEN), Some("text/plain"), good.clone()).await.0, 415);
+    assert_eq!(post(&app, Some(PUBLISH_TOKEN), None, good.clone()).await.0, 415);
+    assert_eq!(post(&app, Some(PUBLISH_TOKEN), Some("text/plain"), vec![b'x'; 2 << 20]).await.0, 415);
+    assert_eq!(post(&app, Some(PUBLISH_TOKEN), Some("application/json; charset=utf-8"), good.clone()).await.0, 202);
     receives(&mut alice, "state_invalidated").await;
 
     // 413 before 400: over the 1 MiB default, even when it is not JSON.
-    assert_eq!(
-        post(
-            &app,
-            Some(PUBLISH_TOKEN),
-            json_ct,
-            vec![b'x'; (1 << 20) + 1]
-        )
-        .await
-        .0,
-        413
-    );
+    assert_eq!(post(&app, Some(PUBLISH_TOKEN), json_ct, vec![b'x'; (1 << 20) + 1]).await.0, 413);
 
     // 400s name the failing field.
     let cases: Vec<(Vec<u8>, &str)> = vec![
@@ -291,21 +208,12 @@ async fn bad_publishes_get_the_contract_status_and_deliver_nothing() {
         let (status, answer) = post(&app, Some(PUBLISH_TOKEN), json_ct, body.clone()).await;
         assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
         let error = answer["error"].as_str().unwrap_or_default();
-        assert!(
-            error.starts_with(&format!("{path}: ")),
-            "{error:?} should name {path}"
-        );
+        assert!(error.starts_with(&format!("{path}: ")), "{error:?} should name {path}");
     }
     // Nothing of any refused request, including the good first event of a bad batch, was delivered.
     alice.expect_silence(Duration::from_millis(500)).await;
     let m = app.metrics().await;
-    assert_eq!(
-        metric(
-            &m,
-            r#"herald_events_published_total{type="state_invalidated"}"#
-        ),
-        1.0
-    );
+    assert_eq!(metric(&m, r#"herald_events_published_total{type="state_invalidated"}"#), 1.0);
 }
 
 #[tokio::test]
@@ -313,17 +221,9 @@ async fn the_body_limit_is_a_setting() {
     let app = spawn_app_with(Backend::Sqlite, |c| c.max_body_bytes = 64).await;
     let body = serde_json::to_vec(&bodies::structure_updated("c1", "s1", "st1")).unwrap();
     assert!(body.len() > 64);
-    assert_eq!(
-        post(&app, Some(PUBLISH_TOKEN), Some("application/json"), body)
-            .await
-            .0,
-        413
-    );
+    assert_eq!(post(&app, Some(PUBLISH_TOKEN), Some("application/json"), body).await.0, 413);
     // Chunked (no Content-Length) is limited too.
-    let stream = futures_util::stream::iter(vec![
-        Ok::<_, std::io::Error>(vec![b' '; 50]),
-        Ok(vec![b' '; 50]),
-    ]);
+    let stream = futures_util::stream::iter(vec![Ok::<_, std::io::Error>(vec![b' '; 50]), Ok(vec![b' '; 50])]);
     let res = app
         .http
         .post(app.url("/v1/events"))

@@ -32,32 +32,16 @@ async fn members_subscribe_to_their_campaign_settlements_and_structures() {
 async fn non_members_and_unknown_ids_get_the_same_unauthorized() {
     let app = spawn_app().await;
     let mut carol = app.connect("carol").await;
-    assert_eq!(
-        carol.subscribe("campaign", "c1").await,
-        refused("Unauthorized")
-    );
+    assert_eq!(carol.subscribe("campaign", "c1").await, refused("Unauthorized"));
     // The parent campaign decides for settlements and structures.
-    assert_eq!(
-        carol.subscribe("settlement", "s1").await,
-        refused("Unauthorized")
-    );
-    assert_eq!(
-        carol.subscribe("structure", "st1").await,
-        refused("Unauthorized")
-    );
+    assert_eq!(carol.subscribe("settlement", "s1").await, refused("Unauthorized"));
+    assert_eq!(carol.subscribe("structure", "st1").await, refused("Unauthorized"));
     for kind in ["campaign", "settlement", "structure"] {
-        assert_eq!(
-            carol.subscribe(kind, "does-not-exist").await,
-            refused("Unauthorized"),
-            "{kind}"
-        );
+        assert_eq!(carol.subscribe(kind, "does-not-exist").await, refused("Unauthorized"), "{kind}");
     }
     // A forged sub is just another user who is a member of nothing.
     let mut mallory = app.connect("mallory").await;
-    assert_eq!(
-        mallory.subscribe("campaign", "c1").await,
-        refused("Unauthorized")
-    );
+    assert_eq!(mallory.subscribe("campaign", "c1").await, refused("Unauthorized"));
     // carol's own rooms still work.
     assert_eq!(carol.subscribe("structure", "st2").await, ok());
 }
@@ -102,21 +86,13 @@ async fn malformed_payloads_get_invalid_payload() {
 async fn unsubscribe_always_succeeds_when_well_formed_and_stops_delivery() {
     let app = spawn_app().await;
     let mut alice = app.connect("alice").await;
-    assert_eq!(
-        alice.unsubscribe("campaign", "c1").await,
-        ok(),
-        "not subscribed yet"
-    );
+    assert_eq!(alice.unsubscribe("campaign", "c1").await, ok(), "not subscribed yet");
     assert_eq!(alice.unsubscribe("structure", "nowhere").await, ok());
     assert_eq!(alice.subscribe("campaign", "c1").await, ok());
     app.publish(&bodies::state_invalidated("c1")).await;
     assert_eq!(alice.expect_event().await.0, "state_invalidated");
     assert_eq!(alice.unsubscribe("campaign", "c1").await, ok());
-    assert_eq!(
-        alice.unsubscribe("campaign", "c1").await,
-        ok(),
-        "idempotent"
-    );
+    assert_eq!(alice.unsubscribe("campaign", "c1").await, ok(), "idempotent");
     let (status, _) = app.publish(&bodies::state_invalidated("c1")).await;
     assert_eq!(status, 202);
     alice.expect_silence(QUIET).await;
@@ -141,10 +117,7 @@ async fn events_without_an_ack_callback_are_handled_silently() {
 async fn unknown_events_are_answered_and_break_nothing() {
     let app = spawn_app().await;
     let mut alice = app.connect("alice").await;
-    assert_eq!(
-        alice.emit_with_ack("join_everything", json!({})).await,
-        refused("Unknown event")
-    );
+    assert_eq!(alice.emit_with_ack("join_everything", json!({})).await, refused("Unknown event"));
     alice.emit("join_everything", json!({"campaignId": "c2"}));
     assert_eq!(alice.subscribe("campaign", "c1").await, ok());
     assert!(!alice.is_closed());
@@ -181,24 +154,9 @@ async fn subscriptions_are_counted_by_kind() {
     alice.subscribe("campaign", "c2").await;
     let m = app.metrics().await;
     assert_eq!(metric(&m, r#"herald_subscriptions{kind="campaign"}"#), 1.0);
-    assert_eq!(
-        metric(&m, r#"herald_subscriptions{kind="settlement"}"#),
-        1.0
-    );
-    assert_eq!(
-        metric(
-            &m,
-            r#"herald_acks_total{event="subscribe_campaign",outcome="success"}"#
-        ),
-        2.0
-    );
-    assert_eq!(
-        metric(
-            &m,
-            r#"herald_acks_total{event="subscribe_campaign",outcome="unauthorized"}"#
-        ),
-        1.0
-    );
+    assert_eq!(metric(&m, r#"herald_subscriptions{kind="settlement"}"#), 1.0);
+    assert_eq!(metric(&m, r#"herald_acks_total{event="subscribe_campaign",outcome="success"}"#), 2.0);
+    assert_eq!(metric(&m, r#"herald_acks_total{event="subscribe_campaign",outcome="unauthorized"}"#), 1.0);
     assert_eq!(metric(&m, "herald_connections"), 1.0);
     alice.close();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -216,13 +174,9 @@ async fn two_thousand_clients_subscribing_on_connect_all_get_their_ack() {
         let sub = if i % 2 == 0 { "alice" } else { "bob" };
         let t = token(sub);
         tasks.push(tokio::spawn(async move {
-            let mut c = crate::client::Client::connect(addr, Some(json!({"token": t})), "")
-                .await
-                .expect("connects");
+            let mut c = crate::client::Client::connect(addr, Some(json!({"token": t})), "").await.expect("connects");
             // Sent the moment CONNECT is read, like a client's connect callback.
-            let ack = c
-                .try_emit_with_ack("subscribe_campaign", json!({"campaignId": "c1"}))
-                .await;
+            let ack = c.try_emit_with_ack("subscribe_campaign", json!({"campaignId": "c1"})).await;
             (ack, c)
         }));
         if i % 200 == 199 {

@@ -1,0 +1,266 @@
+//! Several instances behind one Redis: exactly once, and Redis outages
+//! survived. Each test starts its own `redis-server` on a free port (never
+//! the shared one) and kills or restarts it at will.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::client::Client;
+use crate::helpers::*;
+
+/// A private redis-server.
+pub struct Redis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    /// Starts redis-server on a free port, or returns `None` (loudly; fatal in CI) when it is not installed.
+    pub async fn start() -> Option<Redis> {
+        if Command::new("redis-server").arg("--version").stdout(Stdio::null()).status().is_err() {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "redis-server is not installed, and CI=true");
+            eprintln!("SKIPPED: redis-server is not installed; the fleet tests did not run");
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut redis = Redis { port, child: None };
+        redis.restart().await;
+        Some(redis)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// (Re)starts it on the same port and waits until it answers.
+    pub async fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let _ = s.write_all(b"PING\r\n").await;
+                let mut buf = [0u8; 7];
+                if s.read_exact(&mut buf).await.is_ok() && &buf == b"+PONG\r\n" {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("redis-server did not answer on port {}", self.port);
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn fleet(redis: &Redis, n: usize, prefix: &str) -> Vec<TestApp> {
+    let mut apps = Vec::new();
+    for _ in 0..n {
+        let url = redis.url();
+        let prefix = prefix.to_owned();
+        apps.push(
+            spawn_app_with(Backend::Sqlite, move |c| {
+                c.redis_url = Some(url);
+                c.redis_prefix = prefix;
+                c.redis_timeout = Duration::from_secs(1);
+            })
+            .await,
+        );
+    }
+    apps
+}
+
+fn numbered(seq: usize) -> Value {
+    json!({"type": "state_invalidated", "payload": {"campaignId": "c1", "scope": "campaign", "seq": seq}})
+}
+
+/// Collects the `seq` of every event that arrives within `wait` of the last one.
+async fn drain(client: &mut Client, wait: Duration) -> Vec<u64> {
+    let mut seen = Vec::new();
+    while let Some((_, event)) = client.next_event(wait).await {
+        seen.push(event["payload"]["seq"].as_u64().expect("a numbered event"));
+    }
+    seen
+}
+
+#[tokio::test]
+async fn every_client_gets_every_event_exactly_once_whichever_instance() {
+    let Some(redis) = Redis::start().await else { return };
+    let apps = fleet(&redis, 3, "herald-once").await;
+    let mut clients = Vec::new();
+    for i in 0..30 {
+        let app = &apps[i % apps.len()];
+        let mut c = app.connect(if i % 2 == 0 { "alice" } else { "bob" }).await;
+        assert_eq!(c.subscribe("campaign", "c1").await["success"], true);
+        if i % 3 == 0 {
+            // In two target rooms: still one copy.
+            assert_eq!(c.subscribe("settlement", "s1").await["success"], true);
+        }
+        clients.push(c);
+    }
+    let events = 30;
+    for seq in 0..events {
+        let body = if seq % 2 == 0 {
+            numbered(seq)
+        } else {
+            json!({"type": "settlement_updated", "payload": {"campaignId": "c1", "settlementId": "s1", "operation": "update", "seq": seq}})
+        };
+        let (status, _) = apps[seq % apps.len()].publish(&body).await;
+        assert_eq!(status, 202);
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        let mut seen = drain(c, Duration::from_millis(500)).await;
+        seen.sort_unstable();
+        assert_eq!(seen, (0..events as u64).collect::<Vec<_>>(), "client {i}");
+    }
+}
+
+#[tokio::test]
+async fn fleets_with_different_prefixes_share_a_redis_without_crosstalk() {
+    let Some(redis) = Redis::start().await else { return };
+    let blue = fleet(&redis, 1, "blue").await;
+    let green = fleet(&redis, 2, "green").await;
+    let mut on_blue = blue[0].connect("alice").await;
+    on_blue.subscribe("campaign", "c1").await;
+    let mut on_green = green[1].connect("alice").await;
+    on_green.subscribe("campaign", "c1").await;
+    assert_eq!(green[0].publish(&numbered(1)).await.0, 202);
+    assert_eq!(drain(&mut on_green, Duration::from_millis(300)).await, vec![1]);
+    assert_eq!(drain(&mut on_blue, Duration::from_millis(300)).await, Vec::<u64>::new());
+}
+
+#[tokio::test]
+async fn a_redis_outage_is_refused_cleanly_and_delivery_resumes_exactly_once() {
+    let Some(mut redis) = Redis::start().await else { return };
+    let apps = fleet(&redis, 2, "herald-outage").await;
+    let (a, b) = (&apps[0], &apps[1]);
+    let mut on_a = a.connect("alice").await;
+    on_a.subscribe("campaign", "c1").await;
+    let mut on_b = b.connect("bob").await;
+    on_b.subscribe("campaign", "c1").await;
+    let mut seq = 0;
+    assert_eq!(a.publish(&numbered(seq)).await.0, 202);
+    assert_eq!(drain(&mut on_b, Duration::from_millis(300)).await, vec![0]);
+    assert_eq!(drain(&mut on_a, Duration::from_millis(0)).await, vec![0]);
+
+    for round in 0..2 {
+        redis.kill();
+        // Publishes are refused, fast, with a JSON error; nothing is delivered.
+        let mut refused = 0;
+        for app in [a, b] {
+            for _ in 0..3 {
+                seq += 1;
+                let started = Instant::now();
+                let (status, body) = app.publish(&numbered(seq)).await;
+                let took = started.elapsed();
+                assert_eq!(status, 503, "round {round}: {body}");
+                assert!(body["error"].is_string());
+                assert!(body["accepted"].as_u64().is_some());
+                assert!(took < Duration::from_millis(2500), "a refused publish took {took:?}");
+                refused += 1;
+            }
+        }
+        // /readyz says so (once the instance noticed), and counts it.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let status = a.http.get(a.url("/readyz")).send().await.unwrap().status().as_u16();
+            if status == 503 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "readyz never said 503");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(metric(&a.metrics().await, "herald_adapter_errors_total") > 0.0);
+        // Clients stay connected, and new ones can connect and subscribe.
+        assert!(!on_a.is_closed() && !on_b.is_closed());
+        let mut newcomer = b.connect("bob").await;
+        assert_eq!(newcomer.subscribe("campaign", "c1").await["success"], true);
+        drop(newcomer);
+
+        redis.restart().await;
+        let back = Instant::now();
+        // Publish on A until accepted; the first accepted one reaches B exactly once.
+        seq += 1;
+        let accepted_after = loop {
+            let (status, _) = a.publish(&numbered(seq)).await;
+            if status == 202 {
+                break back.elapsed();
+            }
+            assert_eq!(status, 503);
+            assert!(
+                back.elapsed() < Duration::from_secs(5),
+                "round {round}: publishes still refused 5 s after Redis came back"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        println!(
+            "round {round}: {refused} publishes refused during the outage; accepted again {accepted_after:?} after Redis came back"
+        );
+        assert_eq!(drain(&mut on_b, Duration::from_millis(500)).await, vec![seq as u64], "round {round}: on B");
+        assert_eq!(drain(&mut on_a, Duration::from_millis(0)).await, vec![seq as u64], "round {round}: on A");
+        // And B to A.
+        seq += 1;
+        let started = Instant::now();
+        loop {
+            let (status, _) = b.publish(&numbered(seq)).await;
+            if status == 202 {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(5));
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(drain(&mut on_a, Duration::from_millis(500)).await, vec![seq as u64], "round {round}: on A");
+        assert_eq!(drain(&mut on_b, Duration::from_millis(0)).await, vec![seq as u64], "round {round}: on B");
+        let ready = a.http.get(a.url("/readyz")).send().await.unwrap().status().as_u16();
+        assert_eq!(ready, 200);
+    }
+}
+
+#[tokio::test]
+async fn cross_instance_delivery_cost_is_measured() {
+    let Some(redis) = Redis::start().await else { return };
+    let apps = fleet(&redis, 2, "herald-latency").await;
+    let mut near = apps[0].connect("alice").await;
+    near.subscribe("campaign", "c1").await;
+    let mut far = apps[1].connect("bob").await;
+    far.subscribe("campaign", "c1").await;
+    let (mut near_ms, mut far_ms) = (Vec::new(), Vec::new());
+    for seq in 0..200 {
+        let started = Instant::now();
+        assert_eq!(apps[0].publish(&numbered(seq)).await.0, 202);
+        // The publish returns after local delivery was queued; time both sides from the request.
+        near.expect_event().await;
+        near_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        far.expect_event().await;
+        far_ms.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    near_ms.sort_by(f64::total_cmp);
+    far_ms.sort_by(f64::total_cmp);
+    let p50 = |v: &[f64]| v[v.len() / 2];
+    println!(
+        "cross-instance: p50 same instance {:.2} ms, other instance {:.2} ms (adds {:.2} ms)",
+        p50(&near_ms),
+        p50(&far_ms),
+        p50(&far_ms) - p50(&near_ms)
+    );
+}
