@@ -194,3 +194,19 @@ async fn two_thousand_clients_subscribing_on_connect_all_get_their_ack() {
     }
     assert_eq!(acked, 2000);
 }
+
+#[tokio::test]
+async fn a_message_over_the_size_limit_closes_only_that_socket() {
+    let app = spawn_app_with(Backend::Sqlite, |c| c.max_message_bytes = 16 * 1024).await;
+    let mut bob = app.connect("bob").await;
+    assert_eq!(bob.subscribe("campaign", "c1").await, ok());
+    let big = app.connect("mallory").await;
+    big.send_raw(&format!("42[\"subscribe_campaign\",{{\"campaignId\":\"{}\"}}]", "a".repeat(20 * 1024)));
+    assert!(big.closed_within(Duration::from_secs(3)).await, "the oversized message closes its socket");
+    app.publish(&bodies::state_invalidated("c1")).await;
+    assert_eq!(bob.expect_event().await.0, "state_invalidated");
+    // Just under the limit is still an ordinary (invalid) request.
+    let mut fine = app.connect("alice").await;
+    let reply = fine.emit_with_ack("subscribe_campaign", json!({"campaignId": "a".repeat(15 * 1024)})).await;
+    assert_eq!(reply, refused("Invalid payload"));
+}
