@@ -2,7 +2,12 @@
 //! [`Driver`] that survives Redis restarts, and keeps "exactly once".
 //!
 //! - Publishes go through a [`ConnectionManager`] (it reconnects by itself),
-//!   each bounded by a timeout, so no emit blocks for long.
+//!   or a cluster connection, each bounded by a timeout, so no emit blocks
+//!   for long.
+//! - Redis Cluster (`redis-cluster://host:port,host:port`): classic pub/sub
+//!   messages reach every node, so every instance subscribes on the node that
+//!   owns the heartbeat key's slot, where the guard script runs too; the
+//!   guard's subscriber count is then the whole fleet's.
 //! - Subscriptions live on a dedicated pub/sub connection owned by one task.
 //!   When that connection drops, the task reconnects with backoff and
 //!   re-subscribes **every** channel before it calls itself healthy again.
@@ -63,19 +68,97 @@ const HEARTBEAT: Duration = Duration::from_millis(500);
 /// How long a heartbeat counts.
 const HEARTBEAT_TTL_MS: u64 = 2_000;
 
-/// Publishes `ARGV[1]` on `KEYS[1]` only when at least as many clients are
-/// subscribed to it as there are live instances in the sorted set `KEYS[2]`.
-/// Returns the receiver count, or `-1 - subscribed` when refused; the second
-/// element is the live count.
+/// Publishes `ARGV[2]` on channel `ARGV[1]` only when at least as many
+/// clients are subscribed to it as there are live instances in the sorted set
+/// `KEYS[1]`. Returns the receiver count, or `-1 - subscribed` when refused;
+/// the second element is the live count. (The channel is an argument, not a
+/// key, so that a cluster routes the script by the heartbeat key alone.)
 const GUARDED_PUBLISH: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local live = redis.call('ZCARD', KEYS[2])
-local subscribed = redis.call('PUBSUB', 'NUMSUB', KEYS[1])[2]
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local live = redis.call('ZCARD', KEYS[1])
+local subscribed = redis.call('PUBSUB', 'NUMSUB', ARGV[1])[2]
 if subscribed < live then return {-1 - subscribed, live} end
-return {redis.call('PUBLISH', KEYS[1], ARGV[1]), live}
+return {redis.call('PUBLISH', ARGV[1], ARGV[2]), live}
 ";
+
+/// The subscriber count of channel `ARGV[1]` on the node owning `KEYS[1]`.
+const NUMSUB_SCRIPT: &str = r"
+return redis.call('PUBSUB', 'NUMSUB', ARGV[1])[2]
+";
+
+/// The publishing connection: one Redis, or a cluster.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Where to open the pub/sub connection.
+#[derive(Clone)]
+enum Target {
+    Single(redis::Client),
+    /// Resolved on every (re)connection: the owner of the heartbeat key.
+    Cluster,
+}
+
+/// The scheme that makes `HERALD_REDIS_URL` a cluster's seed list.
+pub const CLUSTER_SCHEME: &str = "redis-cluster://";
+
+/// Finds the `host:port` of the master owning `key`'s slot.
+async fn slot_owner(conn: &mut Conn, key: &str) -> redis::RedisResult<String> {
+    let slot: i64 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query_async(conn).await?;
+    let slots: redis::Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
+    let invalid = || redis::RedisError::from((redis::ErrorKind::Parse, "unexpected CLUSTER SLOTS reply"));
+    let redis::Value::Array(ranges) = slots else { return Err(invalid()) };
+    for range in ranges {
+        let redis::Value::Array(items) = range else { continue };
+        let (Some(redis::Value::Int(start)), Some(redis::Value::Int(end)), Some(redis::Value::Array(master))) =
+            (items.first(), items.get(1), items.get(2))
+        else {
+            continue;
+        };
+        if (*start..=*end).contains(&slot) {
+            let host = match master.first() {
+                Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                Some(redis::Value::SimpleString(s)) => s.clone(),
+                _ => return Err(invalid()),
+            };
+            let Some(redis::Value::Int(port)) = master.get(1) else { return Err(invalid()) };
+            return Ok(format!("{host}:{port}"));
+        }
+    }
+    Err(invalid())
+}
 
 /// Adds or refreshes `ARGV[1]` in `KEYS[1]`, valid for `ARGV[2]` ms (server clock).
 const HEARTBEAT_SCRIPT: &str = r"
@@ -99,7 +182,8 @@ const SETTLE: Duration = Duration::from_millis(1_500);
 
 struct Inner {
     config: FleetConfig,
-    conn: ConnectionManager,
+    conn: Conn,
+    numsub: redis::Script,
     channels: Mutex<HashMap<String, mpsc::Sender<ChanItem>>>,
     commands: mpsc::UnboundedSender<Command>,
     healthy: AtomicBool,
@@ -124,23 +208,36 @@ impl FleetDriver {
     /// Connects (waiting at most `op_timeout` for the first connection) and
     /// starts the pub/sub and heartbeat tasks.
     pub async fn connect(config: FleetConfig, metrics: Arc<Metrics>) -> Result<Self, FleetError> {
-        let client = redis::Client::open(config.url.as_str())?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.op_timeout))
-            .set_response_timeout(Some(config.op_timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = tokio::time::timeout(
-            config.op_timeout * 2,
-            ConnectionManager::new_with_config(client.clone(), manager_config),
-        )
-        .await
-        .map_err(|_| FleetError::Timeout(config.op_timeout * 2))??;
+        let first = config.op_timeout * 2;
+        let (conn, target) = if let Some(nodes) = config.url.strip_prefix(CLUSTER_SCHEME) {
+            let seeds: Vec<String> = nodes.split(',').map(|n| format!("redis://{}", n.trim())).collect();
+            let client = redis::cluster::ClusterClient::builder(seeds)
+                .connection_timeout(config.op_timeout)
+                .response_timeout(config.op_timeout)
+                .retries(1)
+                .build()?;
+            let conn = tokio::time::timeout(first, client.get_async_connection())
+                .await
+                .map_err(|_| FleetError::Timeout(first))??;
+            (Conn::Cluster(conn), Target::Cluster)
+        } else {
+            let client = redis::Client::open(config.url.as_str())?;
+            let manager_config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(config.op_timeout))
+                .set_response_timeout(Some(config.op_timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(MAX_BACKOFF);
+            let conn = tokio::time::timeout(first, ConnectionManager::new_with_config(client.clone(), manager_config))
+                .await
+                .map_err(|_| FleetError::Timeout(first))??;
+            (Conn::Single(conn), Target::Single(client))
+        };
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (stop, stopped) = watch::channel(false);
         let inner = Arc::new(Inner {
             config,
             conn,
+            numsub: redis::Script::new(NUMSUB_SCRIPT),
             channels: Mutex::default(),
             commands,
             healthy: AtomicBool::new(false),
@@ -149,7 +246,7 @@ impl FleetDriver {
             guarded: redis::Script::new(GUARDED_PUBLISH),
             stop,
         });
-        tokio::spawn(pubsub_task(Arc::downgrade(&inner), client, command_rx, stopped));
+        tokio::spawn(pubsub_task(Arc::downgrade(&inner), target, command_rx, stopped));
         // Wait (bounded) for the first subscription connection.
         let deadline = tokio::time::Instant::now() + inner.config.op_timeout * 2;
         while !inner.healthy.load(Ordering::SeqCst) && tokio::time::Instant::now() < deadline {
@@ -219,8 +316,8 @@ impl Driver for FleetDriver {
         // uid) are published plainly.
         if chan.ends_with("-request#/#") {
             let key = self.heartbeat_key();
-            let mut invocation = self.0.guarded.key(&chan);
-            invocation.key(&key).arg(val);
+            let mut invocation = self.0.guarded.key(&key);
+            invocation.arg(&chan).arg(val);
             let (received, live): (i64, i64) = self.bounded(invocation.invoke_async(&mut conn)).await?;
             if received < 0 {
                 return Err(self.failed(FleetError::PartialFleet { subscribed: -1 - received, live }));
@@ -251,8 +348,10 @@ impl Driver for FleetDriver {
 
     async fn num_serv(&self, chan: &str) -> Result<u16, FleetError> {
         let mut conn = self.0.conn.clone();
-        let (_, count): (String, u16) =
-            self.bounded(redis::cmd("PUBSUB").arg("NUMSUB").arg(chan).query_async(&mut conn)).await?;
+        let key = self.heartbeat_key();
+        let mut invocation = self.0.numsub.key(&key);
+        invocation.arg(chan);
+        let count: u16 = self.bounded(invocation.invoke_async(&mut conn)).await?;
         Ok(count)
     }
 }
@@ -261,7 +360,7 @@ impl Driver for FleetDriver {
 /// forwards messages, pings, and starts over when the connection drops.
 async fn pubsub_task(
     inner: std::sync::Weak<Inner>,
-    client: redis::Client,
+    target: Target,
     mut commands: mpsc::UnboundedReceiver<Command>,
     mut stopped: watch::Receiver<bool>,
 ) {
@@ -279,7 +378,20 @@ async fn pubsub_task(
         let mut conn = strong.conn.clone();
         drop(strong);
 
-        let connected = tokio::time::timeout(timeout, client.get_async_pubsub()).await;
+        let mut owner = None;
+        let connected = tokio::time::timeout(timeout, async {
+            let client = match &target {
+                Target::Single(client) => client.clone(),
+                Target::Cluster => {
+                    let node = slot_owner(&mut conn, &heartbeat_key).await?;
+                    let client = redis::Client::open(format!("redis://{node}"))?;
+                    owner = Some(node);
+                    client
+                }
+            };
+            client.get_async_pubsub().await
+        })
+        .await;
         let pubsub = match connected {
             Ok(Ok(p)) => p,
             _ => {
@@ -323,7 +435,7 @@ async fn pubsub_task(
         }
         // Only an instance that receives broadcasts counts as live.
         let mut receives_broadcasts = channels.iter().any(|c| c.ends_with("-request#/#"));
-        let beat = |conn: &mut ConnectionManager| {
+        let beat = |conn: &mut Conn| {
             let mut invocation = heartbeat.key(&heartbeat_key);
             invocation.arg(&instance).arg(HEARTBEAT_TTL_MS);
             let mut conn = conn.clone();
@@ -391,6 +503,13 @@ async fn pubsub_task(
                     }
                     if receives_broadcasts {
                         let _ = tokio::time::timeout(timeout, beat(&mut conn)).await;
+                    }
+                    // In a cluster, follow the heartbeat key's slot when it moves.
+                    if let Some(node) = &owner {
+                        let now = tokio::time::timeout(timeout, slot_owner(&mut conn, &heartbeat_key)).await;
+                        if matches!(&now, Ok(Ok(current)) if current != node) {
+                            break "the heartbeat slot moved to another node";
+                        }
                     }
                 }
                 _ = stopped.changed() => return,

@@ -264,3 +264,105 @@ async fn cross_instance_delivery_cost_is_measured() {
         p50(&far_ms) - p50(&near_ms)
     );
 }
+
+/// A private three-master Redis Cluster.
+struct Cluster {
+    ports: Vec<u16>,
+    children: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn start() -> Option<Cluster> {
+        let _probe = Redis::start().await?;
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> =
+            (0..3).map(|_| TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
+        let mut children = Vec::new();
+        for port in &ports {
+            let node_dir = dir.path().join(port.to_string());
+            std::fs::create_dir_all(&node_dir).unwrap();
+            children.push(
+                Command::new("redis-server")
+                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                    .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
+                    .arg("--dir")
+                    .arg(&node_dir)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("redis-server starts"),
+            );
+        }
+        let cluster = Cluster { ports, children, _dir: dir };
+        for port in &cluster.ports {
+            for _ in 0..100 {
+                if tokio::net::TcpStream::connect(("127.0.0.1", *port)).await.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let nodes: Vec<String> = cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli runs");
+        assert!(created.success(), "the cluster was created");
+        // Wait until every node says the cluster is ok.
+        for port in &cluster.ports {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let out =
+                    Command::new("redis-cli").args(["-p", &port.to_string(), "cluster", "info"]).output().unwrap();
+                if String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "cluster never became ok");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Some(cluster)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_fleet_on_redis_cluster_delivers_exactly_once() {
+    let Some(cluster) = Cluster::start().await else { return };
+    let mut apps = Vec::new();
+    // Each instance is given a different seed node.
+    for i in 0..3 {
+        let seeds: Vec<String> = (0..3).map(|j| format!("127.0.0.1:{}", cluster.ports[(i + j) % 3])).collect();
+        let url = format!("{}{}", herald::fleet::CLUSTER_SCHEME, seeds.join(","));
+        apps.push(spawn_app_with(Backend::Sqlite, move |c| c.redis_url = Some(url)).await);
+    }
+    let mut clients = Vec::new();
+    for app in &apps {
+        let mut c = app.connect("alice").await;
+        assert_eq!(c.subscribe("campaign", "c1").await["success"], true);
+        clients.push(c);
+    }
+    for seq in 0..12 {
+        let (status, body) = apps[seq % 3].publish(&numbered(seq)).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        let mut seen = drain(c, Duration::from_millis(500)).await;
+        seen.sort_unstable();
+        assert_eq!(seen, (0..12).collect::<Vec<u64>>(), "client on instance {i}");
+    }
+}
