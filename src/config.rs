@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 /// What `--help` says about the settings that are not flags.
 const SECRETS_HELP: &str = "\
@@ -194,9 +194,16 @@ pub enum ConfigError {
     Both(&'static str),
     #[error("HERALD_ENV=production needs {0}; set it in the environment or in a file (see --help)")]
     MissingInProduction(&'static str),
+    #[error("{0} is shorter than {1} bytes; production needs a strong secret")]
+    TooShort(&'static str, usize),
     #[error("HERALD_JWT_ALGORITHM={0} needs HERALD_JWT_PUBLIC_KEY_FILE")]
     MissingPublicKey(&'static str),
 }
+
+/// Shortest HS256 secret production accepts (RFC 7518: a key as long as the hash).
+pub const MIN_JWT_SECRET: usize = 32;
+/// Shortest publish token production accepts.
+pub const MIN_PUBLISH_TOKEN: usize = 16;
 
 fn read_secret_file(what: &'static str, path: &Path) -> Result<SecretString, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
@@ -241,6 +248,21 @@ impl Config {
         Ok(())
     }
 
+    /// Treats settings given as empty strings (`HERALD_REDIS_URL=`) as not given.
+    pub fn drop_empty(&mut self) {
+        for field in [&mut self.redis_url, &mut self.jwt_issuer, &mut self.jwt_audience] {
+            if field.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                *field = None;
+            }
+        }
+        for path in [&mut self.jwt_secret_file, &mut self.jwt_public_key_file, &mut self.publish_token_file] {
+            if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                *path = None;
+            }
+        }
+        self.cors_origins.retain(|o| !o.trim().is_empty());
+    }
+
     /// Checks what can be checked without touching the network.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let needs_key = match self.jwt_algorithm {
@@ -259,6 +281,12 @@ impl Config {
             }
             if self.publish_token.is_none() {
                 return Err(ConfigError::MissingInProduction("HERALD_PUBLISH_TOKEN"));
+            }
+            if self.jwt_secret.as_ref().is_some_and(|s| s.expose_secret().len() < MIN_JWT_SECRET) {
+                return Err(ConfigError::TooShort("HERALD_JWT_SECRET", MIN_JWT_SECRET));
+            }
+            if self.publish_token.as_ref().is_some_and(|s| s.expose_secret().len() < MIN_PUBLISH_TOKEN) {
+                return Err(ConfigError::TooShort("HERALD_PUBLISH_TOKEN", MIN_PUBLISH_TOKEN));
             }
         }
         Ok(())
@@ -292,7 +320,21 @@ mod tests {
         assert!(matches!(config.validate(), Err(ConfigError::MissingInProduction(_))));
         config.jwt_secret = Some("s".into());
         config.publish_token = Some("p".into());
+        assert!(matches!(config.validate(), Err(ConfigError::TooShort("HERALD_JWT_SECRET", _))));
+        config.jwt_secret = Some("s".repeat(32).into());
+        assert!(matches!(config.validate(), Err(ConfigError::TooShort("HERALD_PUBLISH_TOKEN", _))));
+        config.publish_token = Some("p".repeat(16).into());
         assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn empty_settings_count_as_unset() {
+        let mut config = Config::defaults();
+        config.redis_url = Some(String::new());
+        config.jwt_issuer = Some(" ".into());
+        config.cors_origins = vec![String::new()];
+        config.drop_empty();
+        assert_eq!((config.redis_url, config.jwt_issuer, config.cors_origins.len()), (None, None, 0));
     }
 
     #[test]
@@ -301,7 +343,6 @@ mod tests {
         let path = dir.path().join("secret");
         std::fs::write(&path, "s3cret\n").unwrap();
         let secret = resolve_secret("X", None, Some(&path)).unwrap().unwrap();
-        use secrecy::ExposeSecret;
         assert_eq!(secret.expose_secret(), "s3cret");
         assert!(matches!(resolve_secret("X", Some("a".into()), Some(&path)), Err(ConfigError::Both(_))));
     }

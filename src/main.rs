@@ -10,6 +10,7 @@ use secrecy::ExposeSecret;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let Cli { command, mut config } = Cli::parse();
+    config.drop_empty();
     config.load_secrets()?;
     herald::telemetry::init_tracing(&config.log, config.log_format).map_err(|e| anyhow::anyhow!("HERALD_LOG: {e}"))?;
 

@@ -5,6 +5,7 @@
 //! before anything of it is delivered.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
@@ -12,6 +13,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use socketioxide::adapter::Adapter;
@@ -128,23 +131,72 @@ fn status_label(status: StatusCode) -> &'static str {
     }
 }
 
-async fn handle<A: Adapter>(state: &PublishState<A>, headers: &HeaderMap, body: Body) -> Result<usize, PublishError> {
-    if !authorized(headers, &state.token) {
+/// How long a refused body is read (and thrown away) before answering, so
+/// that the client, still sending, reads the answer instead of a reset.
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+
+/// How much of a refused body is read and thrown away at most.
+fn drain_cap(limit: usize) -> u64 {
+    (limit as u64).saturating_mul(4).max(4 << 20)
+}
+
+/// Reads the body, keeping at most `limit` bytes. Past the limit it goes on
+/// reading, and discarding, up to `drain_cap` bytes and `DRAIN_TIME`.
+async fn read_body(mut body: Body, limit: usize, keep: bool) -> Result<Bytes, PublishError> {
+    let mut kept = BytesMut::new();
+    let mut seen: u64 = 0;
+    let cap = drain_cap(limit);
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { return Err(PublishError::BadBody) };
+            if let Ok(data) = frame.into_data() {
+                seen += data.len() as u64;
+                if keep && seen <= limit as u64 {
+                    kept.extend_from_slice(&data);
+                }
+                if seen > cap {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(DRAIN_TIME, read).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        // Too slow: answer anyway.
+        Err(_) if seen > limit as u64 || !keep => {}
+        Err(_) => return Err(PublishError::BadBody),
+    }
+    if seen > limit as u64 {
+        return Err(PublishError::TooLarge(limit));
+    }
+    Ok(kept.freeze())
+}
+
+fn check_headers(state_token: &SecretString, limit: usize, headers: &HeaderMap) -> Result<(), PublishError> {
+    if !authorized(headers, state_token) {
         return Err(PublishError::Unauthorized);
     }
     if !is_json(headers) {
         return Err(PublishError::UnsupportedMediaType);
     }
-    let limit = state.max_body_bytes;
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(PublishError::TooLarge(limit));
     }
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if too_large { PublishError::TooLarge(limit) } else { PublishError::BadBody }
-    })?;
+    Ok(())
+}
+
+async fn handle<A: Adapter>(state: &PublishState<A>, headers: &HeaderMap, body: Body) -> Result<usize, PublishError> {
+    let limit = state.max_body_bytes;
+    if let Err(refused) = check_headers(&state.token, limit, headers) {
+        // Read (and drop) what the client is still sending, bounded, so it sees the answer.
+        let _ = read_body(body, limit, false).await;
+        return Err(refused);
+    }
+    let bytes = read_body(body, limit, true).await?;
     let events = events::parse_body(&bytes)?;
     match state.delivery.publish(&events).await {
         Ok(accepted) => {

@@ -68,7 +68,20 @@ impl SqlStore {
                 .journal_mode(SqliteJournalMode::Wal)
                 .busy_timeout(Duration::from_secs(5));
             let pool = SqlitePoolOptions::new().max_connections(max_connections).connect_with(options).await?;
-            sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+            // Several instances may start at once on one file: SQLite has no
+            // migration lock, so a loser retries (the winner's work makes it a no-op).
+            let mut attempt = 0;
+            loop {
+                match sqlx::migrate!("./migrations/sqlite").run(&pool).await {
+                    Ok(()) => break,
+                    Err(e) if attempt < 20 => {
+                        attempt += 1;
+                        tracing::debug!(error = %e, attempt, "sqlite migration raced another instance; retrying");
+                        tokio::time::sleep(Duration::from_millis(50 + 25 * attempt)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
             SqlStore::Sqlite(pool)
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let pool = PgPoolOptions::new()

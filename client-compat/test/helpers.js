@@ -6,6 +6,7 @@
 const { spawn } = require('node:child_process');
 const crypto = require('node:crypto');
 const fs = require('node:fs');
+const net = require('node:net');
 const os = require('node:os');
 const path = require('node:path');
 const { setTimeout: sleep } = require('node:timers/promises');
@@ -97,15 +98,26 @@ function uniqueId(prefix = 'id') {
  * Starts herald with a fresh fixture database and fresh secrets.
  * Returns a handle; call `stop()` when done (it also closes the clients
  * opened through the handle).
+ *
+ * `env` adds `HERALD_*` variables (e.g. `HERALD_REDIS_URL`). `shared`
+ * (`{ dir, dbPath, jwtSecret, publishToken }`, see `startFleet`) makes this
+ * instance use an existing database and secrets instead of fresh ones; its
+ * `stop()` then leaves `dir` in place.
  */
-async function startHerald({ log = process.env.HERALD_LOG || 'info', fixture = FIXTURE } = {}) {
+async function startHerald({ log = process.env.HERALD_LOG || 'info', fixture = FIXTURE, env: extraEnv = {}, shared = null } = {}) {
   assertBinaryExists();
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'herald-compat-'));
-  const dbPath = path.join(dir, 'herald.db');
-  await writeFixtureDb(dbPath, fixture);
+  let dir, dbPath, jwtSecret, publishToken;
+  if (shared) {
+    ({ dir, dbPath, jwtSecret, publishToken } = shared);
+  } else {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'herald-compat-'));
+    dbPath = path.join(dir, 'herald.db');
+    await writeFixtureDb(dbPath, fixture);
+    jwtSecret = randomSecret();
+    publishToken = randomSecret();
+  }
+  const ownsDir = !shared;
 
-  const jwtSecret = randomSecret();
-  const publishToken = randomSecret();
   const env = {};
   for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('HERALD_')) env[k] = v;
   Object.assign(env, {
@@ -114,9 +126,11 @@ async function startHerald({ log = process.env.HERALD_LOG || 'info', fixture = F
     HERALD_PUBLISH_TOKEN: publishToken,
     HERALD_DATABASE_URL: `sqlite://${dbPath}`,
     HERALD_LOG: log,
+    ...extraEnv,
   });
 
   const child = spawn(HERALD_BIN, [], { env, cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
+  trackChild(child);
   const output = { text: '' };
   const MAX_OUTPUT = 32 * 1024 * 1024;
   const exited = new Promise((resolve) => {
@@ -282,7 +296,7 @@ async function startHerald({ log = process.env.HERALD_LOG || 'info', fixture = F
         await exited;
         clearTimeout(timer);
       }
-      fs.rmSync(dir, { recursive: true, force: true });
+      if (ownsDir) fs.rmSync(dir, { recursive: true, force: true });
       return exitInfo;
     },
   };
@@ -420,6 +434,217 @@ function unsignedToken(claims) {
   return `${b64({ alg: 'none', typ: 'JWT' })}.${b64(claims)}.`;
 }
 
+/**
+ * Child processes still running (herald, redis-server, nginx), each with the
+ * signal that stops it. If this test process exits or is interrupted before
+ * its `after` hooks ran, they are signalled rather than left behind (nginx
+ * gets SIGTERM so that its master stops its workers).
+ */
+const livingChildren = new Map();
+let reaperInstalled = false;
+function reapChildren() {
+  for (const [child, signal] of livingChildren) {
+    try {
+      child.kill(signal);
+    } catch {}
+  }
+  livingChildren.clear();
+}
+function trackChild(child, signal = 'SIGKILL') {
+  if (!reaperInstalled) {
+    reaperInstalled = true;
+    process.once('exit', reapChildren);
+    for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
+      process.once(sig, () => {
+        reapChildren();
+        process.kill(process.pid, sig);
+      });
+    }
+  }
+  livingChildren.set(child, signal);
+  child.once('exit', () => livingChildren.delete(child));
+  return child;
+}
+
+/** A TCP port that was free a moment ago on `host` (bind to 0, read it, close). */
+function freePort(host = '127.0.0.1') {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer();
+    server.unref();
+    server.once('error', reject);
+    server.listen(0, host, () => {
+      const { port } = server.address();
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+/** Resolves once something accepts TCP connections on host:port, rejects after `timeoutMs`. */
+async function waitForPort(port, { host = '127.0.0.1', timeoutMs = START_TIMEOUT_MS, what = `port ${port}`, isDead = () => null } = {}) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const dead = isDead();
+    if (dead) throw new Error(`${what} exited before accepting connections: ${dead}`);
+    const ok = await new Promise((resolve) => {
+      const sock = net.connect({ port, host });
+      sock.once('connect', () => {
+        sock.destroy();
+        resolve(true);
+      });
+      sock.once('error', () => resolve(false));
+    });
+    if (ok) return;
+    if (Date.now() > deadline) throw new Error(`${what} did not accept connections on ${host}:${port} within ${timeoutMs} ms`);
+    await sleep(25);
+  }
+}
+
+/** Sends PING to a Redis server and resolves with whether it answered +PONG within `timeoutMs`. */
+function redisPing(port, { host = '127.0.0.1', timeoutMs = 500 } = {}) {
+  return new Promise((resolve) => {
+    const sock = net.connect({ port, host });
+    let buf = '';
+    const done = (ok) => {
+      clearTimeout(timer);
+      sock.destroy();
+      resolve(ok);
+    };
+    const timer = setTimeout(() => done(false), timeoutMs);
+    sock.once('connect', () => sock.write('PING\r\n'));
+    sock.on('data', (d) => {
+      buf += d.toString('latin1');
+      if (buf.includes('\r\n')) done(buf.startsWith('+PONG'));
+    });
+    sock.once('error', () => done(false));
+  });
+}
+
+const REDIS_SERVER_BIN = process.env.REDIS_SERVER_BIN || 'redis-server';
+
+/**
+ * Starts a private, throwaway redis-server on a free port (never the shared
+ * one on 6379): no persistence, loopback only. The handle can SIGKILL it and
+ * restart it on the same port; `stop()` kills it for good.
+ */
+async function startRedis({ port } = {}) {
+  port = port ?? (await freePort());
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'herald-redis-'));
+  const output = { text: '' };
+  let child = null;
+  let exited = null;
+  let exitInfo = null;
+
+  async function launch() {
+    exitInfo = null;
+    let spawnError = null;
+    child = spawn(
+      REDIS_SERVER_BIN,
+      ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--daemonize', 'no', '--dir', dir],
+      { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    trackChild(child);
+    child.stdout.on('data', (d) => {
+      output.text += d.toString('utf8');
+    });
+    child.stderr.on('data', (d) => {
+      output.text += d.toString('utf8');
+    });
+    child.once('error', (err) => {
+      spawnError = err;
+    });
+    exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
+    exited.then((info) => {
+      exitInfo = info;
+    });
+    const deadline = Date.now() + START_TIMEOUT_MS;
+    while (!(await redisPing(port))) {
+      if (spawnError) {
+        throw new Error(
+          `could not start ${REDIS_SERVER_BIN} (${spawnError.message}); install redis-server or set REDIS_SERVER_BIN`,
+        );
+      }
+      if (exitInfo) throw new Error(`redis-server exited during start-up: ${JSON.stringify(exitInfo)}\n${output.text.slice(-4000)}`);
+      if (Date.now() > deadline) {
+        child.kill('SIGKILL');
+        throw new Error(`redis-server did not answer PING on port ${port} within ${START_TIMEOUT_MS} ms\n${output.text.slice(-4000)}`);
+      }
+      await sleep(25);
+    }
+  }
+
+  await launch();
+  const redis = {
+    port,
+    url: `redis://127.0.0.1:${port}`,
+    get output() {
+      return output.text;
+    },
+    get running() {
+      return child !== null && exitInfo === null;
+    },
+    /** Sends `signal` (SIGKILL by default: no goodbye to the clients) and waits for the exit. */
+    async kill(signal = 'SIGKILL') {
+      if (redis.running) {
+        child.kill(signal);
+        await exited;
+      }
+    },
+    /** Starts redis-server again on the same port (empty: nothing was saved). */
+    async restart() {
+      await redis.kill();
+      await launch();
+    },
+    async stop() {
+      await redis.kill();
+      fs.rmSync(dir, { recursive: true, force: true });
+    },
+  };
+  return redis;
+}
+
+/**
+ * Starts `count` herald instances sharing one Redis (`redisUrl`), one SQLite
+ * fixture database (written before the first instance starts) and one set of
+ * secrets, as a fleet behind a load balancer would. Instances start one after
+ * the other. `stop()` stops them all and removes the shared directory.
+ */
+async function startFleet({ count, redisUrl, prefix, log, fixture = FIXTURE, env = {} }) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'herald-fleet-'));
+  const dbPath = path.join(dir, 'herald.db');
+  await writeFixtureDb(dbPath, fixture);
+  const shared = { dir, dbPath, jwtSecret: randomSecret(), publishToken: randomSecret() };
+  const fleetEnv = { HERALD_REDIS_URL: redisUrl, ...env };
+  if (prefix !== undefined) fleetEnv.HERALD_REDIS_PREFIX = prefix;
+  const instances = [];
+  const fleet = {
+    instances,
+    dir,
+    jwtSecret: shared.jwtSecret,
+    publishToken: shared.publishToken,
+    get ports() {
+      return instances.map((h) => h.port);
+    },
+    get urls() {
+      return instances.map((h) => h.url);
+    },
+    /** A client token for `sub`, valid on every instance. */
+    token(sub = 'alice', options) {
+      return instances[0].token(sub, options);
+    },
+    async stop() {
+      await Promise.all(instances.map((h) => h.stop()));
+      fs.rmSync(dir, { recursive: true, force: true });
+    },
+  };
+  try {
+    for (let i = 0; i < count; i += 1) instances.push(await startHerald({ log, shared, env: fleetEnv }));
+  } catch (err) {
+    await fleet.stop();
+    throw err;
+  }
+  return fleet;
+}
+
 module.exports = {
   HERALD_BIN,
   FIXTURE,
@@ -440,4 +665,10 @@ module.exports = {
   unsignedToken,
   uniqueId,
   sleep,
+  freePort,
+  waitForPort,
+  redisPing,
+  startRedis,
+  startFleet,
+  trackChild,
 };

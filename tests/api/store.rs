@@ -103,3 +103,23 @@ async fn an_unreachable_store_answers_internal_error_and_readyz_503() {
     let ready = app.http.get(app.url("/readyz")).send().await.unwrap().status().as_u16();
     assert_eq!(ready, 200);
 }
+
+#[tokio::test]
+async fn instances_starting_together_on_one_sqlite_file_all_start() {
+    for _ in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("shared.db").display());
+        let starts = (0..4).map(|_| {
+            let mut config = herald::Config::defaults();
+            config.listen = "127.0.0.1:0".into();
+            config.jwt_secret = Some(JWT_SECRET.into());
+            config.publish_token = Some(PUBLISH_TOKEN.into());
+            config.database_url = url.clone();
+            tokio::spawn(herald::Application::build(config))
+        });
+        for start in starts.collect::<Vec<_>>() {
+            let built = start.await.unwrap();
+            assert!(built.is_ok(), "{}", built.err().map(|e| herald::telemetry::error_chain(&e)).unwrap_or_default());
+        }
+    }
+}

@@ -1,0 +1,210 @@
+'use strict';
+// Several herald instances over one Redis (a private redis-server on a free
+// port): unmodified socket.io-client 4.x clients spread round-robin over three
+// instances get every event published on any instance exactly once; while
+// Redis is down a publish answers 503 {error, accepted} and clients stay
+// connected; once Redis is back, cross-instance delivery resumes by itself.
+
+const { describe, it, before, after } = require('node:test');
+const assert = require('node:assert/strict');
+
+const { OK, startRedis, startFleet, ack, quietPeriod, sleep } = require('./helpers');
+
+const INSTANCES = 3;
+const CLIENTS_PER_INSTANCE = 3;
+const EVENTS = 20;
+const DELIVERY_TIMEOUT_MS = 5_000;
+/** After a Redis restart, how long until a publish on A must have reached B. */
+const RECOVERY_MS = 5_000;
+
+/** Event types that all reach campaign:c1, carrying `run` and `seq` in the payload. */
+function eventFor(run, seq) {
+  const common = { campaignId: 'c1', run, seq };
+  switch (seq % 5) {
+    case 0:
+      return { type: 'state_invalidated', payload: { ...common, scope: 'campaign' } };
+    case 1:
+      return { type: 'settlement_updated', payload: { ...common, settlementId: 's1', operation: 'update' } };
+    case 2:
+      return { type: 'structure_updated', payload: { ...common, settlementId: 's1', structureId: 'st1', operation: 'create' } };
+    case 3:
+      return { type: 'entity_updated', payload: { ...common, entityType: 'campaign', entityId: 'c1' } };
+    default:
+      return {
+        type: 'world_time_changed',
+        payload: { ...common, previousTime: null, newTime: '2026-11-25T17:00:00.000Z' },
+      };
+  }
+}
+
+/** Counts, per seq, the events of `run` a client receives, whatever their name. */
+function seqCounter(socket) {
+  const byRun = new Map();
+  socket.onAny((_name, event) => {
+    const run = event?.payload?.run;
+    if (run === undefined) return;
+    if (!byRun.has(run)) byRun.set(run, new Map());
+    const counts = byRun.get(run);
+    counts.set(event.payload.seq, (counts.get(event.payload.seq) || 0) + 1);
+  });
+  return (run) => byRun.get(run) || new Map();
+}
+
+async function waitUntil(predicate, deadline, describe) {
+  while (!predicate()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${describe()}`);
+    await sleep(20);
+  }
+}
+
+function assert503(res, what) {
+  assert.equal(res.status, 503, `${what}: expected 503, got ${res.status} ${JSON.stringify(res.body)}`);
+  assert.equal(typeof res.body, 'object', `${what}: 503 body must be JSON, got ${JSON.stringify(res.body)}`);
+  assert.equal(typeof res.body.error, 'string', `${what}: 503 body needs "error": ${JSON.stringify(res.body)}`);
+  assert.ok(res.body.error.length > 0, `${what}: empty "error"`);
+  assert.ok(Number.isInteger(res.body.accepted), `${what}: 503 body needs an integer "accepted": ${JSON.stringify(res.body)}`);
+}
+
+/**
+ * Publishes one event on `h`, retrying the same event on 503 (as a backend
+ * would) until it is accepted; resolves with the number of attempts.
+ */
+async function publishUntilAccepted(h, event, deadline, what) {
+  for (let attempts = 1; ; attempts += 1) {
+    const res = await h.publishRaw(event);
+    if (res.status === 202) {
+      assert.deepEqual(res.body, { accepted: 1 }, `publish ${what}`);
+      return attempts;
+    }
+    assert503(res, `publish attempt ${attempts} ${what}`);
+    if (Date.now() > deadline) throw new Error(`no publish ${what} accepted in time (${attempts} attempts, last: ${JSON.stringify(res.body)})`);
+    await sleep(100);
+  }
+}
+
+describe(`${INSTANCES} herald instances over one Redis`, { timeout: 45_000 }, () => {
+  let redis;
+  let fleet;
+  let PORTS;
+  /** { socket, instance, counts(run), disconnects[] } per client, round-robin over the instances. */
+  const clients = [];
+
+  before(async () => {
+    redis = await startRedis();
+    fleet = await startFleet({ count: INSTANCES, redisUrl: redis.url });
+    PORTS = fleet.ports;
+    const users = ['alice', 'bob'];
+    for (let i = 0; i < INSTANCES * CLIENTS_PER_INSTANCE; i += 1) {
+      const instance = i % INSTANCES;
+      const h = fleet.instances[instance];
+      const socket = await h.connect({ auth: { token: fleet.token(users[i % 2]) }, transports: ['websocket'] });
+      const disconnects = [];
+      socket.on('disconnect', (reason) => disconnects.push(reason));
+      clients.push({ socket, instance, port: PORTS[instance], counts: seqCounter(socket), disconnects });
+    }
+    for (const c of clients) assert.deepEqual(await ack(c.socket, 'subscribe_campaign', { campaignId: 'c1' }), OK);
+  });
+
+  after(async () => {
+    await fleet?.stop();
+    await redis?.stop();
+  });
+
+  /** Waits until every client has every seq of `run`, then checks each got each exactly once and nothing else. */
+  async function assertEveryClientGotEachOnce(run, seqs, deadline = Date.now() + DELIVERY_TIMEOUT_MS) {
+    await waitUntil(
+      () => clients.every((c) => seqs.every((s) => c.counts(run).has(s))),
+      deadline,
+      () =>
+        `every client to get seqs ${JSON.stringify(seqs)} of ${run}; missing: ` +
+        JSON.stringify(clients.map((c) => ({ port: c.port, missing: seqs.filter((s) => !c.counts(run).has(s)) })).filter((m) => m.missing.length)),
+    );
+    await quietPeriod(300);
+    for (const c of clients) {
+      assert.deepEqual(
+        [...c.counts(run).entries()].sort((a, b) => a[0] - b[0]),
+        seqs.map((s) => [s, 1]),
+        `client on port ${c.port}: each event exactly once ([seq, count])`,
+      );
+    }
+  }
+
+  it(`every client gets each of ${EVENTS} events published across the instances exactly once`, async () => {
+    assert.equal(new Set(PORTS).size, INSTANCES);
+    const run = 'spread';
+    const seqs = [...Array(EVENTS).keys()];
+    // Published concurrently, event `seq` on instance `seq % INSTANCES`.
+    const answers = await Promise.all(seqs.map((seq) => fleet.instances[seq % INSTANCES].publishRaw(eventFor(run, seq))));
+    for (const [seq, res] of answers.entries()) {
+      assert.deepEqual(res, { status: 202, body: { accepted: 1 } }, `publish of seq ${seq} on port ${PORTS[seq % INSTANCES]}`);
+    }
+    await assertEveryClientGotEachOnce(run, seqs);
+  });
+
+  it('with Redis killed, publishes answer 503 {error, accepted} and clients stay connected; after a restart delivery resumes within 5 s, exactly once', async (t) => {
+    const [A, B] = fleet.instances;
+    const onB = clients.filter((c) => c.instance === 1);
+    assert.ok(onB.length > 0);
+
+    await redis.kill('SIGKILL');
+
+    // Right after the kill, and once every instance knows (readyz 503).
+    const down = 'outage';
+    const first = await A.publishRaw(eventFor(down, 0));
+    assert503(first, 'publish on A right after SIGKILL');
+    const downDeadline = Date.now() + 5_000;
+    for (const h of fleet.instances) {
+      for (;;) {
+        const res = await fetch(`${h.url}/readyz`);
+        await res.arrayBuffer();
+        if (res.status === 503) break;
+        if (Date.now() > downDeadline) throw new Error(`/readyz on ${h.url} still ${res.status} with Redis down`);
+        await sleep(50);
+      }
+    }
+    const single = await B.publishRaw(eventFor(down, 1));
+    assert503(single, 'publish on B with Redis known down');
+    assert.equal(single.body.accepted, 0, 'Redis known down: nothing was handed over');
+    const batch = await fleet.instances[2].publishRaw([eventFor(down, 2), eventFor(down, 3)]);
+    assert503(batch, 'batch publish on C with Redis known down');
+    assert.equal(batch.body.accepted, 0, 'Redis known down: nothing of the batch was handed over');
+
+    // Clients stay connected through the outage.
+    await sleep(500);
+    for (const c of clients) {
+      assert.ok(c.socket.connected, `client on port ${c.port} disconnected during the outage (${c.disconnects})`);
+      assert.deepEqual(c.disconnects, [], `client on port ${c.port} saw a disconnect`);
+    }
+
+    // Redis comes back (empty) on the same port; the backend retries the same event on A until accepted.
+    await redis.restart();
+    const deadline = Date.now() + RECOVERY_MS;
+    const back = 'recovered';
+    const attempts = await publishUntilAccepted(A, eventFor(back, 0), deadline, 'on A after the Redis restart');
+    await waitUntil(
+      () => onB.every((c) => c.counts(back).has(0)),
+      deadline,
+      () => `the event accepted on A (after ${attempts} attempts) to reach the clients on B within ${RECOVERY_MS} ms of the restart`,
+    );
+    t.diagnostic(`after the Redis restart: accepted on A at attempt ${attempts}, on B ${RECOVERY_MS - (deadline - Date.now())} ms after the restart`);
+    await assertEveryClientGotEachOnce(back, [0], Date.now() + DELIVERY_TIMEOUT_MS);
+
+    // Every instance publishes to every client again, and reports ready again by itself.
+    const again = 'after-recovery';
+    for (const [i, h] of fleet.instances.entries()) {
+      await publishUntilAccepted(h, eventFor(again, i), Date.now() + RECOVERY_MS, `on port ${PORTS[i]} after recovery`);
+    }
+    await assertEveryClientGotEachOnce(again, [...Array(INSTANCES).keys()]);
+    for (const h of fleet.instances) {
+      const res = await fetch(`${h.url}/readyz`);
+      assert.equal(res.status, 200, `/readyz on ${h.url} after recovery: ${await res.text()}`);
+    }
+
+    // Nothing refused with 503 was delivered anywhere, and nobody was disconnected.
+    for (const c of clients) {
+      assert.deepEqual([...c.counts(down).keys()], [], `client on port ${c.port} got events that were refused with 503`);
+      assert.ok(c.socket.connected, `client on port ${c.port} is no longer connected`);
+      assert.deepEqual(c.disconnects, [], `client on port ${c.port} saw a disconnect`);
+    }
+  });
+});
