@@ -26,6 +26,7 @@ use crate::fleet::{FleetConfig, FleetDriver, FleetError};
 use crate::gateway::Gateway;
 use crate::health::{self, OpsState, Probe};
 use crate::publish::{self, PublishState};
+use crate::replay::Retention;
 use crate::store::{MembershipStore, SqlStore, StoreError};
 use crate::telemetry::Metrics;
 
@@ -90,11 +91,11 @@ struct Parts<'a> {
 fn assemble<A: Adapter>(
     io: SocketIo<A>,
     layer: SocketIoLayer<A>,
+    delivery: Delivery<A>,
     parts: Parts<'_>,
     driver: Option<FleetDriver>,
 ) -> (Router, Closer) {
     let Parts { config, metrics, publish_token, mut probes } = parts;
-    let delivery = Delivery::new(io.clone(), metrics.clone());
     let publish_state = Arc::new(PublishState {
         token: publish_token,
         max_body_bytes: config.max_body_bytes,
@@ -210,12 +211,14 @@ impl Application {
             })
         };
         let parts = Parts { config: &config, metrics, publish_token, probes: vec![("store", store_probe)] };
+        let retention = Retention { window: config.replay_window, max_events: config.replay_max_events.max(1) };
 
         let (mut router, closer) = match &config.redis_url {
             None => {
                 let (layer, io) = builder.build_layer();
-                gateway.attach(&io);
-                assemble(io, layer, parts, None)
+                let delivery = Delivery::new(io.clone(), parts.metrics.clone(), retention, None);
+                gateway.attach(&io, delivery.clone());
+                assemble(io, layer, delivery, parts, None)
             }
             Some(url) => {
                 let driver = FleetDriver::connect(
@@ -233,8 +236,9 @@ impl Application {
                     .with_request_timeout(config.redis_timeout);
                 let ctr = RedisAdapterCtr::new_with_driver(driver.clone(), adapter_config);
                 let (layer, io) = builder.with_adapter::<FleetAdapter>(ctr).build_layer();
-                gateway.attach(&io).await.map_err(|e| BuildError::RedisInit(e.to_string()))?;
-                assemble(io, layer, parts, Some(driver))
+                let delivery = Delivery::new(io.clone(), parts.metrics.clone(), retention, Some(driver.clone()));
+                gateway.attach(&io, delivery.clone()).await.map_err(|e| BuildError::RedisInit(e.to_string()))?;
+                assemble(io, layer, delivery, parts, Some(driver))
             }
         };
         // Outside the Socket.IO layer, so that preflights never reach it.

@@ -145,6 +145,14 @@ pub struct Config {
     #[arg(long, env = "HERALD_REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
 
+    /// How long delivered events are kept for recovery (`since`).
+    #[arg(long, env = "HERALD_REPLAY_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub replay_window: Duration,
+
+    /// How many delivered events are kept for recovery, at most.
+    #[arg(long, env = "HERALD_REPLAY_MAX_EVENTS", default_value_t = 100_000)]
+    pub replay_max_events: usize,
+
     /// Allowed CORS origins, comma-separated. Unset: any origin in development, none in production.
     #[arg(long, env = "HERALD_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,

@@ -1,23 +1,40 @@
-//! The one path every outgoing domain event takes: from a validated
-//! [`Event`] to the sockets in its rooms, through the adapter (local on one
-//! instance; Redis across a fleet).
+//! The one path every outgoing domain event takes: validated [`Event`]s are
+//! appended to the event log, which gives each one its offset, and delivered
+//! from the log, in log order, to the sockets in their rooms.
 //!
-//! A socket in several of an event's rooms gets one copy: the event is
-//! emitted once to the union of its rooms.
+//! - One instance: the log is in memory; appending and delivering happen
+//!   under one lock.
+//! - A fleet: the log is a Redis Stream. A publish is one atomic append (all
+//!   of a batch, or none of it); every instance runs a reader that follows the
+//!   stream and delivers each entry to its own local sockets, so a client
+//!   gets each event once whichever instance it is on, and an instance that
+//!   lost Redis for a moment catches up from where it stopped.
+//!
+//! A subscription with `since` is served in the same sequence as deliveries
+//! (under the lock, or by the reader between two entries): the socket gets
+//! the room's logged events after `since`, then joins the room, so between
+//! the replayed events and the live ones there is no gap and no duplicate.
+//! A socket in several of an event's rooms gets one copy.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use socketioxide::BroadcastError;
+use serde_json::value::RawValue;
 use socketioxide::SocketIo;
 use socketioxide::adapter::Adapter;
+use socketioxide::extract::SocketRef;
+use tokio::sync::{Mutex, mpsc, oneshot};
 
-use crate::events::Event;
-use crate::telemetry::Metrics;
+use crate::events::{Event, EventKind};
+use crate::fleet::{Conn, FleetDriver};
+use crate::replay::{Logged, MemoryLog, Offset, Replay, Retention};
+use crate::rooms::Room;
+use crate::telemetry::{Metrics, error_chain};
 
 /// An event could not be handed over.
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
-    /// The adapter (Redis) is unavailable. `accepted` events of the batch were
+    /// The log (Redis) is unavailable. `accepted` events of the batch were
     /// handed over before it failed.
     #[error("the adapter is unavailable")]
     AdapterUnavailable { accepted: usize, reason: String },
@@ -26,46 +43,425 @@ pub enum DeliveryError {
     Encode(String),
 }
 
-/// Delivers domain events to rooms.
-pub struct Delivery<A: Adapter> {
+/// Appends `ARGV[2..]` (triples: kind, rooms, event object) to the stream
+/// `KEYS[1]`, capped near `ARGV[1]` entries, in one atomic step. Creates the
+/// log's epoch `KEYS[2]` (server time, ms) when missing, and returns it.
+const APPEND: &str = r"
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  local t = redis.call('TIME')
+  epoch = string.format('%013d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  redis.call('SET', KEYS[2], epoch)
+end
+for i = 2, #ARGV, 3 do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'k', ARGV[i], 'r', ARGV[i + 1], 'e', ARGV[i + 2])
+end
+return epoch
+";
+
+/// How long one blocking read of the stream waits.
+const BLOCK: Duration = Duration::from_millis(1_000);
+/// How many entries one read takes at most.
+const READ_BATCH: usize = 512;
+/// How often the stream is trimmed by age.
+const TRIM_EVERY: Duration = Duration::from_secs(1);
+
+enum Backend<A: Adapter> {
+    Memory(Mutex<MemoryLog>),
+    Redis { driver: FleetDriver, append: redis::Script, commands: mpsc::Sender<ReaderCommand<A>> },
+}
+
+/// A subscription with `since`, served by the stream reader.
+struct ReaderCommand<A: Adapter> {
+    socket: SocketRef<A>,
+    room: Room,
+    since: Offset,
+    reply: oneshot::Sender<bool>,
+}
+
+struct Inner<A: Adapter> {
     io: SocketIo<A>,
     metrics: Arc<Metrics>,
+    retention: Retention,
+    backend: Backend<A>,
 }
+
+/// Delivers domain events to rooms, and replays them on request.
+pub struct Delivery<A: Adapter>(Arc<Inner<A>>);
 
 impl<A: Adapter> Clone for Delivery<A> {
     fn clone(&self) -> Self {
-        Delivery { io: self.io.clone(), metrics: self.metrics.clone() }
+        Delivery(self.0.clone())
     }
 }
 
+fn stream_key(prefix: &str) -> String {
+    format!("{{{prefix}}}:log")
+}
+
+fn epoch_key(prefix: &str) -> String {
+    format!("{{{prefix}}}:epoch")
+}
+
+fn room_names(rooms: &[Room]) -> Vec<String> {
+    rooms.iter().map(ToString::to_string).collect()
+}
+
 impl<A: Adapter> Delivery<A> {
-    /// A delivery path over `io`.
-    pub fn new(io: SocketIo<A>, metrics: Arc<Metrics>) -> Self {
-        Delivery { io, metrics }
+    /// A delivery path over `io`: in memory, or through Redis when `driver` is given.
+    pub fn new(io: SocketIo<A>, metrics: Arc<Metrics>, retention: Retention, driver: Option<FleetDriver>) -> Self {
+        match driver {
+            None => Delivery(Arc::new(Inner {
+                io,
+                metrics,
+                retention,
+                backend: Backend::Memory(Mutex::new(MemoryLog::new(retention))),
+            })),
+            Some(driver) => {
+                let (commands, command_rx) = mpsc::channel(1024);
+                let inner = Arc::new(Inner {
+                    io,
+                    metrics,
+                    retention,
+                    backend: Backend::Redis { driver: driver.clone(), append: redis::Script::new(APPEND), commands },
+                });
+                tokio::spawn(reader(Arc::downgrade(&inner), driver, command_rx));
+                Delivery(inner)
+            }
+        }
     }
 
-    /// Hands every event to the adapter, in order. Returns how many were
-    /// handed over; on an adapter failure, stops and says how many were.
+    /// Logs and delivers every event, in order. Returns how many were handed
+    /// over; on a failure, says how many were.
     pub async fn publish(&self, events: &[Event]) -> Result<usize, DeliveryError> {
-        for (accepted, event) in events.iter().enumerate() {
-            let rooms: Vec<String> = event.rooms.iter().map(ToString::to_string).collect();
-            let kind = event.kind();
-            match self.io.to(rooms).emit(kind.as_str(), &event.envelope).await {
-                Ok(()) => {}
-                // Some local sockets could not take it (closed, or buffer full);
-                // the others got it. Not the publisher's problem.
-                Err(BroadcastError::Socket(errors)) => {
-                    tracing::debug!(failed = errors.len(), event = kind.as_str(), "some sockets missed an event");
-                }
-                Err(BroadcastError::Serialize(e)) => {
-                    return Err(DeliveryError::Encode(e.to_string()));
-                }
-                Err(BroadcastError::Adapter(e)) => {
-                    return Err(DeliveryError::AdapterUnavailable { accepted, reason: e.to_string() });
+        let mut encoded = Vec::with_capacity(events.len());
+        for event in events {
+            let json = serde_json::to_string(&event.envelope).map_err(|e| DeliveryError::Encode(e.to_string()))?;
+            encoded.push((event.kind(), Arc::<[Room]>::from(event.rooms.clone()), json));
+        }
+        match &self.0.backend {
+            Backend::Memory(log) => {
+                let mut log = log.lock().await;
+                for (kind, rooms, json) in encoded {
+                    let logged = log.append(kind, rooms, &json);
+                    self.deliver(&logged).await;
                 }
             }
-            self.metrics.events_published.get_or_create(&[("type", kind.as_str())]).inc();
+            Backend::Redis { driver, append, .. } => {
+                if !driver.is_healthy() {
+                    return Err(DeliveryError::AdapterUnavailable {
+                        accepted: 0,
+                        reason: "redis is unreachable".into(),
+                    });
+                }
+                let prefix = driver.prefix();
+                let mut invocation = append.key(stream_key(prefix));
+                invocation.key(epoch_key(prefix)).arg(self.0.retention.max_events);
+                for (kind, rooms, json) in &encoded {
+                    invocation.arg(kind.as_str()).arg(room_names(rooms).join(" ")).arg(json);
+                }
+                let mut conn = driver.conn();
+                let result: Result<redis::RedisResult<String>, _> =
+                    tokio::time::timeout(driver.op_timeout(), invocation.invoke_async(&mut conn)).await;
+                match result {
+                    Ok(Ok(_epoch)) => {}
+                    Ok(Err(e)) => {
+                        self.0.metrics.adapter_errors.inc();
+                        return Err(DeliveryError::AdapterUnavailable { accepted: 0, reason: error_chain(&e) });
+                    }
+                    Err(_) => {
+                        self.0.metrics.adapter_errors.inc();
+                        return Err(DeliveryError::AdapterUnavailable { accepted: 0, reason: "timed out".into() });
+                    }
+                }
+            }
+        }
+        for event in events {
+            self.0.metrics.events_published.get_or_create(&[("type", event.kind().as_str())]).inc();
         }
         Ok(events.len())
     }
+
+    /// Sends a logged event to the local sockets in its rooms.
+    async fn deliver(&self, logged: &Logged) {
+        self.0.deliver(logged).await;
+    }
+
+    /// Joins `socket` to `room`; with `since`, first replays the room's events
+    /// after it. Returns whether every missed event could be replayed (`None`
+    /// without `since`).
+    pub async fn join(&self, socket: &SocketRef<A>, room: &Room, since: Option<Offset>) -> Option<bool> {
+        let Some(since) = since else {
+            socket.join(room.to_string());
+            return None;
+        };
+        match &self.0.backend {
+            Backend::Memory(log) => {
+                let mut log = log.lock().await;
+                let replay = log.replay(room, since);
+                Some(replay_to(socket, room, replay))
+            }
+            Backend::Redis { commands, .. } => {
+                let (reply, answer) = oneshot::channel();
+                let command = ReaderCommand { socket: socket.clone(), room: room.clone(), since, reply };
+                if commands.send(command).await.is_err() {
+                    socket.join(room.to_string());
+                    return Some(false);
+                }
+                match answer.await {
+                    Ok(recovered) => Some(recovered),
+                    // The reader is gone (shutting down): the client will refetch.
+                    Err(_) => {
+                        socket.join(room.to_string());
+                        Some(false)
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<A: Adapter> Inner<A> {
+    async fn deliver(&self, logged: &Logged) {
+        let Ok(raw) = RawValue::from_string(logged.json.to_string()) else {
+            tracing::error!(offset = %logged.offset, "a logged event is not valid JSON");
+            return;
+        };
+        match self.io.local().to(room_names(&logged.rooms)).emit(logged.kind.as_str(), &*raw).await {
+            Ok(()) => {}
+            Err(socketioxide::BroadcastError::Socket(errors)) => {
+                tracing::debug!(failed = errors.len(), offset = %logged.offset, "some sockets missed an event");
+            }
+            Err(e) => tracing::error!(error = %e, "local delivery failed"),
+        }
+    }
+}
+
+/// Sends a replay to one socket and joins it to the room. When the socket
+/// cannot take every event, it is disconnected (it will reconnect and ask
+/// again) rather than left with a gap.
+fn replay_to<A: Adapter>(socket: &SocketRef<A>, room: &Room, replay: Replay) -> bool {
+    for logged in &replay.events {
+        let sent = RawValue::from_string(logged.json.to_string())
+            .ok()
+            .is_some_and(|raw| socket.emit(logged.kind.as_str(), &*raw).is_ok());
+        if !sent {
+            tracing::info!(socket = %socket.id, room = %room, "replay did not fit the socket's buffer; disconnecting it");
+            let _ = socket.clone().disconnect();
+            return false;
+        }
+    }
+    socket.join(room.to_string());
+    replay.recovered
+}
+
+/// Follows the Redis Stream: delivers every entry to the local sockets, in
+/// order, and serves replays between entries. Reconnects by itself; after a
+/// Redis restart (a new epoch) it starts at the new log's beginning.
+async fn reader<A: Adapter>(
+    inner: std::sync::Weak<Inner<A>>,
+    driver: FleetDriver,
+    mut commands: mpsc::Receiver<ReaderCommand<A>>,
+) {
+    let key = stream_key(driver.prefix());
+    let epoch_key = epoch_key(driver.prefix());
+    let mut epoch: Option<u64> = None;
+    let mut last_id = String::from("0-0");
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if inner.upgrade().is_none() {
+            return;
+        }
+        let conn = match driver.dedicated(BLOCK).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::debug!(error = %error_chain(&e), "event log: cannot connect; retrying");
+                refuse_pending(&inner, &mut commands);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+                continue;
+            }
+        };
+        let mut shared = driver.conn();
+        // The log's epoch: a new one means Redis lost the old log.
+        let current = match current_epoch(&mut shared, &epoch_key, driver.op_timeout()).await {
+            Ok(e) => e,
+            Err(_) => {
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+        };
+        match (epoch, current) {
+            (Some(old), Some(new)) if old == new => {}
+            (None, _) => {
+                // First start: deliver from now on.
+                last_id = last_entry_id(&mut shared, &key).await.unwrap_or_else(|| "0-0".into());
+                epoch = current;
+            }
+            _ => {
+                tracing::info!("event log: a new epoch (Redis lost the old log); reading it from the start");
+                last_id = "0-0".into();
+                epoch = current;
+            }
+        }
+        backoff = Duration::from_millis(50);
+        tracing::debug!(last_id, "event log: following the stream");
+
+        let mut read = Box::pin(read_after(conn.clone(), key.clone(), last_id.clone()));
+        let mut trim = tokio::time::interval(TRIM_EVERY);
+        trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let error = loop {
+            tokio::select! {
+                result = &mut read => {
+                    let entries = match result {
+                        Ok(entries) => entries,
+                        Err(e) => break e,
+                    };
+                    let Some(strong) = inner.upgrade() else { return };
+                    // The first entry of a new epoch creates the epoch key: learn it.
+                    if epoch.is_none() {
+                        epoch = current_epoch(&mut shared, &epoch_key, driver.op_timeout()).await.ok().flatten();
+                    }
+                    for (id, kind, rooms, json) in entries {
+                        if let Some(offset) = epoch.and_then(|e| Offset::from_stream_id(e, &id)) {
+                            strong.deliver(&Logged::new(offset, kind, rooms, &json)).await;
+                        }
+                        last_id = id;
+                    }
+                    drop(strong);
+                    read = Box::pin(read_after(conn.clone(), key.clone(), last_id.clone()));
+                }
+                command = commands.recv() => {
+                    let Some(command) = command else { return };
+                    let recovered = match epoch {
+                        Some(e) => serve_replay(&mut shared, &key, e, &last_id, &command).await,
+                        None => false,
+                    };
+                    let joined = command.socket.rooms().iter().any(|r| *r == command.room.to_string());
+                    if !recovered && !joined && command.socket.connected() {
+                        command.socket.join(command.room.to_string());
+                    }
+                    let _ = command.reply.send(recovered);
+                }
+                _ = trim.tick() => {
+                    if let Some(strong) = inner.upgrade() {
+                        trim_by_age(&mut shared, &key, strong.retention.window).await;
+                    }
+                }
+            }
+        };
+        if let Some(strong) = inner.upgrade() {
+            strong.metrics.adapter_errors.inc();
+        }
+        tracing::warn!(error = %error_chain(&error), "event log: reading the stream failed; reconnecting");
+    }
+}
+
+/// While the reader cannot reach Redis, subscriptions with `since` are
+/// joined without a replay (the client refetches).
+fn refuse_pending<A: Adapter>(inner: &std::sync::Weak<Inner<A>>, commands: &mut mpsc::Receiver<ReaderCommand<A>>) {
+    if inner.upgrade().is_none() {
+        return;
+    }
+    while let Ok(command) = commands.try_recv() {
+        command.socket.join(command.room.to_string());
+        let _ = command.reply.send(false);
+    }
+}
+
+async fn current_epoch(conn: &mut Conn, key: &str, timeout: Duration) -> Result<Option<u64>, ()> {
+    let result: Result<redis::RedisResult<Option<String>>, _> =
+        tokio::time::timeout(timeout, redis::cmd("GET").arg(key).query_async(conn)).await;
+    match result {
+        Ok(Ok(value)) => Ok(value.and_then(|v| v.parse().ok())),
+        _ => Err(()),
+    }
+}
+
+async fn last_entry_id(conn: &mut Conn, key: &str) -> Option<String> {
+    let reply: redis::streams::StreamRangeReply =
+        redis::cmd("XREVRANGE").arg(key).arg("+").arg("-").arg("COUNT").arg(1).query_async(conn).await.ok()?;
+    reply.ids.first().map(|e| e.id.clone())
+}
+
+/// One decoded stream entry: id, kind, rooms, event object.
+type Entry = (String, EventKind, Arc<[Room]>, String);
+
+fn decode(entry: &redis::streams::StreamId) -> Option<Entry> {
+    let text = |field: &str| -> Option<String> { entry.get::<String>(field) };
+    let kind: EventKind = serde_json::from_value(serde_json::Value::String(text("k")?)).ok()?;
+    let rooms: Vec<Room> = text("r")?.split(' ').filter_map(Room::parse).collect();
+    Some((entry.id.clone(), kind, Arc::from(rooms), text("e")?))
+}
+
+/// Blocks until entries after `after` arrive (or the block time passes).
+async fn read_after(mut conn: Conn, key: String, after: String) -> redis::RedisResult<Vec<Entry>> {
+    let options = redis::streams::StreamReadOptions::default().block(BLOCK.as_millis() as usize).count(READ_BATCH);
+    let reply: Option<redis::streams::StreamReadReply> =
+        redis::AsyncCommands::xread_options(&mut conn, &[&key], &[&after], &options).await?;
+    let mut entries = Vec::new();
+    for stream in reply.map(|r| r.keys).unwrap_or_default() {
+        for entry in &stream.ids {
+            match decode(entry) {
+                Some(e) => entries.push(e),
+                // Not ours to deliver, but never to stop on: skip it.
+                None => entries.push((entry.id.clone(), EventKind::StateInvalidated, Arc::from(vec![]), "{}".into())),
+            }
+        }
+    }
+    Ok(entries)
+}
+
+/// Replays to one socket, when the stream still holds every entry after
+/// `since` up to what this reader has delivered.
+async fn serve_replay<A: Adapter>(
+    conn: &mut Conn,
+    key: &str,
+    epoch: u64,
+    last_id: &str,
+    command: &ReaderCommand<A>,
+) -> bool {
+    let since = command.since;
+    let Some(last) = Offset::from_stream_id(epoch, last_id) else { return false };
+    if since.epoch != epoch || since > last {
+        return false;
+    }
+    // Entries up to `max-deleted-entry-id` were trimmed.
+    let info: redis::RedisResult<std::collections::HashMap<String, redis::Value>> =
+        redis::cmd("XINFO").arg("STREAM").arg(key).query_async(conn).await;
+    let Ok(info) = info else { return false };
+    let trimmed = match info.get("max-deleted-entry-id") {
+        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+        Some(redis::Value::SimpleString(s)) => s.clone(),
+        _ => return false,
+    };
+    match Offset::from_stream_id(epoch, &trimmed) {
+        Some(max_deleted) if max_deleted > since => return false,
+        Some(_) => {}
+        None => return false,
+    }
+    let range: redis::RedisResult<redis::streams::StreamRangeReply> =
+        redis::cmd("XRANGE").arg(key).arg(format!("({}", since.stream_id())).arg(last_id).query_async(conn).await;
+    let Ok(range) = range else { return false };
+    let events = range
+        .ids
+        .iter()
+        .filter_map(decode)
+        .filter_map(|(id, kind, rooms, json)| {
+            let offset = Offset::from_stream_id(epoch, &id)?;
+            let logged = Logged::new(offset, kind, rooms, &json);
+            logged.targets(&command.room).then_some(logged)
+        })
+        .collect();
+    replay_to(&command.socket, &command.room, Replay { recovered: true, events })
+}
+
+/// Drops entries older than the window (approximately; Redis keeps whole nodes).
+async fn trim_by_age(conn: &mut Conn, key: &str, window: Duration) {
+    let time: redis::RedisResult<(u64, u64)> = redis::cmd("TIME").query_async(conn).await;
+    let Ok((secs, micros)) = time else { return };
+    let now_ms = secs * 1000 + micros / 1000;
+    let min_id = now_ms.saturating_sub(window.as_millis() as u64);
+    let _: redis::RedisResult<i64> =
+        redis::cmd("XTRIM").arg(key).arg("MINID").arg("~").arg(min_id).query_async(conn).await;
 }

@@ -88,10 +88,11 @@ const NUMSUB_SCRIPT: &str = r"
 return redis.call('PUBSUB', 'NUMSUB', ARGV[1])[2]
 ";
 
-/// The publishing connection: one Redis, or a cluster.
+/// A connection: one Redis (reconnecting, or plain), or a cluster.
 #[derive(Clone)]
-enum Conn {
+pub(crate) enum Conn {
     Single(ConnectionManager),
+    Plain(redis::aio::MultiplexedConnection),
     Cluster(redis::cluster_async::ClusterConnection),
 }
 
@@ -99,6 +100,7 @@ impl redis::aio::ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Plain(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -111,6 +113,7 @@ impl redis::aio::ConnectionLike for Conn {
     ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Plain(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
@@ -118,6 +121,7 @@ impl redis::aio::ConnectionLike for Conn {
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(c) => c.get_db(),
+            Conn::Plain(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
         }
     }
@@ -183,6 +187,7 @@ const SETTLE: Duration = Duration::from_millis(1_500);
 struct Inner {
     config: FleetConfig,
     conn: Conn,
+    target: Target,
     numsub: redis::Script,
     channels: Mutex<HashMap<String, mpsc::Sender<ChanItem>>>,
     commands: mpsc::UnboundedSender<Command>,
@@ -237,6 +242,7 @@ impl FleetDriver {
         let inner = Arc::new(Inner {
             config,
             conn,
+            target: target.clone(),
             numsub: redis::Script::new(NUMSUB_SCRIPT),
             channels: Mutex::default(),
             commands,
@@ -276,6 +282,52 @@ impl FleetDriver {
                 true
             }
             None => true,
+        }
+    }
+
+    /// The shared, reconnecting connection.
+    pub(crate) fn conn(&self) -> Conn {
+        self.0.conn.clone()
+    }
+
+    /// The prefix of herald's keys and channels.
+    pub(crate) fn prefix(&self) -> &str {
+        &self.0.config.prefix
+    }
+
+    /// The bound of one Redis operation.
+    pub(crate) fn op_timeout(&self) -> Duration {
+        self.0.config.op_timeout
+    }
+
+    /// A new connection of its own, for blocking reads, whose replies may
+    /// take up to `block` more than the operation timeout.
+    pub(crate) async fn dedicated(&self, block: Duration) -> redis::RedisResult<Conn> {
+        let timeout = self.0.config.op_timeout + block;
+        match &self.0.target {
+            Target::Single(client) => {
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.0.config.op_timeout))
+                    .set_response_timeout(Some(timeout));
+                Ok(Conn::Plain(client.get_multiplexed_async_connection_with_config(&config).await?))
+            }
+            Target::Cluster => {
+                let seeds: Vec<String> = self
+                    .0
+                    .config
+                    .url
+                    .strip_prefix(CLUSTER_SCHEME)
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(|n| format!("redis://{}", n.trim()))
+                    .collect();
+                let client = redis::cluster::ClusterClient::builder(seeds)
+                    .connection_timeout(self.0.config.op_timeout)
+                    .response_timeout(timeout)
+                    .retries(1)
+                    .build()?;
+                Ok(Conn::Cluster(client.get_async_connection().await?))
+            }
         }
     }
 

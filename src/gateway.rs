@@ -20,16 +20,21 @@ use socketioxide_core::adapter::DefinedAdapter;
 
 use crate::access::{Access, Decision};
 use crate::auth::{Unauthorized, User, Verifier, find_token};
+use crate::delivery::Delivery;
+use crate::replay::Offset;
 use crate::rooms::{Room, RoomKind};
 use crate::store::MembershipStore;
 use crate::telemetry::Metrics;
 
-/// An ack: `{ "success": true }` or `{ "success": false, "error": "…" }`.
+/// An ack: `{ "success": true }` (with `"recovered"` for a subscription with
+/// `since`) or `{ "success": false, "error": "…" }`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Reply {
     pub success: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<bool>,
 }
 
 /// Why a client event failed, as told to the client.
@@ -66,10 +71,12 @@ impl Refusal {
 }
 
 impl Reply {
-    const OK: Reply = Reply { success: true, error: None };
+    fn ok(recovered: Option<bool>) -> Reply {
+        Reply { success: true, error: None, recovered }
+    }
 
     fn refused(why: Refusal) -> Reply {
-        Reply { success: false, error: Some(why.message()) }
+        Reply { success: false, error: Some(why.message()), recovered: None }
     }
 }
 
@@ -102,6 +109,16 @@ pub fn parse_room_request(kind: RoomKind, data: &Result<Value, ParserError>) -> 
     kind.room(id).map_err(|_| Refusal::InvalidPayload)
 }
 
+/// Reads the optional `since` of a subscription: absent, or an offset herald
+/// could have made.
+pub fn parse_since(data: &Result<Value, ParserError>) -> Result<Option<Offset>, Refusal> {
+    match data.as_ref().ok().and_then(|v| v.get("since")) {
+        None => Ok(None),
+        Some(Value::String(s)) => Offset::parse(s).map(Some).ok_or(Refusal::InvalidPayload),
+        Some(_) => Err(Refusal::InvalidPayload),
+    }
+}
+
 /// The gateway's shared state.
 pub struct Gateway<S> {
     verifier: Verifier,
@@ -117,7 +134,11 @@ impl<S: MembershipStore> Gateway<S> {
 
     /// Installs the handlers on the default namespace of `io`. The result is
     /// the adapter's initialisation (a future to await, for Redis).
-    pub fn attach<A: Adapter + DefinedAdapter>(self: &Arc<Self>, io: &SocketIo<A>) -> A::InitRes {
+    pub fn attach<A: Adapter + DefinedAdapter>(
+        self: &Arc<Self>,
+        io: &SocketIo<A>,
+        delivery: Delivery<A>,
+    ) -> A::InitRes {
         let on_connect = {
             let gw = self.clone();
             move |s: SocketRef<A>| {
@@ -129,7 +150,8 @@ impl<S: MembershipStore> Gateway<S> {
             let gw = self.clone();
             move |s: SocketRef<A>, TryData(auth): TryData<Value>| {
                 let gw = gw.clone();
-                async move { gw.authenticate(&s, auth.ok().as_ref()) }
+                let delivery = delivery.clone();
+                async move { gw.authenticate(&s, auth.ok().as_ref(), delivery) }
             }
         };
         io.ns("/", on_connect.with(authenticate))
@@ -137,7 +159,12 @@ impl<S: MembershipStore> Gateway<S> {
 
     /// The connect middleware: verifies the token, keeps the user in the
     /// socket's extensions and registers the event handlers.
-    fn authenticate<A: Adapter>(self: &Arc<Self>, s: &SocketRef<A>, auth: Option<&Value>) -> Result<(), Unauthorized> {
+    fn authenticate<A: Adapter>(
+        self: &Arc<Self>,
+        s: &SocketRef<A>,
+        auth: Option<&Value>,
+        delivery: Delivery<A>,
+    ) -> Result<(), Unauthorized> {
         let Some(token) = find_token(auth, s.req_parts().uri.query()) else {
             self.metrics.auth_failures.get_or_create(&[("reason", "missing")]).inc();
             tracing::info!(socket = %s.id, reason = "missing token", "handshake rejected");
@@ -152,26 +179,28 @@ impl<S: MembershipStore> Gateway<S> {
             }
         };
         s.extensions.insert(user);
-        self.register_handlers(s);
+        self.register_handlers(s, delivery);
         Ok(())
     }
 
-    fn register_handlers<A: Adapter>(self: &Arc<Self>, s: &SocketRef<A>) {
+    fn register_handlers<A: Adapter>(self: &Arc<Self>, s: &SocketRef<A>, delivery: Delivery<A>) {
         for kind in RoomKind::ALL {
             for action in [Action::Subscribe, Action::Unsubscribe] {
                 let gw = self.clone();
+                let delivery = delivery.clone();
                 s.on(
                     event_name(action, kind),
                     move |s: SocketRef<A>, TryData(data): TryData<Value>, ack: AckSender<A>| {
                         let gw = gw.clone();
+                        let delivery = delivery.clone();
                         async move {
                             let reply = match action {
-                                Action::Subscribe => gw.subscribe(&s, kind, &data).await,
-                                Action::Unsubscribe => gw.unsubscribe(&s, kind, &data),
+                                Action::Subscribe => gw.subscribe(&s, kind, &data, &delivery).await,
+                                Action::Unsubscribe => gw.unsubscribe(&s, kind, &data).map(|()| None),
                             };
-                            gw.count_ack(event_name(action, kind), reply);
+                            gw.count_ack(event_name(action, kind), reply.map(drop));
                             // Without an ack id this sends nothing; a failure means the socket is gone.
-                            let _ = ack.send(&reply.map_or_else(Reply::refused, |()| Reply::OK));
+                            let _ = ack.send(&reply.map_or_else(Reply::refused, Reply::ok));
                         }
                     },
                 );
@@ -235,8 +264,10 @@ impl<S: MembershipStore> Gateway<S> {
         s: &SocketRef<A>,
         kind: RoomKind,
         data: &Result<Value, ParserError>,
-    ) -> Result<(), Refusal> {
+        delivery: &Delivery<A>,
+    ) -> Result<Option<bool>, Refusal> {
         let room = parse_room_request(kind, data)?;
+        let since = parse_since(data)?;
         let user = s.extensions.get::<User>().ok_or(Refusal::Unauthorized)?;
         match self.access.check(&user.id, &room).await {
             Ok(Decision::Allowed) => {}
@@ -260,12 +291,13 @@ impl<S: MembershipStore> Gateway<S> {
         }
         let name = room.to_string();
         let rooms = s.rooms();
-        if !rooms.iter().any(|r| *r == name) {
-            s.join(name);
+        let already = rooms.iter().any(|r| *r == name);
+        let recovered = delivery.join(s, &room, since).await;
+        if !already && s.connected() {
             self.metrics.subscriptions.get_or_create(&[("kind", kind.as_str())]).inc();
         }
-        tracing::info!(user = &*user.id, room = %room, subscriptions = rooms.len() + 1, "subscribed");
-        Ok(())
+        tracing::info!(user = &*user.id, room = %room, subscriptions = rooms.len() + 1, ?recovered, "subscribed");
+        Ok(recovered)
     }
 
     fn unsubscribe<A: Adapter>(

@@ -15,6 +15,7 @@
 //! - [`access`]: who may join which room, with a short-lived cache.
 //! - [`events`]: the five domain event kinds, their validation and targeting.
 //! - [`delivery`]: the one path every outgoing event takes to its rooms.
+//! - [`replay`]: offsets and the event log that recovery replays from.
 //! - [`fleet`]: the Redis driver that lets many instances share events.
 //! - [`gateway`]: the Socket.IO handlers (handshake, subscribe, unsubscribe).
 //! - [`publish`]: the HTTP publish API for backends.
@@ -33,6 +34,7 @@ pub mod fleet;
 pub mod gateway;
 pub mod health;
 pub mod publish;
+pub mod replay;
 pub mod rooms;
 pub mod shutdown;
 pub mod store;

@@ -14,6 +14,7 @@ const {
   startHerald,
   ack,
   inbox,
+  withoutOffset,
   recordAll,
   quietPeriod,
   assertNothingArrives,
@@ -568,7 +569,7 @@ function defineContractSuite(transport) {
       it('leaves metadata absent when it was not given', async (t) => {
         const socket = await subscribed(t, 'alice', [['campaign', 'c1']]);
         const seen = [];
-        socket.on('state_invalidated', (...args) => seen.push(args));
+        socket.on('state_invalidated', (...args) => seen.push(args.map(withoutOffset)));
         const reason = uniqueId('reason');
         const evt = { type: 'state_invalidated', timestamp: FIXED_TIMESTAMP, payload: { campaignId: 'c1', scope: 'campaign', reason } };
         await h.publish(evt);
@@ -597,6 +598,9 @@ function defineContractSuite(transport) {
           seen.map(({ name, args }) => [name, args]),
           batch.map((evt) => [evt.type, [evt]]),
         );
+        const offsets = seen.map(({ offset }) => offset);
+        assert.deepEqual([...offsets].sort(), offsets, 'offsets increase in delivery order');
+        assert.equal(new Set(offsets).size, offsets.length, 'offsets are unique');
       });
 
       it('delivers nothing after unsubscribe from a campaign, a settlement or a structure', async (t) => {

@@ -338,14 +338,31 @@ async function ack(socket, event, ...args) {
  * Records every `type` event a socket receives, through `socket.on(type, …)`.
  * Each entry is the full argument list, so `args.length` can be checked.
  */
+/** Offsets are 13-13-10 digits, so they compare as strings. */
+const OFFSET_RE = /^\d{13}-\d{13}-\d{10}$/;
+
+/**
+ * An event object without its `offset`, for comparing with what was
+ * published. A missing or malformed offset is left in place (as `offset:
+ * "<missing>"` or the bad value) so that the comparison fails and shows it.
+ */
+function withoutOffset(evt) {
+  if (evt === null || typeof evt !== 'object') return evt;
+  const { offset, ...rest } = evt;
+  if (typeof offset === 'string' && OFFSET_RE.test(offset)) return rest;
+  return { ...rest, offset: offset === undefined ? '<missing>' : offset };
+}
+
 class Inbox {
   constructor(socket, type) {
     this.socket = socket;
     this.type = type;
     this.calls = [];
+    this.offsets = [];
     this.waiters = new Set();
     socket.on(type, (...args) => {
-      this.calls.push(args);
+      if (typeof args[0]?.offset === 'string') this.offsets.push(args[0].offset);
+      this.calls.push(args.map(withoutOffset));
       for (const w of this.waiters) w();
     });
   }
@@ -396,7 +413,12 @@ function inbox(socket, type) {
 /** Records every event whatever its name (socket.onAny). */
 function recordAll(socket) {
   const seen = [];
-  socket.onAny((name, ...args) => seen.push({ name, args }));
+  socket.onAny((name, ...args) => {
+    const record = { name, args: args.map(withoutOffset) };
+    // Kept aside (not enumerable), so records still compare with what was published.
+    Object.defineProperty(record, 'offset', { value: args[0]?.offset, enumerable: false });
+    seen.push(record);
+  });
   return seen;
 }
 
@@ -658,6 +680,7 @@ module.exports = {
   waitForConnect,
   ack,
   inbox,
+  withoutOffset,
   recordAll,
   quietPeriod,
   assertNothingArrives,

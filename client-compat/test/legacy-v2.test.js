@@ -6,7 +6,7 @@ const { describe, it, before, after } = require('node:test');
 const assert = require('node:assert/strict');
 const ioV2 = require('socket.io-client-v2');
 
-const { OK, UNAUTHORIZED, INVALID, startHerald, once } = require('./helpers');
+const { OK, UNAUTHORIZED, INVALID, startHerald, once, withoutOffset } = require('./helpers');
 const { event } = require('./contract');
 
 /** v2 acks: `socket.emit(ev, payload, ackFn)`. */
@@ -60,7 +60,7 @@ for (const transport of ['websocket', 'polling']) {
       assert.deepEqual(await ackV2(socket, 'subscribe_campaign', { campaignId: '../x' }), INVALID);
 
       const received = [];
-      socket.on('structure_updated', (...args) => received.push(args));
+      socket.on('structure_updated', (...args) => received.push(args.map(withoutOffset)));
       const evt = event('structure_updated', { campaignId: 'c1', settlementId: 's1', structureId: 'st1', operation: 'update' });
       await h.publish(evt);
       const deadline = Date.now() + 3000;

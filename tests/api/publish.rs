@@ -114,8 +114,10 @@ async fn the_event_object_is_delivered_as_published() {
         "metadata": {"userId": "u1", "source": "api", "correlationId": "c-42"}
     });
     assert_eq!(app.publish(&body).await.0, 202);
-    let event = receives(&mut alice, "settlement_updated").await;
-    assert_eq!(event, body, "unchanged, character for character");
+    let mut event = receives(&mut alice, "settlement_updated").await;
+    let offset = event.as_object_mut().unwrap().remove("offset").expect("an offset");
+    assert!(herald::replay::Offset::parse(offset.as_str().unwrap()).is_some(), "{offset}");
+    assert_eq!(event, body, "unchanged, character for character, plus its offset");
 
     // Left out: timestamp is stamped, optional fields and metadata stay absent.
     let body = json!({"type": "settlement_updated", "payload": {"campaignId": "c1", "settlementId": "s1", "operation": "create"}});
@@ -125,7 +127,7 @@ async fn the_event_object_is_delivered_as_published() {
     assert!(time::OffsetDateTime::parse(stamped, &time::format_description::well_known::Rfc3339).is_ok(), "{stamped}");
     assert!(event.get("metadata").is_none());
     assert!(event["payload"].get("changes").is_none());
-    assert_eq!(event.as_object().unwrap().len(), 3);
+    assert_eq!(event.as_object().unwrap().len(), 4, "type, timestamp, payload, offset");
 }
 
 #[tokio::test]
