@@ -25,6 +25,7 @@ use crate::delivery::Delivery;
 use crate::fleet::{FleetConfig, FleetDriver, FleetError};
 use crate::gateway::Gateway;
 use crate::health::{self, OpsState, Probe};
+use crate::limits::Limits;
 use crate::publish::{self, PublishState};
 use crate::replay::Retention;
 use crate::store::{MembershipStore, SqlStore, StoreError};
@@ -202,7 +203,15 @@ impl Application {
             .ws_max_message_size(config.max_message_bytes as usize)
             .ws_max_frame_size(config.max_message_bytes as usize);
         let access = Access::new(Arc::new(store.clone()), config.membership_cache_ttl);
-        let gateway = Gateway::new(verifier, access, metrics.clone());
+        let limits = Limits {
+            max_connections: config.max_connections,
+            max_subscriptions: config.max_subscriptions,
+            event_rate: config.client_event_rate,
+            event_burst: config.client_event_burst.max(1.0),
+            strikes: config.rate_limit_strikes.max(1),
+            token_leeway: config.jwt_leeway,
+        };
+        let gateway = Gateway::new(verifier, access, metrics.clone(), limits);
         let store_probe: Probe = {
             let store = store.clone();
             Arc::new(move || {

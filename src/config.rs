@@ -153,6 +153,26 @@ pub struct Config {
     #[arg(long, env = "HERALD_REPLAY_MAX_EVENTS", default_value_t = 100_000)]
     pub replay_max_events: usize,
 
+    /// Most connections per instance; past it, new handshakes are refused.
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS", default_value_t = 20_000)]
+    pub max_connections: usize,
+
+    /// Most rooms one socket may be subscribed to.
+    #[arg(long, env = "HERALD_MAX_SUBSCRIPTIONS", default_value_t = 128)]
+    pub max_subscriptions: usize,
+
+    /// Client events per second one socket may send, on average (a token bucket).
+    #[arg(long, env = "HERALD_CLIENT_EVENT_RATE", default_value_t = 20.0)]
+    pub client_event_rate: f64,
+
+    /// Client events one socket may send at once (the bucket's size).
+    #[arg(long, env = "HERALD_CLIENT_EVENT_BURST", default_value_t = 200.0)]
+    pub client_event_burst: f64,
+
+    /// Rate-limited events in a row after which the socket is disconnected.
+    #[arg(long, env = "HERALD_RATE_LIMIT_STRIKES", default_value_t = 100)]
+    pub rate_limit_strikes: u32,
+
     /// Allowed CORS origins, comma-separated. Unset: any origin in development, none in production.
     #[arg(long, env = "HERALD_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,

@@ -19,8 +19,15 @@ use socketioxide::socket::DisconnectReason;
 use socketioxide_core::adapter::DefinedAdapter;
 
 use crate::access::{Access, Decision};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::Notify;
+
 use crate::auth::{Unauthorized, User, Verifier, find_token};
 use crate::delivery::Delivery;
+use crate::limits::{Admission, Limits, TokenBucket};
 use crate::replay::Offset;
 use crate::rooms::{Room, RoomKind};
 use crate::store::MembershipStore;
@@ -48,6 +55,10 @@ pub enum Refusal {
     Internal,
     /// No such client event.
     UnknownEvent,
+    /// Past the socket's event rate.
+    RateLimited,
+    /// Past the socket's subscription cap.
+    TooManySubscriptions,
 }
 
 impl Refusal {
@@ -57,6 +68,8 @@ impl Refusal {
             Refusal::Unauthorized => "Unauthorized",
             Refusal::Internal => "Internal error",
             Refusal::UnknownEvent => "Unknown event",
+            Refusal::RateLimited => "Rate limited",
+            Refusal::TooManySubscriptions => "Too many subscriptions",
         }
     }
 
@@ -66,6 +79,8 @@ impl Refusal {
             Refusal::Unauthorized => "unauthorized",
             Refusal::Internal => "error",
             Refusal::UnknownEvent => "unknown",
+            Refusal::RateLimited => "rate_limited",
+            Refusal::TooManySubscriptions => "too_many_subscriptions",
         }
     }
 }
@@ -119,17 +134,71 @@ pub fn parse_since(data: &Result<Value, ParserError>) -> Result<Option<Offset>, 
     }
 }
 
+/// Why a handshake was refused (the `connect_error` message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("Unauthorized")]
+    Unauthorized,
+    #[error("Too many connections")]
+    TooManyConnections,
+}
+
+impl From<Unauthorized> for HandshakeError {
+    fn from(_: Unauthorized) -> Self {
+        HandshakeError::Unauthorized
+    }
+}
+
+/// A socket's own state, kept in its extensions.
+#[derive(Clone)]
+struct Session {
+    /// When the socket is cut (its token's `exp` plus the leeway), in seconds since the epoch.
+    deadline: Arc<AtomicU64>,
+    /// Signalled when the socket disconnects, to stop its timer.
+    closed: Arc<Notify>,
+    bucket: Arc<Mutex<TokenBucket>>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
+}
+
 /// The gateway's shared state.
 pub struct Gateway<S> {
     verifier: Verifier,
     access: Access<S>,
     metrics: Arc<Metrics>,
+    limits: Limits,
 }
 
 impl<S: MembershipStore> Gateway<S> {
-    /// A gateway that verifies tokens with `verifier` and checks rooms with `access`.
-    pub fn new(verifier: Verifier, access: Access<S>, metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(Gateway { verifier, access, metrics })
+    /// A gateway that verifies tokens with `verifier`, checks rooms with
+    /// `access` and enforces `limits`.
+    pub fn new(verifier: Verifier, access: Access<S>, metrics: Arc<Metrics>, limits: Limits) -> Arc<Self> {
+        Arc::new(Gateway { verifier, access, metrics, limits })
+    }
+
+    fn limit_hit(&self, limit: &'static str) {
+        self.metrics.limits_hit.get_or_create(&[("limit", limit)]).inc();
+    }
+
+    /// Takes a token from the socket's bucket; disconnects a socket that
+    /// keeps going past the limit.
+    fn admit<A: Adapter>(&self, s: &SocketRef<A>) -> Result<(), Refusal> {
+        let Some(session) = s.extensions.get::<Session>() else { return Ok(()) };
+        let admission = session.bucket.lock().map(|mut b| b.admit()).unwrap_or(Admission::Allowed);
+        match admission {
+            Admission::Allowed => Ok(()),
+            Admission::Refused(strikes) => {
+                self.limit_hit("event_rate");
+                if strikes == self.limits.strikes {
+                    self.limit_hit("event_rate_disconnect");
+                    tracing::info!(socket = %s.id, strikes, "disconnecting a socket that ignores the rate limit");
+                    let _ = s.clone().disconnect();
+                }
+                Err(Refusal::RateLimited)
+            }
+        }
     }
 
     /// Installs the handlers on the default namespace of `io`. The result is
@@ -164,20 +233,30 @@ impl<S: MembershipStore> Gateway<S> {
         s: &SocketRef<A>,
         auth: Option<&Value>,
         delivery: Delivery<A>,
-    ) -> Result<(), Unauthorized> {
+    ) -> Result<(), HandshakeError> {
+        if self.metrics.connections.get() >= self.limits.max_connections as i64 {
+            self.limit_hit("connections");
+            tracing::info!(socket = %s.id, "handshake refused: too many connections");
+            return Err(HandshakeError::TooManyConnections);
+        }
         let Some(token) = find_token(auth, s.req_parts().uri.query()) else {
             self.metrics.auth_failures.get_or_create(&[("reason", "missing")]).inc();
             tracing::info!(socket = %s.id, reason = "missing token", "handshake rejected");
-            return Err(Unauthorized);
+            return Err(HandshakeError::Unauthorized);
         };
         let user = match self.verifier.verify(&token) {
             Ok(user) => user,
             Err(e) => {
                 self.metrics.auth_failures.get_or_create(&[("reason", "invalid")]).inc();
                 tracing::info!(socket = %s.id, reason = "invalid token", "handshake rejected");
-                return Err(e);
+                return Err(e.into());
             }
         };
+        s.extensions.insert(Session {
+            deadline: Arc::new(AtomicU64::new(user.expires_at.saturating_add(self.limits.token_leeway.as_secs()))),
+            closed: Arc::new(Notify::new()),
+            bucket: Arc::new(Mutex::new(TokenBucket::new(self.limits.event_rate, self.limits.event_burst))),
+        });
         s.extensions.insert(user);
         self.register_handlers(s, delivery);
         Ok(())
@@ -194,9 +273,10 @@ impl<S: MembershipStore> Gateway<S> {
                         let gw = gw.clone();
                         let delivery = delivery.clone();
                         async move {
-                            let reply = match action {
-                                Action::Subscribe => gw.subscribe(&s, kind, &data, &delivery).await,
-                                Action::Unsubscribe => gw.unsubscribe(&s, kind, &data).map(|()| None),
+                            let reply = match (gw.admit(&s), action) {
+                                (Err(refused), _) => Err(refused),
+                                (Ok(()), Action::Subscribe) => gw.subscribe(&s, kind, &data, &delivery).await,
+                                (Ok(()), Action::Unsubscribe) => gw.unsubscribe(&s, kind, &data).map(|()| None),
                             };
                             gw.count_ack(event_name(action, kind), reply.map(drop));
                             // Without an ack id this sends nothing; a failure means the socket is gone.
@@ -207,12 +287,69 @@ impl<S: MembershipStore> Gateway<S> {
             }
         }
         let gw = self.clone();
+        s.on("refresh_token", move |s: SocketRef<A>, TryData(data): TryData<Value>, ack: AckSender<A>| {
+            let gw = gw.clone();
+            async move {
+                let reply = gw.admit(&s).and_then(|()| gw.refresh(&s, &data));
+                gw.count_ack("refresh_token", reply);
+                let _ = ack.send(&reply.map_or_else(Reply::refused, |()| Reply::ok(None)));
+            }
+        });
+        let gw = self.clone();
         s.on_fallback(move |s: SocketRef<A>, Event(event): Event, ack: AckSender<A>| {
             let gw = gw.clone();
             async move {
+                let refused = gw.admit(&s).err().unwrap_or(Refusal::UnknownEvent);
                 tracing::debug!(socket = %s.id, event = %truncate(&event, 64), "unknown client event");
-                gw.count_ack("unknown", Err(Refusal::UnknownEvent));
-                let _ = ack.send(&Reply::refused(Refusal::UnknownEvent));
+                gw.count_ack("unknown", Err(refused));
+                let _ = ack.send(&Reply::refused(refused));
+            }
+        });
+    }
+
+    /// `refresh_token`: a valid token for the same user moves the socket's deadline.
+    fn refresh<A: Adapter>(&self, s: &SocketRef<A>, data: &Result<Value, ParserError>) -> Result<(), Refusal> {
+        let token = match data {
+            Ok(Value::Object(map)) => match map.get("token") {
+                Some(Value::String(t)) => t.clone(),
+                _ => return Err(Refusal::InvalidPayload),
+            },
+            _ => return Err(Refusal::InvalidPayload),
+        };
+        let (Some(current), Some(session)) = (s.extensions.get::<User>(), s.extensions.get::<Session>()) else {
+            return Err(Refusal::Unauthorized);
+        };
+        let fresh = self.verifier.verify(&token).map_err(|_| Refusal::Unauthorized)?;
+        if fresh.id != current.id {
+            tracing::info!(user = &*current.id, "token refresh refused: another user's token");
+            return Err(Refusal::Unauthorized);
+        }
+        session.deadline.store(fresh.expires_at.saturating_add(self.limits.token_leeway.as_secs()), Ordering::SeqCst);
+        s.extensions.insert(fresh);
+        tracing::info!(user = &*current.id, "token refreshed");
+        Ok(())
+    }
+
+    /// Cuts the socket when its token expires (plus the leeway), unless a
+    /// refresh moved the deadline meanwhile.
+    fn watch_expiry<A: Adapter>(self: &Arc<Self>, s: &SocketRef<A>) {
+        let Some(session) = s.extensions.get::<Session>() else { return };
+        let gw = self.clone();
+        let s = s.clone();
+        tokio::spawn(async move {
+            loop {
+                let deadline = session.deadline.load(Ordering::SeqCst);
+                let now = unix_now();
+                if now >= deadline {
+                    gw.limit_hit("token_expired");
+                    tracing::info!(socket = %s.id, "token expired; disconnecting");
+                    let _ = s.disconnect();
+                    return;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(deadline - now)) => {}
+                    () = session.closed.notified() => return,
+                }
             }
         });
     }
@@ -239,10 +376,14 @@ impl<S: MembershipStore> Gateway<S> {
             let gw = gw.clone();
             async move { gw.disconnected(&s, reason) }
         });
+        self.watch_expiry(s);
     }
 
     fn disconnected<A: Adapter>(&self, s: &SocketRef<A>, reason: DisconnectReason) {
         self.metrics.connections.dec();
+        if let Some(session) = s.extensions.get::<Session>() {
+            session.closed.notify_one();
+        }
         let rooms = s.rooms();
         for room in &rooms {
             if let Some(room) = Room::parse(room) {
@@ -292,6 +433,10 @@ impl<S: MembershipStore> Gateway<S> {
         let name = room.to_string();
         let rooms = s.rooms();
         let already = rooms.iter().any(|r| *r == name);
+        if !already && rooms.len() >= self.limits.max_subscriptions {
+            self.limit_hit("subscriptions");
+            return Err(Refusal::TooManySubscriptions);
+        }
         let recovered = delivery.join(s, &room, since).await;
         if !already && s.connected() {
             self.metrics.subscriptions.get_or_create(&[("kind", kind.as_str())]).inc();

@@ -19,6 +19,7 @@
 //! - [`fleet`]: the Redis driver that lets many instances share events.
 //! - [`gateway`]: the Socket.IO handlers (handshake, subscribe, unsubscribe).
 //! - [`publish`]: the HTTP publish API for backends.
+//! - [`limits`]: connection, subscription and event-rate limits.
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`telemetry`]: logs and metrics.
 //! - [`shutdown`]: the SIGTERM / ctrl-c signal.
@@ -33,6 +34,7 @@ pub mod events;
 pub mod fleet;
 pub mod gateway;
 pub mod health;
+pub mod limits;
 pub mod publish;
 pub mod replay;
 pub mod rooms;

@@ -55,6 +55,15 @@ pub enum SqlStore {
     Postgres(PgPool),
 }
 
+async fn open_and_migrate_sqlite(options: SqliteConnectOptions, max_connections: u32) -> Result<SqlitePool, StoreError> {
+    let pool = SqlitePoolOptions::new().max_connections(max_connections).connect_with(options).await?;
+    if let Err(e) = sqlx::migrate!("./migrations/sqlite").run(&pool).await {
+        pool.close().await;
+        return Err(e.into());
+    }
+    Ok(pool)
+}
+
 const RELATIONS: [&str; 3] = ["campaign_members", "settlements", "structures"];
 
 impl SqlStore {
@@ -67,21 +76,22 @@ impl SqlStore {
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .busy_timeout(Duration::from_secs(5));
-            let pool = SqlitePoolOptions::new().max_connections(max_connections).connect_with(options).await?;
-            // Several instances may start at once on one file: SQLite has no
-            // migration lock, so a loser retries (the winner's work makes it a no-op).
+            // Several instances may start at once on one file. Opening it in
+            // WAL mode and migrating both need a lock SQLite may refuse at once
+            // (and it has no migration lock), so a loser retries; the winner's
+            // work makes the retry a no-op.
             let mut attempt = 0;
-            loop {
-                match sqlx::migrate!("./migrations/sqlite").run(&pool).await {
-                    Ok(()) => break,
-                    Err(e) if attempt < 20 => {
+            let pool = loop {
+                match open_and_migrate_sqlite(options.clone(), max_connections).await {
+                    Ok(pool) => break pool,
+                    Err(e) if attempt < 40 => {
                         attempt += 1;
-                        tracing::debug!(error = %e, attempt, "sqlite migration raced another instance; retrying");
-                        tokio::time::sleep(Duration::from_millis(50 + 25 * attempt)).await;
+                        tracing::debug!(error = %e, attempt, "opening the sqlite store raced another instance; retrying");
+                        tokio::time::sleep(Duration::from_millis(25 + 25 * attempt)).await;
                     }
-                    Err(e) => return Err(e.into()),
+                    Err(e) => return Err(e),
                 }
-            }
+            };
             SqlStore::Sqlite(pool)
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let pool = PgPoolOptions::new()

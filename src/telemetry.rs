@@ -49,6 +49,8 @@ pub struct Metrics {
     pub publish_requests: Family<Labels1, Counter>,
     /// Redis failures: refused or timed-out operations, lost connections.
     pub adapter_errors: Counter,
+    /// Limits hit, by limit.
+    pub limits_hit: Family<Labels1, Counter>,
 }
 
 impl Metrics {
@@ -69,6 +71,8 @@ impl Metrics {
         registry.register("publish_requests", "Publish API requests by status code", publish_requests.clone());
         let adapter_errors = Counter::default();
         registry.register("adapter_errors", "Redis failures (operations and lost connections)", adapter_errors.clone());
+        let limits_hit = Family::<Labels1, Counter>::default();
+        registry.register("limits_hit", "Limits hit, by limit", limits_hit.clone());
         Arc::new(Metrics {
             registry,
             connections,
@@ -78,6 +82,7 @@ impl Metrics {
             acks,
             publish_requests,
             adapter_errors,
+            limits_hit,
         })
     }
 
