@@ -56,7 +56,11 @@ impl<S: MembershipStore> Access<S> {
             V: Clone + Send + Sync + 'static,
         {
             let capacity = if ttl.is_zero() { 0 } else { CACHE_CAPACITY };
-            Cache::builder().max_capacity(capacity).time_to_live(ttl.max(Duration::from_millis(1))).build()
+            Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(ttl.max(Duration::from_millis(1)))
+                .support_invalidation_closures()
+                .build()
         }
         Access { store, members: cache(ttl), settlements: cache(ttl), structures: cache(ttl) }
     }
@@ -68,14 +72,7 @@ impl<S: MembershipStore> Access<S> {
 
     /// May `user` join `room`?
     pub async fn check(&self, user: &Arc<str>, room: &Room) -> Result<Decision, AccessError> {
-        let campaign = match room {
-            Room::Campaign(id) => Some(id.clone()),
-            Room::Settlement(id) => self.settlement_campaign(id).await?,
-            Room::Structure(id) => match self.structure_settlement(id).await? {
-                Some(settlement) => self.settlement_campaign(&settlement).await?,
-                None => None,
-            },
-        };
+        let campaign = self.campaign_of(room).await?;
         let Some(campaign) = campaign else {
             return Ok(Decision::Denied);
         };
@@ -97,5 +94,24 @@ impl<S: MembershipStore> Access<S> {
     /// Forgets the cached membership of `user` in `campaign`.
     pub async fn forget_membership(&self, campaign: &CampaignId, user: &Arc<str>) {
         self.members.invalidate(&(campaign.clone(), user.clone())).await;
+    }
+
+    /// Forgets every cached membership of `user`.
+    pub fn forget_user(&self, user: &Arc<str>) {
+        let user = user.clone();
+        let _ = self.members.invalidate_entries_if(move |(_, u), _| *u == user);
+    }
+
+    /// The campaign a room belongs to (`None` when its settlement or
+    /// structure does not exist).
+    pub async fn campaign_of(&self, room: &Room) -> Result<Option<CampaignId>, AccessError> {
+        Ok(match room {
+            Room::Campaign(id) => Some(id.clone()),
+            Room::Settlement(id) => self.settlement_campaign(id).await?,
+            Room::Structure(id) => match self.structure_settlement(id).await? {
+                Some(settlement) => self.settlement_campaign(&settlement).await?,
+                None => None,
+            },
+        })
     }
 }

@@ -226,6 +226,7 @@ impl Application {
             None => {
                 let (layer, io) = builder.build_layer();
                 let delivery = Delivery::new(io.clone(), parts.metrics.clone(), retention, None);
+                delivery.on_revoke(gateway.revocation_handler(io.clone()));
                 gateway.attach(&io, delivery.clone());
                 assemble(io, layer, delivery, parts, None)
             }
@@ -246,6 +247,7 @@ impl Application {
                 let ctr = RedisAdapterCtr::new_with_driver(driver.clone(), adapter_config);
                 let (layer, io) = builder.with_adapter::<FleetAdapter>(ctr).build_layer();
                 let delivery = Delivery::new(io.clone(), parts.metrics.clone(), retention, Some(driver.clone()));
+                delivery.on_revoke(gateway.revocation_handler(io.clone()));
                 gateway.attach(&io, delivery.clone()).await.map_err(|e| BuildError::RedisInit(e.to_string()))?;
                 assemble(io, layer, delivery, parts, Some(driver))
             }

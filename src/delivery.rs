@@ -16,7 +16,9 @@
 //! the replayed events and the live ones there is no gap and no duplicate.
 //! A socket in several of an event's rooms gets one copy.
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde_json::value::RawValue;
@@ -30,6 +32,22 @@ use crate::fleet::{Conn, FleetDriver};
 use crate::replay::{Logged, MemoryLog, Offset, Replay, Retention};
 use crate::rooms::Room;
 use crate::telemetry::{Metrics, error_chain};
+
+/// An instruction every instance applies, in log order: the user's sockets
+/// leave the campaign's rooms (or, without a campaign, are disconnected).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Revocation {
+    pub user_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub campaign_id: Option<crate::rooms::CampaignId>,
+}
+
+/// What an instance does with a revocation (the gateway's part).
+pub type RevocationHandler = Arc<dyn Fn(Revocation) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// The stream entry kind of a revocation.
+const REVOKE: &str = "@revoke";
 
 /// An event could not be handed over.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +102,7 @@ struct Inner<A: Adapter> {
     metrics: Arc<Metrics>,
     retention: Retention,
     backend: Backend<A>,
+    on_revoke: OnceLock<RevocationHandler>,
 }
 
 /// Delivers domain events to rooms, and replays them on request.
@@ -116,6 +135,7 @@ impl<A: Adapter> Delivery<A> {
                 metrics,
                 retention,
                 backend: Backend::Memory(Mutex::new(MemoryLog::new(retention))),
+                on_revoke: OnceLock::new(),
             })),
             Some(driver) => {
                 let (commands, command_rx) = mpsc::channel(1024);
@@ -124,6 +144,7 @@ impl<A: Adapter> Delivery<A> {
                     metrics,
                     retention,
                     backend: Backend::Redis { driver: driver.clone(), append: redis::Script::new(APPEND), commands },
+                    on_revoke: OnceLock::new(),
                 });
                 tokio::spawn(reader(Arc::downgrade(&inner), driver, command_rx));
                 Delivery(inner)
@@ -182,6 +203,49 @@ impl<A: Adapter> Delivery<A> {
         Ok(events.len())
     }
 
+    /// Sets what every instance does with a revocation (once, at start-up).
+    pub fn on_revoke(&self, handler: RevocationHandler) {
+        let _ = self.0.on_revoke.set(handler);
+    }
+
+    /// Logs a revocation; every instance applies it in log order, so no event
+    /// logged after it reaches the user's sockets in the revoked rooms.
+    pub async fn revoke(&self, revocation: Revocation) -> Result<(), DeliveryError> {
+        let json = serde_json::to_string(&revocation).map_err(|e| DeliveryError::Encode(e.to_string()))?;
+        match &self.0.backend {
+            Backend::Memory(log) => {
+                let _order = log.lock().await;
+                self.0.apply(revocation).await;
+                Ok(())
+            }
+            Backend::Redis { driver, append, .. } => {
+                if !driver.is_healthy() {
+                    return Err(DeliveryError::AdapterUnavailable {
+                        accepted: 0,
+                        reason: "redis is unreachable".into(),
+                    });
+                }
+                let prefix = driver.prefix();
+                let mut invocation = append.key(stream_key(prefix));
+                invocation.key(epoch_key(prefix)).arg(self.0.retention.max_events).arg(REVOKE).arg("").arg(json);
+                let mut conn = driver.conn();
+                let result: Result<redis::RedisResult<String>, _> =
+                    tokio::time::timeout(driver.op_timeout(), invocation.invoke_async(&mut conn)).await;
+                match result {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => {
+                        self.0.metrics.adapter_errors.inc();
+                        Err(DeliveryError::AdapterUnavailable { accepted: 0, reason: error_chain(&e) })
+                    }
+                    Err(_) => {
+                        self.0.metrics.adapter_errors.inc();
+                        Err(DeliveryError::AdapterUnavailable { accepted: 0, reason: "timed out".into() })
+                    }
+                }
+            }
+        }
+    }
+
     /// Sends a logged event to the local sockets in its rooms.
     async fn deliver(&self, logged: &Logged) {
         self.0.deliver(logged).await;
@@ -222,6 +286,13 @@ impl<A: Adapter> Delivery<A> {
 }
 
 impl<A: Adapter> Inner<A> {
+    async fn apply(&self, revocation: Revocation) {
+        match self.on_revoke.get() {
+            Some(handler) => handler(revocation).await,
+            None => tracing::warn!("a revocation arrived before the gateway was ready; ignored"),
+        }
+    }
+
     async fn deliver(&self, logged: &Logged) {
         let Ok(raw) = RawValue::from_string(logged.json.to_string()) else {
             tracing::error!(offset = %logged.offset, "a logged event is not valid JSON");
@@ -322,9 +393,15 @@ async fn reader<A: Adapter>(
                     if epoch.is_none() {
                         epoch = current_epoch(&mut shared, &epoch_key, driver.op_timeout()).await.ok().flatten();
                     }
-                    for (id, kind, rooms, json) in entries {
-                        if let Some(offset) = epoch.and_then(|e| Offset::from_stream_id(e, &id)) {
-                            strong.deliver(&Logged::new(offset, kind, rooms, &json)).await;
+                    for (id, decoded) in entries {
+                        match decoded {
+                            Some(Decoded::Event(kind, rooms, json)) => {
+                                if let Some(offset) = epoch.and_then(|e| Offset::from_stream_id(e, &id)) {
+                                    strong.deliver(&Logged::new(offset, kind, rooms, &json)).await;
+                                }
+                            }
+                            Some(Decoded::Revoke(revocation)) => strong.apply(revocation).await,
+                            None => tracing::warn!(id, "event log: an entry herald cannot read; skipped"),
                         }
                         last_id = id;
                     }
@@ -384,14 +461,24 @@ async fn last_entry_id(conn: &mut Conn, key: &str) -> Option<String> {
     reply.ids.first().map(|e| e.id.clone())
 }
 
-/// One decoded stream entry: id, kind, rooms, event object.
-type Entry = (String, EventKind, Arc<[Room]>, String);
+/// A stream entry: an event (kind, rooms, event object) or a revocation.
+enum Decoded {
+    Event(EventKind, Arc<[Room]>, String),
+    Revoke(Revocation),
+}
 
-fn decode(entry: &redis::streams::StreamId) -> Option<Entry> {
+/// A stream entry's id and content (`None`: not readable by this version).
+type Entry = (String, Option<Decoded>);
+
+fn decode(entry: &redis::streams::StreamId) -> Option<Decoded> {
     let text = |field: &str| -> Option<String> { entry.get::<String>(field) };
-    let kind: EventKind = serde_json::from_value(serde_json::Value::String(text("k")?)).ok()?;
+    let kind = text("k")?;
+    if kind == REVOKE {
+        return serde_json::from_str(&text("e")?).ok().map(Decoded::Revoke);
+    }
+    let kind: EventKind = serde_json::from_value(serde_json::Value::String(kind)).ok()?;
     let rooms: Vec<Room> = text("r")?.split(' ').filter_map(Room::parse).collect();
-    Some((entry.id.clone(), kind, Arc::from(rooms), text("e")?))
+    Some(Decoded::Event(kind, Arc::from(rooms), text("e")?))
 }
 
 /// Blocks until entries after `after` arrive (or the block time passes).
@@ -402,11 +489,7 @@ async fn read_after(mut conn: Conn, key: String, after: String) -> redis::RedisR
     let mut entries = Vec::new();
     for stream in reply.map(|r| r.keys).unwrap_or_default() {
         for entry in &stream.ids {
-            match decode(entry) {
-                Some(e) => entries.push(e),
-                // Not ours to deliver, but never to stop on: skip it.
-                None => entries.push((entry.id.clone(), EventKind::StateInvalidated, Arc::from(vec![]), "{}".into())),
-            }
+            entries.push((entry.id.clone(), decode(entry)));
         }
     }
     Ok(entries)
@@ -446,7 +529,10 @@ async fn serve_replay<A: Adapter>(
     let events = range
         .ids
         .iter()
-        .filter_map(decode)
+        .filter_map(|entry| match decode(entry)? {
+            Decoded::Event(kind, rooms, json) => Some((entry.id.clone(), kind, rooms, json)),
+            Decoded::Revoke(_) => None,
+        })
         .filter_map(|(id, kind, rooms, json)| {
             let offset = Offset::from_stream_id(epoch, &id)?;
             let logged = Logged::new(offset, kind, rooms, &json);

@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 
 use crate::auth::{Unauthorized, User, Verifier, find_token};
-use crate::delivery::Delivery;
+use crate::delivery::{Delivery, Revocation, RevocationHandler};
 use crate::limits::{Admission, Limits, TokenBucket};
 use crate::replay::Offset;
 use crate::rooms::{Room, RoomKind};
@@ -257,6 +257,8 @@ impl<S: MembershipStore> Gateway<S> {
             closed: Arc::new(Notify::new()),
             bucket: Arc::new(Mutex::new(TokenBucket::new(self.limits.event_rate, self.limits.event_burst))),
         });
+        // Every socket of a user is in the user's room, so a revocation finds them.
+        s.join(user_room(&user.id));
         s.extensions.insert(user);
         self.register_handlers(s, delivery);
         Ok(())
@@ -433,7 +435,8 @@ impl<S: MembershipStore> Gateway<S> {
         let name = room.to_string();
         let rooms = s.rooms();
         let already = rooms.iter().any(|r| *r == name);
-        if !already && rooms.len() >= self.limits.max_subscriptions {
+        let subscribed = rooms.iter().filter(|r| Room::parse(r).is_some()).count();
+        if !already && subscribed >= self.limits.max_subscriptions {
             self.limit_hit("subscriptions");
             return Err(Refusal::TooManySubscriptions);
         }
@@ -460,6 +463,55 @@ impl<S: MembershipStore> Gateway<S> {
             tracing::info!(user = user.as_deref().unwrap_or("?"), room = %room, "unsubscribed");
         }
         Ok(())
+    }
+}
+
+/// The room every socket of a user is in (not a subscription room: the
+/// `user:` kind is not one clients can name).
+fn user_room(user: &str) -> String {
+    format!("user:{user}")
+}
+
+impl<S: MembershipStore> Gateway<S> {
+    /// What this instance does with a revocation: the user's local sockets
+    /// leave the campaign's rooms and are told `access_revoked`, or, without a
+    /// campaign, are disconnected; the cached membership is forgotten.
+    pub fn revocation_handler<A: Adapter>(self: &Arc<Self>, io: SocketIo<A>) -> RevocationHandler {
+        let gw = self.clone();
+        Arc::new(move |revocation: Revocation| {
+            let gw = gw.clone();
+            let io = io.clone();
+            Box::pin(async move { gw.revoke(&io, revocation).await })
+        })
+    }
+
+    async fn revoke<A: Adapter>(&self, io: &SocketIo<A>, revocation: Revocation) {
+        let user: Arc<str> = Arc::from(revocation.user_id.as_str());
+        let sockets = io.local().to(user_room(&user)).sockets();
+        let Some(campaign) = revocation.campaign_id else {
+            self.access.forget_user(&user);
+            for s in sockets {
+                tracing::info!(user = &*user, socket = %s.id, "access revoked: disconnecting");
+                let _ = s.disconnect();
+            }
+            return;
+        };
+        self.access.forget_membership(&campaign, &user).await;
+        for s in sockets {
+            let mut left = 0;
+            for name in s.rooms() {
+                let Some(room) = Room::parse(&name) else { continue };
+                // When the store cannot say, leave: the client may subscribe again.
+                let belongs = self.access.campaign_of(&room).await.map_or(true, |c| c.as_ref() == Some(&campaign));
+                if belongs {
+                    s.leave(name.to_string());
+                    self.metrics.subscriptions.get_or_create(&[("kind", room.kind().as_str())]).dec();
+                    left += 1;
+                }
+            }
+            let _ = s.emit("access_revoked", &serde_json::json!({ "campaignId": campaign }));
+            tracing::info!(user = &*user, socket = %s.id, campaign = %campaign, rooms = left, "access revoked");
+        }
     }
 }
 

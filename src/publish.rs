@@ -19,7 +19,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use socketioxide::adapter::Adapter;
 
-use crate::delivery::{Delivery, DeliveryError};
+use crate::delivery::{Delivery, DeliveryError, Revocation};
 use crate::events::{self, InvalidEvent};
 use crate::telemetry::Metrics;
 
@@ -82,7 +82,10 @@ pub struct PublishState<A: Adapter> {
 
 /// The publish API's routes.
 pub fn router<A: Adapter>(state: Arc<PublishState<A>>) -> axum::Router {
-    axum::Router::new().route("/v1/events", post(publish::<A>)).with_state(state)
+    axum::Router::new()
+        .route("/v1/events", post(publish::<A>))
+        .route("/v1/access/revoke", post(revoke::<A>))
+        .with_state(state)
 }
 
 fn authorized(headers: &HeaderMap, token: &SecretString) -> bool {
@@ -114,6 +117,43 @@ async fn publish<A: Adapter>(State(state): State<Arc<PublishState<A>>>, headers:
         Ok(accepted) => (StatusCode::ACCEPTED, Json(json!({ "accepted": accepted }))).into_response(),
         Err(e) => {
             tracing::info!(status = status.as_u16(), error = %e, "publish refused");
+            e.into_response()
+        }
+    }
+}
+
+/// `POST /v1/access/revoke`: `{ "userId": "…", "campaignId": "…" }` takes the
+/// user's sockets out of the campaign's rooms on every instance;
+/// `{ "userId": "…" }` alone disconnects them.
+async fn revoke<A: Adapter>(State(state): State<Arc<PublishState<A>>>, headers: HeaderMap, body: Body) -> Response {
+    let result = async {
+        let bytes = read_checked_body(&state, &headers, body).await?;
+        let revocation: Revocation =
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&bytes)).map_err(|e| {
+                let path = e.path().to_string();
+                let path = if path == "." { "body".to_owned() } else { path };
+                InvalidEvent { path, message: e.into_inner().to_string() }
+            })?;
+        if revocation.user_id.is_empty() {
+            return Err(InvalidEvent { path: "userId".into(), message: "expected a non-empty string".into() }.into());
+        }
+        match state.delivery.revoke(revocation.clone()).await {
+            Ok(()) => {
+                tracing::info!(user = %revocation.user_id, campaign = ?revocation.campaign_id, "access revoked");
+                Ok(())
+            }
+            Err(DeliveryError::AdapterUnavailable { reason, .. }) => {
+                tracing::warn!(error = %reason, "revocation failed: adapter unavailable");
+                Err(PublishError::Unavailable { accepted: 0 })
+            }
+            Err(DeliveryError::Encode(_)) => Err(PublishError::Internal),
+        }
+    }
+    .await;
+    match result {
+        Ok(()) => (StatusCode::ACCEPTED, Json(json!({ "revoked": true }))).into_response(),
+        Err(e) => {
+            tracing::info!(status = e.status().as_u16(), error = %e, "revocation refused");
             e.into_response()
         }
     }
@@ -189,14 +229,24 @@ fn check_headers(state_token: &SecretString, limit: usize, headers: &HeaderMap) 
     Ok(())
 }
 
-async fn handle<A: Adapter>(state: &PublishState<A>, headers: &HeaderMap, body: Body) -> Result<usize, PublishError> {
+/// The checks every endpoint of this API makes, in the contract's order
+/// (401, 415, 413), then the body.
+async fn read_checked_body<A: Adapter>(
+    state: &PublishState<A>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Bytes, PublishError> {
     let limit = state.max_body_bytes;
     if let Err(refused) = check_headers(&state.token, limit, headers) {
         // Read (and drop) what the client is still sending, bounded, so it sees the answer.
         let _ = read_body(body, limit, false).await;
         return Err(refused);
     }
-    let bytes = read_body(body, limit, true).await?;
+    read_body(body, limit, true).await
+}
+
+async fn handle<A: Adapter>(state: &PublishState<A>, headers: &HeaderMap, body: Body) -> Result<usize, PublishError> {
+    let bytes = read_checked_body(state, headers, body).await?;
     let events = events::parse_body(&bytes)?;
     match state.delivery.publish(&events).await {
         Ok(accepted) => {

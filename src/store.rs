@@ -55,7 +55,10 @@ pub enum SqlStore {
     Postgres(PgPool),
 }
 
-async fn open_and_migrate_sqlite(options: SqliteConnectOptions, max_connections: u32) -> Result<SqlitePool, StoreError> {
+async fn open_and_migrate_sqlite(
+    options: SqliteConnectOptions,
+    max_connections: u32,
+) -> Result<SqlitePool, StoreError> {
     let pool = SqlitePoolOptions::new().max_connections(max_connections).connect_with(options).await?;
     if let Err(e) = sqlx::migrate!("./migrations/sqlite").run(&pool).await {
         pool.close().await;

@@ -6,7 +6,9 @@ mod helpers;
 
 mod auth;
 mod fleet;
+mod limits;
 mod operations;
 mod publish;
+mod revocation;
 mod store;
 mod subscriptions;
