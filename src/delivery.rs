@@ -103,6 +103,8 @@ struct Inner<A: Adapter> {
     retention: Retention,
     backend: Backend<A>,
     on_revoke: OnceLock<RevocationHandler>,
+    /// The last offset the stream reader delivered.
+    head: std::sync::Mutex<Option<Offset>>,
 }
 
 /// Delivers domain events to rooms, and replays them on request.
@@ -136,6 +138,7 @@ impl<A: Adapter> Delivery<A> {
                 retention,
                 backend: Backend::Memory(Mutex::new(MemoryLog::new(retention))),
                 on_revoke: OnceLock::new(),
+                head: std::sync::Mutex::new(None),
             })),
             Some(driver) => {
                 let (commands, command_rx) = mpsc::channel(1024);
@@ -145,6 +148,7 @@ impl<A: Adapter> Delivery<A> {
                     retention,
                     backend: Backend::Redis { driver: driver.clone(), append: redis::Script::new(APPEND), commands },
                     on_revoke: OnceLock::new(),
+                    head: std::sync::Mutex::new(None),
                 });
                 tokio::spawn(reader(Arc::downgrade(&inner), driver, command_rx));
                 Delivery(inner)
@@ -256,14 +260,20 @@ impl<A: Adapter> Delivery<A> {
     /// without `since`).
     pub async fn join(&self, socket: &SocketRef<A>, room: &Room, since: Option<Offset>) -> Option<bool> {
         let Some(since) = since else {
+            let head = match &self.0.backend {
+                Backend::Memory(log) => log.lock().await.head(),
+                Backend::Redis { .. } => *self.0.head.lock().unwrap_or_else(|e| e.into_inner()),
+            };
             socket.join(room.to_string());
+            Coverage::of(socket).record(room, head);
             return None;
         };
         match &self.0.backend {
             Backend::Memory(log) => {
                 let mut log = log.lock().await;
+                let head = log.head();
                 let replay = log.replay(room, since);
-                Some(replay_to(socket, room, replay))
+                Some(replay_to(socket, room, since, head, replay))
             }
             Backend::Redis { commands, .. } => {
                 let (reply, answer) = oneshot::channel();
@@ -311,8 +321,16 @@ impl<A: Adapter> Inner<A> {
 /// Sends a replay to one socket and joins it to the room. When the socket
 /// cannot take every event, it is disconnected (it will reconnect and ask
 /// again) rather than left with a gap.
-fn replay_to<A: Adapter>(socket: &SocketRef<A>, room: &Room, replay: Replay) -> bool {
-    for logged in &replay.events {
+fn replay_to<A: Adapter>(
+    socket: &SocketRef<A>,
+    room: &Room,
+    since: Offset,
+    head: Option<Offset>,
+    replay: Replay,
+) -> bool {
+    let coverage = Coverage::of(socket);
+    let joined = socket.rooms();
+    for logged in replay.events.iter().filter(|l| !coverage.already_sent(&joined, l, room)) {
         let sent = RawValue::from_string(logged.json.to_string())
             .ok()
             .is_some_and(|raw| socket.emit(logged.kind.as_str(), &*raw).is_ok());
@@ -323,7 +341,43 @@ fn replay_to<A: Adapter>(socket: &SocketRef<A>, room: &Room, replay: Replay) -> 
         }
     }
     socket.join(room.to_string());
+    coverage.record(room, if replay.recovered { Some(since) } else { head });
     replay.recovered
+}
+
+/// For each room a socket is in, the offset after which it has every event
+/// of that room (from a replay, or from live delivery since it joined).
+/// A replay for another room skips the events the socket already got through
+/// one of these, so overlapping rooms never deliver an event twice.
+#[derive(Clone, Default)]
+struct Coverage(Arc<std::sync::Mutex<std::collections::HashMap<String, Offset>>>);
+
+impl Coverage {
+    fn of<A: Adapter>(socket: &SocketRef<A>) -> Coverage {
+        if let Some(coverage) = socket.extensions.get::<Coverage>() {
+            return coverage;
+        }
+        let coverage = Coverage::default();
+        socket.extensions.insert(coverage.clone());
+        coverage
+    }
+
+    fn record(&self, room: &Room, from: Option<Offset>) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match from {
+            Some(offset) => map.insert(room.to_string(), offset),
+            None => map.remove(&room.to_string()),
+        };
+    }
+
+    /// Whether the socket got `logged` through another room it is in.
+    fn already_sent(&self, joined: &[socketioxide_core::adapter::Room], logged: &Logged, room: &Room) -> bool {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        logged.rooms.iter().filter(|r| *r != room).any(|other| {
+            let name = other.to_string();
+            joined.iter().any(|j| *j == name) && map.get(&name).is_some_and(|from| logged.offset > *from)
+        })
+    }
 }
 
 /// Follows the Redis Stream: delivers every entry to the local sockets, in
@@ -398,6 +452,7 @@ async fn reader<A: Adapter>(
                             Some(Decoded::Event(kind, rooms, json)) => {
                                 if let Some(offset) = epoch.and_then(|e| Offset::from_stream_id(e, &id)) {
                                     strong.deliver(&Logged::new(offset, kind, rooms, &json)).await;
+                                    *strong.head.lock().unwrap_or_else(|e| e.into_inner()) = Some(offset);
                                 }
                             }
                             Some(Decoded::Revoke(revocation)) => strong.apply(revocation).await,
@@ -417,6 +472,8 @@ async fn reader<A: Adapter>(
                     let joined = command.socket.rooms().iter().any(|r| *r == command.room.to_string());
                     if !recovered && !joined && command.socket.connected() {
                         command.socket.join(command.room.to_string());
+                        let head = epoch.and_then(|e| Offset::from_stream_id(e, &last_id));
+                        Coverage::of(&command.socket).record(&command.room, head);
                     }
                     let _ = command.reply.send(recovered);
                 }
@@ -539,7 +596,7 @@ async fn serve_replay<A: Adapter>(
             logged.targets(&command.room).then_some(logged)
         })
         .collect();
-    replay_to(&command.socket, &command.room, Replay { recovered: true, events })
+    replay_to(&command.socket, &command.room, since, Some(last), Replay { recovered: true, events })
 }
 
 /// Drops entries older than the window (approximately; Redis keeps whole nodes).

@@ -143,6 +143,11 @@ impl MemoryLog {
         }
     }
 
+    /// The offset of the last event logged (`None` before the first).
+    pub fn head(&self) -> Option<Offset> {
+        (self.next > 1).then_some(Offset { epoch: self.epoch, major: self.next - 1, minor: 0 })
+    }
+
     /// The events of `room` after `since`, if the log still holds all of them.
     pub fn replay(&mut self, room: &Room, since: Offset) -> Replay {
         self.trim();

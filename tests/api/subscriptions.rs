@@ -212,3 +212,40 @@ async fn a_message_over_the_size_limit_closes_only_that_socket() {
     let reply = fine.emit_with_ack("subscribe_campaign", json!({"campaignId": "a".repeat(15 * 1024)})).await;
     assert_eq!(reply, refused("Invalid payload"));
 }
+
+#[tokio::test]
+async fn recovering_overlapping_rooms_in_any_order_delivers_each_event_once() {
+    let app = spawn_app().await;
+    let mut publisher_view = app.connect("bob").await;
+    publisher_view.subscribe("campaign", "c1").await;
+    let mut alice = app.connect("alice").await;
+    alice.subscribe("campaign", "c1").await;
+    alice.subscribe("settlement", "s1").await;
+    app.publish(&bodies::settlement_updated("c1", "s1")).await;
+    let (_, first) = alice.expect_event().await;
+    let last = first["offset"].as_str().unwrap().to_owned();
+    alice.close();
+    // Missed: two events in both rooms, one in the campaign only.
+    app.publish(&bodies::settlement_updated("c1", "s1")).await;
+    app.publish(&bodies::state_invalidated("c1")).await;
+    app.publish(&bodies::structure_updated("c1", "s1", "st1")).await;
+    for _ in 0..4 {
+        publisher_view.expect_event().await;
+    }
+    // Back: the settlement first, then the campaign, both from the same last offset.
+    let mut back = app.connect("alice").await;
+    let ack = back.emit_with_ack("subscribe_settlement", json!({"settlementId": "s1", "since": last})).await;
+    assert_eq!(ack, json!({"success": true, "recovered": true}));
+    let ack = back.emit_with_ack("subscribe_campaign", json!({"campaignId": "c1", "since": last})).await;
+    assert_eq!(ack, json!({"success": true, "recovered": true}));
+    let mut got = Vec::new();
+    while let Some((name, event)) = back.next_event(QUIET).await {
+        got.push((name, event["offset"].as_str().unwrap().to_owned()));
+    }
+    let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["settlement_updated", "structure_updated", "state_invalidated"], "each missed event once");
+    // And live events after that come once too.
+    app.publish(&bodies::settlement_updated("c1", "s1")).await;
+    assert_eq!(back.expect_event().await.0, "settlement_updated");
+    back.expect_silence(QUIET).await;
+}
