@@ -1,0 +1,553 @@
+// herald-client: a thin, typed layer over the unmodified socket.io-client.
+//
+// One socket per client. Subscriptions are counted per room (`<kind>:<id>`):
+// the server is asked to join a room once, however many subscriptions share
+// it, and to leave it when the last one goes. One socket listener per event
+// kind dispatches each event to every subscription whose room is among the
+// event's target rooms (the README's delivery table), once per subscription.
+// Each room keeps the last offset it saw; on reconnect every room is
+// subscribed again with `since`, and a subscription whose ack does not say
+// `recovered: true` gets `onResync`.
+
+import { io, type ManagerOptions, type Socket, type SocketOptions } from "socket.io-client";
+
+import type {
+  AnyHeraldEvent,
+  EntityUpdatedEvent,
+  EventType,
+  HeraldEvent,
+  SettlementUpdatedEvent,
+  StateInvalidatedEvent,
+  StructureUpdatedEvent,
+  SubscribeAck,
+  SubscriptionKind,
+  WorldTimeChangedEvent,
+} from "./events.js";
+
+export type * from "./events.js";
+
+/** The five event names herald emits. */
+export const EVENT_TYPES: readonly EventType[] = Object.freeze([
+  "entity_updated",
+  "state_invalidated",
+  "world_time_changed",
+  "settlement_updated",
+  "structure_updated",
+]);
+
+/** A JWT, or a function giving one; the function is called on every (re)connect. */
+export type TokenSource = string | (() => string | Promise<string>);
+
+export type ConnectionStatus = "connecting" | "connected" | "reconnecting" | "offline";
+
+export interface HeraldClientOptions extends Partial<ManagerOptions & SocketOptions> {
+  /** herald's base URL, e.g. `http://localhost:3000`. */
+  url: string;
+  /** Sent as `auth: { token }`; a function is called again on every (re)connect. */
+  token: TokenSource;
+  /** How long a subscribe waits for its ack while connected (default 10 s). */
+  ackTimeoutMs?: number;
+}
+
+/** Why `onResync` was called. */
+export interface ResyncInfo {
+  kind: SubscriptionKind;
+  id: string;
+  /**
+   * `not-recovered`: herald answered `recovered: false` to `since`.
+   * `no-offset`: no event had been seen, so there was no `since` to give, and
+   * events published while disconnected may have been missed.
+   */
+  reason: "not-recovered" | "no-offset";
+}
+
+export interface SubscriptionHandlers {
+  onEntityUpdated?(event: EntityUpdatedEvent): void;
+  onStateInvalidated?(event: StateInvalidatedEvent): void;
+  onWorldTimeChanged?(event: WorldTimeChangedEvent): void;
+  onSettlementUpdated?(event: SettlementUpdatedEvent): void;
+  onStructureUpdated?(event: StructureUpdatedEvent): void;
+  /** Every event of this subscription, after its typed handler. */
+  onEvent?(event: AnyHeraldEvent): void;
+  /** After a reconnect that could not replay what was missed: refetch the state. */
+  onResync?(info: ResyncInfo): void;
+  /** A re-subscription (after a reconnect) was refused; the subscription is dropped. */
+  onError?(error: HeraldSubscribeError): void;
+}
+
+export type SubscribeSuccess = Extract<SubscribeAck, { success: true }>;
+
+export interface Subscription {
+  readonly kind: SubscriptionKind;
+  readonly id: string;
+  /** The first ack: resolves on success, rejects with a `HeraldSubscribeError` carrying herald's `error`. */
+  readonly ready: Promise<SubscribeSuccess>;
+  /** The offset of the last event this subscription received. */
+  readonly lastOffset: string | undefined;
+  /** Stops the handlers at once; resolves when herald has left the room (or it is still used). */
+  unsubscribe(): Promise<void>;
+}
+
+export interface HeraldClient {
+  /** The underlying socket.io-client socket. */
+  readonly socket: Socket;
+  readonly status: ConnectionStatus;
+  subscribe(kind: SubscriptionKind, id: string, handlers?: SubscriptionHandlers): Subscription;
+  subscribeCampaign(campaignId: string, handlers?: SubscriptionHandlers): Subscription;
+  subscribeSettlement(settlementId: string, handlers?: SubscriptionHandlers): Subscription;
+  subscribeStructure(structureId: string, handlers?: SubscriptionHandlers): Subscription;
+  /** Calls `cb` on every status change; returns a function that removes it. */
+  onStatusChange(cb: (status: ConnectionStatus) => void): () => void;
+  /** Connection errors (e.g. a refused handshake) and errors thrown by handlers. */
+  onError(cb: (error: Error) => void): () => void;
+  /** Connects again after `offline` (e.g. a refused token). */
+  connect(): void;
+  /** Closes the socket for good; subscriptions stop. */
+  close(): void;
+}
+
+/** A subscribe refused by herald: `error` is its message (`Unauthorized`, `Invalid payload`, …). */
+export class HeraldSubscribeError extends Error {
+  readonly error: string;
+  readonly kind: SubscriptionKind;
+  readonly id: string;
+  constructor(kind: SubscriptionKind, id: string, error: string) {
+    super(`subscribe_${kind} ${id}: ${error}`);
+    this.name = "HeraldSubscribeError";
+    this.error = error;
+    this.kind = kind;
+    this.id = id;
+  }
+}
+
+const HANDLER_OF: { [T in EventType]: keyof SubscriptionHandlers } = {
+  entity_updated: "onEntityUpdated",
+  state_invalidated: "onStateInvalidated",
+  world_time_changed: "onWorldTimeChanged",
+  settlement_updated: "onSettlementUpdated",
+  structure_updated: "onStructureUpdated",
+};
+
+/** The rooms (`<kind>:<id>`) an event is delivered to, as in the README's table. */
+export function targetRooms(event: Pick<AnyHeraldEvent, "type" | "payload">): string[] {
+  const p = event.payload as unknown as Record<string, unknown>;
+  const rooms = [`campaign:${String(p.campaignId)}`];
+  switch (event.type) {
+    case "entity_updated":
+      if (p.entityType === "settlement") rooms.push(`settlement:${String(p.entityId)}`);
+      else if (p.entityType === "structure") rooms.push(`structure:${String(p.entityId)}`);
+      break;
+    case "settlement_updated":
+      rooms.push(`settlement:${String(p.settlementId)}`);
+      break;
+    case "structure_updated":
+      rooms.push(`settlement:${String(p.settlementId)}`, `structure:${String(p.structureId)}`);
+      break;
+    default:
+      break;
+  }
+  return rooms;
+}
+
+interface Sub {
+  room: Room;
+  handlers: SubscriptionHandlers;
+  lastOffset: string | undefined;
+  settled: boolean;
+  active: boolean;
+  resolve(ack: SubscribeSuccess): void;
+  reject(err: Error): void;
+}
+
+interface Room {
+  key: string;
+  kind: SubscriptionKind;
+  id: string;
+  subs: Set<Sub>;
+  /** Every event of this room up to this offset has been delivered. */
+  lastOffset: string | undefined;
+  /** Offsets above `lastOffset` delivered while the subscribe was not acked yet. */
+  seen: Set<string>;
+  /** Acked on the current connection. */
+  joined: boolean;
+  /** A subscribe is in flight on the current connection. */
+  joining: boolean;
+  /** Acked at least once: a later join is a re-subscription. */
+  wasJoined: boolean;
+  lastAck: SubscribeSuccess | undefined;
+  /** Bumped on every join and on release, so that stale acks are ignored. */
+  generation: number;
+  releaseTimer: ReturnType<typeof setTimeout> | undefined;
+  releaseWaiters: Array<() => void>;
+}
+
+export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
+  const { url, token, ackTimeoutMs = 10_000, ...socketOptions } = options;
+
+  const statusListeners = new Set<(s: ConnectionStatus) => void>();
+  const errorListeners = new Set<(e: Error) => void>();
+  const rooms = new Map<string, Room>();
+  let status: ConnectionStatus = socketOptions.autoConnect === false ? "offline" : "connecting";
+  let everConnected = false;
+  let closed = false;
+  let serverDisconnectTimer: ReturnType<typeof setTimeout> | undefined;
+  let serverDisconnects = 0;
+  /** Bumped on every connect and disconnect: acks of an older connection are ignored. */
+  let connection = 0;
+
+  // NOTE (in-band token refresh): herald does not implement a `refresh_token`
+  // event yet (the hardening issue). When it does, listen for it here and
+  // answer with `await resolveToken()`; until then a function `token` is what
+  // keeps reconnects fresh.
+
+  const socket: Socket = io(url, {
+    forceNew: true,
+    ...socketOptions,
+    auth: (cb: (data: object) => void) => {
+      resolveToken().then(
+        (t) => cb({ token: t }),
+        (err: unknown) => {
+          reportError(err instanceof Error ? err : new Error(String(err)));
+          cb({});
+        },
+      );
+    },
+  });
+
+  async function resolveToken(): Promise<string> {
+    return typeof token === "function" ? await token() : token;
+  }
+
+  function setStatus(next: ConnectionStatus): void {
+    if (next === status) return;
+    status = next;
+    for (const cb of [...statusListeners]) {
+      try {
+        cb(next);
+      } catch (err) {
+        reportError(err);
+      }
+    }
+  }
+
+  function reportError(err: unknown): void {
+    const error = err instanceof Error ? err : new Error(String(err));
+    if (errorListeners.size === 0) {
+      console.error("herald-client:", error);
+      return;
+    }
+    for (const cb of [...errorListeners]) {
+      try {
+        cb(error);
+      } catch (e) {
+        console.error("herald-client: error listener threw", e);
+      }
+    }
+  }
+
+  socket.on("connect", () => {
+    everConnected = true;
+    serverDisconnects = 0;
+    setStatus("connected");
+    void resubscribeAll(++connection);
+  });
+
+  /**
+   * Re-subscribes every room, broadest kind first (campaigns, then
+   * settlements, then structures), each kind's rooms in parallel. A
+   * campaign's replay carries its settlements' and structures' events too, so
+   * by the time a narrower room replays, its subscriptions have had those
+   * events in order, and its own replay only brings duplicates (dropped).
+   */
+  async function resubscribeAll(conn: number): Promise<void> {
+    for (const kind of ["campaign", "settlement", "structure"] as const) {
+      if (conn !== connection || !socket.connected) return;
+      const batch = [...rooms.values()].filter((r) => r.kind === kind && r.subs.size > 0 && !r.joined && !r.joining);
+      await Promise.all(batch.map((r) => join(r)));
+    }
+  }
+
+  socket.on("disconnect", (reason: string) => {
+    connection += 1;
+    for (const room of rooms.values()) {
+      room.joined = false;
+      room.joining = false;
+    }
+    if (closed || reason === "io client disconnect") {
+      setStatus("offline");
+    } else if (socket.active) {
+      setStatus("reconnecting");
+    } else {
+      // "io server disconnect" (the server disconnected this socket; herald's
+      // shutdown closes the transport instead, which socket.io-client retries
+      // by itself). socket.io-client does not retry this; we do, with a
+      // growing delay.
+      setStatus("reconnecting");
+      const base = socketOptions.reconnectionDelay ?? 1000;
+      const max = socketOptions.reconnectionDelayMax ?? 5000;
+      const delay = Math.min(max, base * 2 ** Math.min(serverDisconnects, 10));
+      serverDisconnects += 1;
+      clearTimeout(serverDisconnectTimer);
+      serverDisconnectTimer = setTimeout(() => {
+        if (!closed && !socket.connected) socket.connect();
+      }, delay);
+    }
+  });
+
+  socket.on("connect_error", (err: Error) => {
+    if (socket.active) {
+      setStatus(everConnected ? "reconnecting" : "connecting");
+    } else {
+      // Refused by herald (e.g. "Unauthorized"): socket.io-client gives up.
+      setStatus("offline");
+      reportError(err);
+    }
+  });
+
+  socket.io.on("reconnect_attempt", () => setStatus("reconnecting"));
+  socket.io.on("reconnect_failed", () => setStatus("offline"));
+
+  for (const type of EVENT_TYPES) {
+    socket.on(type, (event: HeraldEvent) => dispatch(event as AnyHeraldEvent));
+  }
+
+  function dispatch(event: AnyHeraldEvent): void {
+    if (event === null || typeof event !== "object" || typeof event.payload !== "object") return;
+    const offset = typeof event.offset === "string" ? event.offset : undefined;
+    for (const key of targetRooms(event)) {
+      const room = rooms.get(key);
+      if (!room) continue;
+      if (offset !== undefined) {
+        // Everything of this room up to `lastOffset` was delivered; above it,
+        // `seen` catches an event that comes twice (the replays of two rooms
+        // of one campaign overlap after a reconnect).
+        if (room.lastOffset !== undefined && offset <= room.lastOffset) continue;
+        if (room.seen.has(offset)) continue;
+        room.seen.add(offset);
+        if (room.joined) advance(room);
+      }
+      for (const sub of [...room.subs]) {
+        if (!sub.active) continue;
+        if (offset !== undefined && (sub.lastOffset === undefined || offset > sub.lastOffset)) sub.lastOffset = offset;
+        const typed = sub.handlers[HANDLER_OF[event.type]] as ((e: AnyHeraldEvent) => void) | undefined;
+        try {
+          typed?.call(sub.handlers, event);
+          sub.handlers.onEvent?.(event);
+        } catch (err) {
+          reportError(err);
+        }
+      }
+    }
+  }
+
+  /**
+   * Once the room's subscribe is acked on this connection, every event of the
+   * room up to the highest offset seen has been delivered (herald replays
+   * with no gap, then sends live events in order), so that is the next `since`.
+   * Before the ack, events that arrive through other rooms' replays may run
+   * ahead of this room's own replay, so the watermark waits.
+   */
+  function advance(room: Room): void {
+    for (const o of room.seen) if (room.lastOffset === undefined || o > room.lastOffset) room.lastOffset = o;
+    room.seen.clear();
+  }
+
+  /** Sends the room's subscribe; resolves once its ack (or its failure) has been handled. */
+  function join(room: Room): Promise<void> {
+    let done!: () => void;
+    const handled = new Promise<void>((r) => (done = r));
+    const generation = ++room.generation;
+    const conn = connection;
+    room.joining = true;
+    const resubscribe = room.wasJoined;
+    const payload: Record<string, string> = { [`${room.kind}Id`]: room.id };
+    if (resubscribe && room.lastOffset !== undefined) payload.since = room.lastOffset;
+    socket.timeout(ackTimeoutMs).emit(`subscribe_${room.kind}`, payload, (err: Error | null, ack: SubscribeAck) => {
+      try {
+        onAck(err, ack);
+      } finally {
+        done();
+      }
+    });
+    return handled;
+
+    function onAck(err: Error | null, ack: SubscribeAck): void {
+      if (generation !== room.generation || conn !== connection || rooms.get(room.key) !== room) return;
+      room.joining = false;
+      if (err) {
+        // No ack: if the connection is gone, the next `connect` joins again.
+        if (!socket.connected) return;
+        const error = new HeraldSubscribeError(room.kind, room.id, `no ack within ${ackTimeoutMs} ms`);
+        for (const sub of room.subs) if (!sub.settled) sub.reject(error);
+        return;
+      }
+      if (!ack || ack.success !== true) {
+        const error = new HeraldSubscribeError(room.kind, room.id, ack && "error" in ack ? String(ack.error) : "no answer");
+        rooms.delete(room.key);
+        room.generation += 1;
+        for (const sub of room.subs) {
+          sub.active = false;
+          if (!sub.settled) sub.reject(error);
+          else
+            try {
+              sub.handlers.onError?.(error);
+            } catch (e) {
+              reportError(e);
+            }
+        }
+        room.subs.clear();
+        return;
+      }
+      room.joined = true;
+      room.wasJoined = true;
+      advance(room);
+      room.lastAck = ack;
+      for (const sub of [...room.subs]) {
+        if (!sub.active) continue;
+        if (!sub.settled) {
+          sub.resolve(ack);
+        } else if (resubscribe && ack.recovered !== true) {
+          try {
+            sub.handlers.onResync?.({
+              kind: room.kind,
+              id: room.id,
+              reason: ack.recovered === false ? "not-recovered" : "no-offset",
+            });
+          } catch (e) {
+            reportError(e);
+          }
+        }
+      }
+    }
+  }
+
+  function release(room: Room): void {
+    room.releaseTimer = undefined;
+    rooms.delete(room.key);
+    room.generation += 1;
+    const waiters = room.releaseWaiters.splice(0);
+    const done = () => waiters.forEach((w) => w());
+    if (!socket.connected) return done();
+    socket
+      .timeout(ackTimeoutMs)
+      .emit(`unsubscribe_${room.kind}`, { [`${room.kind}Id`]: room.id }, () => done());
+  }
+
+  function subscribe(kind: SubscriptionKind, id: string, handlers: SubscriptionHandlers = {}): Subscription {
+    if (closed) throw new Error("herald-client: subscribe on a closed client");
+    const key = `${kind}:${id}`;
+    let room = rooms.get(key);
+    if (room?.releaseTimer !== undefined) {
+      // Re-subscribed before the deferred leave (e.g. React strict mode): keep the room.
+      clearTimeout(room.releaseTimer);
+      room.releaseTimer = undefined;
+      room.releaseWaiters.splice(0).forEach((w) => w());
+    }
+    const isNew = !room;
+    if (!room) {
+      room = {
+        key,
+        kind,
+        id,
+        subs: new Set(),
+        lastOffset: undefined,
+        seen: new Set(),
+        joined: false,
+        joining: false,
+        wasJoined: false,
+        lastAck: undefined,
+        generation: 0,
+        releaseTimer: undefined,
+        releaseWaiters: [],
+      };
+      rooms.set(key, room);
+    }
+    const theRoom = room;
+    let resolve!: (ack: SubscribeSuccess) => void;
+    let reject!: (err: Error) => void;
+    const ready = new Promise<SubscribeSuccess>((res, rej) => {
+      resolve = res;
+      reject = rej;
+    });
+    ready.catch(() => {}); // a caller that ignores `ready` gets no unhandled rejection
+    const sub: Sub = {
+      room: theRoom,
+      handlers,
+      lastOffset: undefined,
+      settled: false,
+      active: true,
+      resolve: (ack) => {
+        sub.settled = true;
+        resolve(ack);
+      },
+      reject: (err) => {
+        sub.settled = true;
+        reject(err);
+      },
+    };
+    theRoom.subs.add(sub);
+    if (theRoom.joined && theRoom.lastAck) sub.resolve({ success: true });
+    else if (isNew && socket.connected) void join(theRoom);
+
+    let unsubscribed: Promise<void> | undefined;
+    return {
+      kind,
+      id,
+      ready,
+      get lastOffset() {
+        return sub.lastOffset;
+      },
+      unsubscribe() {
+        if (unsubscribed) return unsubscribed;
+        sub.active = false;
+        if (!sub.settled) sub.reject(new HeraldSubscribeError(kind, id, "unsubscribed before the ack"));
+        if (!theRoom.subs.delete(sub) || rooms.get(key) !== theRoom) return (unsubscribed = Promise.resolve());
+        if (theRoom.subs.size > 0) return (unsubscribed = Promise.resolve());
+        unsubscribed = new Promise<void>((res) => theRoom.releaseWaiters.push(res));
+        // Deferred by one macrotask, so that an unmount + mount (React strict
+        // mode) keeps the room instead of leaving and joining it again.
+        if (theRoom.releaseTimer === undefined) theRoom.releaseTimer = setTimeout(() => release(theRoom), 0);
+        return unsubscribed;
+      },
+    };
+  }
+
+  return {
+    socket,
+    get status() {
+      return status;
+    },
+    subscribe,
+    subscribeCampaign: (id, handlers) => subscribe("campaign", id, handlers),
+    subscribeSettlement: (id, handlers) => subscribe("settlement", id, handlers),
+    subscribeStructure: (id, handlers) => subscribe("structure", id, handlers),
+    onStatusChange(cb) {
+      statusListeners.add(cb);
+      return () => statusListeners.delete(cb);
+    },
+    onError(cb) {
+      errorListeners.add(cb);
+      return () => errorListeners.delete(cb);
+    },
+    connect() {
+      if (closed || socket.connected) return;
+      setStatus(everConnected ? "reconnecting" : "connecting");
+      socket.connect();
+    },
+    close() {
+      closed = true;
+      clearTimeout(serverDisconnectTimer);
+      for (const room of rooms.values()) {
+        clearTimeout(room.releaseTimer);
+        room.releaseWaiters.splice(0).forEach((w) => w());
+        for (const sub of room.subs) {
+          sub.active = false;
+          if (!sub.settled) sub.reject(new HeraldSubscribeError(room.kind, room.id, "client closed"));
+        }
+      }
+      rooms.clear();
+      socket.close();
+      setStatus("offline");
+    },
+  };
+}
