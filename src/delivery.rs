@@ -79,6 +79,8 @@ return epoch
 
 /// How long one blocking read of the stream waits.
 const BLOCK: Duration = Duration::from_millis(1_000);
+/// How many waiting replays one read of the stream serves at most.
+const MAX_REPLAY_BATCH: usize = 1024;
 /// How many entries one read takes at most.
 const READ_BATCH: usize = 512;
 /// How often the stream is trimmed by age.
@@ -308,7 +310,9 @@ impl<A: Adapter> Inner<A> {
             tracing::error!(offset = %logged.offset, "a logged event is not valid JSON");
             return;
         };
-        match self.io.local().to(room_names(&logged.rooms)).emit(logged.kind.as_str(), &*raw).await {
+        // After shutdown the namespace is gone: nothing to deliver to.
+        let Some(ns) = self.io.of("/") else { return };
+        match ns.local().to(room_names(&logged.rooms)).emit(logged.kind.as_str(), &*raw).await {
             Ok(()) => {}
             Err(socketioxide::BroadcastError::Socket(errors)) => {
                 tracing::debug!(failed = errors.len(), offset = %logged.offset, "some sockets missed an event");
@@ -465,17 +469,28 @@ async fn reader<A: Adapter>(
                 }
                 command = commands.recv() => {
                     let Some(command) = command else { return };
-                    let recovered = match epoch {
-                        Some(e) => serve_replay(&mut shared, &key, e, &last_id, &command).await,
-                        None => false,
-                    };
-                    let joined = command.socket.rooms().iter().any(|r| *r == command.room.to_string());
-                    if !recovered && !joined && command.socket.connected() {
-                        command.socket.join(command.room.to_string());
-                        let head = epoch.and_then(|e| Offset::from_stream_id(e, &last_id));
-                        Coverage::of(&command.socket).record(&command.room, head);
+                    // Serve every waiting replay from one read of the stream
+                    // (a reconnect storm sends many at once).
+                    let mut batch = vec![command];
+                    while batch.len() < MAX_REPLAY_BATCH {
+                        match commands.try_recv() {
+                            Ok(command) => batch.push(command),
+                            Err(_) => break,
+                        }
                     }
-                    let _ = command.reply.send(recovered);
+                    let recovered = match epoch {
+                        Some(e) => serve_replays(&mut shared, &key, e, &last_id, &batch).await,
+                        None => vec![false; batch.len()],
+                    };
+                    for (command, recovered) in batch.into_iter().zip(recovered) {
+                        let joined = command.socket.rooms().iter().any(|r| *r == command.room.to_string());
+                        if !recovered && !joined && command.socket.connected() {
+                            command.socket.join(command.room.to_string());
+                            let head = epoch.and_then(|e| Offset::from_stream_id(e, &last_id));
+                            Coverage::of(&command.socket).record(&command.room, head);
+                        }
+                        let _ = command.reply.send(recovered);
+                    }
                 }
                 _ = trim.tick() => {
                     if let Some(strong) = inner.upgrade() {
@@ -552,51 +567,54 @@ async fn read_after(mut conn: Conn, key: String, after: String) -> redis::RedisR
     Ok(entries)
 }
 
-/// Replays to one socket, when the stream still holds every entry after
-/// `since` up to what this reader has delivered.
-async fn serve_replay<A: Adapter>(
+/// Serves a batch of replays from one read of the stream: each one whose
+/// `since` is still covered (not trimmed, this epoch, not ahead of what this
+/// reader delivered) gets its room's entries after `since`.
+async fn serve_replays<A: Adapter>(
     conn: &mut Conn,
     key: &str,
     epoch: u64,
     last_id: &str,
-    command: &ReaderCommand<A>,
-) -> bool {
-    let since = command.since;
-    let Some(last) = Offset::from_stream_id(epoch, last_id) else { return false };
-    if since.epoch != epoch || since > last {
-        return false;
-    }
+    batch: &[ReaderCommand<A>],
+) -> Vec<bool> {
+    let refused = vec![false; batch.len()];
+    let Some(last) = Offset::from_stream_id(epoch, last_id) else { return refused };
     // Entries up to `max-deleted-entry-id` were trimmed.
     let info: redis::RedisResult<std::collections::HashMap<String, redis::Value>> =
         redis::cmd("XINFO").arg("STREAM").arg(key).query_async(conn).await;
-    let Ok(info) = info else { return false };
+    let Ok(info) = info else { return refused };
     let trimmed = match info.get("max-deleted-entry-id") {
         Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
         Some(redis::Value::SimpleString(s)) => s.clone(),
-        _ => return false,
+        _ => return refused,
     };
-    match Offset::from_stream_id(epoch, &trimmed) {
-        Some(max_deleted) if max_deleted > since => return false,
-        Some(_) => {}
-        None => return false,
-    }
+    let Some(max_deleted) = Offset::from_stream_id(epoch, &trimmed) else { return refused };
+    let servable = |since: Offset| since.epoch == epoch && since <= last && since >= max_deleted;
+    let Some(from) = batch.iter().map(|c| c.since).filter(|s| servable(*s)).min() else { return refused };
     let range: redis::RedisResult<redis::streams::StreamRangeReply> =
-        redis::cmd("XRANGE").arg(key).arg(format!("({}", since.stream_id())).arg(last_id).query_async(conn).await;
-    let Ok(range) = range else { return false };
-    let events = range
+        redis::cmd("XRANGE").arg(key).arg(format!("({}", from.stream_id())).arg(last_id).query_async(conn).await;
+    let Ok(range) = range else { return refused };
+    let logged: Vec<Logged> = range
         .ids
         .iter()
         .filter_map(|entry| match decode(entry)? {
-            Decoded::Event(kind, rooms, json) => Some((entry.id.clone(), kind, rooms, json)),
+            Decoded::Event(kind, rooms, json) => {
+                Some(Logged::new(Offset::from_stream_id(epoch, &entry.id)?, kind, rooms, &json))
+            }
             Decoded::Revoke(_) => None,
         })
-        .filter_map(|(id, kind, rooms, json)| {
-            let offset = Offset::from_stream_id(epoch, &id)?;
-            let logged = Logged::new(offset, kind, rooms, &json);
-            logged.targets(&command.room).then_some(logged)
-        })
         .collect();
-    replay_to(&command.socket, &command.room, since, Some(last), Replay { recovered: true, events })
+    batch
+        .iter()
+        .map(|command| {
+            if !servable(command.since) {
+                return false;
+            }
+            let events =
+                logged.iter().filter(|l| l.offset > command.since && l.targets(&command.room)).cloned().collect();
+            replay_to(&command.socket, &command.room, command.since, Some(last), Replay { recovered: true, events })
+        })
+        .collect()
 }
 
 /// Drops entries older than the window (approximately; Redis keeps whole nodes).

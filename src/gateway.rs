@@ -487,7 +487,9 @@ impl<S: MembershipStore> Gateway<S> {
 
     async fn revoke<A: Adapter>(&self, io: &SocketIo<A>, revocation: Revocation) {
         let user: Arc<str> = Arc::from(revocation.user_id.as_str());
-        let sockets = io.local().to(user_room(&user)).sockets();
+        // After shutdown the namespace is gone, and so are the sockets.
+        let Some(ns) = io.of("/") else { return };
+        let sockets = ns.local().to(user_room(&user)).sockets();
         let Some(campaign) = revocation.campaign_id else {
             self.access.forget_user(&user);
             for s in sockets {
