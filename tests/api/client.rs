@@ -161,6 +161,13 @@ impl Client {
         self.emit_with_ack(&format!("subscribe_{kind}"), json!({ format!("{kind}Id"): id })).await
     }
 
+    /// Subscribes to `kind:<id>` with `since` (any JSON, to send malformed
+    /// ones too) and returns the ack.
+    #[allow(dead_code)]
+    pub async fn subscribe_since(&mut self, kind: &str, id: &str, since: Value) -> Value {
+        self.emit_with_ack(&format!("subscribe_{kind}"), json!({ format!("{kind}Id"): id, "since": since })).await
+    }
+
     /// Unsubscribes from `kind:<id>` and returns the ack.
     pub async fn unsubscribe(&mut self, kind: &str, id: &str) -> Value {
         self.emit_with_ack(&format!("unsubscribe_{kind}"), json!({ format!("{kind}Id"): id })).await
@@ -195,6 +202,38 @@ impl Client {
             return true;
         }
         tokio::time::timeout(wait, notified).await.is_ok() || self.is_closed()
+    }
+
+    /// The next event, waiting as long as it takes; `None` once the
+    /// connection is closed and every event that came before was taken.
+    #[allow(dead_code)]
+    pub async fn recv_event(&mut self) -> Option<(String, Value)> {
+        self.events.recv().await
+    }
+
+    /// An event that has already arrived, without waiting.
+    #[allow(dead_code)]
+    pub fn try_next_event(&mut self) -> Option<(String, Value)> {
+        self.events.try_recv().ok()
+    }
+
+    /// A future that resolves when the connection closes; it borrows nothing,
+    /// so it can race a call that borrows the client (an ack awaited while a
+    /// cut may come).
+    #[allow(dead_code)]
+    pub fn on_close(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let closed = self.closed.clone();
+        let is_closed = self.is_closed.clone();
+        async move {
+            loop {
+                // Registered before the check: notify_waiters wakes it even if not yet polled.
+                let notified = closed.notified();
+                if is_closed.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                notified.await;
+            }
+        }
     }
 
     /// Closes the connection from this side.

@@ -68,6 +68,23 @@ pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -
         Backend::Sqlite => format!("sqlite://{}", dir.path().join("herald.db").display()),
         Backend::Postgres => fresh_postgres_schema().await,
     };
+    start_app(dir, database_url, true, tweak).await
+}
+
+/// A gateway on an existing database (one that another, possibly stopped,
+/// app used: the caller keeps it alive), without inserting the fixture.
+#[allow(dead_code)]
+pub async fn spawn_app_on(database_url: &str, tweak: impl FnOnce(&mut Config)) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    start_app(dir, database_url.to_owned(), false, tweak).await
+}
+
+async fn start_app(
+    dir: tempfile::TempDir,
+    database_url: String,
+    fixture: bool,
+    tweak: impl FnOnce(&mut Config),
+) -> TestApp {
     let mut config = Config::defaults();
     config.listen = "127.0.0.1:0".into();
     config.jwt_secret = Some(JWT_SECRET.into());
@@ -77,7 +94,9 @@ pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -
     tweak(&mut config);
     let app = Application::build(config).await.expect("the gateway builds");
     let addr = app.local_addr().unwrap();
-    run_sql(&database_url, FIXTURE).await;
+    if fixture {
+        run_sql(&database_url, FIXTURE).await;
+    }
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
