@@ -175,38 +175,46 @@ impl<A: Adapter> Delivery<A> {
                 }
             }
             Backend::Redis { driver, append, .. } => {
-                if !driver.is_healthy() {
-                    return Err(DeliveryError::AdapterUnavailable {
-                        accepted: 0,
-                        reason: "redis is unreachable".into(),
-                    });
-                }
-                let prefix = driver.prefix();
-                let mut invocation = append.key(stream_key(prefix));
-                invocation.key(epoch_key(prefix)).arg(self.0.retention.max_events);
-                for (kind, rooms, json) in &encoded {
-                    invocation.arg(kind.as_str()).arg(room_names(rooms).join(" ")).arg(json);
-                }
-                let mut conn = driver.conn();
-                let result: Result<redis::RedisResult<String>, _> =
-                    tokio::time::timeout(driver.op_timeout(), invocation.invoke_async(&mut conn)).await;
-                match result {
-                    Ok(Ok(_epoch)) => {}
-                    Ok(Err(e)) => {
-                        self.0.metrics.adapter_errors.inc();
-                        return Err(DeliveryError::AdapterUnavailable { accepted: 0, reason: error_chain(&e) });
-                    }
-                    Err(_) => {
-                        self.0.metrics.adapter_errors.inc();
-                        return Err(DeliveryError::AdapterUnavailable { accepted: 0, reason: "timed out".into() });
-                    }
-                }
+                let entries =
+                    encoded.iter().map(|(kind, rooms, json)| (kind.as_str(), room_names(rooms).join(" "), json));
+                self.append_to_stream(driver, append, entries).await?;
             }
         }
         for event in events {
             self.0.metrics.events_published.get_or_create(&[("type", event.kind().as_str())]).inc();
         }
         Ok(events.len())
+    }
+
+    /// Appends entries (kind, rooms, content) to the Redis Stream in one
+    /// atomic step: all of them, or none when Redis fails.
+    async fn append_to_stream<'a>(
+        &self,
+        driver: &FleetDriver,
+        append: &redis::Script,
+        entries: impl IntoIterator<Item = (&'a str, String, &'a String)>,
+    ) -> Result<(), DeliveryError> {
+        let unavailable = |reason: String| {
+            self.0.metrics.adapter_errors.inc();
+            DeliveryError::AdapterUnavailable { accepted: 0, reason }
+        };
+        if !driver.is_healthy() {
+            return Err(unavailable("redis is unreachable".into()));
+        }
+        let prefix = driver.prefix();
+        let mut invocation = append.key(stream_key(prefix));
+        invocation.key(epoch_key(prefix)).arg(self.0.retention.max_events);
+        for (kind, rooms, content) in entries {
+            invocation.arg(kind).arg(rooms).arg(content);
+        }
+        let mut conn = driver.conn();
+        let result: Result<redis::RedisResult<String>, _> =
+            tokio::time::timeout(driver.op_timeout(), invocation.invoke_async(&mut conn)).await;
+        match result {
+            Ok(Ok(_epoch)) => Ok(()),
+            Ok(Err(e)) => Err(unavailable(error_chain(&e))),
+            Err(_) => Err(unavailable("timed out".into())),
+        }
     }
 
     /// Sets what every instance does with a revocation (once, at start-up).
@@ -225,29 +233,7 @@ impl<A: Adapter> Delivery<A> {
                 Ok(())
             }
             Backend::Redis { driver, append, .. } => {
-                if !driver.is_healthy() {
-                    return Err(DeliveryError::AdapterUnavailable {
-                        accepted: 0,
-                        reason: "redis is unreachable".into(),
-                    });
-                }
-                let prefix = driver.prefix();
-                let mut invocation = append.key(stream_key(prefix));
-                invocation.key(epoch_key(prefix)).arg(self.0.retention.max_events).arg(REVOKE).arg("").arg(json);
-                let mut conn = driver.conn();
-                let result: Result<redis::RedisResult<String>, _> =
-                    tokio::time::timeout(driver.op_timeout(), invocation.invoke_async(&mut conn)).await;
-                match result {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) => {
-                        self.0.metrics.adapter_errors.inc();
-                        Err(DeliveryError::AdapterUnavailable { accepted: 0, reason: error_chain(&e) })
-                    }
-                    Err(_) => {
-                        self.0.metrics.adapter_errors.inc();
-                        Err(DeliveryError::AdapterUnavailable { accepted: 0, reason: "timed out".into() })
-                    }
-                }
+                self.append_to_stream(driver, append, [(REVOKE, String::new(), &json)]).await
             }
         }
     }

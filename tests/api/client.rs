@@ -148,12 +148,17 @@ impl Client {
 
     /// Like `emit_with_ack`, but `None` when no ack comes.
     pub async fn try_emit_with_ack(&mut self, event: &str, data: Value) -> Option<Value> {
+        self.try_emit_with_ack_within(event, data, STEP).await
+    }
+
+    /// Like `try_emit_with_ack`, waiting up to `wait` for the ack.
+    pub async fn try_emit_with_ack_within(&mut self, event: &str, data: Value, wait: Duration) -> Option<Value> {
         let id = self.next_ack;
         self.next_ack += 1;
         let (tx, rx) = oneshot::channel();
         self.acks.lock().unwrap().insert(id, tx);
         self.send_raw(&format!("42{id}{}", json!([event, data])));
-        tokio::time::timeout(STEP, rx).await.ok()?.ok()
+        tokio::time::timeout(wait, rx).await.ok()?.ok()
     }
 
     /// Subscribes to `kind:<id>` and returns the ack.
