@@ -5,6 +5,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use axum::Router;
@@ -22,6 +23,7 @@ use crate::access::Access;
 use crate::auth::{KeyError, Minter, Verifier};
 use crate::config::{Config, ConfigError, JwtAlgorithm, Mode};
 use crate::delivery::Delivery;
+use crate::demo::{self, DEMO_USER, DemoState};
 use crate::fleet::{FleetConfig, FleetDriver, FleetError};
 use crate::gateway::Gateway;
 use crate::health::{self, OpsState, Probe};
@@ -86,6 +88,9 @@ struct Parts<'a> {
     metrics: Arc<Metrics>,
     publish_token: SecretString,
     probes: Vec<(&'static str, Probe)>,
+    /// Signs demo tokens: set only in development mode with a generated JWT
+    /// secret, where the demo page and its routes are served.
+    demo: Option<Minter>,
 }
 
 /// Builds the HTTP side over `io`, whatever its adapter.
@@ -96,7 +101,10 @@ fn assemble<A: Adapter>(
     parts: Parts<'_>,
     driver: Option<FleetDriver>,
 ) -> (Router, Closer) {
-    let Parts { config, metrics, publish_token, mut probes } = parts;
+    let Parts { config, metrics, publish_token, mut probes, demo } = parts;
+    let demo = demo.map(|minter| {
+        demo::router(Arc::new(DemoState { minter, delivery: delivery.clone(), counter: AtomicU64::new(0) }))
+    });
     let publish_state = Arc::new(PublishState {
         token: publish_token,
         max_body_bytes: config.max_body_bytes,
@@ -114,7 +122,11 @@ fn assemble<A: Adapter>(
         ));
     }
     let ops = OpsState { metrics, probes };
-    let router = publish::router(publish_state).merge(health::router(ops)).layer(layer);
+    let mut router = publish::router(publish_state).merge(health::router(ops));
+    if let Some(demo) = demo {
+        router = router.merge(demo);
+    }
+    let router = router.layer(layer);
     let closer: Closer = Arc::new(move || {
         let io = io.clone();
         let driver = driver.clone();
@@ -127,9 +139,6 @@ fn assemble<A: Adapter>(
     });
     (router, closer)
 }
-
-/// The user the development banner's token is for.
-pub const DEMO_USER: &str = "demo-user";
 
 fn random_secret() -> SecretString {
     let bytes: [u8; 32] = rand::rng().random();
@@ -167,12 +176,14 @@ impl Application {
         config.validate()?;
         let demo = config.mode == Mode::Development && config.no_secrets_configured();
         let mut dev = None;
+        let mut demo_minter = None;
         if config.mode == Mode::Development {
             let mut creds = DevCredentials { client_token: None, publish_token: None, demo_seeded: false };
             if config.jwt_algorithm == JwtAlgorithm::Hs256 && config.jwt_secret.is_none() {
                 let secret = random_secret();
-                creds.client_token =
-                    Some(Minter::hs256(&secret, &config).mint(DEMO_USER, Duration::from_secs(24 * 3600))?);
+                let minter = Minter::hs256(&secret, &config);
+                creds.client_token = Some(minter.mint(DEMO_USER, Duration::from_secs(24 * 3600))?);
+                demo_minter = Some(minter);
                 config.jwt_secret = Some(secret);
             }
             if config.publish_token.is_none() {
@@ -219,7 +230,8 @@ impl Application {
                 Box::pin(async move { store.ping().await.map_err(|e| crate::telemetry::error_chain(&e)) })
             })
         };
-        let parts = Parts { config: &config, metrics, publish_token, probes: vec![("store", store_probe)] };
+        let parts =
+            Parts { config: &config, metrics, publish_token, probes: vec![("store", store_probe)], demo: demo_minter };
         let retention = Retention { window: config.replay_window, max_events: config.replay_max_events.max(1) };
 
         let (mut router, closer) = match &config.redis_url {
@@ -266,6 +278,11 @@ impl Application {
     /// The address the gateway listens on.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Whether the demo page and its development-only routes are served.
+    pub fn serves_demo(&self) -> bool {
+        self.dev.as_ref().is_some_and(|d| d.client_token.is_some())
     }
 
     /// What development mode generated, if anything.

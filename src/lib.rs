@@ -19,6 +19,7 @@
 //! - [`fleet`]: the Redis driver that lets many instances share events.
 //! - [`gateway`]: the Socket.IO handlers (handshake, subscribe, unsubscribe).
 //! - [`publish`]: the HTTP publish API for backends.
+//! - [`demo`]: the development demo page and its development-only routes.
 //! - [`limits`]: connection, subscription and event-rate limits.
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`telemetry`]: logs and metrics.
@@ -30,6 +31,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod delivery;
+pub mod demo;
 pub mod events;
 pub mod fleet;
 pub mod gateway;

@@ -35,7 +35,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(dev) = app.development_credentials() {
         println!("herald is running in development mode with throwaway secrets (HERALD_ENV=production refuses this).");
         if let Some(token) = &dev.client_token {
-            println!("  client token (sub {}):  {token}", herald::app::DEMO_USER);
+            println!("  client token (sub {}):  {token}", herald::demo::DEMO_USER);
         }
         if let Some(token) = &dev.publish_token {
             println!("  publish token:  {}", token.expose_secret());
@@ -45,6 +45,9 @@ async fn main() -> anyhow::Result<()> {
                 "  demo data: campaign demo-campaign, settlement demo-settlement, structure demo-structure; demo-user is a member"
             );
         }
+    }
+    if app.serves_demo() {
+        println!("  demo page:  http://{addr}/");
     }
     println!("herald listening on http://{addr}");
     tracing::info!(%addr, "listening");

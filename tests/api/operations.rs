@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::helpers::*;
 
@@ -137,6 +137,55 @@ async fn development_mode_without_secrets_generates_them_and_seeds_demo_data() {
     {
         assert_eq!(c.subscribe(kind, id).await, json!({"success": true}));
     }
+
+    // The demo page and its development-only routes.
+    let http = reqwest::Client::new();
+    let page = http.get(format!("http://{addr}/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(page.text().await.unwrap().contains("/demo/app.js"), "the page loads its bundle");
+    let bundle = http.get(format!("http://{addr}/demo/app.js")).send().await.unwrap();
+    assert_eq!(bundle.status(), 200);
+    assert!(bundle.headers()["content-type"].to_str().unwrap().starts_with("text/javascript"));
+    let boot = http.get(format!("http://{addr}/dev/bootstrap")).send().await.unwrap();
+    assert_eq!(boot.status(), 200);
+    assert_eq!(boot.headers()["cache-control"], "no-store");
+    let boot: Value = boot.json().await.unwrap();
+    assert_eq!(boot["userId"], "demo-user");
+    assert_eq!(boot["campaignId"], "demo-campaign");
+    let mut d = crate::client::Client::connect(addr, Some(json!({"token": boot["token"]})), "")
+        .await
+        .expect("a bootstrap token connects");
+    assert_eq!(d.subscribe("campaign", "demo-campaign").await, json!({"success": true}));
+    for kind in ["entity_updated", "state_invalidated", "world_time_changed", "settlement_updated", "structure_updated"]
+    {
+        let r = http.post(format!("http://{addr}/dev/publish-demo")).json(&json!({"type": kind})).send().await.unwrap();
+        assert_eq!(r.status(), 202, "{kind}");
+        let (name, event) = d.expect_event().await;
+        assert_eq!(name, kind);
+        assert_eq!(event["payload"]["campaignId"], "demo-campaign");
+        assert_eq!(event["metadata"]["source"], "herald-demo");
+    }
+    let r = http.post(format!("http://{addr}/dev/publish-demo")).send().await.unwrap();
+    assert_eq!(r.status(), 202, "no body: entity_updated");
+    assert_eq!(d.expect_event().await.0, "entity_updated");
+    let r = http.post(format!("http://{addr}/dev/publish-demo")).body(r#"{"type":"nope"}"#).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    d.expect_silence(Duration::from_millis(200)).await;
+
     let _ = stop.send(());
     task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn the_demo_routes_do_not_exist_with_configured_secrets_or_in_production() {
+    let production = spawn_app_with(Backend::Sqlite, |c| c.mode = herald::config::Mode::Production).await;
+    let development = spawn_app().await;
+    let http = reqwest::Client::new();
+    for app in [&production, &development] {
+        for path in ["/", "/demo/app.js", "/dev/bootstrap"] {
+            assert_eq!(http.get(app.url(path)).send().await.unwrap().status(), 404, "GET {path}");
+        }
+        assert_eq!(http.post(app.url("/dev/publish-demo")).send().await.unwrap().status(), 404);
+    }
 }
