@@ -9,6 +9,7 @@
 use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize};
+use ts_rs::TS;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -16,7 +17,7 @@ use time::format_description::well_known::Rfc3339;
 use crate::rooms::{CampaignId, EntityId, Room, SettlementId, StructureId};
 
 /// The kinds of domain event, named as on the wire (`type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, TS)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     EntityUpdated,
@@ -55,9 +56,9 @@ impl fmt::Display for EventKind {
 }
 
 /// An RFC 3339 timestamp, kept exactly as it was written.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, TS)]
 #[serde(transparent)]
-pub struct Timestamp(String);
+pub struct Timestamp(#[ts(type = "string")] String);
 
 impl Timestamp {
     /// Validates `s` as RFC 3339.
@@ -95,7 +96,7 @@ impl<'de> Deserialize<'de> for Timestamp {
 }
 
 /// A string that is not empty.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, TS)]
 #[serde(transparent)]
 pub struct NonEmpty(String);
 
@@ -136,7 +137,7 @@ where
 }
 
 /// `create`, `update` or `delete`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, TS)]
 #[serde(rename_all = "snake_case")]
 pub enum Operation {
     Create,
@@ -145,7 +146,7 @@ pub enum Operation {
 }
 
 /// What a `state_invalidated` event invalidates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, TS)]
 #[serde(rename_all = "snake_case")]
 pub enum Scope {
     Campaign,
@@ -153,34 +154,41 @@ pub enum Scope {
 }
 
 /// Payload of `entity_updated`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, TS)]
 #[serde(rename_all = "camelCase")]
+#[ts(rename = "EntityUpdatedPayload")]
 pub struct EntityUpdated {
     /// `campaign`, `settlement`, `structure`, or any other entity kind.
     pub entity_type: NonEmpty,
     pub entity_id: EntityId,
     pub campaign_id: CampaignId,
     #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[ts(optional)]
     pub changed_fields: Option<Vec<String>>,
     #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[ts(optional, type = "Record<string, unknown>")]
     pub entity_data: Option<Map<String, Value>>,
 }
 
 /// Payload of `state_invalidated`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, TS)]
 #[serde(rename_all = "camelCase")]
+#[ts(rename = "StateInvalidatedPayload")]
 pub struct StateInvalidated {
     pub campaign_id: CampaignId,
     pub scope: Scope,
     #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[ts(optional)]
     pub entity_ids: Option<Vec<String>>,
     #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[ts(optional)]
     pub reason: Option<String>,
 }
 
 /// Payload of `world_time_changed`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, TS)]
 #[serde(rename_all = "camelCase")]
+#[ts(rename = "WorldTimeChangedPayload")]
 pub struct WorldTimeChanged {
     pub campaign_id: CampaignId,
     /// Required, and `null` for the first time set.
@@ -188,41 +196,50 @@ pub struct WorldTimeChanged {
     pub previous_time: Option<Timestamp>,
     pub new_time: Timestamp,
     #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[ts(optional)]
     pub elapsed: Option<f64>,
 }
 
 /// Payload of `settlement_updated`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, TS)]
 #[serde(rename_all = "camelCase")]
+#[ts(rename = "SettlementUpdatedPayload")]
 pub struct SettlementUpdated {
     pub campaign_id: CampaignId,
     pub settlement_id: SettlementId,
     pub operation: Operation,
     #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[ts(optional, type = "Record<string, unknown>")]
     pub changes: Option<Map<String, Value>>,
 }
 
 /// Payload of `structure_updated`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, TS)]
 #[serde(rename_all = "camelCase")]
+#[ts(rename = "StructureUpdatedPayload")]
 pub struct StructureUpdated {
     pub campaign_id: CampaignId,
     pub settlement_id: SettlementId,
     pub structure_id: StructureId,
     pub operation: Operation,
     #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[ts(optional, type = "Record<string, unknown>")]
     pub changes: Option<Map<String, Value>>,
 }
 
 /// Optional event metadata.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, TS)]
 #[serde(rename_all = "camelCase")]
+#[ts(rename = "EventMetadata")]
 pub struct Metadata {
     #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[ts(optional)]
     pub user_id: Option<String>,
     #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[ts(optional)]
     pub source: Option<String>,
     #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[ts(optional)]
     pub correlation_id: Option<String>,
 }
 
@@ -433,8 +450,62 @@ pub fn parse_body(body: &[u8]) -> Result<Vec<Event>, InvalidEvent> {
     }
 }
 
+/// Where the TypeScript declarations of the wire types are committed.
+pub const TYPESCRIPT_PATH: &str = "client/src/generated/events.ts";
+
+/// The TypeScript declarations of the event payloads and their parts,
+/// generated from the types above (herald-client imports them; a test fails
+/// when the committed copy differs).
+pub fn typescript() -> String {
+    let cfg = ts_rs::Config::new();
+    let decls = [
+        EventKind::decl(&cfg),
+        Operation::decl(&cfg),
+        Scope::decl(&cfg),
+        Timestamp::decl(&cfg),
+        NonEmpty::decl(&cfg),
+        CampaignId::decl(&cfg),
+        SettlementId::decl(&cfg),
+        StructureId::decl(&cfg),
+        EntityId::decl(&cfg),
+        EntityUpdated::decl(&cfg),
+        StateInvalidated::decl(&cfg),
+        WorldTimeChanged::decl(&cfg),
+        SettlementUpdated::decl(&cfg),
+        StructureUpdated::decl(&cfg),
+        Metadata::decl(&cfg),
+    ];
+    let mut out = String::from(
+        "// Generated from herald's Rust event types (src/events.rs, src/rooms.rs) by\n\
+         // `HERALD_WRITE_TYPES=1 cargo test --lib typescript`. Do not edit: a test\n\
+         // fails when this file differs from what the Rust types generate.\n",
+    );
+    for decl in decls {
+        out.push_str("\nexport ");
+        out.push_str(&decl);
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn typescript_declarations_are_current() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(TYPESCRIPT_PATH);
+        let generated = typescript();
+        if std::env::var_os("HERALD_WRITE_TYPES").is_some() {
+            std::fs::create_dir_all(path.parent().expect("a parent")).expect("create the directory");
+            std::fs::write(&path, &generated).expect("write the declarations");
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "{TYPESCRIPT_PATH} differs from what the Rust event types generate; \
+             run `HERALD_WRITE_TYPES=1 cargo test --lib typescript` and commit it"
+        );
+    }
+
     use super::*;
     use serde_json::json;
 

@@ -7,6 +7,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use ts_rs::TS;
 
 /// Longest id accepted, in bytes (all accepted characters are ASCII).
 pub const MAX_ID_LEN: usize = 128;
@@ -26,8 +27,8 @@ fn check_id(s: &str) -> Result<(), InvalidId> {
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(Arc<str>);
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, TS)]
+        pub struct $name(#[ts(type = "string")] Arc<str>);
 
         impl $name {
             /// Validates `s` as an id.

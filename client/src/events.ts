@@ -1,75 +1,31 @@
 // The wire types of herald's events, as in the README's contract ("Server →
 // client events" and "Publish API").
 //
-// Types only, no runtime code, in this one file: it is meant to be replaced
-// wholesale by a copy generated from the Rust event types. Everything else in
-// the package imports the names below from "./events.js" and nothing else
-// from here, so a generated file only has to export the same names.
+// The payloads and their parts are generated from herald's Rust event types
+// (./generated/events.ts; a Rust test fails when that copy is stale). This
+// file adds what the Rust types do not say: the envelope a client receives,
+// the acks, and the unknown fields that pass through unchanged. Everything
+// else in the package imports these names from "./events.js".
+
+import type * as Wire from "./generated/events.js";
 
 /** The five event kinds, each emitted under its own name. */
-export type EventType =
-  | "entity_updated"
-  | "state_invalidated"
-  | "world_time_changed"
-  | "settlement_updated"
-  | "structure_updated";
+export type EventType = Wire.EventKind;
 
 /** `create`, `update` or `delete`. */
-export type Operation = "create" | "update" | "delete";
+export type Operation = Wire.Operation;
+
+/** Fields herald does not know pass through unchanged. */
+type Extra = { [extra: string]: unknown };
 
 /** Optional, and so is each of its fields. */
-export interface EventMetadata {
-  userId?: string;
-  source?: string;
-  correlationId?: string;
-  /** Unknown fields pass through unchanged. */
-  [extra: string]: unknown;
-}
+export type EventMetadata = Wire.EventMetadata & Extra;
 
-export interface EntityUpdatedPayload {
-  /** `campaign`, `settlement`, `structure`, or any other non-empty kind. */
-  entityType: "campaign" | "settlement" | "structure" | (string & {});
-  entityId: string;
-  campaignId: string;
-  changedFields?: string[];
-  entityData?: Record<string, unknown>;
-  [extra: string]: unknown;
-}
-
-export interface StateInvalidatedPayload {
-  campaignId: string;
-  scope: "campaign" | "entity";
-  entityIds?: string[];
-  reason?: string;
-  [extra: string]: unknown;
-}
-
-export interface WorldTimeChangedPayload {
-  campaignId: string;
-  /** RFC 3339, or `null`; required. */
-  previousTime: string | null;
-  /** RFC 3339. */
-  newTime: string;
-  elapsed?: number;
-  [extra: string]: unknown;
-}
-
-export interface SettlementUpdatedPayload {
-  campaignId: string;
-  settlementId: string;
-  operation: Operation;
-  changes?: Record<string, unknown>;
-  [extra: string]: unknown;
-}
-
-export interface StructureUpdatedPayload {
-  campaignId: string;
-  settlementId: string;
-  structureId: string;
-  operation: Operation;
-  changes?: Record<string, unknown>;
-  [extra: string]: unknown;
-}
+export type EntityUpdatedPayload = Wire.EntityUpdatedPayload & Extra;
+export type StateInvalidatedPayload = Wire.StateInvalidatedPayload & Extra;
+export type WorldTimeChangedPayload = Wire.WorldTimeChangedPayload & Extra;
+export type SettlementUpdatedPayload = Wire.SettlementUpdatedPayload & Extra;
+export type StructureUpdatedPayload = Wire.StructureUpdatedPayload & Extra;
 
 /** The payload type of each event kind. */
 export interface PayloadMap {
