@@ -9,10 +9,10 @@
 use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize};
-use ts_rs::TS;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use ts_rs::TS;
 
 use crate::rooms::{CampaignId, EntityId, Room, SettlementId, StructureId};
 
