@@ -212,7 +212,10 @@ impl Application {
         let builder = SocketIo::builder()
             .max_payload(config.max_message_bytes)
             .ws_max_message_size(config.max_message_bytes as usize)
-            .ws_max_frame_size(config.max_message_bytes as usize);
+            .ws_max_frame_size(config.max_message_bytes as usize)
+            .max_buffer_size(config.socket_buffer.max(2))
+            .ping_interval(config.ping_interval)
+            .ping_timeout(config.ping_timeout);
         let access = Access::new(Arc::new(store.clone()), config.membership_cache_ttl);
         let limits = Limits {
             max_connections: config.max_connections,
@@ -232,7 +235,11 @@ impl Application {
         };
         let parts =
             Parts { config: &config, metrics, publish_token, probes: vec![("store", store_probe)], demo: demo_minter };
-        let retention = Retention { window: config.replay_window, max_events: config.replay_max_events.max(1) };
+        let retention = Retention {
+            window: config.replay_window,
+            max_events: config.replay_max_events.max(1),
+            max_replay: (config.socket_buffer / 2).max(1),
+        };
 
         let (mut router, closer) = match &config.redis_url {
             None => {

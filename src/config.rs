@@ -181,6 +181,21 @@ pub struct Config {
     #[arg(long, env = "HERALD_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Packets one socket may have waiting to be written (memory is taken only while they wait).
+    /// A socket whose buffer is full when an event arrives is disconnected (it reconnects and
+    /// recovers with `since`) instead of missing it.
+    #[arg(long, env = "HERALD_SOCKET_BUFFER", default_value_t = 512)]
+    pub socket_buffer: usize,
+
+    /// How often the server pings each client. A client whose buffer stays full is closed at the
+    /// next ping, since the ping does not fit either.
+    #[arg(long, env = "HERALD_PING_INTERVAL", default_value = "25s", value_parser = humantime::parse_duration)]
+    pub ping_interval: Duration,
+
+    /// How long the server waits for a client's pong before closing its connection.
+    #[arg(long, env = "HERALD_PING_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub ping_timeout: Duration,
+
     /// Largest inbound Socket.IO message (WebSocket message or polling body), in bytes.
     #[arg(long, env = "HERALD_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_message_bytes: u64,

@@ -25,6 +25,7 @@ use serde_json::value::RawValue;
 use socketioxide::SocketIo;
 use socketioxide::adapter::Adapter;
 use socketioxide::extract::SocketRef;
+use socketioxide::{SendError, SocketError};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::events::{Event, EventKind};
@@ -261,7 +262,7 @@ impl<A: Adapter> Delivery<A> {
                 let mut log = log.lock().await;
                 let head = log.head();
                 let replay = log.replay(room, since);
-                Some(replay_to(socket, room, since, head, replay))
+                Some(replay_to(socket, room, since, head, replay, &self.0.metrics, self.0.retention.max_replay))
             }
             Backend::Redis { commands, .. } => {
                 let (reply, answer) = oneshot::channel();
@@ -298,14 +299,51 @@ impl<A: Adapter> Inner<A> {
         };
         // After shutdown the namespace is gone: nothing to deliver to.
         let Some(ns) = self.io.of("/") else { return };
-        match ns.local().to(room_names(&logged.rooms)).emit(logged.kind.as_str(), &*raw).await {
-            Ok(()) => {}
-            Err(socketioxide::BroadcastError::Socket(errors)) => {
-                tracing::debug!(failed = errors.len(), offset = %logged.offset, "some sockets missed an event");
+        // One emit per socket rather than a broadcast: a broadcast's errors do
+        // not say which socket failed, and a socket that misses an event must
+        // not stay connected as if it had not.
+        for socket in ns.local().to(room_names(&logged.rooms)).sockets() {
+            match socket.emit(logged.kind.as_str(), &*raw) {
+                Ok(()) => {}
+                Err(SendError::Socket(SocketError::InternalChannelFull)) => {
+                    disconnect_slow_consumer(socket, &self.metrics);
+                }
+                // It is leaving: its disconnect handler cleans up.
+                Err(SendError::Socket(SocketError::Closed)) => {}
+                Err(e) => tracing::error!(error = %e, offset = %logged.offset, "cannot encode an event for a socket"),
             }
-            Err(e) => tracing::error!(error = %e, "local delivery failed"),
         }
+        // Lets the sockets' writers drain between the events of a burst.
+        tokio::task::yield_now().await;
     }
+}
+
+/// How long a slow consumer's disconnect packet may wait for room in its
+/// buffer before the heartbeat is left to close it.
+const SLOW_CONSUMER_RETRY: Duration = Duration::from_millis(50);
+const SLOW_CONSUMER_RETRIES: u32 = 200;
+
+/// A socket whose buffer was full missed an event. It leaves every room at
+/// once, so nothing is delivered after the gap (what it receives stays a
+/// prefix of the log), and is disconnected as soon as the disconnect packet
+/// fits in its buffer; it then reconnects and recovers with `since`. A
+/// client that never reads is closed by the heartbeat: its ping does not fit
+/// either.
+fn disconnect_slow_consumer<A: Adapter>(socket: SocketRef<A>, metrics: &Metrics) {
+    metrics.limits_hit.get_or_create(&[("limit", "slow_consumer")]).inc();
+    tracing::info!(socket = %socket.id, "a socket's buffer is full; disconnecting it so that it recovers");
+    socket.leave_all();
+    if socket.clone().disconnect().is_ok() {
+        return;
+    }
+    tokio::spawn(async move {
+        for _ in 0..SLOW_CONSUMER_RETRIES {
+            tokio::time::sleep(SLOW_CONSUMER_RETRY).await;
+            if !socket.connected() || socket.clone().disconnect().is_ok() {
+                return;
+            }
+        }
+    });
 }
 
 /// Sends a replay to one socket and joins it to the room. When the socket
@@ -317,17 +355,27 @@ fn replay_to<A: Adapter>(
     since: Offset,
     head: Option<Offset>,
     replay: Replay,
+    metrics: &Metrics,
+    max_replay: usize,
 ) -> bool {
     let coverage = Coverage::of(socket);
     let joined = socket.rooms();
-    for logged in replay.events.iter().filter(|l| !coverage.already_sent(&joined, l, room)) {
-        let sent = RawValue::from_string(logged.json.to_string())
-            .ok()
-            .is_some_and(|raw| socket.emit(logged.kind.as_str(), &*raw).is_ok());
-        if !sent {
-            tracing::info!(socket = %socket.id, room = %room, "replay did not fit the socket's buffer; disconnecting it");
-            let _ = socket.clone().disconnect();
-            return false;
+    let missed: Vec<&Logged> = replay.events.iter().filter(|l| !coverage.already_sent(&joined, l, room)).collect();
+    if missed.len() > max_replay {
+        // More than the socket's buffer can take at once: the client refetches.
+        socket.join(room.to_string());
+        coverage.record(room, head);
+        return false;
+    }
+    for logged in missed {
+        let Ok(raw) = RawValue::from_string(logged.json.to_string()) else { return false };
+        match socket.emit(logged.kind.as_str(), &*raw) {
+            Ok(()) => {}
+            Err(SendError::Socket(SocketError::InternalChannelFull)) => {
+                disconnect_slow_consumer(socket.clone(), metrics);
+                return false;
+            }
+            Err(_) => return false,
         }
     }
     socket.join(room.to_string());
@@ -378,6 +426,9 @@ async fn reader<A: Adapter>(
     driver: FleetDriver,
     mut commands: mpsc::Receiver<ReaderCommand<A>>,
 ) {
+    let Some((metrics, max_replay)) = inner.upgrade().map(|i| (i.metrics.clone(), i.retention.max_replay)) else {
+        return;
+    };
     let key = stream_key(driver.prefix());
     let epoch_key = epoch_key(driver.prefix());
     let mut epoch: Option<u64> = None;
@@ -465,7 +516,7 @@ async fn reader<A: Adapter>(
                         }
                     }
                     let recovered = match epoch {
-                        Some(e) => serve_replays(&mut shared, &key, e, &last_id, &batch).await,
+                        Some(e) => serve_replays(&mut shared, &key, e, &last_id, &batch, &metrics, max_replay).await,
                         None => vec![false; batch.len()],
                     };
                     for (command, recovered) in batch.into_iter().zip(recovered) {
@@ -562,6 +613,8 @@ async fn serve_replays<A: Adapter>(
     epoch: u64,
     last_id: &str,
     batch: &[ReaderCommand<A>],
+    metrics: &Metrics,
+    max_replay: usize,
 ) -> Vec<bool> {
     let refused = vec![false; batch.len()];
     let Some(last) = Offset::from_stream_id(epoch, last_id) else { return refused };
@@ -598,7 +651,8 @@ async fn serve_replays<A: Adapter>(
             }
             let events =
                 logged.iter().filter(|l| l.offset > command.since && l.targets(&command.room)).cloned().collect();
-            replay_to(&command.socket, &command.room, command.since, Some(last), Replay { recovered: true, events })
+            let replay = Replay { recovered: true, events };
+            replay_to(&command.socket, &command.room, command.since, Some(last), replay, metrics, max_replay)
         })
         .collect()
 }

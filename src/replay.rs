@@ -69,6 +69,9 @@ impl fmt::Display for Offset {
 pub struct Retention {
     pub window: Duration,
     pub max_events: usize,
+    /// Most events one replay sends to one socket (half its buffer, so that
+    /// the replay and the ack fit); a longer gap answers `recovered: false`.
+    pub max_replay: usize,
 }
 
 /// One logged event, as every instance delivers it.
@@ -202,7 +205,7 @@ mod tests {
 
     #[test]
     fn the_memory_log_replays_one_room_within_retention() {
-        let mut log = MemoryLog::new(Retention { window: Duration::from_secs(60), max_events: 3 });
+        let mut log = MemoryLog::new(Retention { window: Duration::from_secs(60), max_events: 3, max_replay: 64 });
         let c1: Arc<[Room]> = Arc::from(vec![room("campaign:c1")]);
         let s1: Arc<[Room]> = Arc::from(vec![room("campaign:c1"), room("settlement:s1")]);
         let a = log.append(EventKind::StateInvalidated, c1.clone(), "{}");

@@ -42,14 +42,44 @@ impl Client {
     /// Connects to `/socket.io/` on `addr`. `auth` goes in the CONNECT packet;
     /// `query` is appended to the handshake URL (e.g. `token=...`).
     pub async fn connect(addr: SocketAddr, auth: Option<Value>, query: &str) -> Result<Client, ConnectError> {
+        Self::connect_inner(addr, auth, query, None).await
+    }
+
+    /// Connects like [`Client::connect`], with a small receive buffer and a
+    /// switch: while it is `true`, the client stops reading from its socket,
+    /// like a client that is too slow for its events (or never reads).
+    pub async fn connect_stallable(
+        addr: SocketAddr,
+        auth: Option<Value>,
+    ) -> Result<(Client, tokio::sync::watch::Sender<bool>), ConnectError> {
+        let (stall, stalled) = tokio::sync::watch::channel(false);
+        let client = Self::connect_inner(addr, auth, "", Some(stalled)).await?;
+        Ok((client, stall))
+    }
+
+    async fn connect_inner(
+        addr: SocketAddr,
+        auth: Option<Value>,
+        query: &str,
+        mut stalled: Option<tokio::sync::watch::Receiver<bool>>,
+    ) -> Result<Client, ConnectError> {
         let url = format!(
             "ws://{addr}/socket.io/?EIO=4&transport=websocket{}{query}",
             if query.is_empty() { "" } else { "&" }
         );
-        let (ws, _) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(&url))
+        let other = |e: &dyn std::fmt::Display| ConnectError::Other(e.to_string());
+        let socket = tokio::net::TcpSocket::new_v4().map_err(|e| other(&e))?;
+        if stalled.is_some() {
+            // A fixed, small receive buffer: the server's writes back up soon.
+            socket.set_recv_buffer_size(8 * 1024).map_err(|e| other(&e))?;
+        }
+        let handshake = async {
+            let stream = socket.connect(addr).await.map_err(|e| other(&e))?;
+            tokio_tungstenite::client_async(url.as_str(), stream).await.map_err(|e| other(&e))
+        };
+        let (ws, _) = tokio::time::timeout(STEP, handshake)
             .await
-            .map_err(|_| ConnectError::Other("handshake timed out".into()))?
-            .map_err(|e| ConnectError::Other(e.to_string()))?;
+            .map_err(|_| ConnectError::Other("handshake timed out".into()))??;
         let (mut sink, mut stream) = ws.split();
         // Engine.IO open packet.
         let open = next_text(&mut stream).await?;
@@ -96,7 +126,15 @@ impl Client {
             let closed = closed.clone();
             let is_closed = is_closed.clone();
             tokio::spawn(async move {
-                while let Some(Ok(msg)) = stream.next().await {
+                loop {
+                    if let Some(stalled) = stalled.as_mut() {
+                        while *stalled.borrow_and_update() {
+                            if stalled.changed().await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    let Some(Ok(msg)) = stream.next().await else { break };
                     let Message::Text(text) = msg else {
                         if matches!(msg, Message::Close(_)) {
                             break;

@@ -105,3 +105,112 @@ async fn a_socket_is_cut_when_its_token_expires_unless_refreshed() {
     let m = app.metrics().await;
     assert_eq!(metric(&m, r#"herald_limits_hit_total{limit="token_expired"}"#), 1.0);
 }
+
+/// A client too slow for its events (here: one that stops reading for a
+/// while) is disconnected rather than left to miss events silently: what it
+/// received is a gap-free prefix of the room's events, then the server's
+/// disconnect; it reconnects with `since` and gets the rest. A fast client on
+/// the same instance gets everything meanwhile.
+#[tokio::test]
+async fn a_slow_consumer_is_disconnected_and_recovers_without_a_gap() {
+    const BATCH: usize = 40;
+    let app = spawn_app_with(Backend::Sqlite, |c| c.socket_buffer = 128).await;
+    let mut fast = app.connect("alice").await;
+    assert_eq!(fast.subscribe("campaign", "c1").await["success"], true);
+    let (mut slow, stall) = Client::connect_stallable(app.addr, Some(json!({"token": token("bob")}))).await.unwrap();
+    assert_eq!(slow.subscribe("campaign", "c1").await["success"], true);
+
+    // Batches of 40 events of 16 KiB while the slow client does not read,
+    // until the kernel's socket buffers and its 128-packet buffer are full.
+    stall.send(true).unwrap();
+    let slow_consumers = || async { metric(&app.metrics().await, r#"herald_limits_hit_total{limit="slow_consumer"}"#) };
+    let blob = "x".repeat(16 * 1024);
+    let mut published = 0;
+    while slow_consumers().await == 0.0 {
+        assert!(published < 2000, "the slow client's buffer never filled");
+        let events: Vec<_> = (published..published + BATCH)
+            .map(|seq| {
+                let mut e = bodies::entity_updated("c1", "campaign", "c1");
+                e["payload"]["entityData"] = json!({"seq": seq, "blob": blob});
+                e
+            })
+            .collect();
+        let (status, body) = app.publish(&json!(events)).await;
+        assert_eq!(status, 202, "{body}");
+        published += BATCH;
+    }
+    assert_eq!(slow_consumers().await, 1.0, "counted once");
+    let mut all = Vec::new();
+    for _ in 0..published {
+        let (_, event) = fast.next_event(Duration::from_secs(10)).await.expect("the fast client gets every event");
+        all.push(event["offset"].as_str().unwrap().to_owned());
+    }
+
+    // The slow client reads again: a prefix of the events, then the disconnect.
+    stall.send(false).unwrap();
+    let mut seen = Vec::new();
+    while let Some((_, event)) = slow.next_event(Duration::from_secs(5)).await {
+        seen.push(event["offset"].as_str().unwrap().to_owned());
+    }
+    assert!(slow.closed_within(Duration::from_secs(5)).await, "the server disconnected the slow client");
+    assert!(seen.len() < published, "the slow client missed some events: {} of {published}", seen.len());
+    assert_eq!(seen[..], all[..seen.len()], "what the slow client got has no gap");
+
+    // It recovers the rest with `since`.
+    let mut again = app.connect("bob").await;
+    let since = seen.last().map_or(json!(null), |o| json!(o));
+    let ack = again.subscribe_since("campaign", "c1", since).await;
+    assert_eq!(ack, json!({"success": true, "recovered": true}));
+    for expected in &all[seen.len()..] {
+        let (_, event) = again.next_event(Duration::from_secs(10)).await.expect("the replay brings the rest");
+        assert_eq!(event["offset"].as_str().unwrap(), expected);
+    }
+    again.expect_silence(Duration::from_millis(200)).await;
+}
+
+/// A replay longer than half the socket's buffer is not attempted (it would
+/// not fit, nor would the ack): the ack says `recovered: false`, and live
+/// events flow.
+#[tokio::test]
+async fn a_gap_longer_than_half_the_socket_buffer_is_not_replayed() {
+    let app = spawn_app_with(Backend::Sqlite, |c| c.socket_buffer = 16).await;
+    let mut first = app.connect("alice").await;
+    assert_eq!(first.subscribe("campaign", "c1").await["success"], true);
+    let (status, _) = app.publish(&bodies::state_invalidated("c1")).await;
+    assert_eq!(status, 202);
+    let since = first.expect_event().await.1["offset"].clone();
+    first.close();
+    for _ in 0..9 {
+        let (status, _) = app.publish(&bodies::state_invalidated("c1")).await;
+        assert_eq!(status, 202);
+    }
+    let mut again = app.connect("alice").await;
+    assert_eq!(
+        again.subscribe_since("campaign", "c1", since.clone()).await,
+        json!({"success": true, "recovered": false})
+    );
+    again.expect_silence(Duration::from_millis(200)).await;
+    let (status, _) = app.publish(&bodies::state_invalidated("c1")).await;
+    assert_eq!(status, 202);
+    assert_eq!(again.expect_event().await.0, "state_invalidated");
+
+    // A gap of 8 (half the buffer) is replayed.
+    let since = {
+        let mut c = app.connect("bob").await;
+        assert_eq!(c.subscribe("campaign", "c1").await["success"], true);
+        let (status, _) = app.publish(&bodies::state_invalidated("c1")).await;
+        assert_eq!(status, 202);
+        c.expect_event().await.1["offset"].clone()
+    };
+    again.expect_event().await;
+    for _ in 0..8 {
+        let (status, _) = app.publish(&bodies::state_invalidated("c1")).await;
+        assert_eq!(status, 202);
+    }
+    let mut bob = app.connect("bob").await;
+    assert_eq!(bob.subscribe_since("campaign", "c1", since).await, json!({"success": true, "recovered": true}));
+    for _ in 0..8 {
+        bob.expect_event().await;
+    }
+    bob.expect_silence(Duration::from_millis(200)).await;
+}
