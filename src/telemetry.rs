@@ -16,17 +16,40 @@ use crate::config::LogFormat;
 
 /// Installs the global tracing subscriber. Call once, from the binary.
 pub fn init_tracing(filter: &str, format: LogFormat) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+    use tracing_subscriber::filter::FilterExt;
+    use tracing_subscriber::prelude::*;
+
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| e.to_string())?.and(quiet_dependencies());
+    let ansi = std::io::stderr().is_terminal();
+    let registry = tracing_subscriber::registry();
     let result = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr).with_filter(filter))
+            .try_init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
+            )
+            .try_init(),
     };
     result.map_err(|e| e.to_string())
+}
+
+/// Dependencies whose debug and trace logs carry what clients send (frames
+/// with tokens, request lines with `?token=`) stay at `info` whatever
+/// `HERALD_LOG` says: secrets never reach the logs.
+fn quiet_dependencies() -> tracing_subscriber::filter::Targets {
+    use tracing_subscriber::filter::LevelFilter;
+    ["tungstenite", "tokio_tungstenite", "engineioxide", "socketioxide", "hyper", "hyper_util", "axum", "tower_http"]
+        .into_iter()
+        .fold(tracing_subscriber::filter::Targets::new().with_default(LevelFilter::TRACE), |targets, target| {
+            targets.with_target(target, LevelFilter::INFO)
+        })
 }
 
 type Labels1 = [(&'static str, &'static str); 1];

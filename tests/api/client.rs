@@ -179,6 +179,11 @@ impl Client {
         let _ = self.out.send(Message::text(frame.to_owned()));
     }
 
+    /// Sends a binary WebSocket frame.
+    pub fn send_binary(&self, bytes: Vec<u8>) {
+        let _ = self.out.send(Message::binary(bytes));
+    }
+
     /// Sends an event with an ack id and waits for the ack's first argument.
     pub async fn emit_with_ack(&mut self, event: &str, data: Value) -> Value {
         self.try_emit_with_ack(event, data).await.unwrap_or_else(|| panic!("no ack for {event} within {STEP:?}"))

@@ -8,6 +8,7 @@ mod auth;
 mod fleet;
 mod limits;
 mod operations;
+mod process;
 mod properties;
 mod proxy;
 mod publish;

@@ -1,0 +1,384 @@
+//! The `herald` binary as a separate process: what it logs (never a secret),
+//! and how it holds up under hostile input (it stays up, with bounded memory,
+//! and a well-behaved client keeps getting its events).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::Header;
+use rand::Rng;
+use serde_json::{Value, json};
+
+use crate::client::Client;
+use crate::helpers::*;
+
+/// The herald binary, running with the fixture in a SQLite file.
+struct Process {
+    child: Child,
+    addr: SocketAddr,
+    /// Everything it wrote to stdout and stderr.
+    output: Arc<Mutex<String>>,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Process {
+    async fn start(env: &[(&str, &str)]) -> Process {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("herald.db").display());
+        // Creates the schema, then the fixture.
+        let store = herald::store::SqlStore::connect(&url, 1, true).await.expect("the store opens");
+        store.close().await;
+        run_sql(&url, FIXTURE).await;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HERALD_LISTEN", "127.0.0.1:0")
+            .env("HERALD_DATABASE_URL", &url)
+            .env("HERALD_JWT_SECRET", JWT_SECRET)
+            .env("HERALD_PUBLISH_TOKEN", PUBLISH_TOKEN)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the herald binary starts");
+        let output = Arc::new(Mutex::new(String::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        for pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let output = output.clone();
+            let addr_tx = addr_tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if let Some(addr) = line.strip_prefix("herald listening on http://") {
+                        let _ = addr_tx.send(addr.trim().to_owned());
+                    }
+                    let mut output = output.lock().unwrap();
+                    output.push_str(&line);
+                    output.push('\n');
+                }
+            });
+        }
+        let addr = match addr_rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(addr) => addr.parse().expect("an address"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("herald did not start:\n{}", output.lock().unwrap());
+            }
+        };
+        Process { child, addr, output, http: reqwest::Client::new(), _dir: dir }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    async fn publish_with(&self, token: &str, body: &Value) -> u16 {
+        let response = self.http.post(self.url("/v1/events")).bearer_auth(token).json(body).send().await.unwrap();
+        response.status().as_u16()
+    }
+
+    /// Resident memory, in KiB.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// User plus system CPU time so far, in seconds.
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name, which is in parentheses.
+        let fields: Vec<&str> =
+            stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // utime and stime are fields 14 and 15; `fields` starts at field 3.
+        (ticks(11) + ticks(12)) / 100.0
+    }
+
+    fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// No log line, at any level, holds a client token, the JWT secret or the
+/// publish token, nor the first 12 characters of any of them.
+#[tokio::test]
+async fn no_secret_reaches_the_logs() {
+    let app = Process::start(&[("HERALD_LOG", "trace"), ("HERALD_JWT_LEEWAY", "0s")]).await;
+    let alice = token("alice");
+    let carol = token("carol");
+    let in_query = token("bob");
+    let forged =
+        token_with(&Header::default(), json!({"sub": "alice", "exp": now() + 600}), b"another-secret-entirely");
+    let expired = token_with(&Header::default(), json!({"sub": "alice", "exp": now() - 600}), JWT_SECRET.as_bytes());
+    let garbage = "not-a-jwt-but-still-a-secret-0123456789";
+    let wrong_publish = "wrong-publish-token-that-is-still-secret";
+
+    // Handshakes: accepted (auth and query), refused (forged, expired, garbage).
+    let mut c = Client::connect(app.addr, Some(json!({"token": alice})), "").await.expect("connects");
+    assert_eq!(c.subscribe("campaign", "c1").await["success"], true);
+    assert_eq!(c.subscribe("campaign", "c2").await["success"], false);
+    let q = Client::connect(app.addr, None, &format!("token={in_query}")).await.expect("connects with a query token");
+    for bad in [&forged, &expired, &garbage.to_owned()] {
+        assert!(Client::connect(app.addr, Some(json!({"token": bad})), "").await.is_err());
+        assert!(Client::connect(app.addr, None, &format!("token={bad}")).await.is_err());
+    }
+    // Long-polling handshake with the token in the URL.
+    let polling = app.http.get(app.url(&format!("/socket.io/?EIO=4&transport=polling&token={alice}"))).send().await;
+    assert_eq!(polling.unwrap().status(), 200);
+    // In-band refresh: accepted, another user's, invalid.
+    let fresh = token("alice");
+    assert_eq!(c.emit_with_ack("refresh_token", json!({"token": fresh})).await["success"], true);
+    assert_eq!(c.emit_with_ack("refresh_token", json!({"token": carol})).await["success"], false);
+    assert_eq!(c.emit_with_ack("refresh_token", json!({"token": garbage})).await["success"], false);
+    // Publishing and revoking, with the right token and a wrong one.
+    assert_eq!(app.publish_with(PUBLISH_TOKEN, &bodies::state_invalidated("c1")).await, 202);
+    assert_eq!(app.publish_with(wrong_publish, &bodies::state_invalidated("c1")).await, 401);
+    assert_eq!(app.publish_with(PUBLISH_TOKEN, &json!({"type": "nope"})).await, 400);
+    let revoke = app.http.post(app.url("/v1/access/revoke")).bearer_auth(PUBLISH_TOKEN);
+    let revoke = revoke.json(&json!({"userId": "bob"})).send().await.unwrap();
+    assert_eq!(revoke.status(), 202);
+    q.closed_within(Duration::from_secs(5)).await;
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let output = app.output.lock().unwrap().clone();
+    assert!(output.lines().count() > 20, "trace logs were captured:\n{output}");
+    let secrets =
+        [JWT_SECRET, PUBLISH_TOKEN, &alice, &carol, &in_query, &forged, &expired, garbage, wrong_publish, &fresh];
+    for secret in secrets {
+        if let Some(line) = output.lines().find(|l| l.contains(secret)) {
+            let shown = line.replace(secret, "<SECRET>");
+            panic!("a secret is in the logs: {shown}");
+        }
+        // A JWT's first 12 characters are its (public) header, shared by
+        // every token; its payload and signature must not appear either.
+        let parts: Vec<&str> =
+            if secret.starts_with("eyJ") { secret.split('.').skip(1).collect() } else { vec![secret] };
+        for part in parts {
+            let prefix = &part[..12.min(part.len())];
+            if let Some(line) = output.lines().find(|l| l.contains(prefix)) {
+                let shown = line.replace(prefix, "<PREFIX>");
+                panic!("the first 12 characters of a secret are in the logs: {shown}");
+            }
+        }
+    }
+}
+
+/// Random and truncated frames, a huge frame, unexpected binary attachments,
+/// a subscribe flood, a client that never reads and garbage polling bodies,
+/// all at once, while a well-behaved client on the same instance receives a
+/// steady stream of events: it gets every one, in order, and the process
+/// stays up with bounded memory. Prints the server's memory and CPU.
+#[tokio::test]
+async fn hostile_clients_do_not_hurt_the_process_or_other_clients() {
+    let mut app = Process::start(&[("HERALD_LOG", "warn"), ("HERALD_SOCKET_BUFFER", "64")]).await;
+    let addr = app.addr;
+    let mut good = Client::connect(addr, Some(json!({"token": token("alice")})), "").await.unwrap();
+    assert_eq!(good.subscribe("campaign", "c1").await["success"], true);
+    let rss_before = app.rss_kib();
+    let cpu_before = app.cpu_seconds();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let frames_sent = Arc::new(AtomicUsize::new(0));
+    let mut abusers = tokio::task::JoinSet::new();
+
+    // Random and truncated Engine.IO / Socket.IO frames, text and binary,
+    // from 8 connections that reconnect whenever the server drops them.
+    for _ in 0..8 {
+        let (stop, sent) = (stop.clone(), frames_sent.clone());
+        abusers.spawn(async move {
+            let templates = [
+                "42[\"subscribe_campaign\",{\"campaignId\":",
+                "42[\"subscribe_campaign\"",
+                "4",
+                "40",
+                "41",
+                "43",
+                "44{}",
+                "45",
+                "46",
+                "451-[\"subscribe_campaign\",{\"_placeholder\":true,\"num\":0}]",
+                "461-/,0[{\"_placeholder\":true,\"num\":0}]",
+                "42[]",
+                "42[{}]",
+                "42[1,2,3]",
+                "420[\"subscribe_settlement\",null]",
+                "421[\"unsubscribe_campaign\",[]]",
+                "42[\"refresh_token\",{\"token\":7}]",
+                "42999999999999999999999[\"subscribe_campaign\",{}]",
+                "2",
+                "3",
+                "5",
+                "6",
+                "1",
+                "0",
+                "4\u{0}\u{ffff}",
+                "42[\"__proto__\",{\"constructor\":{\"prototype\":{}}}]",
+            ];
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(c) = Client::connect(addr, Some(json!({"token": token("bob")})), "").await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                for _ in 0..200 {
+                    let (frame, binary) = {
+                        let mut rng = rand::rng();
+                        let template = templates[rng.random_range(0..templates.len())];
+                        let cut = rng.random_range(0..=template.len());
+                        let frame = if rng.random_bool(0.5) && template.is_char_boundary(cut) {
+                            template[..cut].to_owned()
+                        } else {
+                            template.to_owned()
+                        };
+                        let binary: Option<Vec<u8>> =
+                            rng.random_bool(0.2).then(|| (0..rng.random_range(0..512)).map(|_| rng.random()).collect());
+                        (frame, binary)
+                    };
+                    match binary {
+                        Some(bytes) => c.send_binary(bytes),
+                        None => c.send_raw(&frame),
+                    }
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    if c.is_closed() || stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+    }
+
+    // Huge frames (far over the 64 KiB message limit), over and over.
+    {
+        let stop = stop.clone();
+        abusers.spawn(async move {
+            let huge = format!("42[\"subscribe_campaign\",{{\"campaignId\":\"{}\"}}]", "x".repeat(4 << 20));
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(c) = Client::connect(addr, Some(json!({"token": token("bob")})), "").await {
+                    c.send_raw(&huge);
+                    assert!(c.closed_within(Duration::from_secs(5)).await, "a huge frame closes the connection");
+                }
+            }
+        });
+    }
+
+    // A subscribe flood from one socket: thousands of calls as fast as it can.
+    {
+        let stop = stop.clone();
+        abusers.spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(c) = Client::connect(addr, Some(json!({"token": token("bob")})), "").await else { continue };
+                for i in 0..5000u32 {
+                    c.send_raw(&format!("42{i}[\"subscribe_campaign\",{{\"campaignId\":\"c1\"}}]"));
+                    if i % 500 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                assert!(c.closed_within(Duration::from_secs(10)).await, "a flooding socket is disconnected");
+            }
+        });
+    }
+
+    // Garbage long-polling bodies, with a real session id and a made-up one.
+    {
+        let stop = stop.clone();
+        let url = app.url("/socket.io/?EIO=4&transport=polling");
+        abusers.spawn(async move {
+            let http = reqwest::Client::new();
+            while !stop.load(Ordering::Relaxed) {
+                let open = http.get(format!("{url}&token={}", token("bob"))).send().await;
+                let sid = match open {
+                    Ok(r) => r.text().await.unwrap_or_default(),
+                    Err(_) => continue,
+                };
+                let sid = sid.split("\"sid\":\"").nth(1).and_then(|s| s.split('"').next()).unwrap_or("x").to_owned();
+                for target in [sid.as_str(), "made-up-session-id"] {
+                    let body: Vec<u8> = {
+                        let mut rng = rand::rng();
+                        (0..rng.random_range(0..2048)).map(|_| rng.random()).collect()
+                    };
+                    let _ = http.post(format!("{url}&sid={target}")).body(body).send().await;
+                    let _ =
+                        http.post(format!("{url}&sid={target}")).body("40\u{1e}42[\"subscribe_campaign\"").send().await;
+                }
+            }
+        });
+    }
+
+    // A client in the room that never reads.
+    let (_never_reads, stall) =
+        Client::connect_stallable(addr, Some(json!({"token": token("bob")}))).await.expect("connects");
+    stall.send(true).unwrap();
+
+    // Meanwhile: events of 8 KiB, every 20 ms for 8 s, to the good client's
+    // room (and the never-reading client's). Memory is sampled throughout.
+    let blob = "y".repeat(8 * 1024);
+    let started = Instant::now();
+    let mut published = 0usize;
+    let mut rss_peak = rss_before;
+    let mut offsets = Vec::new();
+    while started.elapsed() < Duration::from_secs(8) {
+        let mut event = bodies::entity_updated("c1", "campaign", "c1");
+        event["payload"]["entityData"] = json!({"seq": published, "blob": blob});
+        assert_eq!(app.publish_with(PUBLISH_TOKEN, &event).await, 202);
+        published += 1;
+        while let Some((_, event)) = good.try_next_event() {
+            offsets.push(event["offset"].as_str().unwrap_or_default().to_owned());
+        }
+        rss_peak = rss_peak.max(app.rss_kib());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    while offsets.len() < published {
+        let Some((_, event)) = good.next_event(Duration::from_secs(10)).await else { break };
+        offsets.push(event["offset"].as_str().unwrap_or_default().to_owned());
+    }
+    let cpu = app.cpu_seconds() - cpu_before;
+    abusers.shutdown().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_after = app.rss_kib();
+
+    assert!(app.is_running(), "the process is up");
+    let health = app.http.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert_eq!(offsets.len(), published, "the good client got every event");
+    let mut sorted = offsets.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted, offsets, "in order, no duplicates");
+    let metrics = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let limit = |name: &str| metric(&metrics, &format!("herald_limits_hit_total{{limit=\"{name}\"}}"));
+    println!(
+        "abuse test: {published} events to the good client, all received in order; {} hostile frames; \
+         server RSS {} MiB before, {} MiB peak, {} MiB after; server CPU {cpu:.2} s over {:.1} s; \
+         limits hit: event_rate_disconnect {}, slow_consumer {}",
+        frames_sent.load(Ordering::Relaxed),
+        rss_before / 1024,
+        rss_peak / 1024,
+        rss_after / 1024,
+        started.elapsed().as_secs_f64(),
+        limit("event_rate_disconnect"),
+        limit("slow_consumer"),
+    );
+    assert!(limit("slow_consumer") >= 1.0, "the client that never reads was caught");
+    assert!(rss_peak < rss_before + 256 * 1024, "memory stays bounded: {rss_before} KiB then {rss_peak} KiB");
+}
