@@ -76,6 +76,37 @@ pub struct Application {
     dev: Option<DevCredentials>,
 }
 
+/// Copies the URI and header values out of the connection's read buffer.
+///
+/// hyper parses them as slices of its per-connection read buffer (16 KiB and
+/// more), and engineioxide keeps a socket's request parts for as long as the
+/// socket lives, so each connection kept its whole read buffer alive; so did
+/// the `OriginalUri` that axum's router adds. Fresh copies are a few hundred
+/// bytes.
+fn detach_from_read_buffer(mut request: axum::extract::Request) -> axum::extract::Request {
+    if let Ok(uri) = axum::http::Uri::try_from(request.uri().to_string()) {
+        if request.extensions().get::<axum::extract::OriginalUri>().is_some() {
+            request.extensions_mut().insert(axum::extract::OriginalUri(uri.clone()));
+        }
+        *request.uri_mut() = uri;
+    }
+    let headers = std::mem::take(request.headers_mut());
+    let fresh = request.headers_mut();
+    fresh.reserve(headers.len());
+    for (name, value) in &headers {
+        match HeaderValue::from_bytes(value.as_bytes()) {
+            Ok(mut copy) => {
+                copy.set_sensitive(value.is_sensitive());
+                fresh.append(name.clone(), copy);
+            }
+            Err(_) => {
+                fresh.append(name.clone(), value.clone());
+            }
+        }
+    }
+    request
+}
+
 /// The Socket.IO adapter of a fleet.
 type FleetAdapter = CustomRedisAdapter<Emitter, FleetDriver>;
 
@@ -126,7 +157,9 @@ fn assemble<A: Adapter>(
     if let Some(demo) = demo {
         router = router.merge(demo);
     }
-    let router = router.layer(layer);
+    // Outside the Socket.IO layer: the parts it keeps for a socket's lifetime
+    // are copied first.
+    let router = router.layer(layer).layer(tower::util::MapRequestLayer::new(detach_from_read_buffer));
     let closer: Closer = Arc::new(move || {
         let io = io.clone();
         let driver = driver.clone();
@@ -214,6 +247,8 @@ impl Application {
             .ws_max_message_size(config.max_message_bytes as usize)
             .ws_max_frame_size(config.max_message_bytes as usize)
             .max_buffer_size(config.socket_buffer.max(2))
+            // Clients send little: a small read buffer per WebSocket saves 3 KiB per connection.
+            .ws_read_buffer_size(1024)
             .ping_interval(config.ping_interval)
             .ping_timeout(config.ping_timeout);
         let access = Access::new(Arc::new(store.clone()), config.membership_cache_ttl);
