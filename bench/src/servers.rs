@@ -1,0 +1,308 @@
+//! Starting and stopping the servers under test (herald, the Node reference, the floor) and a
+//! private redis-server, each pinned with `taskset`, and writing their membership fixtures.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use sqlx::Connection;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Herald,
+    Node,
+    Floor,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Herald => "herald",
+            Kind::Node => "node",
+            Kind::Floor => "floor",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        match s.trim() {
+            "herald" => Some(Kind::Herald),
+            "node" => Some(Kind::Node),
+            "floor" => Some(Kind::Floor),
+            _ => None,
+        }
+    }
+}
+
+/// What every server start needs: secrets, paths, fixture files, pinning.
+pub struct Env {
+    pub tmp: PathBuf,
+    pub jwt_secret: String,
+    pub publish_token: String,
+    pub db_path: PathBuf,
+    pub fixture_json: PathBuf,
+    pub herald_bin: PathBuf,
+    pub node_bin: String,
+    pub node_dir: PathBuf,
+    pub floor_bin: PathBuf,
+    pub redis_bin: String,
+    /// `taskset -c <cpus>` for the servers, or none.
+    pub pin: Option<String>,
+    pub max_connections: u32,
+}
+
+/// Pids of every child we started, so ctrl-c can end exactly those.
+pub static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+pub fn kill_all_children() {
+    let pids = CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for pid in pids {
+        // SAFETY: kill(2) on a pid we spawned ourselves.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+    }
+}
+
+pub struct Proc {
+    pub name: String,
+    pub pid: u32,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// The last lines of its log, for error messages.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.log)
+    }
+
+    pub async fn stop(mut self) {
+        // SAFETY: kill(2) on a pid we spawned ourselves.
+        unsafe {
+            libc::kill(self.pid as i32, libc::SIGTERM);
+        }
+        if tokio::time::timeout(Duration::from_secs(8), self.child.wait()).await.is_err() {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // kill_on_drop ends a child that was not stopped; either way it leaves the registry.
+        CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).retain(|p| *p != self.pid);
+    }
+}
+
+fn log_tail(path: &Path) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+pub struct Instance {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+}
+
+impl Instance {
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn spawn(env: &Env, name: &str, program: &Path, args: &[&str], vars: &[(&str, String)], cwd: &Path) -> Result<Proc> {
+    let log = env.tmp.join(format!("{name}.log"));
+    let out = std::fs::File::create(&log)?;
+    let err = out.try_clone()?;
+    let mut cmd = match &env.pin {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpus).arg(program);
+            c
+        }
+        None => Command::new(program),
+    };
+    cmd.args(args);
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("HERALD_") || k.starts_with("FLOOR_") || k == "PORT" || k == "REDIS_URL" || k == "HOST" {
+            cmd.env_remove(k.as_ref());
+        }
+    }
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    cmd.current_dir(cwd).stdin(Stdio::null()).stdout(out).stderr(err).kill_on_drop(true);
+    let child = cmd.spawn().with_context(|| format!("spawn {}", program.display()))?;
+    let pid = child.id().context("child pid")?;
+    CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).push(pid);
+    Ok(Proc { name: name.to_string(), pid, child, log })
+}
+
+/// Starts one instance of `kind` on a free port and waits until `/readyz` answers 200.
+pub async fn start(env: &Env, kind: Kind, label: &str, redis_url: Option<&str>) -> Result<Instance> {
+    let port = free_port()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let name = format!("{}-{label}", kind.name());
+    let proc = match kind {
+        Kind::Herald => {
+            let mut vars = vec![
+                ("HERALD_ENV", "development".to_string()),
+                ("HERALD_LISTEN", addr.to_string()),
+                ("HERALD_JWT_SECRET", env.jwt_secret.clone()),
+                ("HERALD_PUBLISH_TOKEN", env.publish_token.clone()),
+                ("HERALD_DATABASE_URL", format!("sqlite://{}", env.db_path.display())),
+                ("HERALD_LOG", "warn".to_string()),
+                ("HERALD_MAX_CONNECTIONS", env.max_connections.to_string()),
+                ("HERALD_CLIENT_EVENT_RATE", "1000".to_string()),
+                ("HERALD_CLIENT_EVENT_BURST", "1000".to_string()),
+            ];
+            if let Some(r) = redis_url {
+                vars.push(("HERALD_REDIS_URL", r.to_string()));
+            }
+            spawn(env, &name, &env.herald_bin, &[], &vars, &env.tmp)?
+        }
+        Kind::Node => {
+            let mut vars = vec![
+                ("PORT", port.to_string()),
+                ("HOST", "127.0.0.1".to_string()),
+                ("HERALD_JWT_SECRET", env.jwt_secret.clone()),
+                ("HERALD_PUBLISH_TOKEN", env.publish_token.clone()),
+                ("HERALD_FIXTURE", env.fixture_json.display().to_string()),
+            ];
+            if let Some(r) = redis_url {
+                vars.push(("REDIS_URL", r.to_string()));
+            }
+            let node = which(&env.node_bin).unwrap_or_else(|| PathBuf::from(&env.node_bin));
+            spawn(env, &name, &node, &["server.js"], &vars, &env.node_dir)?
+        }
+        Kind::Floor => {
+            if redis_url.is_some() {
+                bail!("floor has no multi-instance mode");
+            }
+            let vars = vec![
+                ("PORT", port.to_string()),
+                ("HERALD_JWT_SECRET", env.jwt_secret.clone()),
+                ("HERALD_PUBLISH_TOKEN", env.publish_token.clone()),
+            ];
+            spawn(env, &name, &env.floor_bin, &[], &vars, &env.tmp)?
+        }
+    };
+    let inst = Instance { proc, addr };
+    wait_ready(&inst).await?;
+    Ok(inst)
+}
+
+async fn wait_ready(inst: &Instance) -> Result<()> {
+    let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build()?;
+    let url = format!("{}/readyz", inst.base_url());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(r) = http.get(&url).send().await
+            && r.status().as_u16() == 200
+        {
+            return Ok(());
+        }
+        if crate::stats::proc_rss_kib(inst.proc.pid).is_none() {
+            bail!("{} exited during start; its log:\n{}", inst.proc.name, inst.proc.log_tail());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("{} not ready after 60 s; its log:\n{}", inst.proc.name, inst.proc.log_tail())
+}
+
+pub struct Redis {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl Redis {
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+/// A private redis-server on a free port (never the shared 6379), no persistence.
+pub async fn start_redis(env: &Env) -> Result<Redis> {
+    let port = free_port()?;
+    let redis = which(&env.redis_bin).with_context(|| format!("{} not found in PATH", env.redis_bin))?;
+    let ps = port.to_string();
+    let args = ["--port", ps.as_str(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+    let proc = spawn(env, &format!("redis-{port}"), &redis, &args, &[], &env.tmp)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await
+            && s.write_all(b"PING\r\n").await.is_ok()
+        {
+            let mut buf = [0u8; 16];
+            if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await
+                && buf[..n].starts_with(b"+PONG")
+            {
+                return Ok(Redis { proc, port });
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("redis-server not ready; its log:\n{}", proc.log_tail())
+}
+
+pub fn which(prog: &str) -> Option<PathBuf> {
+    if prog.contains('/') {
+        return Some(PathBuf::from(prog));
+    }
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(prog)).find(|p| p.is_file())
+}
+
+/// (campaign, user) rows: every user `u<i>` is a member of `c0` (the one-campaign scenarios)
+/// and of `c<i % campaigns>` (scenario 3).
+pub fn membership_rows(users: u32, campaigns: u32) -> Vec<(String, String)> {
+    let mut rows = Vec::with_capacity(users as usize * 2);
+    for i in 0..users {
+        rows.push(("c0".to_string(), format!("u{i}")));
+        if campaigns > 1 && i % campaigns != 0 {
+            rows.push((format!("c{}", i % campaigns), format!("u{i}")));
+        }
+    }
+    rows
+}
+
+/// herald's SQLite store, with the tables exactly as client-compat's `writeFixtureDb` makes them.
+pub async fn write_fixture_db(path: &Path, rows: &[(String, String)]) -> Result<()> {
+    let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(path).create_if_missing(true);
+    let mut conn = sqlx::SqliteConnection::connect_with(&opts).await.context("open fixture db")?;
+    sqlx::query(
+        "CREATE TABLE campaign_members (campaign_id TEXT NOT NULL, user_id TEXT NOT NULL,
+          PRIMARY KEY (campaign_id, user_id))",
+    )
+    .execute(&mut conn)
+    .await?;
+    sqlx::query("CREATE TABLE settlements (id TEXT PRIMARY KEY, campaign_id TEXT NOT NULL)").execute(&mut conn).await?;
+    sqlx::query("CREATE TABLE structures (id TEXT PRIMARY KEY, settlement_id TEXT NOT NULL)")
+        .execute(&mut conn)
+        .await?;
+    let mut tx = conn.begin().await?;
+    for (c, u) in rows {
+        sqlx::query("INSERT INTO campaign_members VALUES (?, ?)").bind(c).bind(u).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    conn.close().await?;
+    Ok(())
+}
+
+/// The Node reference's fixture: `{"members":[[campaignId,userId],...]}`.
+pub fn write_fixture_json(path: &Path, rows: &[(String, String)]) -> Result<()> {
+    let doc = serde_json::json!({ "members": rows, "settlements": [], "structures": [] });
+    std::fs::write(path, serde_json::to_vec(&doc)?)?;
+    Ok(())
+}
