@@ -6,7 +6,6 @@
 // screenshot in artifacts/browser/demo.png.
 
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -15,12 +14,11 @@ import { fileURLToPath } from 'node:url';
 
 import { chromium } from 'playwright-core';
 
-import { HERALD_BIN } from './helpers.js';
+import { HERALD_BIN, spawnHerald } from './helpers.js';
 
 const CHROMIUM = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
 const here = path.dirname(fileURLToPath(import.meta.url));
 const SCREENSHOT = path.resolve(here, '../../artifacts/browser/demo.png');
-const START_TIMEOUT_MS = 15_000;
 
 const haveChromium = fs.existsSync(CHROMIUM);
 if (!haveChromium) {
@@ -30,7 +28,7 @@ if (!haveChromium) {
 }
 
 /** herald with no secrets and an empty SQLite: development mode, demo data, demo page. */
-function startZeroConfigHerald(dir) {
+async function startZeroConfigHerald(dir) {
   const env = {};
   // No HERALD_* from the outside: no secrets (HERALD_JWT_SECRET,
   // HERALD_PUBLISH_TOKEN, their _FILE forms), no HERALD_ENV=production.
@@ -41,47 +39,15 @@ function startZeroConfigHerald(dir) {
     HERALD_LOG: process.env.HERALD_LOG || 'warn',
     HERALD_SHUTDOWN_GRACE: '2s',
   });
-  const child = spawn(HERALD_BIN, [], { env, cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
-  let output = '';
-  const exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
-  return new Promise((resolve, reject) => {
-    const fail = (err) => {
-      clearTimeout(timer);
-      child.kill('SIGKILL');
-      reject(new Error(`${err.message}\n--- herald output ---\n${output.slice(-4000)}`));
-    };
-    const timer = setTimeout(() => fail(new Error('herald did not print its listening line in time')), START_TIMEOUT_MS);
-    const onExit = (code, signal) => fail(new Error(`herald exited during start-up (code ${code}, signal ${signal})`));
-    child.once('exit', onExit);
-    child.once('error', (err) => fail(new Error(`could not start ${HERALD_BIN}: ${err.message}`)));
-    child.stderr.on('data', (d) => {
-      if (output.length < 1e6) output += d;
-    });
-    child.stdout.on('data', (d) => {
-      if (output.length < 1e6) output += d;
-      const listening = /herald listening on http:\/\/([0-9.]+):(\d+)/.exec(output);
-      if (!listening) return;
-      const publish = /^ {2}publish token: +(\S+)\s*$/m.exec(output);
-      clearTimeout(timer);
-      child.off('exit', onExit);
-      if (!publish) return fail(new Error('no publish token in the development banner'));
-      resolve({
-        url: `http://${listening[1]}:${listening[2]}`,
-        publishToken: publish[1],
-        get output() {
-          return output;
-        },
-        async stop() {
-          if (child.exitCode === null && child.signalCode === null) {
-            child.kill('SIGTERM');
-            const t = setTimeout(() => child.kill('SIGKILL'), 5000);
-            await exited;
-            clearTimeout(t);
-          }
-        },
-      });
-    });
-  });
+  const herald = await spawnHerald(env, dir);
+  // The development banner comes before the listening line.
+  const publish = /^ {2}publish token: +(\S+)\s*$/m.exec(herald.output);
+  if (!publish) {
+    await herald.stop();
+    throw new Error(`no publish token in the development banner:\n${herald.output}`);
+  }
+  herald.publishToken = publish[1];
+  return herald;
 }
 
 describe('demo page in chromium', { skip: !haveChromium && 'no chromium' }, () => {

@@ -131,7 +131,8 @@ async function startHerald(setup, running, { port = 0, env: extraEnv = {} } = {}
   }
 }
 
-function spawnHerald(env, cwd, running) {
+/** Starts the herald binary with exactly `env`, in `cwd`; resolves once it listens. */
+export function spawnHerald(env, cwd, running = new Set()) {
   const child = track(spawn(HERALD_BIN, [], { env, cwd, stdio: ['ignore', 'pipe', 'pipe'] }));
   let output = '';
   let exitInfo = null;
