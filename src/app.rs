@@ -23,14 +23,14 @@ use crate::access::Access;
 use crate::auth::{KeyError, Minter, Verifier};
 use crate::config::{Config, ConfigError, JwtAlgorithm, Mode};
 use crate::delivery::Delivery;
-use crate::demo::{self, DEMO_USER, DemoState};
+use crate::demo::{self, DemoState};
 use crate::fleet::{FleetConfig, FleetDriver, FleetError};
 use crate::gateway::Gateway;
 use crate::health::{self, OpsState, Probe};
 use crate::limits::Limits;
 use crate::publish::{self, PublishState};
 use crate::replay::Retention;
-use crate::store::{MembershipStore, SqlStore, StoreError};
+use crate::store::{DEMO_USER, MembershipStore, SqlStore, StoreError};
 use crate::telemetry::Metrics;
 
 /// The gateway could not be built.

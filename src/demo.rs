@@ -25,12 +25,7 @@ use socketioxide::adapter::Adapter;
 use crate::auth::Minter;
 use crate::delivery::{Delivery, DeliveryError};
 use crate::events::{self, EventKind, Timestamp};
-
-/// The demo data development mode seeds into an empty store.
-pub const DEMO_USER: &str = "demo-user";
-pub const DEMO_CAMPAIGN: &str = "demo-campaign";
-pub const DEMO_SETTLEMENT: &str = "demo-settlement";
-pub const DEMO_STRUCTURE: &str = "demo-structure";
+use crate::store::{DEMO_CAMPAIGN, DEMO_SETTLEMENT, DEMO_STRUCTURE, DEMO_USER};
 
 const INDEX_HTML: &str = include_str!("../assets/demo/index.html");
 const APP_JS: &str = include_str!("../assets/demo/app.js");

@@ -35,14 +35,15 @@ async fn main() -> anyhow::Result<()> {
     if let Some(dev) = app.development_credentials() {
         println!("herald is running in development mode with throwaway secrets (HERALD_ENV=production refuses this).");
         if let Some(token) = &dev.client_token {
-            println!("  client token (sub {}):  {token}", herald::demo::DEMO_USER);
+            println!("  client token (sub {}):  {token}", herald::store::DEMO_USER);
         }
         if let Some(token) = &dev.publish_token {
             println!("  publish token:  {}", token.expose_secret());
         }
         if dev.demo_seeded {
+            use herald::store::{DEMO_CAMPAIGN, DEMO_SETTLEMENT, DEMO_STRUCTURE, DEMO_USER};
             println!(
-                "  demo data: campaign demo-campaign, settlement demo-settlement, structure demo-structure; demo-user is a member"
+                "  demo data: campaign {DEMO_CAMPAIGN}, settlement {DEMO_SETTLEMENT}, structure {DEMO_STRUCTURE}; {DEMO_USER} is a member"
             );
         }
     }

@@ -14,6 +14,12 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 
 use crate::rooms::{CampaignId, SettlementId, StructureId};
 
+/// The demo data development mode seeds into an empty store.
+pub const DEMO_USER: &str = "demo-user";
+pub const DEMO_CAMPAIGN: &str = "demo-campaign";
+pub const DEMO_SETTLEMENT: &str = "demo-settlement";
+pub const DEMO_STRUCTURE: &str = "demo-structure";
+
 /// The store failed or is unreachable.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -146,13 +152,19 @@ impl SqlStore {
         if members > 0 || settlements > 0 {
             return Ok(false);
         }
-        sqlx::query("INSERT INTO campaign_members (campaign_id, user_id) VALUES ('demo-campaign', 'demo-user')")
+        sqlx::query("INSERT INTO campaign_members (campaign_id, user_id) VALUES (?, ?)")
+            .bind(DEMO_CAMPAIGN)
+            .bind(DEMO_USER)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("INSERT INTO settlements (id, campaign_id) VALUES ('demo-settlement', 'demo-campaign')")
+        sqlx::query("INSERT INTO settlements (id, campaign_id) VALUES (?, ?)")
+            .bind(DEMO_SETTLEMENT)
+            .bind(DEMO_CAMPAIGN)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("INSERT INTO structures (id, settlement_id) VALUES ('demo-structure', 'demo-settlement')")
+        sqlx::query("INSERT INTO structures (id, settlement_id) VALUES (?, ?)")
+            .bind(DEMO_STRUCTURE)
+            .bind(DEMO_SETTLEMENT)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
