@@ -303,18 +303,28 @@ impl<A: Adapter> Inner<A> {
         // not say which socket failed, and a socket that misses an event must
         // not stay connected as if it had not.
         for socket in ns.local().to(room_names(&logged.rooms)).sockets() {
-            match socket.emit(logged.kind.as_str(), &*raw) {
-                Ok(()) => {}
-                Err(SendError::Socket(SocketError::InternalChannelFull)) => {
-                    disconnect_slow_consumer(socket, &self.metrics);
-                }
-                // It is leaving: its disconnect handler cleans up.
-                Err(SendError::Socket(SocketError::Closed)) => {}
-                Err(e) => tracing::error!(error = %e, offset = %logged.offset, "cannot encode an event for a socket"),
-            }
+            emit_to(&socket, logged, &raw, &self.metrics);
         }
         // Lets the sockets' writers drain between the events of a burst.
         tokio::task::yield_now().await;
+    }
+}
+
+/// Emits a logged event to one socket; returns whether it went into the
+/// socket's buffer. A socket whose buffer is full is a slow consumer.
+fn emit_to<A: Adapter>(socket: &SocketRef<A>, logged: &Logged, raw: &RawValue, metrics: &Metrics) -> bool {
+    match socket.emit(logged.kind.as_str(), raw) {
+        Ok(()) => true,
+        Err(SendError::Socket(SocketError::InternalChannelFull)) => {
+            disconnect_slow_consumer(socket.clone(), metrics);
+            false
+        }
+        // It is leaving: its disconnect handler cleans up.
+        Err(SendError::Socket(SocketError::Closed)) => false,
+        Err(e) => {
+            tracing::error!(error = %e, offset = %logged.offset, "cannot encode an event for a socket");
+            false
+        }
     }
 }
 
@@ -368,14 +378,10 @@ fn replay_to<A: Adapter>(
         return false;
     }
     for logged in missed {
-        let Ok(raw) = RawValue::from_string(logged.json.to_string()) else { return false };
-        match socket.emit(logged.kind.as_str(), &*raw) {
-            Ok(()) => {}
-            Err(SendError::Socket(SocketError::InternalChannelFull)) => {
-                disconnect_slow_consumer(socket.clone(), metrics);
-                return false;
-            }
-            Err(_) => return false,
+        let sent =
+            RawValue::from_string(logged.json.to_string()).is_ok_and(|raw| emit_to(socket, logged, &raw, metrics));
+        if !sent {
+            return false;
         }
     }
     socket.join(room.to_string());
