@@ -94,15 +94,15 @@ fn detach_from_read_buffer(mut request: axum::extract::Request) -> axum::extract
     let fresh = request.headers_mut();
     fresh.reserve(headers.len());
     for (name, value) in &headers {
-        match HeaderValue::from_bytes(value.as_bytes()) {
-            Ok(mut copy) => {
+        // The bytes of a header value are always a valid header value.
+        let copy = HeaderValue::from_bytes(value.as_bytes()).map_or_else(
+            |_| value.clone(),
+            |mut copy| {
                 copy.set_sensitive(value.is_sensitive());
-                fresh.append(name.clone(), copy);
-            }
-            Err(_) => {
-                fresh.append(name.clone(), value.clone());
-            }
-        }
+                copy
+            },
+        );
+        fresh.append(name.clone(), copy);
     }
     request
 }
