@@ -292,6 +292,14 @@ impl<A: Adapter> Inner<A> {
         }
     }
 
+    /// The log was lost: every local socket subscribed to a room recovers.
+    /// Returns how many.
+    fn recover_every_subscriber(&self) -> usize {
+        let Some(ns) = self.io.of("/") else { return 0 };
+        let subscribed = ns.local().sockets().into_iter().filter(|s| s.rooms().iter().any(|r| Room::parse(r).is_some()));
+        subscribed.map(disconnect_to_recover).count()
+    }
+
     async fn deliver(&self, logged: &Logged) {
         let Ok(raw) = RawValue::from_string(logged.json.to_string()) else {
             tracing::error!(offset = %logged.offset, "a logged event is not valid JSON");
@@ -333,15 +341,20 @@ fn emit_to<A: Adapter>(socket: &SocketRef<A>, logged: &Logged, raw: &RawValue, m
 const SLOW_CONSUMER_RETRY: Duration = Duration::from_millis(50);
 const SLOW_CONSUMER_RETRIES: u32 = 200;
 
-/// A socket whose buffer was full missed an event. It leaves every room at
-/// once, so nothing is delivered after the gap (what it receives stays a
-/// prefix of the log), and is disconnected as soon as the disconnect packet
-/// fits in its buffer; it then reconnects and recovers with `since`. A
-/// client that never reads is closed by the heartbeat: its ping does not fit
-/// either.
+/// A socket whose buffer was full missed an event: it recovers.
 fn disconnect_slow_consumer<A: Adapter>(socket: SocketRef<A>, metrics: &Metrics) {
     metrics.limits_hit.get_or_create(&[("limit", "slow_consumer")]).inc();
     tracing::info!(socket = %socket.id, "a socket's buffer is full; disconnecting it so that it recovers");
+    disconnect_to_recover(socket);
+}
+
+/// A socket that may have missed an event leaves every room at once, so
+/// nothing is delivered after the gap (what it receives stays a prefix of
+/// the log), and is disconnected as soon as the disconnect packet fits in its
+/// buffer; it then reconnects and recovers with `since` (or is told
+/// `recovered: false` and refetches). A client that never reads is closed by
+/// the heartbeat: its ping does not fit either.
+fn disconnect_to_recover<A: Adapter>(socket: SocketRef<A>) {
     socket.leave_all();
     if socket.clone().disconnect().is_ok() {
         return;
@@ -471,7 +484,14 @@ async fn reader<A: Adapter>(
                 epoch = current;
             }
             _ => {
-                tracing::info!("event log: a new epoch (Redis lost the old log); reading it from the start");
+                // Entries appended just before Redis lost the log may never
+                // have been read: every subscribed socket may have a gap.
+                let recovering = inner.upgrade().map_or(0, |strong| strong.recover_every_subscriber());
+                tracing::warn!(
+                    sockets = recovering,
+                    "event log: a new epoch (Redis lost the old log); reading it from the start, \
+                     subscribed sockets are disconnected to recover"
+                );
                 last_id = "0-0".into();
                 epoch = current;
             }

@@ -199,6 +199,16 @@ async fn a_redis_outage_is_refused_cleanly_and_delivery_resumes_exactly_once() {
 
         redis.restart().await;
         let back = Instant::now();
+        // Redis came back empty: entries appended just before it died may
+        // never have been read, so subscribed sockets are disconnected to
+        // recover (their `since` is from the lost log: they refetch).
+        for client in [&on_a, &on_b] {
+            assert!(client.closed_within(Duration::from_secs(5)).await, "round {round}: a subscriber stayed connected");
+        }
+        on_a = a.connect("alice").await;
+        on_a.subscribe("campaign", "c1").await;
+        on_b = b.connect("bob").await;
+        on_b.subscribe("campaign", "c1").await;
         // Publish on A until accepted; the first accepted one reaches B exactly once.
         seq += 1;
         let accepted_after = loop {
