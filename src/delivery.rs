@@ -296,7 +296,8 @@ impl<A: Adapter> Inner<A> {
     /// Returns how many.
     fn recover_every_subscriber(&self) -> usize {
         let Some(ns) = self.io.of("/") else { return 0 };
-        let subscribed = ns.local().sockets().into_iter().filter(|s| s.rooms().iter().any(|r| Room::parse(r).is_some()));
+        let subscribed =
+            ns.local().sockets().into_iter().filter(|s| s.rooms().iter().any(|r| Room::parse(r).is_some()));
         subscribed.map(disconnect_to_recover).count()
     }
 
