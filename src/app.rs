@@ -76,33 +76,36 @@ pub struct Application {
     dev: Option<DevCredentials>,
 }
 
-/// Copies the URI and header values out of the connection's read buffer.
+/// Where the Socket.IO endpoint is served.
+const SOCKET_IO_PATH: &str = "/socket.io";
+
+/// The request headers the Socket.IO endpoint reads: the WebSocket key of an
+/// upgrade, and the content type of a long-polling POST (herald itself reads
+/// only the query string).
+const SOCKET_IO_HEADERS: [header::HeaderName; 2] = [header::SEC_WEBSOCKET_KEY, header::CONTENT_TYPE];
+
+/// Keeps only what a Socket.IO request needs, in fresh allocations.
 ///
-/// hyper parses them as slices of its per-connection read buffer (16 KiB and
-/// more), and engineioxide keeps a socket's request parts for as long as the
-/// socket lives, so each connection kept its whole read buffer alive; so did
-/// the `OriginalUri` that axum's router adds. Fresh copies are a few hundred
-/// bytes.
+/// engineioxide keeps a socket's handshake request parts for as long as the
+/// socket lives. hyper parses the URI and header values as slices of its
+/// per-connection read buffer (16 KiB and more), so each connection kept its
+/// whole read buffer alive; so did the `OriginalUri` that axum's router adds.
+/// And the other headers (a browser sends a dozen, cookies included) were
+/// kept for nothing. Other routes keep nothing and are left alone.
 fn detach_from_read_buffer(mut request: axum::extract::Request) -> axum::extract::Request {
+    if !request.uri().path().starts_with(SOCKET_IO_PATH) {
+        return request;
+    }
     if let Ok(uri) = axum::http::Uri::try_from(request.uri().to_string()) {
-        if request.extensions().get::<axum::extract::OriginalUri>().is_some() {
-            request.extensions_mut().insert(axum::extract::OriginalUri(uri.clone()));
-        }
         *request.uri_mut() = uri;
     }
+    request.extensions_mut().remove::<axum::extract::OriginalUri>();
     let headers = std::mem::take(request.headers_mut());
-    let fresh = request.headers_mut();
-    fresh.reserve(headers.len());
-    for (name, value) in &headers {
+    for name in SOCKET_IO_HEADERS {
         // The bytes of a header value are always a valid header value.
-        let copy = HeaderValue::from_bytes(value.as_bytes()).map_or_else(
-            |_| value.clone(),
-            |mut copy| {
-                copy.set_sensitive(value.is_sensitive());
-                copy
-            },
-        );
-        fresh.append(name.clone(), copy);
+        if let Some(copy) = headers.get(&name).and_then(|value| HeaderValue::from_bytes(value.as_bytes()).ok()) {
+            request.headers_mut().insert(name, copy);
+        }
     }
     request
 }
@@ -249,6 +252,7 @@ impl Application {
             .max_buffer_size(config.socket_buffer.max(2))
             // Clients send little: a small read buffer per WebSocket saves 3 KiB per connection.
             .ws_read_buffer_size(1024)
+            .req_path(SOCKET_IO_PATH)
             .ping_interval(config.ping_interval)
             .ping_timeout(config.ping_timeout);
         let access = Access::new(Arc::new(store.clone()), config.membership_cache_ttl);
