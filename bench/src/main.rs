@@ -55,7 +55,7 @@ struct Cli {
     /// Seconds per step of the ramp (scenario 5) [default: 5; 2 with --smoke].
     #[arg(long)]
     step_duration: Option<f64>,
-    /// Event rates of the ramp steps, comma-separated [default: 5,10,25,50,100,200,400,800,1600,3200; 25,50 with --smoke].
+    /// Event rates of the ramp steps, comma-separated [default: 5,10,15,20,25,35,50,75,100,125,150,200,300,400,600,800,1600,3200; 25,50 with --smoke].
     #[arg(long)]
     ramp_rates: Option<String>,
     /// A ramp step passes when its p99 latency is below this (and nothing was lost).
@@ -156,7 +156,10 @@ fn resolve(cli: &Cli) -> Result<Cfg> {
     let ramp_rates = match &cli.ramp_rates {
         Some(s) => s.split(',').map(|r| r.trim().parse::<f64>()).collect::<Result<Vec<_>, _>>()?,
         None if smoke => vec![25.0, 50.0],
-        None => vec![5.0, 10.0, 25.0, 50.0, 100.0, 200.0, 400.0, 800.0, 1600.0, 3200.0],
+        None => vec![
+            5.0, 10.0, 15.0, 20.0, 25.0, 35.0, 50.0, 75.0, 100.0, 125.0, 150.0, 200.0, 300.0, 400.0, 600.0, 800.0,
+            1600.0, 3200.0,
+        ],
     };
     let rate_check = |r: f64| r.is_finite() && r > 0.0;
     if !ramp_rates.iter().all(|r| rate_check(*r)) || cli.rate.is_some_and(|r| !rate_check(r)) {
