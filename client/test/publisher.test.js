@@ -42,6 +42,7 @@ describe('publisher', () => {
     cleanup.push(() => c.close());
     const camp = recorder();
     await c.subscribeCampaign('c1', camp.handlers).ready;
+    camp.client = c;
     return camp;
   }
 
@@ -171,8 +172,15 @@ describe('publisher', () => {
     const statuses = f.calls.slice(1).map((c) => c.status);
     assert.equal(statuses.at(-1), 202);
     assert.ok(statuses.slice(0, -1).every((s) => s === 503), `only 503s before the 202: ${statuses}`);
-    await camp.waitFor(id, 'the retried event', 10_000);
-    assert.equal(camp.count(id), 1, 'delivered once');
+    // Redis came back empty, so the subscriber was disconnected to recover
+    // (herald cannot know what the lost log held): a new subscriber gets
+    // what is published from now on, once.
+    await waitUntil(() => camp.client.status !== 'connected', 'the subscriber to be disconnected to recover', 10_000);
+    const after = await subscribedClient(herald);
+    const next = cid('after-restart');
+    assert.deepEqual(await pub.settlementUpdated({ campaignId: 'c1', settlementId: 's1', operation: 'update' }, { correlationId: next }), { accepted: 1 });
+    await after.waitFor(next, 'the event published after the restart', 10_000);
+    assert.equal(after.count(next), 1, 'delivered once');
     await herald.stop();
   });
 
