@@ -21,12 +21,10 @@ use socketioxide_core::adapter::DefinedAdapter;
 use crate::access::{Access, Decision};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use tokio::sync::Notify;
 
 use crate::auth::{Unauthorized, User, Verifier, find_token};
 use crate::delivery::{Delivery, Revocation, RevocationHandler};
+use crate::expiry::{Expiring, Expiry, TimerId};
 use crate::limits::{Admission, Limits, TokenBucket};
 use crate::replay::Offset;
 use crate::rooms::{Room, RoomKind};
@@ -113,6 +111,33 @@ fn event_name(action: Action, kind: RoomKind) -> &'static str {
     }
 }
 
+/// The events a client may send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientEvent {
+    Room(Action, RoomKind),
+    RefreshToken,
+}
+
+impl ClientEvent {
+    fn parse(name: &str) -> Option<ClientEvent> {
+        if name == "refresh_token" {
+            return Some(ClientEvent::RefreshToken);
+        }
+        RoomKind::ALL
+            .into_iter()
+            .flat_map(|kind| [Action::Subscribe, Action::Unsubscribe].map(|action| (action, kind)))
+            .find(|&(action, kind)| event_name(action, kind) == name)
+            .map(|(action, kind)| ClientEvent::Room(action, kind))
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            ClientEvent::Room(action, kind) => event_name(action, kind),
+            ClientEvent::RefreshToken => "refresh_token",
+        }
+    }
+}
+
 /// Reads the room out of a `{ "<kind>Id": "<id>" }` payload.
 pub fn parse_room_request(kind: RoomKind, data: &Result<Value, ParserError>) -> Result<Room, Refusal> {
     let Ok(Value::Object(map)) = data else {
@@ -154,13 +179,30 @@ impl From<Unauthorized> for HandshakeError {
 struct Session {
     /// When the socket is cut (its token's `exp` plus the leeway), in seconds since the epoch.
     deadline: Arc<AtomicU64>,
-    /// Signalled when the socket disconnects, to stop its timer.
-    closed: Arc<Notify>,
+    /// Its entry in the gateway's [`Expiry`].
+    timer: TimerId,
     bucket: Arc<Mutex<TokenBucket>>,
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
+/// A socket in the gateway's [`Expiry`].
+struct ExpiringSocket<A: Adapter> {
+    socket: SocketRef<A>,
+    metrics: Arc<Metrics>,
+}
+
+impl<A: Adapter> Expiring for ExpiringSocket<A> {
+    fn deadline(&self) -> Option<u64> {
+        if !self.socket.connected() {
+            return None;
+        }
+        self.socket.extensions.get::<Session>().map(|session| session.deadline.load(Ordering::SeqCst))
+    }
+
+    fn expire(self: Box<Self>) {
+        self.metrics.limits_hit.get_or_create(&[("limit", "token_expired")]).inc();
+        tracing::info!(socket = %self.socket.id, "token expired; disconnecting");
+        let _ = self.socket.disconnect();
+    }
 }
 
 /// The gateway's shared state.
@@ -169,13 +211,15 @@ pub struct Gateway<S> {
     access: Access<S>,
     metrics: Arc<Metrics>,
     limits: Limits,
+    expiry: Expiry,
 }
 
 impl<S: MembershipStore> Gateway<S> {
     /// A gateway that verifies tokens with `verifier`, checks rooms with
-    /// `access` and enforces `limits`.
+    /// `access` and enforces `limits`. Starts the token expiry timer, so it
+    /// runs inside a Tokio runtime.
     pub fn new(verifier: Verifier, access: Access<S>, metrics: Arc<Metrics>, limits: Limits) -> Arc<Self> {
-        Arc::new(Gateway { verifier, access, metrics, limits })
+        Arc::new(Gateway { verifier, access, metrics, limits, expiry: Expiry::start() })
     }
 
     fn limit_hit(&self, limit: &'static str) {
@@ -254,7 +298,7 @@ impl<S: MembershipStore> Gateway<S> {
         };
         s.extensions.insert(Session {
             deadline: Arc::new(AtomicU64::new(user.expires_at.saturating_add(self.limits.token_leeway.as_secs()))),
-            closed: Arc::new(Notify::new()),
+            timer: self.expiry.next_id(),
             bucket: Arc::new(Mutex::new(TokenBucket::new(self.limits.event_rate, self.limits.event_burst))),
         });
         // Every socket of a user is in the user's room, so a revocation finds them.
@@ -264,47 +308,32 @@ impl<S: MembershipStore> Gateway<S> {
         Ok(())
     }
 
+    /// One handler answers every client event (a socket keeps one handler
+    /// rather than one per event name: less memory per connection).
     fn register_handlers<A: Adapter>(self: &Arc<Self>, s: &SocketRef<A>, delivery: Delivery<A>) {
-        for kind in RoomKind::ALL {
-            for action in [Action::Subscribe, Action::Unsubscribe] {
-                let gw = self.clone();
-                let delivery = delivery.clone();
-                s.on(
-                    event_name(action, kind),
-                    move |s: SocketRef<A>, TryData(data): TryData<Value>, ack: AckSender<A>| {
-                        let gw = gw.clone();
-                        let delivery = delivery.clone();
-                        async move {
-                            let reply = match (gw.admit(&s), action) {
-                                (Err(refused), _) => Err(refused),
-                                (Ok(()), Action::Subscribe) => gw.subscribe(&s, kind, &data, &delivery).await,
-                                (Ok(()), Action::Unsubscribe) => gw.unsubscribe(&s, kind, &data).map(|()| None),
-                            };
-                            gw.count_ack(event_name(action, kind), reply.map(drop));
-                            // Without an ack id this sends nothing; a failure means the socket is gone.
-                            let _ = ack.send(&reply.map_or_else(Reply::refused, Reply::ok));
-                        }
-                    },
-                );
-            }
-        }
         let gw = self.clone();
-        s.on("refresh_token", move |s: SocketRef<A>, TryData(data): TryData<Value>, ack: AckSender<A>| {
+        s.on_fallback(move |s: SocketRef<A>, Event(event): Event, TryData(data): TryData<Value>, ack: AckSender<A>| {
             let gw = gw.clone();
+            let delivery = delivery.clone();
             async move {
-                let reply = gw.admit(&s).and_then(|()| gw.refresh(&s, &data));
-                gw.count_ack("refresh_token", reply);
-                let _ = ack.send(&reply.map_or_else(Reply::refused, |()| Reply::ok(None)));
-            }
-        });
-        let gw = self.clone();
-        s.on_fallback(move |s: SocketRef<A>, Event(event): Event, ack: AckSender<A>| {
-            let gw = gw.clone();
-            async move {
-                let refused = gw.admit(&s).err().unwrap_or(Refusal::UnknownEvent);
-                tracing::debug!(socket = %s.id, event = %truncate(&event, 64), "unknown client event");
-                gw.count_ack("unknown", Err(refused));
-                let _ = ack.send(&Reply::refused(refused));
+                let client_event = ClientEvent::parse(&event);
+                let reply = match (gw.admit(&s), client_event) {
+                    (Err(refused), _) => Err(refused),
+                    (Ok(()), Some(ClientEvent::Room(Action::Subscribe, kind))) => {
+                        gw.subscribe(&s, kind, &data, &delivery).await
+                    }
+                    (Ok(()), Some(ClientEvent::Room(Action::Unsubscribe, kind))) => {
+                        gw.unsubscribe(&s, kind, &data).map(|()| None)
+                    }
+                    (Ok(()), Some(ClientEvent::RefreshToken)) => gw.refresh(&s, &data).map(|()| None),
+                    (Ok(()), None) => {
+                        tracing::debug!(socket = %s.id, event = %truncate(&event, 64), "unknown client event");
+                        Err(Refusal::UnknownEvent)
+                    }
+                };
+                gw.count_ack(client_event.map_or("unknown", ClientEvent::name), reply.map(drop));
+                // Without an ack id this sends nothing; a failure means the socket is gone.
+                let _ = ack.send(&reply.map_or_else(Reply::refused, Reply::ok));
             }
         });
     }
@@ -334,26 +363,15 @@ impl<S: MembershipStore> Gateway<S> {
 
     /// Cuts the socket when its token expires (plus the leeway), unless a
     /// refresh moved the deadline meanwhile.
-    fn watch_expiry<A: Adapter>(self: &Arc<Self>, s: &SocketRef<A>) {
+    fn watch_expiry<A: Adapter>(&self, s: &SocketRef<A>) {
         let Some(session) = s.extensions.get::<Session>() else { return };
-        let gw = self.clone();
-        let s = s.clone();
-        tokio::spawn(async move {
-            loop {
-                let deadline = session.deadline.load(Ordering::SeqCst);
-                let now = unix_now();
-                if now >= deadline {
-                    gw.limit_hit("token_expired");
-                    tracing::info!(socket = %s.id, "token expired; disconnecting");
-                    let _ = s.disconnect();
-                    return;
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs(deadline - now)) => {}
-                    () = session.closed.notified() => return,
-                }
-            }
-        });
+        let deadline = session.deadline.load(Ordering::SeqCst);
+        let entry = ExpiringSocket { socket: s.clone(), metrics: self.metrics.clone() };
+        self.expiry.arm(session.timer, deadline, Box::new(entry));
+        // It may have gone before it was armed: its disconnect handler found nothing to disarm.
+        if !s.connected() {
+            self.expiry.disarm(session.timer);
+        }
     }
 
     fn count_ack(&self, event: &'static str, reply: Result<(), Refusal>) {
@@ -384,7 +402,7 @@ impl<S: MembershipStore> Gateway<S> {
     fn disconnected<A: Adapter>(&self, s: &SocketRef<A>, reason: DisconnectReason) {
         self.metrics.connections.dec();
         if let Some(session) = s.extensions.get::<Session>() {
-            session.closed.notify_one();
+            self.expiry.disarm(session.timer);
         }
         let rooms = s.rooms();
         for room in &rooms {
@@ -544,6 +562,25 @@ mod tests {
             json!({"settlementId": "s1"}),
         ] {
             assert_eq!(parse_room_request(RoomKind::Campaign, &Ok(bad)), Err(Refusal::InvalidPayload));
+        }
+    }
+
+    #[test]
+    fn client_event_names_round_trip() {
+        let names = [
+            "subscribe_campaign",
+            "subscribe_settlement",
+            "subscribe_structure",
+            "unsubscribe_campaign",
+            "unsubscribe_settlement",
+            "unsubscribe_structure",
+            "refresh_token",
+        ];
+        for name in names {
+            assert_eq!(ClientEvent::parse(name).map(ClientEvent::name), Some(name));
+        }
+        for unknown in ["", "subscribe", "subscribe_world", "Subscribe_campaign", "refresh_token "] {
+            assert_eq!(ClientEvent::parse(unknown), None, "{unknown:?}");
         }
     }
 }

@@ -33,6 +33,7 @@ pub mod config;
 pub mod delivery;
 pub mod demo;
 pub mod events;
+pub mod expiry;
 pub mod fleet;
 pub mod gateway;
 pub mod health;
