@@ -21,6 +21,7 @@
 //! - [`publish`]: the HTTP publish API for backends.
 //! - [`demo`]: the development demo page and its development-only routes.
 //! - [`limits`]: connection, subscription and event-rate limits.
+//! - [`expiry`]: cuts each socket when its token expires, on one shared timer.
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`telemetry`]: logs and metrics.
 //! - [`shutdown`]: the SIGTERM / ctrl-c signal.
