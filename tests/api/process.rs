@@ -325,8 +325,9 @@ async fn hostile_clients_do_not_hurt_the_process_or_other_clients() {
     }
 
     // A client in the room that never reads.
-    let (_never_reads, stall) =
+    let (mut never_reads, stall) =
         Client::connect_stallable(addr, Some(json!({"token": token("bob")}))).await.expect("connects");
+    assert_eq!(never_reads.subscribe("campaign", "c1").await["success"], true);
     stall.send(true).unwrap();
 
     // Meanwhile: events of 8 KiB, every 20 ms for 8 s, to the good client's
