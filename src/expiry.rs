@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 
 /// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
+fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
 }
 
@@ -121,12 +121,9 @@ impl Expiry {
     }
 
     /// How many entries are armed.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn armed(&self) -> usize {
         self.0.timers().deadline_of.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -192,11 +189,16 @@ mod tests {
         (Box::new(Probe { name, deadline: d.clone(), gone: gone.clone(), expired: tx.clone() }), d, gone)
     }
 
+    type Expired = (mpsc::UnboundedSender<&'static str>, mpsc::UnboundedReceiver<&'static str>);
+
+    /// A started timer, a channel for the names of the probes it cuts, and now.
+    fn start() -> (Expiry, Expired, u64) {
+        (Expiry::start(), mpsc::unbounded_channel(), unix_now())
+    }
+
     #[tokio::test]
     async fn deadlines_pass_in_order_and_moved_or_gone_entries_are_spared() {
-        let expiry = Expiry::start();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let now = unix_now();
+        let (expiry, (tx, mut rx), now) = start();
         let (late, _, _) = probe("late", now + 2, &tx);
         let (early, _, _) = probe("early", now + 1, &tx);
         let (moved, moved_deadline, _) = probe("moved", now + 1, &tx);
@@ -215,7 +217,7 @@ mod tests {
                 expiry.disarm(id);
             }
         }
-        assert_eq!(expiry.len(), 4);
+        assert_eq!(expiry.armed(), 4);
         moved_deadline.store(now + 3, Ordering::SeqCst);
         gone_flag.store(true, Ordering::SeqCst);
 
@@ -224,14 +226,12 @@ mod tests {
             assert_eq!(got.ok().flatten(), Some(expected));
         }
         assert!(rx.try_recv().is_err(), "a gone or disarmed entry was cut");
-        assert!(expiry.is_empty());
+        assert_eq!(expiry.armed(), 0);
     }
 
     #[tokio::test]
     async fn an_earlier_deadline_wakes_the_timer() {
-        let expiry = Expiry::start();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let now = unix_now();
+        let (expiry, (tx, mut rx), now) = start();
         let (far, _, _) = probe("far", now + 3600, &tx);
         expiry.arm(expiry.next_id(), now + 3600, far);
         tokio::task::yield_now().await;
@@ -239,6 +239,6 @@ mod tests {
         expiry.arm(expiry.next_id(), now, due);
         let got = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await;
         assert_eq!(got.ok().flatten(), Some("due"));
-        assert_eq!(expiry.len(), 1);
+        assert_eq!(expiry.armed(), 1);
     }
 }
