@@ -4,9 +4,13 @@
 //! Handlers are generic over the adapter; only start-up names it. They are
 //! registered inside the connect middleware, before the CONNECT packet goes
 //! out, so an event a client sends right after connecting is never dropped
-//! for want of a handler.
+//! for want of a handler; such an event waits until the connect handler has
+//! run (socketioxide marks the socket connected only after sending CONNECT).
 
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -17,11 +21,9 @@ use socketioxide::extract::{AckSender, Event, SocketRef, TryData};
 use socketioxide::handler::ConnectHandler;
 use socketioxide::socket::DisconnectReason;
 use socketioxide_core::adapter::DefinedAdapter;
+use tokio::sync::SetOnce;
 
 use crate::access::{Access, Decision};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use crate::auth::{Unauthorized, User, Verifier, find_token};
 use crate::delivery::{Delivery, Revocation, RevocationHandler};
 use crate::expiry::{Expiring, Expiry, TimerId};
@@ -174,15 +176,36 @@ impl From<Unauthorized> for HandshakeError {
     }
 }
 
-/// A socket's own state, kept in its extensions.
+/// A socket's own state, kept in its extensions (one allocation per socket).
 #[derive(Clone)]
-struct Session {
+struct Session(Arc<SessionState>);
+
+struct SessionState {
     /// When the socket is cut (its token's `exp` plus the leeway), in seconds since the epoch.
-    deadline: Arc<AtomicU64>,
+    deadline: AtomicU64,
     /// Its entry in the gateway's [`Expiry`].
     timer: TimerId,
-    bucket: Arc<Mutex<TokenBucket>>,
+    bucket: Mutex<TokenBucket>,
+    /// Set by the connect handler. socketioxide sends the CONNECT packet
+    /// before it marks the socket connected and runs that handler, while the
+    /// event handler is already in place (see the module doc), so a client's
+    /// first event can be handled before the socket counts as connected: it
+    /// waits for this, and `connected()` then means "not gone".
+    ready: SetOnce<()>,
 }
+
+impl std::ops::Deref for Session {
+    type Target = SessionState;
+    fn deref(&self) -> &SessionState {
+        &self.0
+    }
+}
+
+/// How long an event that arrived before its socket's connect handler ran
+/// waits for it. The handler runs within microseconds of the CONNECT packet;
+/// it never runs when socketioxide could not send that packet (the socket is
+/// then closed), and the event is dropped.
+const READY_WAIT: Duration = Duration::from_secs(10);
 
 /// A socket in the gateway's [`Expiry`].
 struct ExpiringSocket<A: Adapter> {
@@ -296,11 +319,12 @@ impl<S: MembershipStore> Gateway<S> {
                 return Err(e.into());
             }
         };
-        s.extensions.insert(Session {
-            deadline: Arc::new(AtomicU64::new(user.expires_at.saturating_add(self.limits.token_leeway.as_secs()))),
+        s.extensions.insert(Session(Arc::new(SessionState {
+            deadline: AtomicU64::new(user.expires_at.saturating_add(self.limits.token_leeway.as_secs())),
             timer: self.expiry.next_id(),
-            bucket: Arc::new(Mutex::new(TokenBucket::new(self.limits.event_rate, self.limits.event_burst))),
-        });
+            bucket: Mutex::new(TokenBucket::new(self.limits.event_rate, self.limits.event_burst)),
+            ready: SetOnce::new(),
+        })));
         // Every socket of a user is in the user's room, so a revocation finds them.
         s.join(user_room(&user.id));
         s.extensions.insert(user);
@@ -316,6 +340,10 @@ impl<S: MembershipStore> Gateway<S> {
             let gw = gw.clone();
             let delivery = delivery.clone();
             async move {
+                if !gw.ready(&s).await {
+                    tracing::debug!(socket = %s.id, "an event for a socket whose connect never completed; dropped");
+                    return;
+                }
                 let client_event = ClientEvent::parse(&event);
                 let reply = match (gw.admit(&s), client_event) {
                     (Err(refused), _) => Err(refused),
@@ -336,6 +364,13 @@ impl<S: MembershipStore> Gateway<S> {
                 let _ = ack.send(&reply.map_or_else(Reply::refused, Reply::ok));
             }
         });
+    }
+
+    /// Waits until the socket's connect handler has run; false if it did not
+    /// within [`READY_WAIT`].
+    async fn ready<A: Adapter>(&self, s: &SocketRef<A>) -> bool {
+        let Some(session) = s.extensions.get::<Session>() else { return false };
+        session.ready.initialized() || tokio::time::timeout(READY_WAIT, session.ready.wait()).await.is_ok()
     }
 
     /// `refresh_token`: a valid token for the same user moves the socket's deadline.
@@ -397,6 +432,9 @@ impl<S: MembershipStore> Gateway<S> {
             async move { gw.disconnected(&s, reason) }
         });
         self.watch_expiry(s);
+        if let Some(session) = s.extensions.get::<Session>() {
+            let _ = session.ready.set(());
+        }
     }
 
     fn disconnected<A: Adapter>(&self, s: &SocketRef<A>, reason: DisconnectReason) {
