@@ -127,6 +127,10 @@ describe('token refresh', () => {
     assert.ok(calls >= 3);
 
     await waitUntil(() => w.connects === 2 && c.status === 'connected', 'reconnected with a token from the function');
+    // No event was seen before the cut, so the re-subscribe has no `since`:
+    // its ack is reported as a resync. Publishing before it would race it.
+    await waitUntil(() => camp.resyncs.length === 1, 're-subscribed after the reconnect');
+    assert.deepEqual(camp.resyncs, [{ kind: 'campaign', id: 'c1', reason: 'no-offset' }]);
     const after = cid('after-reconnect');
     await publishRaw(herald, setup.publishToken, ev.invalidated('c1', after));
     await camp.waitFor(after);
