@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -21,7 +21,7 @@ use socketioxide::extract::{AckSender, Event, SocketRef, TryData};
 use socketioxide::handler::ConnectHandler;
 use socketioxide::socket::DisconnectReason;
 use socketioxide_core::adapter::DefinedAdapter;
-use tokio::sync::SetOnce;
+use tokio::sync::Notify;
 
 use crate::access::{Access, Decision};
 use crate::auth::{Unauthorized, User, Verifier, find_token};
@@ -190,8 +190,10 @@ struct SessionState {
     /// before it marks the socket connected and runs that handler, while the
     /// event handler is already in place (see the module doc), so a client's
     /// first event can be handled before the socket counts as connected: it
-    /// waits for this, and `connected()` then means "not gone".
-    ready: SetOnce<()>,
+    /// waits for this, and `connected()` then means "not gone". (A flag
+    /// here and one [`Notify`] in the gateway: a per-socket notifier would
+    /// cost about 45 bytes per connection for a wait that is rare.)
+    ready: AtomicBool,
 }
 
 impl std::ops::Deref for Session {
@@ -235,6 +237,8 @@ pub struct Gateway<S> {
     metrics: Arc<Metrics>,
     limits: Limits,
     expiry: Expiry,
+    /// Woken each time a socket's connect handler has run (see [`SessionState::ready`]).
+    sockets_ready: Notify,
 }
 
 impl<S: MembershipStore> Gateway<S> {
@@ -242,7 +246,7 @@ impl<S: MembershipStore> Gateway<S> {
     /// `access` and enforces `limits`. Starts the token expiry timer, so it
     /// runs inside a Tokio runtime.
     pub fn new(verifier: Verifier, access: Access<S>, metrics: Arc<Metrics>, limits: Limits) -> Arc<Self> {
-        Arc::new(Gateway { verifier, access, metrics, limits, expiry: Expiry::start() })
+        Arc::new(Gateway { verifier, access, metrics, limits, expiry: Expiry::start(), sockets_ready: Notify::new() })
     }
 
     fn limit_hit(&self, limit: &'static str) {
@@ -323,7 +327,7 @@ impl<S: MembershipStore> Gateway<S> {
             deadline: AtomicU64::new(user.expires_at.saturating_add(self.limits.token_leeway.as_secs())),
             timer: self.expiry.next_id(),
             bucket: Mutex::new(TokenBucket::new(self.limits.event_rate, self.limits.event_burst)),
-            ready: SetOnce::new(),
+            ready: AtomicBool::new(false),
         })));
         // Every socket of a user is in the user's room, so a revocation finds them.
         s.join(user_room(&user.id));
@@ -370,7 +374,22 @@ impl<S: MembershipStore> Gateway<S> {
     /// within [`READY_WAIT`].
     async fn ready<A: Adapter>(&self, s: &SocketRef<A>) -> bool {
         let Some(session) = s.extensions.get::<Session>() else { return false };
-        session.ready.initialized() || tokio::time::timeout(READY_WAIT, session.ready.wait()).await.is_ok()
+        if session.ready.load(Ordering::SeqCst) {
+            return true;
+        }
+        let give_up = tokio::time::Instant::now() + READY_WAIT;
+        loop {
+            // Registered before the flag is read again, so a wake in between is not missed.
+            let notified = self.sockets_ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if session.ready.load(Ordering::SeqCst) {
+                return true;
+            }
+            if tokio::time::timeout_at(give_up, notified).await.is_err() {
+                return false;
+            }
+        }
     }
 
     /// `refresh_token`: a valid token for the same user moves the socket's deadline.
@@ -433,7 +452,8 @@ impl<S: MembershipStore> Gateway<S> {
         });
         self.watch_expiry(s);
         if let Some(session) = s.extensions.get::<Session>() {
-            let _ = session.ready.set(());
+            session.ready.store(true, Ordering::SeqCst);
+            self.sockets_ready.notify_waiters();
         }
     }
 
