@@ -97,7 +97,34 @@ struct ReaderCommand<A: Adapter> {
     socket: SocketRef<A>,
     room: Room,
     since: Offset,
+    joined: Joined,
     reply: oneshot::Sender<bool>,
+}
+
+/// What to do once a joining socket is in its room, before any later event
+/// of the room is delivered to it: the gateway sends the subscribe ack there.
+/// Otherwise a live event could reach the client before a
+/// `recovered: false` ack; a client cut in between would then re-subscribe
+/// with that event's offset and never learn of the events it missed. Runs at
+/// most once, whoever fires it first.
+#[derive(Clone)]
+pub struct Joined(Arc<std::sync::Mutex<Option<JoinedFn>>>);
+
+type JoinedFn = Box<dyn FnOnce(Option<bool>) + Send>;
+
+impl Joined {
+    pub fn new(f: impl FnOnce(Option<bool>) + Send + 'static) -> Self {
+        Joined(Arc::new(std::sync::Mutex::new(Some(Box::new(f)))))
+    }
+
+    /// Runs it with whether the replay was complete (`None` without `since`),
+    /// unless it already ran.
+    pub fn fire(&self, recovered: Option<bool>) {
+        let f = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(f) = f {
+            f(recovered);
+        }
+    }
 }
 
 struct Inner<A: Adapter> {
@@ -246,8 +273,16 @@ impl<A: Adapter> Delivery<A> {
 
     /// Joins `socket` to `room`; with `since`, first replays the room's events
     /// after it. Returns whether every missed event could be replayed (`None`
-    /// without `since`).
-    pub async fn join(&self, socket: &SocketRef<A>, room: &Room, since: Option<Offset>) -> Option<bool> {
+    /// without `since`). `joined` is fired as soon as the socket is in the
+    /// room, before any later event reaches it (on the paths where the log
+    /// is gone, the caller fires it after this returns).
+    pub async fn join(
+        &self,
+        socket: &SocketRef<A>,
+        room: &Room,
+        since: Option<Offset>,
+        joined: &Joined,
+    ) -> Option<bool> {
         let Some(since) = since else {
             let head = match &self.0.backend {
                 Backend::Memory(log) => log.lock().await.head(),
@@ -255,6 +290,7 @@ impl<A: Adapter> Delivery<A> {
             };
             socket.join(room.to_string());
             Coverage::of(socket).record(room, head);
+            joined.fire(None);
             return None;
         };
         match &self.0.backend {
@@ -262,13 +298,19 @@ impl<A: Adapter> Delivery<A> {
                 let mut log = log.lock().await;
                 let head = log.head();
                 let replay = log.replay(room, since);
-                Some(replay_to(socket, room, since, head, replay, &self.0.metrics, self.0.retention.max_replay))
+                let recovered =
+                    replay_to(socket, room, since, head, replay, &self.0.metrics, self.0.retention.max_replay);
+                // Still holding the log: no event is delivered before this.
+                joined.fire(Some(recovered));
+                Some(recovered)
             }
             Backend::Redis { commands, .. } => {
                 let (reply, answer) = oneshot::channel();
-                let command = ReaderCommand { socket: socket.clone(), room: room.clone(), since, reply };
+                let command =
+                    ReaderCommand { socket: socket.clone(), room: room.clone(), since, joined: joined.clone(), reply };
                 if commands.send(command).await.is_err() {
                     socket.join(room.to_string());
+                    joined.fire(Some(false));
                     return Some(false);
                 }
                 match answer.await {
@@ -276,6 +318,7 @@ impl<A: Adapter> Delivery<A> {
                     // The reader is gone (shutting down): the client will refetch.
                     Err(_) => {
                         socket.join(room.to_string());
+                        joined.fire(Some(false));
                         Some(false)
                     }
                 }
@@ -553,6 +596,8 @@ async fn reader<A: Adapter>(
                             let head = epoch.and_then(|e| Offset::from_stream_id(e, &last_id));
                             Coverage::of(&command.socket).record(&command.room, head);
                         }
+                        // Before this task delivers the next entry.
+                        command.joined.fire(Some(recovered));
                         let _ = command.reply.send(recovered);
                     }
                 }
@@ -578,6 +623,7 @@ fn refuse_pending<A: Adapter>(inner: &std::sync::Weak<Inner<A>>, commands: &mut 
     }
     while let Ok(command) = commands.try_recv() {
         command.socket.join(command.room.to_string());
+        command.joined.fire(Some(false));
         let _ = command.reply.send(false);
     }
 }

@@ -25,7 +25,7 @@ use tokio::sync::Notify;
 
 use crate::access::{Access, Decision};
 use crate::auth::{Unauthorized, User, Verifier, find_token};
-use crate::delivery::{Delivery, Revocation, RevocationHandler};
+use crate::delivery::{Delivery, Joined, Revocation, RevocationHandler};
 use crate::expiry::{Expiring, Expiry, TimerId};
 use crate::limits::{Admission, Limits, TokenBucket};
 use crate::replay::Offset;
@@ -349,10 +349,11 @@ impl<S: MembershipStore> Gateway<S> {
                     return;
                 }
                 let client_event = ClientEvent::parse(&event);
+                let mut ack = Some(ack);
                 let reply = match (gw.admit(&s), client_event) {
                     (Err(refused), _) => Err(refused),
                     (Ok(()), Some(ClientEvent::Room(Action::Subscribe, kind))) => {
-                        gw.subscribe(&s, kind, &data, &delivery).await
+                        gw.subscribe(&s, kind, &data, &delivery, &mut ack).await
                     }
                     (Ok(()), Some(ClientEvent::Room(Action::Unsubscribe, kind))) => {
                         gw.unsubscribe(&s, kind, &data).map(|()| None)
@@ -364,8 +365,12 @@ impl<S: MembershipStore> Gateway<S> {
                     }
                 };
                 gw.count_ack(client_event.map_or("unknown", ClientEvent::name), reply.map(drop));
-                // Without an ack id this sends nothing; a failure means the socket is gone.
-                let _ = ack.send(&reply.map_or_else(Reply::refused, Reply::ok));
+                // A subscription is acked as soon as the socket is in the room
+                // (see `Joined`). Without an ack id this sends nothing; a
+                // failure means the socket is gone.
+                if let Some(ack) = ack {
+                    let _ = ack.send(&reply.map_or_else(Reply::refused, Reply::ok));
+                }
             }
         });
     }
@@ -484,6 +489,7 @@ impl<S: MembershipStore> Gateway<S> {
         kind: RoomKind,
         data: &Result<Value, ParserError>,
         delivery: &Delivery<A>,
+        ack: &mut Option<AckSender<A>>,
     ) -> Result<Option<bool>, Refusal> {
         let room = parse_room_request(kind, data)?;
         let since = parse_since(data)?;
@@ -516,7 +522,15 @@ impl<S: MembershipStore> Gateway<S> {
             self.limit_hit("subscriptions");
             return Err(Refusal::TooManySubscriptions);
         }
-        let recovered = delivery.join(s, &room, since).await;
+        // The ack goes out from inside the join, before any later event.
+        let sender = ack.take();
+        let joined = Joined::new(move |recovered| {
+            if let Some(sender) = sender {
+                let _ = sender.send(&Reply::ok(recovered));
+            }
+        });
+        let recovered = delivery.join(s, &room, since, &joined).await;
+        joined.fire(recovered);
         if !already && s.connected() {
             self.metrics.subscriptions.get_or_create(&[("kind", kind.as_str())]).inc();
         }

@@ -22,6 +22,8 @@ pub struct Client {
     next_ack: u64,
     closed: Arc<tokio::sync::Notify>,
     is_closed: Arc<std::sync::atomic::AtomicBool>,
+    /// How many events had arrived when the latest ack arrived.
+    events_at_ack: Arc<std::sync::atomic::AtomicUsize>,
     /// The Socket.IO session id the server gave.
     #[allow(dead_code)]
     pub sid: String,
@@ -113,6 +115,7 @@ impl Client {
         let acks: Acks = Arc::default();
         let closed = Arc::new(tokio::sync::Notify::new());
         let is_closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let events_at_ack = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         tokio::spawn(async move {
             while let Some(msg) = out_rx.recv().await {
                 if sink.send(msg).await.is_err() {
@@ -125,7 +128,9 @@ impl Client {
             let acks = acks.clone();
             let closed = closed.clone();
             let is_closed = is_closed.clone();
+            let events_at_ack = events_at_ack.clone();
             tokio::spawn(async move {
+                let mut events_seen = 0;
                 loop {
                     if let Some(stalled) = stalled.as_mut() {
                         while *stalled.borrow_and_update() {
@@ -149,12 +154,14 @@ impl Client {
                             let name = items.first().and_then(Value::as_str).unwrap_or_default().to_owned();
                             let arg = if items.len() > 1 { items.remove(1) } else { Value::Null };
                             let _ = events_tx.send((name, arg));
+                            events_seen += 1;
                         }
                     } else if let Some(body) = text.strip_prefix("43") {
                         let digits: String = body.chars().take_while(char::is_ascii_digit).collect();
                         let id: u64 = digits.parse().unwrap_or(u64::MAX);
                         let args: Value = serde_json::from_str(&body[digits.len()..]).unwrap_or(Value::Null);
                         let first = args.get(0).cloned().unwrap_or(Value::Null);
+                        events_at_ack.store(events_seen, std::sync::atomic::Ordering::SeqCst);
                         if let Some(tx) = acks.lock().unwrap().remove(&id) {
                             let _ = tx.send(first);
                         }
@@ -166,7 +173,7 @@ impl Client {
                 closed.notify_waiters();
             });
         }
-        Ok(Client { out, events, acks, next_ack: 0, closed, is_closed, sid })
+        Ok(Client { out, events, acks, next_ack: 0, closed, is_closed, events_at_ack, sid })
     }
 
     /// Sends an event without an ack id.
@@ -239,6 +246,13 @@ impl Client {
     }
 
     /// Whether the server closed the connection.
+    /// How many events arrived before the latest ack (in the order the
+    /// frames came).
+    #[allow(dead_code)]
+    pub fn events_before_last_ack(&self) -> usize {
+        self.events_at_ack.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn is_closed(&self) -> bool {
         self.is_closed.load(std::sync::atomic::Ordering::SeqCst)
     }

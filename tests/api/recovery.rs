@@ -394,6 +394,71 @@ async fn a_since_from_the_future_is_not_recovered_and_replays_nothing() {
     assert_eq!(seqs(&arrived(&mut c)), vec![1, 2, 3]);
 }
 
+/// A `recovered: false` ack comes before every live event of the room. A
+/// client that keeps the offset of each event it gets and is cut before the
+/// ack would otherwise re-subscribe with a live event's offset, be told
+/// `recovered: true`, and never learn what it missed.
+async fn not_recovered_ack_before_live_events(app: &TestApp) {
+    let mut alice = app.connect("alice").await;
+    alice.subscribe("campaign", "c1").await;
+    publish_ok(&app, with_seq(bodies::state_invalidated("c1"), 0)).await;
+    let got = drain(&mut alice, Duration::from_millis(300)).await;
+    let future = far_offset(&offset(&got[0]));
+    // Events for c1 without pause, from several publishers, while clients
+    // subscribe with a since herald cannot serve.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publishers: Vec<_> = (0..2)
+        .map(|_| {
+            let (http, addr, stop) = (app.http.clone(), app.addr, stop.clone());
+            tokio::spawn(async move {
+                let mut published = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let response = http
+                        .post(format!("http://{addr}/v1/events"))
+                        .bearer_auth(PUBLISH_TOKEN)
+                        .json(&bodies::state_invalidated("c1"))
+                        .send()
+                        .await
+                        .expect("publish");
+                    assert_eq!(response.status().as_u16(), 202);
+                    published += 1;
+                }
+                published
+            })
+        })
+        .collect();
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        let mut c = app.connect("bob").await;
+        assert_eq!(c.subscribe_since("campaign", "c1", json!(future)).await, NOT_RECOVERED());
+        assert_eq!(c.events_before_last_ack(), 0, "a live event arrived before the recovered:false ack");
+        clients.push(c);
+    }
+    stop.store(true, Ordering::SeqCst);
+    let mut published = 0;
+    for p in publishers {
+        published += p.await.expect("publisher");
+    }
+    let mut live = 0;
+    for c in &mut clients {
+        live += drain(c, Duration::from_millis(100)).await.len();
+    }
+    // The check above only means something if events were flowing.
+    assert!(live > 0 && published > 20, "{live} live events after the acks, {published} published");
+}
+
+#[tokio::test]
+async fn a_not_recovered_ack_comes_before_any_live_event() {
+    not_recovered_ack_before_live_events(&spawn_app().await).await;
+}
+
+#[tokio::test]
+async fn a_not_recovered_ack_comes_before_any_live_event_with_redis() {
+    let Some(redis) = Redis::start().await else { return };
+    let apps = redis_fleet(&redis, 1).await;
+    not_recovered_ack_before_live_events(&apps[0]).await;
+}
+
 #[tokio::test]
 async fn a_non_member_with_since_is_unauthorized_and_gets_nothing() {
     let app = spawn_app().await;
@@ -740,6 +805,8 @@ impl Reconnecting {
         let closed = client.on_close();
         let event = format!("subscribe_{}", self.kind);
         let ack = tokio::select! {
+            // An ack that arrived counts even if the connection closed since.
+            biased;
             // A reconnect storm of 1,000 clients on 2 cores (debug build) can
             // take seconds to ack: slow is not wrong; only no answer at all is.
             ack = client.try_emit_with_ack_within(&event, payload, Duration::from_secs(20)) => ack,
