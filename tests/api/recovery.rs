@@ -401,7 +401,7 @@ async fn a_since_from_the_future_is_not_recovered_and_replays_nothing() {
 async fn not_recovered_ack_before_live_events(app: &TestApp) {
     let mut alice = app.connect("alice").await;
     alice.subscribe("campaign", "c1").await;
-    publish_ok(&app, with_seq(bodies::state_invalidated("c1"), 0)).await;
+    publish_ok(app, with_seq(bodies::state_invalidated("c1"), 0)).await;
     let got = drain(&mut alice, Duration::from_millis(300)).await;
     let future = far_offset(&offset(&got[0]));
     // Events for c1 without pause, from several publishers, while clients
