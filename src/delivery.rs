@@ -273,9 +273,8 @@ impl<A: Adapter> Delivery<A> {
 
     /// Joins `socket` to `room`; with `since`, first replays the room's events
     /// after it. Returns whether every missed event could be replayed (`None`
-    /// without `since`). `joined` is fired as soon as the socket is in the
-    /// room, before any later event reaches it (on the paths where the log
-    /// is gone, the caller fires it after this returns).
+    /// without `since`). `joined` is fired on every path, as soon as the
+    /// socket is in the room and before any later event reaches it.
     pub async fn join(
         &self,
         socket: &SocketRef<A>,

@@ -530,7 +530,6 @@ impl<S: MembershipStore> Gateway<S> {
             }
         });
         let recovered = delivery.join(s, &room, since, &joined).await;
-        joined.fire(recovered);
         if !already && s.connected() {
             self.metrics.subscriptions.get_or_create(&[("kind", kind.as_str())]).inc();
         }
