@@ -16,9 +16,10 @@ use crate::rooms::{CampaignId, Room, SettlementId, StructureId};
 use crate::store::{MembershipStore, StoreError};
 
 /// The answer to "may this user join this room?".
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    Allowed,
+    /// A member of the campaign the room belongs to.
+    Allowed(CampaignId),
     /// Not a member, or the id does not exist: the two are not told apart.
     Denied,
 }
@@ -80,7 +81,7 @@ impl<S: MembershipStore> Access<S> {
             .members
             .try_get_with((campaign.clone(), user.clone()), async { self.store.is_member(&campaign, user).await })
             .await?;
-        Ok(if member { Decision::Allowed } else { Decision::Denied })
+        Ok(if member { Decision::Allowed(campaign) } else { Decision::Denied })
     }
 
     async fn settlement_campaign(&self, id: &SettlementId) -> Result<Option<CampaignId>, AccessError> {

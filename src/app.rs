@@ -8,8 +8,11 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use axum::Router;
-use axum::http::{HeaderValue, Method, header};
+use std::convert::Infallible;
+
+use axum::body::Body;
+use axum::http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use axum::response::IntoResponse;
 use rand::Rng;
 use secrecy::{ExposeSecret, SecretString};
 use socketioxide::SocketIo;
@@ -17,6 +20,9 @@ use socketioxide::adapter::{Adapter, Emitter};
 use socketioxide::layer::SocketIoLayer;
 use socketioxide_redis::{CustomRedisAdapter, RedisAdapterConfig, RedisAdapterCtr};
 use tokio::net::TcpListener;
+use tower::steer::Steer;
+use tower::util::BoxCloneService;
+use tower::{BoxError, Layer, ServiceBuilder, ServiceExt};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 use crate::access::Access;
@@ -28,10 +34,12 @@ use crate::fleet::{FleetConfig, FleetDriver, FleetError};
 use crate::gateway::Gateway;
 use crate::health::{self, OpsState, Probe};
 use crate::limits::Limits;
+use crate::listener::{self, ListenerSettings};
 use crate::publish::{self, PublishState};
 use crate::replay::Retention;
 use crate::store::{DEMO_USER, MembershipStore, SqlStore, StoreError};
 use crate::telemetry::Metrics;
+use crate::transport::{SOCKET_IO_PATH, Transports};
 
 /// The gateway could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -69,45 +77,12 @@ pub struct DevCredentials {
 /// A built gateway, bound to its listener.
 pub struct Application {
     listener: TcpListener,
-    router: Router,
+    service: HttpService,
+    listener_settings: ListenerSettings,
     closer: Closer,
     store: SqlStore,
     grace: Duration,
     dev: Option<DevCredentials>,
-}
-
-/// Where the Socket.IO endpoint is served.
-const SOCKET_IO_PATH: &str = "/socket.io";
-
-/// The request headers the Socket.IO endpoint reads: the WebSocket key of an
-/// upgrade, and the content type of a long-polling POST (herald itself reads
-/// only the query string).
-const SOCKET_IO_HEADERS: [header::HeaderName; 2] = [header::SEC_WEBSOCKET_KEY, header::CONTENT_TYPE];
-
-/// Keeps only what a Socket.IO request needs, in fresh allocations.
-///
-/// engineioxide keeps a socket's handshake request parts for as long as the
-/// socket lives. hyper parses the URI and header values as slices of its
-/// per-connection read buffer (16 KiB and more), so each connection kept its
-/// whole read buffer alive; so did the `OriginalUri` that axum's router adds.
-/// And the other headers (a browser sends a dozen, cookies included) were
-/// kept for nothing. Other routes keep nothing and are left alone.
-fn detach_from_read_buffer(mut request: axum::extract::Request) -> axum::extract::Request {
-    if !request.uri().path().starts_with(SOCKET_IO_PATH) {
-        return request;
-    }
-    if let Ok(uri) = axum::http::Uri::try_from(request.uri().to_string()) {
-        *request.uri_mut() = uri;
-    }
-    request.extensions_mut().remove::<axum::extract::OriginalUri>();
-    let headers = std::mem::take(request.headers_mut());
-    for name in SOCKET_IO_HEADERS {
-        // The bytes of a header value are always a valid header value.
-        if let Some(copy) = headers.get(&name).and_then(|value| HeaderValue::from_bytes(value.as_bytes()).ok()) {
-            request.headers_mut().insert(name, copy);
-        }
-    }
-    request
 }
 
 /// The Socket.IO adapter of a fleet.
@@ -115,6 +90,9 @@ type FleetAdapter = CustomRedisAdapter<Emitter, FleetDriver>;
 
 /// Disconnects every socket and leaves the fleet.
 type Closer = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// What herald serves on every connection.
+type HttpService = BoxCloneService<Request<Body>, Response<Body>, BoxError>;
 
 /// What [`assemble`] needs besides the adapter.
 struct Parts<'a> {
@@ -125,6 +103,7 @@ struct Parts<'a> {
     /// Signs demo tokens: set only in development mode with a generated JWT
     /// secret, where the demo page and its routes are served.
     demo: Option<Minter>,
+    transports: Arc<Transports>,
 }
 
 /// Builds the HTTP side over `io`, whatever its adapter.
@@ -134,8 +113,8 @@ fn assemble<A: Adapter>(
     delivery: Delivery<A>,
     parts: Parts<'_>,
     driver: Option<FleetDriver>,
-) -> (Router, Closer) {
-    let Parts { config, metrics, publish_token, mut probes, demo } = parts;
+) -> Result<(HttpService, Closer), BuildError> {
+    let Parts { config, metrics, publish_token, mut probes, demo, transports } = parts;
     let demo = demo.map(|minter| {
         demo::router(Arc::new(DemoState { minter, delivery: delivery.clone(), counter: AtomicU64::new(0) }))
     });
@@ -160,9 +139,31 @@ fn assemble<A: Adapter>(
     if let Some(demo) = demo {
         router = router.merge(demo);
     }
-    // Outside the Socket.IO layer: the parts it keeps for a socket's lifetime
-    // are copied first.
-    let router = router.layer(layer).layer(tower::util::MapRequestLayer::new(detach_from_read_buffer));
+    // One Engine.IO engine serves every Socket.IO request, and ends polling
+    // sessions for the transports (a `layer` call makes a new engine).
+    let not_found =
+        tower::service_fn(|_: Request<Body>| async { Ok::<_, Infallible>(StatusCode::NOT_FOUND.into_response()) });
+    let engine = layer.layer(not_found);
+    {
+        let engine = engine.clone();
+        transports.set_engine(move |request| {
+            let engine = engine.clone();
+            Box::pin(async move {
+                let _ = engine.oneshot(request).await;
+            })
+        });
+    }
+    let prepare = transports.clone();
+    let socket_io = ServiceBuilder::new()
+        .map_request(move |request| prepare.prepare(request))
+        .map_response(|response: Response<_>| response.map(Body::new))
+        .service(engine);
+    let http = Steer::new(
+        [BoxCloneService::new(socket_io), BoxCloneService::new(router)],
+        |request: &Request<Body>, _: &[_]| usize::from(!request.uri().path().starts_with(SOCKET_IO_PATH)),
+    );
+    // Outside the Socket.IO service, so that preflights never reach it.
+    let http = ServiceBuilder::new().option_layer(cors_layer(config)?).service(http);
     let closer: Closer = Arc::new(move || {
         let io = io.clone();
         let driver = driver.clone();
@@ -173,7 +174,7 @@ fn assemble<A: Adapter>(
             }
         })
     });
-    (router, closer)
+    Ok((BoxCloneService::new(http.map_err(BoxError::from)), closer))
 }
 
 fn random_secret() -> SecretString {
@@ -254,7 +255,8 @@ impl Application {
             .ws_read_buffer_size(1024)
             .req_path(SOCKET_IO_PATH)
             .ping_interval(config.ping_interval)
-            .ping_timeout(config.ping_timeout);
+            .ping_timeout(config.ping_timeout)
+            .connect_timeout(config.connect_timeout);
         let access = Access::new(Arc::new(store.clone()), config.membership_cache_ttl);
         let limits = Limits {
             max_connections: config.max_connections,
@@ -264,7 +266,8 @@ impl Application {
             strikes: config.rate_limit_strikes.max(1),
             token_leeway: config.jwt_leeway,
         };
-        let gateway = Gateway::new(verifier, access, metrics.clone(), limits);
+        let transports = Transports::new();
+        let gateway = Gateway::new(verifier, access, metrics.clone(), transports.clone(), limits);
         let store_probe: Probe = {
             let store = store.clone();
             Arc::new(move || {
@@ -272,21 +275,27 @@ impl Application {
                 Box::pin(async move { store.ping().await.map_err(|e| crate::telemetry::error_chain(&e)) })
             })
         };
-        let parts =
-            Parts { config: &config, metrics, publish_token, probes: vec![("store", store_probe)], demo: demo_minter };
+        let parts = Parts {
+            config: &config,
+            metrics,
+            publish_token,
+            probes: vec![("store", store_probe)],
+            demo: demo_minter,
+            transports: transports.clone(),
+        };
         let retention = Retention {
             window: config.replay_window,
             max_events: config.replay_max_events.max(1),
             max_replay: (config.socket_buffer / 2).max(1),
         };
 
-        let (mut router, closer) = match &config.redis_url {
+        let (service, closer) = match &config.redis_url {
             None => {
                 let (layer, io) = builder.build_layer();
-                let delivery = Delivery::new(io.clone(), parts.metrics.clone(), retention, None);
+                let delivery = Delivery::new(io.clone(), parts.metrics.clone(), transports, retention, None);
                 delivery.on_revoke(gateway.revocation_handler(io.clone()));
                 gateway.attach(&io, delivery.clone());
-                assemble(io, layer, delivery, parts, None)
+                assemble(io, layer, delivery, parts, None)?
             }
             Some(url) => {
                 let driver = FleetDriver::connect(
@@ -304,21 +313,26 @@ impl Application {
                     .with_request_timeout(config.redis_timeout);
                 let ctr = RedisAdapterCtr::new_with_driver(driver.clone(), adapter_config);
                 let (layer, io) = builder.with_adapter::<FleetAdapter>(ctr).build_layer();
-                let delivery = Delivery::new(io.clone(), parts.metrics.clone(), retention, Some(driver.clone()));
+                let delivery =
+                    Delivery::new(io.clone(), parts.metrics.clone(), transports, retention, Some(driver.clone()));
                 delivery.on_revoke(gateway.revocation_handler(io.clone()));
                 gateway.attach(&io, delivery.clone()).await.map_err(|e| BuildError::RedisInit(e.to_string()))?;
-                assemble(io, layer, delivery, parts, Some(driver))
+                assemble(io, layer, delivery, parts, Some(driver))?
             }
         };
-        // Outside the Socket.IO layer, so that preflights never reach it.
-        if let Some(cors) = cors_layer(&config)? {
-            router = router.layer(cors);
-        }
 
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|source| BuildError::Bind { addr: config.listen.clone(), source })?;
-        Ok(Application { listener, router, closer, store, grace: config.shutdown_grace, dev })
+        Ok(Application {
+            listener,
+            service,
+            listener_settings: ListenerSettings { header_timeout: config.header_timeout },
+            closer,
+            store,
+            grace: config.shutdown_grace,
+            dev,
+        })
     }
 
     /// The address the gateway listens on.
@@ -339,22 +353,32 @@ impl Application {
     /// Serves until `shutdown` resolves, then stops accepting, disconnects
     /// every socket and returns, within the grace period.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        let Application { listener, router, closer, store, grace, .. } = self;
-        let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+        let Application { listener, service, listener_settings, closer, store, grace, .. } = self;
+        let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
+        let serving = listener::serve(listener, service, listener_settings, async move {
             shutdown.await;
-            let _ = stopping_tx.send(());
-            tracing::info!("shutting down: disconnecting every socket");
-            closer().await;
+            let _ = stopping_tx.send(true);
         });
+        let closing = {
+            let mut stopping = stopping_rx.clone();
+            async move {
+                if stopping.wait_for(|stopping| *stopping).await.is_ok() {
+                    tracing::info!("shutting down: disconnecting every socket");
+                    closer().await;
+                }
+            }
+        };
         let deadline = async move {
-            match stopping_rx.await {
-                Ok(()) => tokio::time::sleep(grace).await,
-                Err(_) => std::future::pending().await,
+            let mut stopping = stopping_rx;
+            let stopped = stopping.wait_for(|stopping| *stopping).await.is_ok();
+            if stopped {
+                tokio::time::sleep(grace).await;
+            } else {
+                std::future::pending::<()>().await;
             }
         };
         tokio::select! {
-            result = server => result?,
+            _ = async { tokio::join!(serving, closing) } => {}
             () = deadline => tracing::warn!(?grace, "grace period over; exiting with connections still open"),
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), store.close()).await;

@@ -196,6 +196,16 @@ pub struct Config {
     #[arg(long, env = "HERALD_PING_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     pub ping_timeout: Duration,
 
+    /// Longest a connection may take to send a complete request head; also how long a kept-alive
+    /// connection may sit idle between two requests. Past it, the connection is closed.
+    #[arg(long, env = "HERALD_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+
+    /// Longest a client may take, once its Engine.IO session is open (polling or WebSocket), to
+    /// send its Socket.IO CONNECT (with its token). Past it, the session is closed.
+    #[arg(long, env = "HERALD_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+
     /// Largest inbound Socket.IO message (WebSocket message or polling body), in bytes.
     #[arg(long, env = "HERALD_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_message_bytes: u64,

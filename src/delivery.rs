@@ -32,7 +32,9 @@ use crate::events::{Event, EventKind};
 use crate::fleet::{Conn, FleetDriver};
 use crate::replay::{Logged, MemoryLog, Offset, Replay, Retention};
 use crate::rooms::Room;
+use crate::session::{JoinRefused, Session, Ticket};
 use crate::telemetry::{Metrics, error_chain};
+use crate::transport::Transports;
 
 /// An instruction every instance applies, in log order: the user's sockets
 /// leave the campaign's rooms (or, without a campaign, are disconnected).
@@ -97,9 +99,14 @@ struct ReaderCommand<A: Adapter> {
     socket: SocketRef<A>,
     room: Room,
     since: Offset,
+    ticket: Ticket,
     joined: Joined,
-    reply: oneshot::Sender<bool>,
+    reply: oneshot::Sender<JoinResult>,
 }
+
+/// How a join ended: whether every missed event could be replayed (`None`
+/// without `since`), or why the socket did not join.
+pub type JoinResult = Result<Option<bool>, JoinRefused>;
 
 /// What to do once a joining socket is in its room, before any later event
 /// of the room is delivered to it: the gateway sends the subscribe ack there.
@@ -110,19 +117,18 @@ struct ReaderCommand<A: Adapter> {
 #[derive(Clone)]
 pub struct Joined(Arc<std::sync::Mutex<Option<JoinedFn>>>);
 
-type JoinedFn = Box<dyn FnOnce(Option<bool>) + Send>;
+type JoinedFn = Box<dyn FnOnce(JoinResult) + Send>;
 
 impl Joined {
-    pub fn new(f: impl FnOnce(Option<bool>) + Send + 'static) -> Self {
+    pub fn new(f: impl FnOnce(JoinResult) + Send + 'static) -> Self {
         Joined(Arc::new(std::sync::Mutex::new(Some(Box::new(f)))))
     }
 
-    /// Runs it with whether the replay was complete (`None` without `since`),
-    /// unless it already ran.
-    pub fn fire(&self, recovered: Option<bool>) {
+    /// Runs it with how the join ended, unless it already ran.
+    pub fn fire(&self, result: JoinResult) {
         let f = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(f) = f {
-            f(recovered);
+            f(result);
         }
     }
 }
@@ -130,6 +136,7 @@ impl Joined {
 struct Inner<A: Adapter> {
     io: SocketIo<A>,
     metrics: Arc<Metrics>,
+    transports: Arc<Transports>,
     retention: Retention,
     backend: Backend<A>,
     on_revoke: OnceLock<RevocationHandler>,
@@ -159,12 +166,20 @@ fn room_names(rooms: &[Room]) -> Vec<String> {
 }
 
 impl<A: Adapter> Delivery<A> {
-    /// A delivery path over `io`: in memory, or through Redis when `driver` is given.
-    pub fn new(io: SocketIo<A>, metrics: Arc<Metrics>, retention: Retention, driver: Option<FleetDriver>) -> Self {
+    /// A delivery path over `io`: in memory, or through Redis when `driver`
+    /// is given. Slow consumers are cut through `transports`.
+    pub fn new(
+        io: SocketIo<A>,
+        metrics: Arc<Metrics>,
+        transports: Arc<Transports>,
+        retention: Retention,
+        driver: Option<FleetDriver>,
+    ) -> Self {
         match driver {
             None => Delivery(Arc::new(Inner {
                 io,
                 metrics,
+                transports,
                 retention,
                 backend: Backend::Memory(Mutex::new(MemoryLog::new(retention))),
                 on_revoke: OnceLock::new(),
@@ -175,6 +190,7 @@ impl<A: Adapter> Delivery<A> {
                 let inner = Arc::new(Inner {
                     io,
                     metrics,
+                    transports,
                     retention,
                     backend: Backend::Redis { driver: driver.clone(), append: redis::Script::new(APPEND), commands },
                     on_revoke: OnceLock::new(),
@@ -271,59 +287,76 @@ impl<A: Adapter> Delivery<A> {
         self.0.deliver(logged).await;
     }
 
-    /// Joins `socket` to `room`; with `since`, first replays the room's events
-    /// after it. Returns whether every missed event could be replayed (`None`
-    /// without `since`). `joined` is fired on every path, as soon as the
-    /// socket is in the room and before any later event reaches it.
+    /// Joins `socket` to `room` with the `ticket` of its membership check;
+    /// with `since`, first replays the room's events after it. Says whether
+    /// every missed event could be replayed (`None` without `since`), or why
+    /// the socket did not join. `joined` is fired on every path, as soon as
+    /// the socket is in the room and before any later event reaches it.
     pub async fn join(
         &self,
         socket: &SocketRef<A>,
         room: &Room,
         since: Option<Offset>,
+        ticket: &Ticket,
         joined: &Joined,
-    ) -> Option<bool> {
+    ) -> JoinResult {
+        let Some(session) = Session::of(socket) else {
+            joined.fire(Err(JoinRefused::Closed));
+            return Err(JoinRefused::Closed);
+        };
         let Some(since) = since else {
             let head = match &self.0.backend {
                 Backend::Memory(log) => log.lock().await.head(),
                 Backend::Redis { .. } => *self.0.head.lock().unwrap_or_else(|e| e.into_inner()),
             };
-            socket.join(room.to_string());
-            Coverage::of(socket).record(room, head);
-            joined.fire(None);
-            return None;
+            let result = session.join(socket, room, ticket, head).map(|()| None);
+            joined.fire(result);
+            return result;
         };
         match &self.0.backend {
             Backend::Memory(log) => {
                 let mut log = log.lock().await;
                 let head = log.head();
                 let replay = log.replay(room, since);
-                let recovered =
-                    replay_to(socket, room, since, head, replay, &self.0.metrics, self.0.retention.max_replay);
+                let result = self.0.replay_to(socket, &session, room, since, head, replay, ticket).map(Some);
                 // Still holding the log: no event is delivered before this.
-                joined.fire(Some(recovered));
-                Some(recovered)
+                joined.fire(result);
+                result
             }
             Backend::Redis { commands, .. } => {
                 let (reply, answer) = oneshot::channel();
-                let command =
-                    ReaderCommand { socket: socket.clone(), room: room.clone(), since, joined: joined.clone(), reply };
+                let command = ReaderCommand {
+                    socket: socket.clone(),
+                    room: room.clone(),
+                    since,
+                    ticket: ticket.clone(),
+                    joined: joined.clone(),
+                    reply,
+                };
                 if commands.send(command).await.is_err() {
-                    socket.join(room.to_string());
-                    joined.fire(Some(false));
-                    return Some(false);
+                    // The reader is gone (shutting down): the client will refetch.
+                    return join_without_replay(socket, &session, room, ticket, joined);
                 }
                 match answer.await {
-                    Ok(recovered) => Some(recovered),
-                    // The reader is gone (shutting down): the client will refetch.
-                    Err(_) => {
-                        socket.join(room.to_string());
-                        joined.fire(Some(false));
-                        Some(false)
-                    }
+                    Ok(result) => result,
+                    Err(_) => join_without_replay(socket, &session, room, ticket, joined),
                 }
             }
         }
     }
+}
+
+/// Joins without replaying anything: `recovered: false`, the client refetches.
+fn join_without_replay<A: Adapter>(
+    socket: &SocketRef<A>,
+    session: &Session,
+    room: &Room,
+    ticket: &Ticket,
+    joined: &Joined,
+) -> JoinResult {
+    let result = session.join(socket, room, ticket, None).map(|()| Some(false));
+    joined.fire(result);
+    result
 }
 
 impl<A: Adapter> Inner<A> {
@@ -334,13 +367,16 @@ impl<A: Adapter> Inner<A> {
         }
     }
 
-    /// The log was lost: every local socket subscribed to a room recovers.
-    /// Returns how many.
+    /// The log was lost: every local socket subscribed to a room is cut to
+    /// recover. Returns how many.
     fn recover_every_subscriber(&self) -> usize {
         let Some(ns) = self.io.of("/") else { return 0 };
-        let subscribed =
-            ns.local().sockets().into_iter().filter(|s| s.rooms().iter().any(|r| Room::parse(r).is_some()));
-        subscribed.map(disconnect_to_recover).count()
+        ns.local()
+            .sockets()
+            .into_iter()
+            .filter(|s| !Session::subscriptions(s).is_empty())
+            .filter(|s| Session::of(s).is_some_and(|session| session.cut(s, &self.transports)))
+            .count()
     }
 
     async fn deliver(&self, logged: &Logged) {
@@ -354,129 +390,68 @@ impl<A: Adapter> Inner<A> {
         // not say which socket failed, and a socket that misses an event must
         // not stay connected as if it had not.
         for socket in ns.local().to(room_names(&logged.rooms)).sockets() {
-            emit_to(&socket, logged, &raw, &self.metrics);
+            self.emit_to(&socket, logged, &raw);
         }
         // Lets the sockets' writers drain between the events of a burst.
         tokio::task::yield_now().await;
     }
-}
 
-/// Emits a logged event to one socket; returns whether it went into the
-/// socket's buffer. A socket whose buffer is full is a slow consumer.
-fn emit_to<A: Adapter>(socket: &SocketRef<A>, logged: &Logged, raw: &RawValue, metrics: &Metrics) -> bool {
-    match socket.emit(logged.kind.as_str(), raw) {
-        Ok(()) => true,
-        Err(SendError::Socket(SocketError::InternalChannelFull)) => {
-            disconnect_slow_consumer(socket.clone(), metrics);
-            false
-        }
-        // It is leaving: its disconnect handler cleans up.
-        Err(SendError::Socket(SocketError::Closed)) => false,
-        Err(e) => {
-            tracing::error!(error = %e, offset = %logged.offset, "cannot encode an event for a socket");
-            false
-        }
-    }
-}
-
-/// How long a slow consumer's disconnect packet may wait for room in its
-/// buffer before the heartbeat is left to close it.
-const SLOW_CONSUMER_RETRY: Duration = Duration::from_millis(50);
-const SLOW_CONSUMER_RETRIES: u32 = 200;
-
-/// A socket whose buffer was full missed an event: it recovers.
-fn disconnect_slow_consumer<A: Adapter>(socket: SocketRef<A>, metrics: &Metrics) {
-    metrics.limits_hit.get_or_create(&[("limit", "slow_consumer")]).inc();
-    tracing::info!(socket = %socket.id, "a socket's buffer is full; disconnecting it so that it recovers");
-    disconnect_to_recover(socket);
-}
-
-/// A socket that may have missed an event leaves every room at once, so
-/// nothing is delivered after the gap (what it receives stays a prefix of
-/// the log), and is disconnected as soon as the disconnect packet fits in its
-/// buffer; it then reconnects and recovers with `since` (or is told
-/// `recovered: false` and refetches). A client that never reads is closed by
-/// the heartbeat: its ping does not fit either.
-fn disconnect_to_recover<A: Adapter>(socket: SocketRef<A>) {
-    socket.leave_all();
-    if socket.clone().disconnect().is_ok() {
-        return;
-    }
-    tokio::spawn(async move {
-        for _ in 0..SLOW_CONSUMER_RETRIES {
-            tokio::time::sleep(SLOW_CONSUMER_RETRY).await;
-            if !socket.connected() || socket.clone().disconnect().is_ok() {
-                return;
+    /// Emits a logged event to one socket; returns whether it went into the
+    /// socket's buffer. A socket whose buffer is full is a slow consumer: it
+    /// is cut, and recovers.
+    fn emit_to(&self, socket: &SocketRef<A>, logged: &Logged, raw: &RawValue) -> bool {
+        match socket.emit(logged.kind.as_str(), raw) {
+            Ok(()) => true,
+            Err(SendError::Socket(SocketError::InternalChannelFull)) => {
+                if let Some(session) = Session::of(socket)
+                    && session.cut(socket, &self.transports)
+                {
+                    self.metrics.limits_hit.get_or_create(&[("limit", "slow_consumer")]).inc();
+                    tracing::info!(
+                        socket = session.number,
+                        "a socket's buffer is full; cutting it so that it recovers"
+                    );
+                }
+                false
+            }
+            // It is leaving: its disconnect handler cleans up.
+            Err(SendError::Socket(SocketError::Closed)) => false,
+            Err(e) => {
+                tracing::error!(error = %e, offset = %logged.offset, "cannot encode an event for a socket");
+                false
             }
         }
-    });
-}
-
-/// Sends a replay to one socket and joins it to the room. When the socket
-/// cannot take every event, it is disconnected (it will reconnect and ask
-/// again) rather than left with a gap.
-fn replay_to<A: Adapter>(
-    socket: &SocketRef<A>,
-    room: &Room,
-    since: Offset,
-    head: Option<Offset>,
-    replay: Replay,
-    metrics: &Metrics,
-    max_replay: usize,
-) -> bool {
-    let coverage = Coverage::of(socket);
-    let joined = socket.rooms();
-    let missed: Vec<&Logged> = replay.events.iter().filter(|l| !coverage.already_sent(&joined, l, room)).collect();
-    if missed.len() > max_replay {
-        // More than the socket's buffer can take at once: the client refetches.
-        socket.join(room.to_string());
-        coverage.record(room, head);
-        return false;
     }
-    for logged in missed {
-        let sent =
-            RawValue::from_string(logged.json.to_string()).is_ok_and(|raw| emit_to(socket, logged, &raw, metrics));
-        if !sent {
-            return false;
+
+    /// Sends a replay to one socket and joins it to the room. When the socket
+    /// cannot take every event, it is cut (it comes back and asks again)
+    /// rather than left with a gap. Says whether the replay was complete.
+    #[allow(clippy::too_many_arguments)]
+    fn replay_to(
+        &self,
+        socket: &SocketRef<A>,
+        session: &Session,
+        room: &Room,
+        since: Offset,
+        head: Option<Offset>,
+        replay: Replay,
+        ticket: &Ticket,
+    ) -> Result<bool, JoinRefused> {
+        let missed = session.missed(socket, &replay.events, room);
+        if missed.len() > self.retention.max_replay {
+            // More than the socket's buffer can take at once: the client refetches.
+            session.join(socket, room, ticket, head)?;
+            return Ok(false);
         }
-    }
-    socket.join(room.to_string());
-    coverage.record(room, if replay.recovered { Some(since) } else { head });
-    replay.recovered
-}
-
-/// For each room a socket is in, the offset after which it has every event
-/// of that room (from a replay, or from live delivery since it joined).
-/// A replay for another room skips the events the socket already got through
-/// one of these, so overlapping rooms never deliver an event twice.
-#[derive(Clone, Default)]
-struct Coverage(Arc<std::sync::Mutex<std::collections::HashMap<String, Offset>>>);
-
-impl Coverage {
-    fn of<A: Adapter>(socket: &SocketRef<A>) -> Coverage {
-        if let Some(coverage) = socket.extensions.get::<Coverage>() {
-            return coverage;
+        for logged in missed {
+            let sent =
+                RawValue::from_string(logged.json.to_string()).is_ok_and(|raw| self.emit_to(socket, logged, &raw));
+            if !sent {
+                return Err(JoinRefused::Closed);
+            }
         }
-        let coverage = Coverage::default();
-        socket.extensions.insert(coverage.clone());
-        coverage
-    }
-
-    fn record(&self, room: &Room, from: Option<Offset>) {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        match from {
-            Some(offset) => map.insert(room.to_string(), offset),
-            None => map.remove(&room.to_string()),
-        };
-    }
-
-    /// Whether the socket got `logged` through another room it is in.
-    fn already_sent(&self, joined: &[socketioxide_core::adapter::Room], logged: &Logged, room: &Room) -> bool {
-        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        logged.rooms.iter().filter(|r| *r != room).any(|other| {
-            let name = other.to_string();
-            joined.iter().any(|j| *j == name) && map.get(&name).is_some_and(|from| logged.offset > *from)
-        })
+        session.join(socket, room, ticket, if replay.recovered { Some(since) } else { head })?;
+        Ok(replay.recovered)
     }
 }
 
@@ -488,9 +463,6 @@ async fn reader<A: Adapter>(
     driver: FleetDriver,
     mut commands: mpsc::Receiver<ReaderCommand<A>>,
 ) {
-    let Some((metrics, max_replay)) = inner.upgrade().map(|i| (i.metrics.clone(), i.retention.max_replay)) else {
-        return;
-    };
     let key = stream_key(driver.prefix());
     let epoch_key = epoch_key(driver.prefix());
     let mut epoch: Option<u64> = None;
@@ -584,20 +556,26 @@ async fn reader<A: Adapter>(
                             Err(_) => break,
                         }
                     }
-                    let recovered = match epoch {
-                        Some(e) => serve_replays(&mut shared, &key, e, &last_id, &batch, &metrics, max_replay).await,
-                        None => vec![false; batch.len()],
+                    let Some(strong) = inner.upgrade() else { return };
+                    let served = match epoch {
+                        Some(e) => serve_replays(&strong, &mut shared, &key, e, &last_id, &batch).await,
+                        None => vec![None; batch.len()],
                     };
-                    for (command, recovered) in batch.into_iter().zip(recovered) {
-                        let joined = command.socket.rooms().iter().any(|r| *r == command.room.to_string());
-                        if !recovered && !joined && command.socket.connected() {
-                            command.socket.join(command.room.to_string());
-                            let head = epoch.and_then(|e| Offset::from_stream_id(e, &last_id));
-                            Coverage::of(&command.socket).record(&command.room, head);
-                        }
+                    let head = epoch.and_then(|e| Offset::from_stream_id(e, &last_id));
+                    for (command, served) in batch.into_iter().zip(served) {
+                        let result = match served {
+                            Some(result) => result.map(Some),
+                            // Not in the log any more: joined without a replay, the client refetches.
+                            None => match Session::of(&command.socket) {
+                                Some(session) => {
+                                    session.join(&command.socket, &command.room, &command.ticket, head).map(|()| Some(false))
+                                }
+                                None => Err(JoinRefused::Closed),
+                            },
+                        };
                         // Before this task delivers the next entry.
-                        command.joined.fire(Some(recovered));
-                        let _ = command.reply.send(recovered);
+                        command.joined.fire(result);
+                        let _ = command.reply.send(result);
                     }
                 }
                 _ = trim.tick() => {
@@ -621,9 +599,16 @@ fn refuse_pending<A: Adapter>(inner: &std::sync::Weak<Inner<A>>, commands: &mut 
         return;
     }
     while let Ok(command) = commands.try_recv() {
-        command.socket.join(command.room.to_string());
-        command.joined.fire(Some(false));
-        let _ = command.reply.send(false);
+        let result = match Session::of(&command.socket) {
+            Some(session) => {
+                join_without_replay(&command.socket, &session, &command.room, &command.ticket, &command.joined)
+            }
+            None => {
+                command.joined.fire(Err(JoinRefused::Closed));
+                Err(JoinRefused::Closed)
+            }
+        };
+        let _ = command.reply.send(result);
     }
 }
 
@@ -680,15 +665,14 @@ async fn read_after(mut conn: Conn, key: String, after: String) -> redis::RedisR
 /// `since` is still covered (not trimmed, this epoch, not ahead of what this
 /// reader delivered) gets its room's entries after `since`.
 async fn serve_replays<A: Adapter>(
+    inner: &Inner<A>,
     conn: &mut Conn,
     key: &str,
     epoch: u64,
     last_id: &str,
     batch: &[ReaderCommand<A>],
-    metrics: &Metrics,
-    max_replay: usize,
-) -> Vec<bool> {
-    let refused = vec![false; batch.len()];
+) -> Vec<Option<Result<bool, JoinRefused>>> {
+    let refused = vec![None; batch.len()];
     let Some(last) = Offset::from_stream_id(epoch, last_id) else { return refused };
     // Entries up to `max-deleted-entry-id` were trimmed.
     let info: redis::RedisResult<std::collections::HashMap<String, redis::Value>> =
@@ -719,12 +703,21 @@ async fn serve_replays<A: Adapter>(
         .iter()
         .map(|command| {
             if !servable(command.since) {
-                return false;
+                return None;
             }
+            let Some(session) = Session::of(&command.socket) else { return Some(Err(JoinRefused::Closed)) };
             let events =
                 logged.iter().filter(|l| l.offset > command.since && l.targets(&command.room)).cloned().collect();
             let replay = Replay { recovered: true, events };
-            replay_to(&command.socket, &command.room, command.since, Some(last), replay, metrics, max_replay)
+            Some(inner.replay_to(
+                &command.socket,
+                &session,
+                &command.room,
+                command.since,
+                Some(last),
+                replay,
+                &command.ticket,
+            ))
         })
         .collect()
 }

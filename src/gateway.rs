@@ -8,8 +8,7 @@
 //! run (socketioxide marks the socket connected only after sending CONNECT).
 
 use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -26,12 +25,14 @@ use tokio::sync::Notify;
 use crate::access::{Access, Decision};
 use crate::auth::{Unauthorized, User, Verifier, find_token};
 use crate::delivery::{Delivery, Joined, Revocation, RevocationHandler};
-use crate::expiry::{Expiring, Expiry, TimerId};
+use crate::expiry::{Expiring, Expiry};
 use crate::limits::{Admission, Limits, TokenBucket};
 use crate::replay::Offset;
 use crate::rooms::{Room, RoomKind};
+use crate::session::{JoinRefused, Session};
 use crate::store::MembershipStore;
 use crate::telemetry::Metrics;
+use crate::transport::Transports;
 
 /// An ack: `{ "success": true }` (with `"recovered"` for a subscription with
 /// `since`) or `{ "success": false, "error": "…" }`.
@@ -176,33 +177,6 @@ impl From<Unauthorized> for HandshakeError {
     }
 }
 
-/// A socket's own state, kept in its extensions (one allocation per socket).
-#[derive(Clone)]
-struct Session(Arc<SessionState>);
-
-struct SessionState {
-    /// When the socket is cut (its token's `exp` plus the leeway), in seconds since the epoch.
-    deadline: AtomicU64,
-    /// Its entry in the gateway's [`Expiry`].
-    timer: TimerId,
-    bucket: Mutex<TokenBucket>,
-    /// Set by the connect handler. socketioxide sends the CONNECT packet
-    /// before it marks the socket connected and runs that handler, while the
-    /// event handler is already in place (see the module doc), so a client's
-    /// first event can be handled before the socket counts as connected: it
-    /// waits for this, and `connected()` then means "not gone". (A flag
-    /// here and one [`Notify`] in the gateway: a per-socket notifier would
-    /// cost about 45 bytes per connection for a wait that is rare.)
-    ready: AtomicBool,
-}
-
-impl std::ops::Deref for Session {
-    type Target = SessionState;
-    fn deref(&self) -> &SessionState {
-        &self.0
-    }
-}
-
 /// How long an event that arrived before its socket's connect handler ran
 /// waits for it. The handler runs within microseconds of the CONNECT packet;
 /// it never runs when socketioxide could not send that packet (the socket is
@@ -213,6 +187,7 @@ const READY_WAIT: Duration = Duration::from_secs(10);
 struct ExpiringSocket<A: Adapter> {
     socket: SocketRef<A>,
     metrics: Arc<Metrics>,
+    transports: Arc<Transports>,
 }
 
 impl<A: Adapter> Expiring for ExpiringSocket<A> {
@@ -220,13 +195,17 @@ impl<A: Adapter> Expiring for ExpiringSocket<A> {
         if !self.socket.connected() {
             return None;
         }
-        self.socket.extensions.get::<Session>().map(|session| session.deadline.load(Ordering::SeqCst))
+        Session::of(&self.socket).map(|session| session.deadline.load(Ordering::SeqCst))
     }
 
+    /// The connection is cut, not the Socket.IO session: the client comes
+    /// back by itself, with a fresh token if its `auth` gives one.
     fn expire(self: Box<Self>) {
-        self.metrics.limits_hit.get_or_create(&[("limit", "token_expired")]).inc();
-        tracing::info!(socket = %self.socket.id, "token expired; disconnecting");
-        let _ = self.socket.disconnect();
+        let Some(session) = Session::of(&self.socket) else { return };
+        if session.cut(&self.socket, &self.transports) {
+            self.metrics.limits_hit.get_or_create(&[("limit", "token_expired")]).inc();
+            tracing::info!(socket = session.number, "token expired; closing its connection");
+        }
     }
 }
 
@@ -235,6 +214,7 @@ pub struct Gateway<S> {
     verifier: Verifier,
     access: Access<S>,
     metrics: Arc<Metrics>,
+    transports: Arc<Transports>,
     limits: Limits,
     expiry: Expiry,
     /// Woken each time a socket's connect handler has run (see [`SessionState::ready`]).
@@ -245,8 +225,22 @@ impl<S: MembershipStore> Gateway<S> {
     /// A gateway that verifies tokens with `verifier`, checks rooms with
     /// `access` and enforces `limits`. Starts the token expiry timer, so it
     /// runs inside a Tokio runtime.
-    pub fn new(verifier: Verifier, access: Access<S>, metrics: Arc<Metrics>, limits: Limits) -> Arc<Self> {
-        Arc::new(Gateway { verifier, access, metrics, limits, expiry: Expiry::start(), sockets_ready: Notify::new() })
+    pub fn new(
+        verifier: Verifier,
+        access: Access<S>,
+        metrics: Arc<Metrics>,
+        transports: Arc<Transports>,
+        limits: Limits,
+    ) -> Arc<Self> {
+        Arc::new(Gateway {
+            verifier,
+            access,
+            metrics,
+            transports,
+            limits,
+            expiry: Expiry::start(),
+            sockets_ready: Notify::new(),
+        })
     }
 
     fn limit_hit(&self, limit: &'static str) {
@@ -256,7 +250,7 @@ impl<S: MembershipStore> Gateway<S> {
     /// Takes a token from the socket's bucket; disconnects a socket that
     /// keeps going past the limit.
     fn admit<A: Adapter>(&self, s: &SocketRef<A>) -> Result<(), Refusal> {
-        let Some(session) = s.extensions.get::<Session>() else { return Ok(()) };
+        let Some(session) = Session::of(s) else { return Ok(()) };
         let admission = session.bucket.lock().map(|mut b| b.admit()).unwrap_or(Admission::Allowed);
         match admission {
             Admission::Allowed => Ok(()),
@@ -264,7 +258,13 @@ impl<S: MembershipStore> Gateway<S> {
                 self.limit_hit("event_rate");
                 if strikes == self.limits.strikes {
                     self.limit_hit("event_rate_disconnect");
-                    tracing::info!(socket = %s.id, strikes, "disconnecting a socket that ignores the rate limit");
+                    tracing::info!(
+                        socket = session.number,
+                        strikes,
+                        "disconnecting a socket that ignores the rate limit"
+                    );
+                    // Final (a DISCONNECT packet): coming back would be wrong.
+                    session.close(s);
                     let _ = s.clone().disconnect();
                 }
                 Err(Refusal::RateLimited)
@@ -307,28 +307,28 @@ impl<S: MembershipStore> Gateway<S> {
     ) -> Result<(), HandshakeError> {
         if self.metrics.connections.get() >= self.limits.max_connections as i64 {
             self.limit_hit("connections");
-            tracing::info!(socket = %s.id, "handshake refused: too many connections");
+            tracing::info!("handshake refused: too many connections");
             return Err(HandshakeError::TooManyConnections);
         }
         let Some(token) = find_token(auth, s.req_parts().uri.query()) else {
             self.metrics.auth_failures.get_or_create(&[("reason", "missing")]).inc();
-            tracing::info!(socket = %s.id, reason = "missing token", "handshake rejected");
+            tracing::info!(reason = "missing token", "handshake rejected");
             return Err(HandshakeError::Unauthorized);
         };
         let user = match self.verifier.verify(&token) {
             Ok(user) => user,
             Err(e) => {
                 self.metrics.auth_failures.get_or_create(&[("reason", "invalid")]).inc();
-                tracing::info!(socket = %s.id, reason = "invalid token", "handshake rejected");
+                tracing::info!(reason = "invalid token", "handshake rejected");
                 return Err(e.into());
             }
         };
-        s.extensions.insert(Session(Arc::new(SessionState {
-            deadline: AtomicU64::new(user.expires_at.saturating_add(self.limits.token_leeway.as_secs())),
-            timer: self.expiry.next_id(),
-            bucket: Mutex::new(TokenBucket::new(self.limits.event_rate, self.limits.event_burst)),
-            ready: AtomicBool::new(false),
-        })));
+        s.extensions.insert(Session::new(
+            user.expires_at.saturating_add(self.limits.token_leeway.as_secs()),
+            self.expiry.next_id(),
+            TokenBucket::new(self.limits.event_rate, self.limits.event_burst),
+            self.metrics.clone(),
+        ));
         // Every socket of a user is in the user's room, so a revocation finds them.
         s.join(user_room(&user.id));
         s.extensions.insert(user);
@@ -345,7 +345,7 @@ impl<S: MembershipStore> Gateway<S> {
             let delivery = delivery.clone();
             async move {
                 if !gw.ready(&s).await {
-                    tracing::debug!(socket = %s.id, "an event for a socket whose connect never completed; dropped");
+                    tracing::debug!("an event for a socket whose connect never completed; dropped");
                     return;
                 }
                 let client_event = ClientEvent::parse(&event);
@@ -360,7 +360,7 @@ impl<S: MembershipStore> Gateway<S> {
                     }
                     (Ok(()), Some(ClientEvent::RefreshToken)) => gw.refresh(&s, &data).map(|()| None),
                     (Ok(()), None) => {
-                        tracing::debug!(socket = %s.id, event = %truncate(&event, 64), "unknown client event");
+                        tracing::debug!(event = truncate(&event, 64), "unknown client event");
                         Err(Refusal::UnknownEvent)
                     }
                 };
@@ -378,7 +378,7 @@ impl<S: MembershipStore> Gateway<S> {
     /// Waits until the socket's connect handler has run; false if it did not
     /// within [`READY_WAIT`].
     async fn ready<A: Adapter>(&self, s: &SocketRef<A>) -> bool {
-        let Some(session) = s.extensions.get::<Session>() else { return false };
+        let Some(session) = Session::of(s) else { return false };
         if session.ready.load(Ordering::SeqCst) {
             return true;
         }
@@ -406,7 +406,7 @@ impl<S: MembershipStore> Gateway<S> {
             },
             _ => return Err(Refusal::InvalidPayload),
         };
-        let (Some(current), Some(session)) = (s.extensions.get::<User>(), s.extensions.get::<Session>()) else {
+        let (Some(current), Some(session)) = (s.extensions.get::<User>(), Session::of(s)) else {
             return Err(Refusal::Unauthorized);
         };
         let fresh = self.verifier.verify(&token).map_err(|_| Refusal::Unauthorized)?;
@@ -423,9 +423,10 @@ impl<S: MembershipStore> Gateway<S> {
     /// Cuts the socket when its token expires (plus the leeway), unless a
     /// refresh moved the deadline meanwhile.
     fn watch_expiry<A: Adapter>(&self, s: &SocketRef<A>) {
-        let Some(session) = s.extensions.get::<Session>() else { return };
+        let Some(session) = Session::of(s) else { return };
         let deadline = session.deadline.load(Ordering::SeqCst);
-        let entry = ExpiringSocket { socket: s.clone(), metrics: self.metrics.clone() };
+        let entry =
+            ExpiringSocket { socket: s.clone(), metrics: self.metrics.clone(), transports: self.transports.clone() };
         self.expiry.arm(session.timer, deadline, Box::new(entry));
         // It may have gone before it was armed: its disconnect handler found nothing to disarm.
         if !s.connected() {
@@ -446,7 +447,7 @@ impl<S: MembershipStore> Gateway<S> {
         let user = s.extensions.get::<User>().map(|u| u.id);
         tracing::info!(
             user = user.as_deref().unwrap_or("?"),
-            socket = %s.id,
+            socket = Session::of(s).map(|session| session.number),
             transport = ?s.transport_type(),
             "connected"
         );
@@ -456,7 +457,7 @@ impl<S: MembershipStore> Gateway<S> {
             async move { gw.disconnected(&s, reason) }
         });
         self.watch_expiry(s);
-        if let Some(session) = s.extensions.get::<Session>() {
+        if let Some(session) = Session::of(s) {
             session.ready.store(true, Ordering::SeqCst);
             self.sockets_ready.notify_waiters();
         }
@@ -464,23 +465,14 @@ impl<S: MembershipStore> Gateway<S> {
 
     fn disconnected<A: Adapter>(&self, s: &SocketRef<A>, reason: DisconnectReason) {
         self.metrics.connections.dec();
-        if let Some(session) = s.extensions.get::<Session>() {
+        let rooms = Session::subscriptions(s).len();
+        let number = Session::of(s).map(|session| {
             self.expiry.disarm(session.timer);
-        }
-        let rooms = s.rooms();
-        for room in &rooms {
-            if let Some(room) = Room::parse(room) {
-                self.metrics.subscriptions.get_or_create(&[("kind", room.kind().as_str())]).dec();
-            }
-        }
+            session.close(s);
+            session.number
+        });
         let user = s.extensions.get::<User>().map(|u| u.id);
-        tracing::info!(
-            user = user.as_deref().unwrap_or("?"),
-            socket = %s.id,
-            ?reason,
-            rooms = rooms.len(),
-            "disconnected"
-        );
+        tracing::info!(user = user.as_deref().unwrap_or("?"), socket = number, ?reason, rooms, "disconnected");
     }
 
     async fn subscribe<A: Adapter>(
@@ -494,8 +486,10 @@ impl<S: MembershipStore> Gateway<S> {
         let room = parse_room_request(kind, data)?;
         let since = parse_since(data)?;
         let user = s.extensions.get::<User>().ok_or(Refusal::Unauthorized)?;
-        match self.access.check(&user.id, &room).await {
-            Ok(Decision::Allowed) => {}
+        let session = Session::of(s).ok_or(Refusal::Unauthorized)?;
+        let revocations = session.revocations();
+        let campaign = match self.access.check(&user.id, &room).await {
+            Ok(Decision::Allowed(campaign)) => campaign,
             Ok(Decision::Denied) => {
                 tracing::info!(user = &*user.id, room = %room, "subscription refused");
                 return Err(Refusal::Unauthorized);
@@ -509,31 +503,29 @@ impl<S: MembershipStore> Gateway<S> {
                 );
                 return Err(Refusal::Internal);
             }
-        }
-        // The socket may have gone while the store answered.
-        if !s.connected() {
-            return Err(Refusal::Internal);
-        }
-        let name = room.to_string();
-        let rooms = s.rooms();
-        let already = rooms.iter().any(|r| *r == name);
-        let subscribed = rooms.iter().filter(|r| Room::parse(r).is_some()).count();
-        if !already && subscribed >= self.limits.max_subscriptions {
+        };
+        let subscriptions = Session::subscriptions(s);
+        let already = subscriptions.contains(&room);
+        if !already && subscriptions.len() >= self.limits.max_subscriptions {
             self.limit_hit("subscriptions");
             return Err(Refusal::TooManySubscriptions);
         }
         // The ack goes out from inside the join, before any later event.
         let sender = ack.take();
-        let joined = Joined::new(move |recovered| {
+        let joined = Joined::new(move |result| {
             if let Some(sender) = sender {
-                let _ = sender.send(&Reply::ok(recovered));
+                let _ = sender.send(&result.map_or_else(|why| Reply::refused(join_refusal(why)), Reply::ok));
             }
         });
-        let recovered = delivery.join(s, &room, since, &joined).await;
-        if !already && s.connected() {
-            self.metrics.subscriptions.get_or_create(&[("kind", kind.as_str())]).inc();
-        }
-        tracing::info!(user = &*user.id, room = %room, subscriptions = rooms.len() + 1, ?recovered, "subscribed");
+        let ticket = session.ticket(campaign, revocations);
+        let recovered = delivery.join(s, &room, since, &ticket, &joined).await.map_err(join_refusal)?;
+        tracing::info!(
+            user = &*user.id,
+            room = %room,
+            subscriptions = subscriptions.len() + usize::from(!already),
+            ?recovered,
+            "subscribed"
+        );
         Ok(recovered)
     }
 
@@ -544,10 +536,7 @@ impl<S: MembershipStore> Gateway<S> {
         data: &Result<Value, ParserError>,
     ) -> Result<(), Refusal> {
         let room = parse_room_request(kind, data)?;
-        let name = room.to_string();
-        if s.rooms().iter().any(|r| *r == name) {
-            s.leave(name);
-            self.metrics.subscriptions.get_or_create(&[("kind", kind.as_str())]).dec();
+        if Session::of(s).is_some_and(|session| session.leave(s, &room)) {
             let user = s.extensions.get::<User>().map(|u| u.id);
             tracing::info!(user = user.as_deref().unwrap_or("?"), room = %room, "unsubscribed");
         }
@@ -582,27 +571,41 @@ impl<S: MembershipStore> Gateway<S> {
         let Some(campaign) = revocation.campaign_id else {
             self.access.forget_user(&user);
             for s in sockets {
-                tracing::info!(user = &*user, socket = %s.id, "access revoked: disconnecting");
+                let number = Session::of(&s).map(|session| {
+                    session.close(&s);
+                    session.number
+                });
+                tracing::info!(user = &*user, socket = number, "access revoked: disconnecting");
+                // Final (a DISCONNECT packet): coming back would be wrong.
                 let _ = s.disconnect();
             }
             return;
         };
         self.access.forget_membership(&campaign, &user).await;
         for s in sockets {
+            let Some(session) = Session::of(&s) else { continue };
+            // From here on, a subscribe checked before is refused at its join.
+            session.note_revocation(&campaign);
             let mut left = 0;
-            for name in s.rooms() {
-                let Some(room) = Room::parse(&name) else { continue };
+            for room in Session::subscriptions(&s) {
                 // When the store cannot say, leave: the client may subscribe again.
                 let belongs = self.access.campaign_of(&room).await.map_or(true, |c| c.as_ref() == Some(&campaign));
-                if belongs {
-                    s.leave(name.to_string());
-                    self.metrics.subscriptions.get_or_create(&[("kind", room.kind().as_str())]).dec();
+                if belongs && session.leave(&s, &room) {
                     left += 1;
                 }
             }
             let _ = s.emit("access_revoked", &serde_json::json!({ "campaignId": campaign }));
-            tracing::info!(user = &*user, socket = %s.id, campaign = %campaign, rooms = left, "access revoked");
+            tracing::info!(user = &*user, socket = session.number, campaign = %campaign, rooms = left, "access revoked");
         }
+    }
+}
+
+/// The refusal a subscribe answers when its join did not happen.
+fn join_refusal(why: JoinRefused) -> Refusal {
+    match why {
+        // Gone while the store answered, or cut meanwhile.
+        JoinRefused::Closed => Refusal::Internal,
+        JoinRefused::Revoked => Refusal::Unauthorized,
     }
 }
 

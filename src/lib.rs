@@ -18,6 +18,10 @@
 //! - [`replay`]: offsets and the event log that recovery replays from.
 //! - [`fleet`]: the Redis driver that lets many instances share events.
 //! - [`gateway`]: the Socket.IO handlers (handshake, subscribe, unsubscribe).
+//! - [`session`]: a socket's own state, and the one place its rooms change.
+//! - [`transport`]: a socket's transport below Socket.IO: the requests
+//!   socketioxide gets, and cutting a connection so that the client comes back.
+//! - [`listener`]: the accept loop: `TCP_NODELAY`, bounded request heads, cuttable connections.
 //! - [`publish`]: the HTTP publish API for backends.
 //! - [`demo`]: the development demo page and its development-only routes.
 //! - [`limits`]: connection, subscription and event-rate limits.
@@ -39,12 +43,15 @@ pub mod fleet;
 pub mod gateway;
 pub mod health;
 pub mod limits;
+pub mod listener;
 pub mod publish;
 pub mod replay;
 pub mod rooms;
+pub mod session;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod transport;
 
 pub use app::{Application, BuildError};
 pub use config::Config;

@@ -24,6 +24,8 @@ pub struct Client {
     is_closed: Arc<std::sync::atomic::AtomicBool>,
     /// How many events had arrived when the latest ack arrived.
     events_at_ack: Arc<std::sync::atomic::AtomicUsize>,
+    /// Whether the server sent a Socket.IO DISCONNECT packet (`41`).
+    disconnect_packet: Arc<std::sync::atomic::AtomicBool>,
     /// The Socket.IO session id the server gave.
     #[allow(dead_code)]
     pub sid: String,
@@ -116,6 +118,7 @@ impl Client {
         let closed = Arc::new(tokio::sync::Notify::new());
         let is_closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let events_at_ack = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let disconnect_packet = Arc::new(std::sync::atomic::AtomicBool::new(false));
         tokio::spawn(async move {
             while let Some(msg) = out_rx.recv().await {
                 if sink.send(msg).await.is_err() {
@@ -129,6 +132,7 @@ impl Client {
             let closed = closed.clone();
             let is_closed = is_closed.clone();
             let events_at_ack = events_at_ack.clone();
+            let disconnect_packet = disconnect_packet.clone();
             tokio::spawn(async move {
                 let mut events_seen = 0;
                 loop {
@@ -165,7 +169,10 @@ impl Client {
                         if let Some(tx) = acks.lock().unwrap().remove(&id) {
                             let _ = tx.send(first);
                         }
-                    } else if text.starts_with("41") || text.starts_with('1') {
+                    } else if text.starts_with("41") {
+                        disconnect_packet.store(true, std::sync::atomic::Ordering::SeqCst);
+                        break;
+                    } else if text.starts_with('1') {
                         break;
                     }
                 }
@@ -173,7 +180,7 @@ impl Client {
                 closed.notify_waiters();
             });
         }
-        Ok(Client { out, events, acks, next_ack: 0, closed, is_closed, events_at_ack, sid })
+        Ok(Client { out, events, acks, next_ack: 0, closed, is_closed, events_at_ack, disconnect_packet, sid })
     }
 
     /// Sends an event without an ack id.
@@ -251,6 +258,13 @@ impl Client {
     #[allow(dead_code)]
     pub fn events_before_last_ack(&self) -> usize {
         self.events_at_ack.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether the server ended the Socket.IO session with a DISCONNECT
+    /// packet (final for a stock client) rather than closing the transport.
+    #[allow(dead_code)]
+    pub fn got_disconnect_packet(&self) -> bool {
+        self.disconnect_packet.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn is_closed(&self) -> bool {

@@ -106,23 +106,11 @@ async fn a_socket_is_cut_when_its_token_expires_unless_refreshed() {
     assert_eq!(metric(&m, r#"herald_limits_hit_total{limit="token_expired"}"#), 1.0);
 }
 
-/// A client too slow for its events (here: one that stops reading for a
-/// while) is disconnected rather than left to miss events silently: what it
-/// received is a gap-free prefix of the room's events, then the server's
-/// disconnect; it reconnects with `since` and gets the rest. A fast client on
-/// the same instance gets everything meanwhile.
-#[tokio::test]
-async fn a_slow_consumer_is_disconnected_and_recovers_without_a_gap() {
+/// Publishes batches of 40 events of 16 KiB to campaign c1 while `slow`
+/// does not read, until herald finds its buffer full (the kernel's socket
+/// buffers and its 128-packet buffer). Returns how many were published.
+async fn publish_until_slow_consumer(app: &TestApp) -> usize {
     const BATCH: usize = 40;
-    let app = spawn_app_with(Backend::Sqlite, |c| c.socket_buffer = 128).await;
-    let mut fast = app.connect("alice").await;
-    assert_eq!(fast.subscribe("campaign", "c1").await["success"], true);
-    let (mut slow, stall) = Client::connect_stallable(app.addr, Some(json!({"token": token("bob")}))).await.unwrap();
-    assert_eq!(slow.subscribe("campaign", "c1").await["success"], true);
-
-    // Batches of 40 events of 16 KiB while the slow client does not read,
-    // until the kernel's socket buffers and its 128-packet buffer are full.
-    stall.send(true).unwrap();
     let slow_consumers = || async { metric(&app.metrics().await, r#"herald_limits_hit_total{limit="slow_consumer"}"#) };
     let blob = "x".repeat(16 * 1024);
     let mut published = 0;
@@ -140,19 +128,51 @@ async fn a_slow_consumer_is_disconnected_and_recovers_without_a_gap() {
         published += BATCH;
     }
     assert_eq!(slow_consumers().await, 1.0, "counted once");
+    published
+}
+
+/// The offsets of the next `n` events, which must come.
+async fn offsets(client: &mut Client, n: usize) -> Vec<String> {
     let mut all = Vec::new();
-    for _ in 0..published {
-        let (_, event) = fast.next_event(Duration::from_secs(10)).await.expect("the fast client gets every event");
+    for _ in 0..n {
+        let (_, event) = client.next_event(Duration::from_secs(10)).await.expect("an event");
         all.push(event["offset"].as_str().unwrap().to_owned());
     }
+    all
+}
 
-    // The slow client reads again: a prefix of the events, then the disconnect.
-    stall.send(false).unwrap();
+/// Every event that arrives until the connection closes, which it must.
+async fn until_closed(client: &mut Client) -> Vec<String> {
     let mut seen = Vec::new();
-    while let Some((_, event)) = slow.next_event(Duration::from_secs(5)).await {
+    while let Some((_, event)) = client.next_event(Duration::from_secs(5)).await {
         seen.push(event["offset"].as_str().unwrap().to_owned());
     }
-    assert!(slow.closed_within(Duration::from_secs(5)).await, "the server disconnected the slow client");
+    assert!(client.closed_within(Duration::from_secs(5)).await, "the server closed the slow client's connection");
+    seen
+}
+
+/// A client too slow for its events (here: one that stops reading for a
+/// moment) is cut rather than left to miss events silently: it leaves its
+/// rooms at once, and its connection is closed (not its Socket.IO session:
+/// no DISCONNECT packet, a stock client comes back by itself). Reading again
+/// within the grace period, it gets a gap-free prefix of the room's events,
+/// then the close; it comes back with `since` and gets the rest. A fast
+/// client on the same instance gets everything meanwhile.
+#[tokio::test]
+async fn a_slow_consumer_is_cut_and_recovers_without_a_gap() {
+    let app = spawn_app_with(Backend::Sqlite, |c| c.socket_buffer = 128).await;
+    let mut fast = app.connect("alice").await;
+    assert_eq!(fast.subscribe("campaign", "c1").await["success"], true);
+    let (mut slow, stall) = Client::connect_stallable(app.addr, Some(json!({"token": token("bob")}))).await.unwrap();
+    assert_eq!(slow.subscribe("campaign", "c1").await["success"], true);
+
+    stall.send(true).unwrap();
+    let published = publish_until_slow_consumer(&app).await;
+    // It reads again at once: what was queued for it is still written, then the close.
+    stall.send(false).unwrap();
+    let seen = until_closed(&mut slow).await;
+    assert!(!slow.got_disconnect_packet(), "a cut to recover is not a Socket.IO DISCONNECT");
+    let all = offsets(&mut fast, published).await;
     assert!(seen.len() < published, "the slow client missed some events: {} of {published}", seen.len());
     assert_eq!(seen[..], all[..seen.len()], "what the slow client got has no gap");
 
@@ -166,6 +186,44 @@ async fn a_slow_consumer_is_disconnected_and_recovers_without_a_gap() {
         assert_eq!(event["offset"].as_str().unwrap(), expected);
     }
     again.expect_silence(Duration::from_millis(200)).await;
+}
+
+/// A client that reads nothing at all cannot hold its connection: once its
+/// buffer is full, the connection is gone within the cut's grace period
+/// (plus a little), though nothing more can be written to it; the gauges
+/// count it out. When it reads again it gets a prefix, then the close, and
+/// comes back subscribed.
+#[tokio::test]
+async fn a_client_that_never_reads_is_cut_within_the_bound() {
+    let app = spawn_app_with(Backend::Sqlite, |c| c.socket_buffer = 128).await;
+    let mut fast = app.connect("alice").await;
+    assert_eq!(fast.subscribe("campaign", "c1").await["success"], true);
+    let (mut slow, stall) = Client::connect_stallable(app.addr, Some(json!({"token": token("bob")}))).await.unwrap();
+    assert_eq!(slow.subscribe("campaign", "c1").await["success"], true);
+
+    stall.send(true).unwrap();
+    let published = publish_until_slow_consumer(&app).await;
+    let cut = std::time::Instant::now();
+    let bound = herald::transport::CUT_GRACE + Duration::from_secs(1);
+    loop {
+        let m = app.metrics().await;
+        if metric(&m, "herald_connections") == 1.0 {
+            assert_eq!(metric(&m, r#"herald_subscriptions{kind="campaign"}"#), 1.0, "{m}");
+            break;
+        }
+        assert!(cut.elapsed() < bound, "the never-reading client still counts {:?} after its cut", cut.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("a client that never reads: gone {:?} after its buffer was found full", cut.elapsed());
+    offsets(&mut fast, published).await;
+
+    stall.send(false).unwrap();
+    until_closed(&mut slow).await;
+    assert!(!slow.got_disconnect_packet(), "a cut to recover is not a Socket.IO DISCONNECT");
+    let mut again = app.connect("bob").await;
+    assert_eq!(again.subscribe("campaign", "c1").await["success"], true);
+    app.publish(&bodies::state_invalidated("c1")).await;
+    assert_eq!(again.expect_event().await.0, "state_invalidated");
 }
 
 /// A replay longer than half the socket's buffer is not attempted (it would

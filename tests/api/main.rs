@@ -5,6 +5,7 @@ mod client;
 mod helpers;
 
 mod auth;
+mod cuts;
 mod fleet;
 mod limits;
 mod operations;

@@ -1,0 +1,238 @@
+//! A socket's own state, and the one place its subscription rooms change.
+//!
+//! Every join and leave of a subscription room goes through the socket's
+//! [`Session`], under one lock, and moves the `herald_subscriptions` gauge
+//! with it, so the gauge is the sum of what every socket is in, whichever
+//! path (a subscribe, a replay, a revocation, a cut, a disconnect) changed it.
+//! A session that was cut (to recover) or is gone takes no new room, and a
+//! subscribe whose membership was checked before a revocation of its campaign
+//! is refused at the join, so that no socket is in a room its user lost.
+//!
+//! The session id is a credential (with it, anyone can take over a polling
+//! session), so it is never logged: a per-process socket number is.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use socketioxide::adapter::Adapter;
+use socketioxide::extract::SocketRef;
+
+use crate::expiry::TimerId;
+use crate::limits::TokenBucket;
+use crate::replay::{Logged, Offset};
+use crate::rooms::{CampaignId, Room};
+use crate::telemetry::Metrics;
+use crate::transport::Transports;
+
+/// How many campaign revocations a session remembers for racing subscribes.
+/// Past that, a subscribe checked before the oldest one is refused anyway.
+const REMEMBERED_REVOCATIONS: usize = 16;
+
+static SOCKET_NUMBERS: AtomicU64 = AtomicU64::new(1);
+
+/// A socket's state, kept in its extensions (one allocation per socket).
+#[derive(Clone)]
+pub struct Session(Arc<SessionState>);
+
+pub struct SessionState {
+    /// This socket's number in this process, for logs.
+    pub number: u64,
+    /// When the socket is cut (its token's `exp` plus the leeway), in seconds since the epoch.
+    pub deadline: AtomicU64,
+    /// Its entry in the gateway's token expiry timer.
+    pub timer: TimerId,
+    pub bucket: Mutex<TokenBucket>,
+    /// Set once the connect handler has run (see the gateway's ready gate).
+    pub ready: AtomicBool,
+    rooms: Mutex<Rooms>,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Default)]
+struct Rooms {
+    /// No room may be joined any more: the socket was cut to recover, or is gone.
+    closed: bool,
+    /// How many campaign revocations were applied to this socket.
+    revocations: u64,
+    /// The latest ones: (number, campaign).
+    revoked: Vec<(u64, CampaignId)>,
+    /// For each room the socket is in, the offset after which it has every
+    /// event of that room (from a replay, or from live delivery since it
+    /// joined). A replay for another room skips what the socket already got
+    /// through one of these, so overlapping rooms never deliver an event twice.
+    coverage: HashMap<String, Offset>,
+}
+
+impl std::ops::Deref for Session {
+    type Target = SessionState;
+    fn deref(&self) -> &SessionState {
+        &self.0
+    }
+}
+
+/// Leave to join a room: the membership check that allowed it, and when.
+#[derive(Debug, Clone)]
+pub struct Ticket {
+    /// The campaign the room belongs to.
+    pub campaign: CampaignId,
+    /// The session's revocation count before the check.
+    revocations: u64,
+}
+
+/// Why a join did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinRefused {
+    /// The socket is cut or gone.
+    Closed,
+    /// Its campaign was revoked for this user after the membership check.
+    Revoked,
+}
+
+impl Session {
+    /// A new session for a socket whose token lets it live until `deadline`.
+    pub fn new(deadline: u64, timer: TimerId, bucket: TokenBucket, metrics: Arc<Metrics>) -> Session {
+        Session(Arc::new(SessionState {
+            number: SOCKET_NUMBERS.fetch_add(1, Ordering::Relaxed),
+            deadline: AtomicU64::new(deadline),
+            timer,
+            bucket: Mutex::new(bucket),
+            ready: AtomicBool::new(false),
+            rooms: Mutex::new(Rooms::default()),
+            metrics,
+        }))
+    }
+
+    /// The session of `socket` (every authenticated socket has one).
+    pub fn of<A: Adapter>(socket: &SocketRef<A>) -> Option<Session> {
+        socket.extensions.get::<Session>()
+    }
+
+    fn rooms(&self) -> MutexGuard<'_, Rooms> {
+        self.0.rooms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn gauge(&self, room: &Room, delta: i64) {
+        self.metrics.subscriptions.get_or_create(&[("kind", room.kind().as_str())]).inc_by(delta);
+    }
+
+    /// Starts a membership check for a room of `campaign`: the ticket is
+    /// refused at the join if the campaign is revoked for this socket meanwhile.
+    pub fn ticket(&self, campaign: CampaignId, before_check: u64) -> Ticket {
+        Ticket { campaign, revocations: before_check }
+    }
+
+    /// The revocation count, read before a membership check.
+    pub fn revocations(&self) -> u64 {
+        self.rooms().revocations
+    }
+
+    /// Joins `room`, recording that the socket has every event of it after
+    /// `covered_from` (`None`: from now on).
+    pub fn join<A: Adapter>(
+        &self,
+        socket: &SocketRef<A>,
+        room: &Room,
+        ticket: &Ticket,
+        covered_from: Option<Offset>,
+    ) -> Result<(), JoinRefused> {
+        let mut rooms = self.rooms();
+        if rooms.closed {
+            return Err(JoinRefused::Closed);
+        }
+        let oldest = rooms.revocations - rooms.revoked.len() as u64;
+        let revoked_since = rooms.revoked.iter().any(|(n, c)| *n > ticket.revocations && *c == ticket.campaign);
+        if revoked_since || ticket.revocations < oldest {
+            return Err(JoinRefused::Revoked);
+        }
+        let name = room.to_string();
+        if !socket.rooms().iter().any(|r| *r == name) {
+            socket.join(name.clone());
+            self.gauge(room, 1);
+        }
+        match covered_from {
+            Some(offset) => rooms.coverage.insert(name, offset),
+            None => rooms.coverage.remove(&name),
+        };
+        Ok(())
+    }
+
+    /// Leaves `room`; whether the socket was in it.
+    pub fn leave<A: Adapter>(&self, socket: &SocketRef<A>, room: &Room) -> bool {
+        let mut rooms = self.rooms();
+        self.leave_locked(&mut rooms, socket, room)
+    }
+
+    fn leave_locked<A: Adapter>(&self, rooms: &mut Rooms, socket: &SocketRef<A>, room: &Room) -> bool {
+        let name = room.to_string();
+        rooms.coverage.remove(&name);
+        if !socket.rooms().iter().any(|r| *r == name) {
+            return false;
+        }
+        socket.leave(name);
+        self.gauge(room, -1);
+        true
+    }
+
+    /// Notes that `campaign` was revoked for this socket: a subscribe to one
+    /// of its rooms whose membership was checked before now will be refused.
+    pub fn note_revocation(&self, campaign: &CampaignId) {
+        let mut rooms = self.rooms();
+        rooms.revocations += 1;
+        let n = rooms.revocations;
+        rooms.revoked.push((n, campaign.clone()));
+        if rooms.revoked.len() > REMEMBERED_REVOCATIONS {
+            rooms.revoked.remove(0);
+        }
+    }
+
+    /// The subscription rooms the socket is in.
+    pub fn subscriptions<A: Adapter>(socket: &SocketRef<A>) -> Vec<Room> {
+        socket.rooms().iter().filter_map(|r| Room::parse(r)).collect()
+    }
+
+    /// Leaves every subscription room and takes no new one; false when that
+    /// was already done.
+    pub fn close<A: Adapter>(&self, socket: &SocketRef<A>) -> bool {
+        let mut rooms = self.rooms();
+        if rooms.closed {
+            return false;
+        }
+        rooms.closed = true;
+        for room in Self::subscriptions(socket) {
+            self.leave_locked(&mut rooms, socket, &room);
+        }
+        rooms.coverage = HashMap::new();
+        true
+    }
+
+    /// Cuts a socket that must come back and recover: it leaves every room at
+    /// once (what it received stays a prefix of the log) and its transport is
+    /// ended, not its Socket.IO session, so the stock client reconnects by
+    /// itself and re-subscribes with `since`. False when it was already cut.
+    pub fn cut<A: Adapter>(&self, socket: &SocketRef<A>, transports: &Transports) -> bool {
+        if !self.close(socket) {
+            return false;
+        }
+        if !transports.cut(socket) {
+            // No transport to end: it is already going.
+            tracing::debug!(socket = self.number, "cut: no transport found");
+        }
+        true
+    }
+
+    /// The events of a replay for `room` that the socket did not already get
+    /// through another room it is in (overlapping rooms never deliver an
+    /// event twice).
+    pub fn missed<'a, A: Adapter>(&self, socket: &SocketRef<A>, events: &'a [Logged], room: &Room) -> Vec<&'a Logged> {
+        let joined = socket.rooms();
+        let rooms = self.rooms();
+        let already_sent = |logged: &Logged| {
+            logged.rooms.iter().filter(|r| *r != room).any(|other| {
+                let name = other.to_string();
+                joined.iter().any(|j| *j == name) && rooms.coverage.get(&name).is_some_and(|from| logged.offset > *from)
+            })
+        };
+        events.iter().filter(|logged| !already_sent(logged)).collect()
+    }
+}

@@ -1,0 +1,198 @@
+//! A socket's transport, below Socket.IO: what herald does with a Socket.IO
+//! request before socketioxide sees it, and how it ends a socket's
+//! connection without ending its Socket.IO session.
+//!
+//! A Socket.IO DISCONNECT packet is final for the stock `socket.io-client`
+//! (`"io server disconnect"`: it never reconnects). When herald cuts a socket
+//! so that it comes back and recovers (a slow consumer, a lost event log, an
+//! expired token), it ends the transport instead, and the client sees
+//! `"transport close"` or `"transport error"` and reconnects by itself:
+//!
+//! - a WebSocket (opened directly, or upgraded from long-polling): its TCP
+//!   connection is cut ([`Connection::cut`]): engineioxide reads an Engine.IO
+//!   `close` packet, closes the session, writes what was queued and a close
+//!   frame, and drops the connection;
+//! - long-polling (also in the middle of an upgrade): the Engine.IO session
+//!   is ended with an Engine.IO `close` packet handed to engineioxide as if
+//!   the client had posted it, so the client's next poll fails.
+//!
+//! socketioxide 0.18 has no public way to do either (its `Socket::close` is
+//! crate-private), so herald does it from the request side, where it owns the
+//! connections ([`crate::listener`]) and the layer in front of socketioxide.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderValue, Request, header};
+use socketioxide::ProtocolVersion;
+use socketioxide::adapter::Adapter;
+use socketioxide::extract::SocketRef;
+use socketioxide::socket::Sid;
+
+use crate::listener::Connection;
+
+/// Where the Socket.IO endpoint is served.
+pub const SOCKET_IO_PATH: &str = "/socket.io";
+
+/// How long a cut connection gets to write what was queued for it and a
+/// close frame before it is reset. A peer that reads nothing is gone by then.
+pub const CUT_GRACE: Duration = Duration::from_secs(2);
+
+/// The request headers the Socket.IO endpoint reads: the WebSocket key of an
+/// upgrade, and the content type of a long-polling POST (herald itself reads
+/// only the query string).
+const SOCKET_IO_HEADERS: [header::HeaderName; 2] = [header::SEC_WEBSOCKET_KEY, header::CONTENT_TYPE];
+
+/// The connection of a socket that opened as a WebSocket (in the extensions
+/// of its handshake request, which the socket keeps).
+#[derive(Clone)]
+struct WebSocketConnection(Connection);
+
+/// Hands a request to the Socket.IO service (the synthetic `close` post).
+type EngineCall = Box<dyn Fn(Request<Body>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// The transports herald can cut: the connections of upgraded sockets, and
+/// the Socket.IO service to end polling sessions with.
+#[derive(Default)]
+pub struct Transports {
+    /// The WebSocket connection of each socket that upgraded from
+    /// long-polling, by session id (its handshake request was a poll).
+    upgrades: Mutex<HashMap<Sid, Connection>>,
+    engine: OnceLock<EngineCall>,
+}
+
+impl Transports {
+    pub fn new() -> Arc<Transports> {
+        Arc::new(Transports::default())
+    }
+
+    /// Sets the Socket.IO service that polling sessions are ended through
+    /// (once, at start-up).
+    pub fn set_engine(
+        &self,
+        call: impl Fn(Request<Body>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync + 'static,
+    ) {
+        let _ = self.engine.set(Box::new(call));
+    }
+
+    /// Prepares a request for socketioxide: a Socket.IO request keeps only
+    /// what it needs, and its connection is remembered where a cut finds it.
+    pub fn prepare(self: &Arc<Self>, mut request: Request<Body>) -> Request<Body> {
+        let connection = request.extensions_mut().remove::<Connection>();
+        if !request.uri().path().starts_with(SOCKET_IO_PATH) {
+            return request;
+        }
+        let request = detach_from_read_buffer(request);
+        let Some(connection) = connection else { return request };
+        let (mut websocket, mut sid) = (false, None);
+        for (key, value) in form_urlencoded::parse(request.uri().query().unwrap_or_default().as_bytes()) {
+            match &*key {
+                "transport" => websocket = value == "websocket",
+                "sid" => sid = value.parse::<Sid>().ok(),
+                _ => {}
+            }
+        }
+        if websocket {
+            connection.upgrading_to_websocket();
+        }
+        match (websocket, sid) {
+            (true, Some(sid)) => self.register_upgrade(sid, connection),
+            (true, None) => {
+                let mut request = request;
+                request.extensions_mut().insert(WebSocketConnection(connection));
+                return request;
+            }
+            (false, _) => {}
+        }
+        request
+    }
+
+    /// Remembers the WebSocket connection a polling session upgrades over,
+    /// until that connection closes. The first one stays: a second upgrade
+    /// of the same session is refused by engineioxide anyway.
+    fn register_upgrade(self: &Arc<Self>, sid: Sid, connection: Connection) {
+        {
+            let mut upgrades = self.upgrades.lock().unwrap_or_else(|e| e.into_inner());
+            if upgrades.contains_key(&sid) {
+                return;
+            }
+            upgrades.insert(sid, connection.clone());
+        }
+        let transports = Arc::downgrade(self);
+        let registered = connection.clone();
+        connection.on_close(move || {
+            let Some(transports) = transports.upgrade() else { return };
+            let mut upgrades = transports.upgrades.lock().unwrap_or_else(|e| e.into_inner());
+            if upgrades.get(&sid).is_some_and(|c| c.same(&registered)) {
+                upgrades.remove(&sid);
+            }
+        });
+    }
+
+    /// Ends the socket's transport, not its Socket.IO session: the client
+    /// sees its connection close and reconnects by itself. Returns false when
+    /// no transport was found (the socket is already gone).
+    pub fn cut<A: Adapter>(&self, socket: &SocketRef<A>) -> bool {
+        if let Some(WebSocketConnection(connection)) = socket.req_parts().extensions.get::<WebSocketConnection>() {
+            connection.cut(CUT_GRACE);
+            return true;
+        }
+        let upgrade = self.upgrades.lock().unwrap_or_else(|e| e.into_inner()).get(&socket.id).cloned();
+        let upgraded = upgrade.is_some();
+        if let Some(connection) = upgrade {
+            // Mid-upgrade too: the upgrade fails and engineioxide ends the session.
+            connection.cut(CUT_GRACE);
+        }
+        // Still polling (or between the two): end the Engine.IO session.
+        match self.engine.get() {
+            Some(call) => {
+                tokio::spawn(call(close_request(socket.id, socket.protocol())));
+                true
+            }
+            None => upgraded,
+        }
+    }
+}
+
+/// The Engine.IO `close` packet, posted on a polling session as its client would.
+fn close_request(sid: Sid, protocol: ProtocolVersion) -> Request<Body> {
+    // Engine.IO 3 frames each packet with its length.
+    let (eio, packet) = match protocol {
+        ProtocolVersion::V4 => ("3", "1:1"),
+        _ => ("4", "1"),
+    };
+    let mut request = Request::new(Body::from(packet));
+    *request.method_mut() = axum::http::Method::POST;
+    if let Ok(uri) = format!("{SOCKET_IO_PATH}/?EIO={eio}&transport=polling&sid={sid}").parse() {
+        *request.uri_mut() = uri;
+    }
+    request.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain;charset=UTF-8"));
+    request
+}
+
+/// Keeps only what a Socket.IO request needs, in fresh allocations.
+///
+/// engineioxide keeps a socket's handshake request parts for as long as the
+/// socket lives. hyper parses the URI and header values as slices of its
+/// per-connection read buffer (16 KiB and more), so each connection kept its
+/// whole read buffer alive; so did the `OriginalUri` that axum's router adds.
+/// And the other headers (a browser sends a dozen, cookies included) were
+/// kept for nothing.
+fn detach_from_read_buffer(mut request: Request<Body>) -> Request<Body> {
+    if let Ok(uri) = axum::http::Uri::try_from(request.uri().to_string()) {
+        *request.uri_mut() = uri;
+    }
+    request.extensions_mut().remove::<axum::extract::OriginalUri>();
+    let headers = std::mem::take(request.headers_mut());
+    for name in SOCKET_IO_HEADERS {
+        // The bytes of a header value are always a valid header value.
+        if let Some(copy) = headers.get(&name).and_then(|value| HeaderValue::from_bytes(value.as_bytes()).ok()) {
+            request.headers_mut().insert(name, copy);
+        }
+    }
+    request
+}
