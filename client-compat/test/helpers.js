@@ -667,6 +667,75 @@ async function startFleet({ count, redisUrl, prefix, log, fixture = FIXTURE, env
   return fleet;
 }
 
+/**
+ * A TCP proxy on a free port in front of `targetPort`. `stall()` stops it
+ * reading what the server sends (on every connection, and on new ones), as a
+ * stuck network or a frozen client would; `resume()` reads again.
+ */
+async function startProxy(targetPort) {
+  const pairs = new Set();
+  let stalled = false;
+  const server = net.createServer((client) => {
+    const upstream = net.connect({ port: targetPort, host: '127.0.0.1' });
+    const pair = { client, upstream };
+    pairs.add(pair);
+    const end = () => {
+      client.destroy();
+      upstream.destroy();
+      pairs.delete(pair);
+    };
+    client.on('error', end).on('close', end);
+    upstream.on('error', end).on('close', end);
+    client.pipe(upstream);
+    if (stalled) upstream.pause();
+    else upstream.pipe(client);
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address();
+  return {
+    port,
+    url: `http://127.0.0.1:${port}`,
+    get connections() {
+      return pairs.size;
+    },
+    stall() {
+      stalled = true;
+      for (const { client, upstream } of pairs) {
+        upstream.unpipe(client);
+        upstream.pause();
+      }
+    },
+    resume() {
+      stalled = false;
+      for (const { client, upstream } of pairs) upstream.pipe(client);
+    },
+    close() {
+      for (const { client, upstream } of pairs) {
+        client.destroy();
+        upstream.destroy();
+      }
+      pairs.clear();
+      return new Promise((resolve) => server.close(() => resolve()));
+    },
+  };
+}
+
+/** Polls `predicate` every 20 ms until it holds; fails with `describe()` after `timeoutMs`. */
+async function waitUntil(predicate, timeoutMs, describe) {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await predicate())) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${describe()}`);
+    await sleep(20);
+  }
+}
+
+/** A series of herald's `/metrics` (`name{labels}`), or 0. */
+async function metric(url, series) {
+  const text = await (await fetch(`${url}/metrics`)).text();
+  const line = text.split('\n').find((l) => l.startsWith(`${series} `));
+  return line ? Number(line.slice(series.length + 1)) : 0;
+}
+
 module.exports = {
   HERALD_BIN,
   FIXTURE,
@@ -694,4 +763,7 @@ module.exports = {
   startRedis,
   startFleet,
   trackChild,
+  startProxy,
+  waitUntil,
+  metric,
 };

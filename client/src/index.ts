@@ -250,8 +250,6 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
   let status: ConnectionStatus = socketOptions.autoConnect === false ? "offline" : "connecting";
   let everConnected = false;
   let closed = false;
-  let serverDisconnectTimer: ReturnType<typeof setTimeout> | undefined;
-  let serverDisconnects = 0;
   /** Bumped on every connect and disconnect: acks of an older connection are ignored. */
   let connection = 0;
 
@@ -310,7 +308,6 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
 
   socket.on("connect", () => {
     everConnected = true;
-    serverDisconnects = 0;
     setStatus("connected");
     const conn = ++connection;
     if (refreshEnabled && handshakeToken !== undefined) scheduleRefresh(conn, handshakeToken, 0);
@@ -419,19 +416,13 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
     } else if (socket.active) {
       setStatus("reconnecting");
     } else {
-      // "io server disconnect" (the server disconnected this socket; herald's
-      // shutdown closes the transport instead, which socket.io-client retries
-      // by itself). socket.io-client does not retry this; we do, with a
-      // growing delay.
-      setStatus("reconnecting");
-      const base = socketOptions.reconnectionDelay ?? 1000;
-      const max = socketOptions.reconnectionDelayMax ?? 5000;
-      const delay = Math.min(max, base * 2 ** Math.min(serverDisconnects, 10));
-      serverDisconnects += 1;
-      clearTimeout(serverDisconnectTimer);
-      serverDisconnectTimer = setTimeout(() => {
-        if (!closed && !socket.connected) socket.connect();
-      }, delay);
+      // "io server disconnect": herald ended this Socket.IO session on purpose
+      // (the user's access was revoked, or the socket ignored the rate
+      // limit), so coming back would be wrong. Every cut herald makes for a
+      // client to recover closes the transport instead, and socket.io-client
+      // reconnects by itself. `client.connect()` tries again.
+      setStatus("offline");
+      reportError(new Error(`herald disconnected this socket (${reason})`));
     }
   });
 
@@ -677,7 +668,6 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
     },
     close() {
       closed = true;
-      clearTimeout(serverDisconnectTimer);
       clearTimeout(refreshTimer);
       refreshTimer = undefined;
       for (const room of rooms.values()) {

@@ -37,8 +37,8 @@ describe('publisher', () => {
     await setup.stopAll();
   });
 
-  async function subscribedClient(herald) {
-    const c = createHeraldClient({ url: herald.url, token: setup.token('alice'), reconnection: false });
+  async function subscribedClient(herald, options = { reconnection: false }) {
+    const c = createHeraldClient({ url: herald.url, token: setup.token('alice'), ...options });
     cleanup.push(() => c.close());
     const camp = recorder();
     await c.subscribeCampaign('c1', camp.handlers).ready;
@@ -149,7 +149,7 @@ describe('publisher', () => {
     const redis = await startRedis();
     cleanup.push(() => redis.stop());
     const herald = await setup.start({ env: { HERALD_REDIS_URL: redis.url, HERALD_REDIS_TIMEOUT: '500ms' } });
-    const camp = await subscribedClient(herald);
+    const camp = await subscribedClient(herald, { reconnectionDelay: 100, reconnectionDelayMax: 200 });
     const f = countingFetch();
     const pub = createHeraldPublisher({
       url: herald.url,
@@ -172,15 +172,16 @@ describe('publisher', () => {
     const statuses = f.calls.slice(1).map((c) => c.status);
     assert.equal(statuses.at(-1), 202);
     assert.ok(statuses.slice(0, -1).every((s) => s === 503), `only 503s before the 202: ${statuses}`);
-    // Redis came back empty, so the subscriber was disconnected to recover
-    // (herald cannot know what the lost log held): a new subscriber gets
+    // Redis came back empty, so herald cut the subscriber's connection
+    // (it cannot know what the lost log held): the client came back by
+    // itself, was told its offset is from the lost log (a resync), and gets
     // what is published from now on, once.
-    await waitUntil(() => camp.client.status !== 'connected', 'the subscriber to be disconnected to recover', 10_000);
-    const after = await subscribedClient(herald);
+    await waitUntil(() => camp.resyncs.length === 1, 'the subscriber to come back and resync', 10_000);
+    assert.deepEqual(camp.resyncs, [{ kind: 'campaign', id: 'c1', reason: 'not-recovered' }]);
     const next = cid('after-restart');
     assert.deepEqual(await pub.settlementUpdated({ campaignId: 'c1', settlementId: 's1', operation: 'update' }, { correlationId: next }), { accepted: 1 });
-    await after.waitFor(next, 'the event published after the restart', 10_000);
-    assert.equal(after.count(next), 1, 'delivered once');
+    await camp.waitFor(next, 'the event published after the restart', 10_000);
+    assert.equal(camp.count(next), 1, 'delivered once');
     await herald.stop();
   });
 

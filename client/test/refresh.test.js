@@ -117,8 +117,8 @@ describe('token refresh', () => {
     mode = 'bad';
     c.socket.on('disconnect', () => (mode = 'good'));
 
-    await waitUntil(() => w.disconnects.length === 1, 'herald disconnects the socket at exp', (TTL_S + 2) * 1000);
-    assert.deepEqual(w.disconnects, ['io server disconnect']);
+    await waitUntil(() => w.disconnects.length === 1, 'herald cuts the connection at exp', (TTL_S + 2) * 1000);
+    assert.deepEqual(w.disconnects, ['transport close']);
     assert.ok(errors.length >= 2, `refused refreshes reported (and retried): ${errors.length}`);
     for (const e of errors) {
       assert.ok(e instanceof HeraldRefreshError, String(e));
@@ -147,9 +147,9 @@ describe('token refresh', () => {
     await c.subscribeCampaign('c1').ready;
     const exp = jwtExpiryMs(t);
 
-    await waitUntil(() => w.disconnects.length === 1, 'herald disconnects the socket at exp', 4000);
+    await waitUntil(() => w.disconnects.length === 1, 'herald cuts the connection at exp', 4000);
     assert.ok(Date.now() >= exp - 50, `disconnected ${exp - Date.now()} ms before exp`);
-    assert.deepEqual(w.disconnects, ['io server disconnect']);
+    assert.deepEqual(w.disconnects, ['transport close']);
     assert.ok(!sent.includes('refresh_token'));
     // The client tries again with the same, now expired, token: refused, offline.
     await waitUntil(() => c.status === 'offline', 'offline after the refused reconnect');
