@@ -170,7 +170,7 @@ describe('herald-client/tanstack', () => {
     assert.deepEqual(refetched(beforeOthers, cache.fetches()), once('n1'));
   });
 
-  test('overrides: eventQueries and resyncQueries get the defaults and replace them; setQueryData as a function', async () => {
+  test('overrides: eventQueries gets the defaults and replaces them; setQueryData as a function', async () => {
     const seen = [];
     const cache = await bound({
       eventQueries(event, defaults) {
