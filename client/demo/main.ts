@@ -1,12 +1,17 @@
 // The demo page herald serves at `/` in development mode (no secrets
 // configured): herald-client in a browser, against the development-only routes
 // `/dev/bootstrap` (a fresh token for demo-user, and the demo ids) and
-// `/dev/publish-demo` (publishes one demo event). Plain DOM.
+// `/dev/publish-demo` (publishes one demo event). Plain DOM, and a TanStack
+// Query cache (query-core, no framework) that herald-client/tanstack keeps
+// fresh.
 //
 // Built by `npm run build:demo` (client/demo/build.mjs) into assets/demo/,
 // which herald embeds.
 
+import { QueryClient, QueryObserver, type QueryKey } from "@tanstack/query-core";
+
 import { createHeraldClient, type AnyHeraldEvent, type ConnectionStatus, type ResyncInfo } from "../src/index.js";
+import { createQueryInvalidator, heraldQueryKeys } from "../src/tanstack.js";
 
 interface Bootstrap {
   token: string;
@@ -134,9 +139,71 @@ function showResync(info: ResyncInfo): void {
     eventsEl.before(marker);
   }
   const why = info.reason === "not-recovered" ? "herald could not replay what was missed" : "no event seen before the drop";
-  marker.textContent = `${time()}: resync of ${info.kind} ${info.id} (${why}); an app would refetch its state now.`;
+  marker.textContent = `${time()}: resync of ${info.kind} ${info.id} (${why}); the query cache refetches the campaign's queries.`;
   marker.dataset.reason = info.reason;
   log(`onResync: ${info.kind} ${info.id}, ${info.reason}`);
+}
+
+/**
+ * A query whose function is local (standing in for an API call) and counts
+ * its calls; `show` renders each result into `el`.
+ */
+function observeQuery<T>(
+  queryClient: QueryClient,
+  queryKey: QueryKey,
+  fetchData: (fetches: number) => T,
+  show: (data: T, el: HTMLElement) => void,
+  el: HTMLElement,
+): void {
+  let fetches = 0;
+  const observer = new QueryObserver(queryClient, {
+    queryKey,
+    queryFn: () => {
+      fetches += 1;
+      return fetchData(fetches);
+    },
+  });
+  observer.subscribe((result) => {
+    if (result.data !== undefined) show(result.data, el);
+  });
+}
+
+interface CampaignData {
+  name: string;
+  fetches: number;
+  fetchedAt: string;
+}
+
+interface SummaryData {
+  fetches: number;
+  fetchedAt: string;
+  eventsReceived: number;
+}
+
+function showQueries(queryClient: QueryClient, campaignId: string): void {
+  const campaignKey = heraldQueryKeys.campaign(campaignId);
+  observeQuery<CampaignData>(
+    queryClient,
+    campaignKey,
+    (fetches) => ({ name: "(local stand-in)", fetches, fetchedAt: time() }),
+    (data, node) => {
+      node.dataset.fetches = String(data.fetches);
+      node.dataset.name = data.name;
+      node.textContent = `${JSON.stringify(campaignKey)} · name "${data.name}" · fetched ${data.fetches}× (last ${data.fetchedAt})`;
+    },
+    $("q-campaign"),
+  );
+  const summaryKey = [...campaignKey, "summary"];
+  observeQuery<SummaryData>(
+    queryClient,
+    summaryKey,
+    (fetches) => ({ fetches, fetchedAt: time(), eventsReceived: received }),
+    (data, node) => {
+      node.dataset.fetches = String(data.fetches);
+      node.textContent = `${JSON.stringify(summaryKey)} · fetched ${data.fetches}× (last ${data.fetchedAt}, after ${data.eventsReceived} events)`;
+    },
+    $("q-summary"),
+  );
 }
 
 async function publish(): Promise<void> {
@@ -207,9 +274,20 @@ async function main(): Promise<void> {
   });
   herald.onError((err) => log(err.message, true));
 
+  // Cached until an event or a resync says otherwise.
+  const queryClient = new QueryClient({ defaultOptions: { queries: { staleTime: Infinity, retry: false } } });
+  showQueries(queryClient, ids.campaignId);
+  const invalidator = createQueryInvalidator(queryClient, { setQueryData: true });
+
   const sub = herald.subscribeCampaign(ids.campaignId, {
-    onEvent: showEvent,
-    onResync: showResync,
+    onEvent: (event) => {
+      showEvent(event);
+      void invalidator.onEvent(event);
+    },
+    onResync: (info) => {
+      showResync(info);
+      void invalidator.onResync(info);
+    },
     onError: (err) => log(err.message, true),
   });
   sub.ready.then(

@@ -1,9 +1,10 @@
 // The demo page in a real browser (Debian's chromium, driven by
 // playwright-core) against the real herald binary in zero-config development
 // mode: the page connects, shows published events (through the API and its
-// own button), survives a server-side disconnect (revocation of the user's
-// sockets) with the missed events replayed once and in order, and leaves a
-// screenshot in artifacts/browser/demo.png.
+// own button), keeps its query cache fresh (herald-client/tanstack), survives
+// a server-side disconnect (revocation of the user's sockets) with the missed
+// events replayed once and in order, and leaves a screenshot in
+// artifacts/browser/demo.png.
 
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -151,6 +152,14 @@ describe('demo page in chromium', { skip: !haveChromium && 'no chromium' }, () =
       ['entity_updated', 'entity_updated'],
     );
     assert.match(shown[1].text, /Demo campaign/);
+    // The query cache (herald-client/tanstack): the demo campaign's
+    // entity_updated carries entityData, written into the campaign query
+    // without a fetch; the summary under the campaign's key refetches. The
+    // test's own events update entities of other ids (browser-api-1, …):
+    // they refetch nothing.
+    await page.waitForFunction(() => document.querySelector('#q-summary')?.dataset.fetches === '2', null, { timeout: 10_000 });
+    assert.equal(await page.getAttribute('#q-campaign', 'data-fetches'), '1');
+    assert.match(await page.getAttribute('#q-campaign', 'data-name'), /^Demo campaign #\d+$/);
 
     // 3. A server-side disconnect: every socket of demo-user is cut. The two
     // events published right after the 202 are missed while away; the
@@ -182,6 +191,9 @@ describe('demo page in chromium', { skip: !haveChromium && 'no chromium' }, () =
     assert.equal(await page.$('#resync'), null, 'recovered: no resync');
     assert.equal(await page.textContent('#status'), 'connected');
     assert.equal(await page.textContent('#count'), '5');
+    // Neither the other ids' events nor a recovered reconnect refetched anything.
+    assert.equal(await page.getAttribute('#q-summary', 'data-fetches'), '2');
+    assert.equal(await page.getAttribute('#q-campaign', 'data-fetches'), '1');
 
     fs.mkdirSync(path.dirname(SCREENSHOT), { recursive: true });
     await page.screenshot({ path: SCREENSHOT, fullPage: true });

@@ -1,0 +1,236 @@
+// herald-client/apollo with the real @apollo/client (InMemoryCache, a link
+// that answers locally and counts the operations it is sent) against the
+// real herald: each event evicts exactly the objects of the default mapping
+// and the queries that read them refetch once (an event that reaches two
+// subscriptions too), nothing else; overrides; a restart of herald
+// (recovered: false) refetches the campaign's queries.
+
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+
+import { ApolloClient, ApolloLink, InMemoryCache, gql } from '@apollo/client';
+import { Observable } from 'rxjs';
+
+import { createHeraldClient } from '../dist/index.js';
+import { createApolloInvalidator, heraldTypename } from '../dist/apollo.js';
+import { cid, ev, heraldSetup, publishRaw, recorder, sleep, waitUntil } from './helpers.js';
+
+const FAST_RECONNECT = { reconnectionDelay: 50, reconnectionDelayMax: 200, randomizationFactor: 0 };
+
+/** One query per object of the fixture (c1: s1 with st1, s3; c2), each watched, so active. */
+const QUERIES = {
+  c1: ['campaign', 'Campaign', 'c1'],
+  c2: ['campaign', 'Campaign', 'c2'],
+  s1: ['settlement', 'Settlement', 's1'],
+  s3: ['settlement', 'Settlement', 's3'],
+  st1: ['structure', 'Structure', 'st1'],
+  n1: ['npc', 'Npc', 'n1'],
+  me: ['user', 'User', 'alice'],
+};
+
+/** An ApolloClient with every QUERIES query watched; `fetches()` counts the operations the link answered, by name. */
+function apolloCache() {
+  const counts = new Map(Object.keys(QUERIES).map((name) => [name, 0]));
+  let inFlight = 0;
+  const link = new ApolloLink(
+    (operation) =>
+      new Observable((observer) => {
+        const { name } = operation.variables;
+        const [field, __typename, id] = QUERIES[name];
+        counts.set(name, counts.get(name) + 1);
+        inFlight += 1;
+        const timer = setTimeout(() => {
+          inFlight -= 1;
+          observer.next({ data: { [field]: { __typename, id, name: `${name} #${counts.get(name)}` } } });
+          observer.complete();
+        }, 1);
+        return () => clearTimeout(timer);
+      }),
+  );
+  // No deduplication of identical operations in flight: it would hide a query refetched twice.
+  const client = new ApolloClient({ cache: new InMemoryCache(), link, queryDeduplication: false });
+  const subscriptions = Object.entries(QUERIES).map(([name, [field]]) =>
+    client
+      .watchQuery({
+        // `name` only tells the link which fixture object to answer with.
+        query: gql`query ${field}($id: ID!, $name: String!) { ${field}(id: $id) { id name } }`,
+        variables: { id: QUERIES[name][2], name },
+      })
+      .subscribe({ error: (err) => assert.fail(err) }),
+  );
+  return {
+    client,
+    fetches: () => Object.fromEntries(counts),
+    /** Resolves once the link has nothing in flight, and still nothing 50 ms later. */
+    async settled() {
+      await waitUntil(() => inFlight === 0, 'no operation in flight');
+      await sleep(50);
+      assert.equal(inFlight, 0, 'a late refetch');
+    },
+    close() {
+      subscriptions.forEach((s) => s.unsubscribe());
+      client.stop();
+    },
+  };
+}
+
+/** The refetches between two `fetches()`: `{ name: count }` for every count that changed. */
+function refetched(before, after) {
+  return Object.fromEntries(Object.keys(after).filter((k) => after[k] !== before[k]).map((k) => [k, after[k] - before[k]]));
+}
+const once = (...names) => Object.fromEntries(names.map((n) => [n, 1]));
+
+describe('herald-client/apollo', () => {
+  let setup;
+  let herald;
+  const cleanup = [];
+  before(async () => {
+    setup = await heraldSetup();
+    herald = await setup.start();
+  });
+  after(async () => {
+    for (const f of cleanup.reverse()) await f();
+    await setup.stopAll();
+  });
+
+  /**
+   * A herald client with the invalidator on campaign c1 and settlement s1,
+   * and a recorder on c1. `publish(events)` publishes, then a fence event
+   * (an entity no query shows), and resolves once the fence has arrived
+   * and the refetches have settled.
+   */
+  async function bound(invalidatorOptions) {
+    const cache = apolloCache();
+    cleanup.push(() => cache.close());
+    await waitUntil(() => Object.values(cache.fetches()).every((n) => n === 1), 'the first fetches');
+    await cache.settled();
+    const c = createHeraldClient({ url: herald.url, token: setup.token('alice'), reconnection: false });
+    cleanup.push(() => c.close());
+    const invalidator = createApolloInvalidator(cache.client, invalidatorOptions);
+    const rec = recorder();
+    const subs = [c.subscribeCampaign('c1', invalidator), c.subscribeSettlement('s1', invalidator), c.subscribeCampaign('c1', rec.handlers)];
+    await Promise.all(subs.map((s) => s.ready));
+    async function publish(events) {
+      const fence = cid('fence');
+      await publishRaw(herald, setup.publishToken, events);
+      await publishRaw(herald, setup.publishToken, ev.entity('c1', 'fence', fence, fence));
+      await rec.waitFor(fence);
+      await cache.settled();
+    }
+    return { ...cache, publish, rec };
+  }
+
+  test('typenames: the kind, capitalised', () => {
+    assert.equal(heraldTypename('campaign'), 'Campaign');
+    assert.equal(heraldTypename('settlement'), 'Settlement');
+    assert.equal(heraldTypename('npc'), 'Npc');
+  });
+
+  test('each event refetches exactly the queries of its evicted objects, once, though it reaches two subscriptions', async () => {
+    const cache = await bound();
+    const time = (id) => ({
+      type: 'world_time_changed',
+      payload: { campaignId: 'c1', previousTime: null, newTime: '2026-01-01T00:00:00Z' },
+      metadata: { correlationId: id },
+    });
+    const entityScope = (id) => ({
+      type: 'state_invalidated',
+      payload: { campaignId: 'c1', scope: 'entity', entityIds: ['s3', 'n1', 'unknown'] },
+      metadata: { correlationId: id },
+    });
+    const cases = [
+      // settlement s1's events come to both subscriptions (campaign c1 and settlement s1).
+      ['settlement_updated', (id) => ev.settlement('c1', 's1', id), once('c1', 's1')],
+      ['structure_updated', (id) => ev.structure('c1', 's1', 'st1', id), once('c1', 's1', 'st1')],
+      ['settlement_updated of another settlement', (id) => ev.settlement('c1', 's3', id), once('c1', 's3')],
+      ['entity_updated npc', (id) => ev.entity('c1', 'npc', 'n1', id), once('n1')],
+      ['entity_updated settlement', (id) => ev.entity('c1', 'settlement', 's1', id), once('s1')],
+      ['entity_updated campaign', (id) => ev.entity('c1', 'campaign', 'c1', id), once('c1')],
+      ['world_time_changed', time, once('c1')],
+      ['state_invalidated scope entity', entityScope, once('s3', 'n1')],
+      // Npc objects only with `entityTypes: ["npc"]` (next test).
+      ['state_invalidated scope campaign', (id) => ev.invalidated('c1', id), once('c1', 's1', 's3', 'st1')],
+    ];
+    for (const [name, event, expected] of cases) {
+      const before = cache.fetches();
+      await cache.publish(event(cid(name.replace(/\W+/g, '-'))));
+      assert.deepEqual(refetched(before, cache.fetches()), expected, name);
+    }
+    assert.deepEqual(cache.rec.resyncs, []);
+  });
+
+  test('overrides: entityTypes, typename, eventTargets with the defaults', async () => {
+    const seen = [];
+    const cache = await bound({
+      entityTypes: ['npc'],
+      typename: (kind) => (kind === 'person' ? 'Npc' : heraldTypename(kind)),
+      eventTargets(event, defaults) {
+        seen.push([event.type, defaults]);
+        // world time: the user too (say, its local calendar); everything else as by default.
+        return event.type === 'world_time_changed' ? [...defaults, { __typename: 'User', id: 'alice' }] : defaults;
+      },
+    });
+    const cases = [
+      ['state_invalidated scope campaign', (id) => ev.invalidated('c1', id), once('c1', 's1', 's3', 'st1', 'n1')],
+      ['entity_updated person (typename Npc)', (id) => ev.entity('c1', 'person', 'n1', id), once('n1')],
+      [
+        'world_time_changed',
+        (id) => ({
+          type: 'world_time_changed',
+          payload: { campaignId: 'c1', previousTime: null, newTime: '2026-01-01T00:00:00Z' },
+          metadata: { correlationId: id },
+        }),
+        once('c1', 'me'),
+      ],
+    ];
+    for (const [name, event, expected] of cases) {
+      const before = cache.fetches();
+      await cache.publish(event(cid(name.replace(/\W+/g, '-'))));
+      assert.deepEqual(refetched(before, cache.fetches()), expected, name);
+    }
+    assert.deepEqual(seen.find(([t]) => t === 'world_time_changed')[1], [{ __typename: 'Campaign', id: 'c1' }]);
+  });
+
+  test('herald restarted (recovered: false): the campaign room resyncs and its queries refetch once', async () => {
+    let restarting = await setup.start();
+    const port = restarting.port;
+    cleanup.push(() => restarting.stop());
+    const cache = apolloCache();
+    cleanup.push(() => cache.close());
+    await waitUntil(() => Object.values(cache.fetches()).every((n) => n === 1), 'the first fetches');
+    await cache.settled();
+    const c = createHeraldClient({ url: restarting.url, token: () => setup.token('alice'), ...FAST_RECONNECT });
+    cleanup.push(() => c.close());
+    const resyncs = [];
+    const invalidator = createApolloInvalidator(cache.client, {
+      resyncTargets: (info, defaults) => {
+        resyncs.push(info);
+        return defaults;
+      },
+    });
+    const rec = recorder();
+    const sub = c.subscribeCampaign('c1', invalidator);
+    await Promise.all([sub.ready, c.subscribeCampaign('c1', rec.handlers).ready]);
+
+    // An event first, so that the re-subscribe has a `since` (an offset of the old process).
+    const first = cid('first');
+    await publishRaw(restarting, setup.publishToken, ev.entity('c1', 'fence', first, first));
+    await rec.waitFor(first);
+    assert.ok(sub.lastOffset);
+    await cache.settled();
+
+    const before = cache.fetches();
+    await restarting.stop();
+    await waitUntil(() => c.status === 'reconnecting', 'status reconnecting');
+    restarting = await setup.start({ port });
+    await waitUntil(() => rec.resyncs.length === 1, 'onResync');
+    assert.deepEqual(rec.resyncs, [{ kind: 'campaign', id: 'c1', reason: 'not-recovered' }]);
+    assert.deepEqual(resyncs, rec.resyncs);
+    const fence = cid('fence');
+    await publishRaw(restarting, setup.publishToken, ev.entity('c1', 'fence', fence, fence));
+    await rec.waitFor(fence);
+    await cache.settled();
+    assert.deepEqual(refetched(before, cache.fetches()), once('c1', 's1', 's3', 'st1'));
+    assert.equal(rec.resyncs.length, 1);
+  });
+});
