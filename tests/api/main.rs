@@ -6,6 +6,7 @@ mod helpers;
 
 mod auth;
 mod fleet;
+mod jwks;
 mod limits;
 mod operations;
 mod process;
