@@ -28,8 +28,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
  && install -D -m 0755 target/release/herald /out/herald
 
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime
-# No extra packages: the binary links only glibc (SQLite is bundled, TLS is not
-# used), and the health check below needs nothing but bash.
+# No extra packages: the binary links only glibc (SQLite is bundled; TLS, used
+# only to fetch a JWKS, is rustls with built-in roots, so no ca-certificates),
+# and the health check below needs nothing but bash.
 RUN groupadd --system --gid 10001 herald \
  && useradd --system --uid 10001 --gid herald --home-dir /data --no-create-home --shell /usr/sbin/nologin herald \
  && mkdir -p /data \

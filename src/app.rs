@@ -216,7 +216,10 @@ impl Application {
         let mut demo_minter = None;
         if config.mode == Mode::Development {
             let mut creds = DevCredentials { client_token: None, publish_token: None, demo_seeded: false };
-            if config.jwt_algorithm == JwtAlgorithm::Hs256 && config.jwt_secret.is_none() {
+            if config.jwt_algorithm == JwtAlgorithm::Hs256
+                && config.jwt_secret.is_none()
+                && config.jwt_jwks_url.is_none()
+            {
                 let secret = random_secret();
                 let minter = Minter::hs256(&secret, &config);
                 creds.client_token = Some(minter.mint(DEMO_USER, Duration::from_secs(24 * 3600))?);
@@ -266,6 +269,7 @@ impl Application {
             strikes: config.rate_limit_strikes.max(1),
             token_leeway: config.jwt_leeway,
         };
+        let jwks_probe = verifier.probe();
         let transports = Transports::new();
         let gateway = Gateway::new(verifier, access, metrics.clone(), transports.clone(), limits);
         let store_probe: Probe = {
@@ -275,11 +279,13 @@ impl Application {
                 Box::pin(async move { store.ping().await.map_err(|e| crate::telemetry::error_chain(&e)) })
             })
         };
+        let mut probes = vec![("store", store_probe)];
+        probes.extend(jwks_probe.map(|probe| ("jwks", probe)));
         let parts = Parts {
             config: &config,
             metrics,
             publish_token,
-            probes: vec![("store", store_probe)],
+            probes,
             demo: demo_minter,
             transports: transports.clone(),
         };

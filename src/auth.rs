@@ -1,7 +1,9 @@
 //! Client authentication: JWT verification and token minting.
 //!
-//! Nothing here logs or returns anything about a token: errors say only that
-//! a token was refused.
+//! A token is verified with the configured HS256 secret or PEM public key, or
+//! with the key its `kid` names in a JWKS ([`crate::jwks`]). Nothing here
+//! logs or returns anything about a token: errors say only that a token was
+//! refused.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,6 +13,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, JwtAlgorithm};
+use crate::health::Probe;
+use crate::jwks::{Jwks, JwksError, JwksSettings};
 
 /// The authenticated user of a socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +38,14 @@ pub struct Claims {
     pub aud: Option<String>,
 }
 
+/// What herald reads from a token it verified (`iss`, `aud` and `nbf` are
+/// checked by the validation; `aud` may be a string or an array).
+#[derive(Deserialize)]
+struct Verified {
+    sub: String,
+    exp: u64,
+}
+
 /// A token was refused. Deliberately says nothing more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("Unauthorized")]
@@ -54,6 +66,8 @@ pub enum KeyError {
     BadPem { path: std::path::PathBuf, alg: &'static str },
     #[error("cannot sign a token: {0}")]
     Sign(String),
+    #[error("JWKS")]
+    Jwks(#[from] JwksError),
 }
 
 fn algorithm(alg: JwtAlgorithm) -> Algorithm {
@@ -72,38 +86,65 @@ fn alg_name(alg: JwtAlgorithm) -> &'static str {
     }
 }
 
-/// Verifies client tokens with the one configured algorithm.
+/// The configured HS256 secret or PEM public key.
+fn fixed_key(config: &Config) -> Result<DecodingKey, KeyError> {
+    Ok(match config.jwt_algorithm {
+        JwtAlgorithm::Hs256 => {
+            let secret = config.jwt_secret.as_ref().ok_or(KeyError::NoSecret)?;
+            DecodingKey::from_secret(secret.expose_secret().as_bytes())
+        }
+        alg @ (JwtAlgorithm::Rs256 | JwtAlgorithm::Es256) => {
+            let path = config.jwt_public_key_file.clone().ok_or(KeyError::NoSecret)?;
+            let pem = std::fs::read(&path).map_err(|source| KeyError::Read { path: path.clone(), source })?;
+            let key = if alg == JwtAlgorithm::Rs256 {
+                DecodingKey::from_rsa_pem(&pem)
+            } else {
+                DecodingKey::from_ec_pem(&pem)
+            };
+            key.map_err(|_| KeyError::BadPem { path, alg: alg_name(alg) })?
+        }
+    })
+}
+
+/// Where the verification key comes from.
+#[derive(Clone)]
+enum Keys {
+    /// The configured secret or public key, for the configured algorithm.
+    Fixed(Arc<DecodingKey>),
+    /// The key the token's `kid` names, for the algorithm that key allows.
+    Jwks(Jwks),
+}
+
+/// Verifies client tokens.
 #[derive(Clone)]
 pub struct Verifier {
-    key: Arc<DecodingKey>,
+    keys: Keys,
     validation: Arc<Validation>,
 }
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier").field("algorithms", &self.validation.algorithms).finish()
+        match self.keys {
+            Keys::Fixed(_) => f.debug_struct("Verifier").field("algorithms", &self.validation.algorithms).finish(),
+            Keys::Jwks(_) => f.debug_struct("Verifier").field("keys", &"JWKS").finish(),
+        }
     }
 }
 
 impl Verifier {
-    /// Builds the verifier from the configuration (the secret must be resolved).
+    /// Builds the verifier from the configuration (the secret must be
+    /// resolved). With a JWKS URL it starts fetching the keys, so it runs
+    /// inside a Tokio runtime.
     pub fn from_config(config: &Config) -> Result<Self, KeyError> {
-        let key = match config.jwt_algorithm {
-            JwtAlgorithm::Hs256 => {
-                let secret = config.jwt_secret.as_ref().ok_or(KeyError::NoSecret)?;
-                DecodingKey::from_secret(secret.expose_secret().as_bytes())
-            }
-            alg @ (JwtAlgorithm::Rs256 | JwtAlgorithm::Es256) => {
-                let path = config.jwt_public_key_file.clone().ok_or(KeyError::NoSecret)?;
-                let pem = std::fs::read(&path).map_err(|source| KeyError::Read { path: path.clone(), source })?;
-                let key = if alg == JwtAlgorithm::Rs256 {
-                    DecodingKey::from_rsa_pem(&pem)
-                } else {
-                    DecodingKey::from_ec_pem(&pem)
-                };
-                key.map_err(|_| KeyError::BadPem { path, alg: alg_name(alg) })?
-            }
+        let keys = match &config.jwt_jwks_url {
+            Some(url) => Keys::Jwks(Jwks::start(&JwksSettings {
+                url: url.clone(),
+                min_refresh: config.jwt_jwks_min_refresh,
+                max_refresh: config.jwt_jwks_max_refresh,
+            })?),
+            None => Keys::Fixed(Arc::new(fixed_key(config)?)),
         };
+        // With a JWKS the algorithm is the key's, set for each token.
         let mut validation = Validation::new(algorithm(config.jwt_algorithm));
         validation.leeway = config.jwt_leeway.as_secs();
         let mut required = vec!["exp", "sub"];
@@ -123,13 +164,41 @@ impl Verifier {
             Some(aud) => validation.set_audience(&[aud]),
             None => validation.validate_aud = false,
         }
-        Ok(Verifier { key: Arc::new(key), validation: Arc::new(validation) })
+        Ok(Verifier { keys, validation: Arc::new(validation) })
     }
 
-    /// Verifies a token (a leading `Bearer ` is stripped) and returns its user.
-    pub fn verify(&self, token: &str) -> Result<User, Unauthorized> {
+    /// The readiness probe of the keys: a JWKS fails it until its first fetch.
+    pub fn probe(&self) -> Option<Probe> {
+        match &self.keys {
+            Keys::Fixed(_) => None,
+            Keys::Jwks(jwks) => Some(jwks.probe()),
+        }
+    }
+
+    /// Verifies a token (a leading `Bearer ` is stripped) and returns its
+    /// user. With a JWKS, a token whose `kid` is unknown may wait for a
+    /// refetch (see [`crate::jwks`]).
+    pub async fn verify(&self, token: &str) -> Result<User, Unauthorized> {
         let token = token.strip_prefix("Bearer ").unwrap_or(token);
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|_| Unauthorized)?;
+        let data = match &self.keys {
+            Keys::Fixed(key) => jsonwebtoken::decode::<Verified>(token, key, &self.validation),
+            Keys::Jwks(jwks) => {
+                let header = jsonwebtoken::decode_header(token).map_err(|_| Unauthorized)?;
+                // Only asymmetric algorithms can name a JWKS key: others need no lookup.
+                if matches!(header.alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
+                    return Err(Unauthorized);
+                }
+                let kid = header.kid.ok_or(Unauthorized)?;
+                let key = jwks.key(&kid).await.ok_or(Unauthorized)?;
+                if header.alg != key.algorithm {
+                    return Err(Unauthorized);
+                }
+                let mut validation = Validation::clone(&self.validation);
+                validation.algorithms = vec![key.algorithm];
+                jsonwebtoken::decode::<Verified>(token, &key.key, &validation)
+            }
+        }
+        .map_err(|_| Unauthorized)?;
         if data.claims.sub.is_empty() {
             return Err(Unauthorized);
         }
@@ -210,14 +279,14 @@ mod tests {
         c
     }
 
-    #[test]
-    fn a_minted_token_verifies_and_bearer_is_stripped() {
+    #[tokio::test]
+    async fn a_minted_token_verifies_and_bearer_is_stripped() {
         let c = config("s");
         let token = Minter::hs256(c.jwt_secret.as_ref().unwrap(), &c).mint("u1", Duration::from_secs(60)).unwrap();
         let v = Verifier::from_config(&c).unwrap();
-        assert_eq!(&*v.verify(&token).unwrap().id, "u1");
-        assert_eq!(&*v.verify(&format!("Bearer {token}")).unwrap().id, "u1");
-        assert_eq!(Verifier::from_config(&config("other")).unwrap().verify(&token), Err(Unauthorized));
+        assert_eq!(&*v.verify(&token).await.unwrap().id, "u1");
+        assert_eq!(&*v.verify(&format!("Bearer {token}")).await.unwrap().id, "u1");
+        assert_eq!(Verifier::from_config(&config("other")).unwrap().verify(&token).await, Err(Unauthorized));
     }
 
     #[test]

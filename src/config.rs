@@ -19,7 +19,9 @@ Secrets are never flags (a flag's value shows in `ps`). Give each one in the env
   HERALD_PUBLISH_TOKEN    bearer token of the publish API (POST /v1/events)
   HERALD_PUBLISH_TOKEN_FILE  file holding it (also --publish-token-file)
 In development mode (the default) missing secrets are generated at start and printed once, with a
-ready-to-use client token. With HERALD_ENV=production herald refuses to start without them.";
+ready-to-use client token. With HERALD_ENV=production herald refuses to start without them.
+With HERALD_JWT_JWKS_URL, client tokens are verified with the identity provider's keys: no JWT secret is
+used or generated, and setting one (or HERALD_JWT_ALGORITHM, HERALD_JWT_PUBLIC_KEY_FILE) is refused.";
 
 /// herald: the real-time Socket.IO gateway.
 #[derive(Debug, Parser)]
@@ -111,6 +113,21 @@ pub struct Config {
     /// Clock leeway for `exp` and `nbf`.
     #[arg(long, env = "HERALD_JWT_LEEWAY", default_value = "5s", value_parser = humantime::parse_duration)]
     pub jwt_leeway: Duration,
+
+    /// URL (http or https) of the identity provider's JWKS. Each token is verified with the key its
+    /// `kid` names, with the one algorithm that key allows (RS*, PS*, ES256, ES384, EdDSA; never HS*).
+    /// Excludes the JWT secret, HERALD_JWT_ALGORITHM and HERALD_JWT_PUBLIC_KEY_FILE.
+    #[arg(long, env = "HERALD_JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+
+    /// Shortest time between two periodic JWKS fetches: a shorter `Cache-Control: max-age` is
+    /// raised to it, and a document served without max-age is refetched this often.
+    #[arg(long, env = "HERALD_JWT_JWKS_MIN_REFRESH", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub jwt_jwks_min_refresh: Duration,
+
+    /// Longest time between two periodic JWKS fetches: a longer max-age is cut to it.
+    #[arg(long, env = "HERALD_JWT_JWKS_MAX_REFRESH", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub jwt_jwks_max_refresh: Duration,
 
     /// File holding the publish API token (instead of HERALD_PUBLISH_TOKEN).
     #[arg(long, env = "HERALD_PUBLISH_TOKEN_FILE")]
@@ -251,6 +268,12 @@ pub enum ConfigError {
     TooShort(&'static str, usize),
     #[error("HERALD_JWT_ALGORITHM={0} needs HERALD_JWT_PUBLIC_KEY_FILE")]
     MissingPublicKey(&'static str),
+    #[error(
+        "{0} does not apply with HERALD_JWT_JWKS_URL (the JWKS says which key and algorithm verify a token); unset it"
+    )]
+    NotWithJwks(&'static str),
+    #[error("HERALD_JWT_JWKS_MIN_REFRESH must be at least 1s and at most HERALD_JWT_JWKS_MAX_REFRESH")]
+    JwksRefresh,
 }
 
 /// Shortest HS256 secret production accepts (RFC 7518: a key as long as the hash).
@@ -303,7 +326,7 @@ impl Config {
 
     /// Treats settings given as empty strings (`HERALD_REDIS_URL=`) as not given.
     pub fn drop_empty(&mut self) {
-        for field in [&mut self.redis_url, &mut self.jwt_issuer, &mut self.jwt_audience] {
+        for field in [&mut self.redis_url, &mut self.jwt_issuer, &mut self.jwt_audience, &mut self.jwt_jwks_url] {
             if field.as_deref().is_some_and(|v| v.trim().is_empty()) {
                 *field = None;
             }
@@ -318,6 +341,22 @@ impl Config {
 
     /// Checks what can be checked without touching the network.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.jwt_jwks_url.is_some() {
+            if self.jwt_secret.is_some() {
+                return Err(ConfigError::NotWithJwks("HERALD_JWT_SECRET (or HERALD_JWT_SECRET_FILE)"));
+            }
+            if self.jwt_public_key_file.is_some() {
+                return Err(ConfigError::NotWithJwks("HERALD_JWT_PUBLIC_KEY_FILE"));
+            }
+            if self.jwt_algorithm != JwtAlgorithm::Hs256 {
+                return Err(ConfigError::NotWithJwks("HERALD_JWT_ALGORITHM"));
+            }
+            if self.jwt_jwks_min_refresh < Duration::from_secs(1)
+                || self.jwt_jwks_min_refresh > self.jwt_jwks_max_refresh
+            {
+                return Err(ConfigError::JwksRefresh);
+            }
+        }
         let needs_key = match self.jwt_algorithm {
             JwtAlgorithm::Hs256 => None,
             JwtAlgorithm::Rs256 => Some("RS256"),
@@ -329,7 +368,7 @@ impl Config {
             return Err(ConfigError::MissingPublicKey(alg));
         }
         if self.mode == Mode::Production {
-            if self.jwt_algorithm == JwtAlgorithm::Hs256 && self.jwt_secret.is_none() {
+            if self.jwt_algorithm == JwtAlgorithm::Hs256 && self.jwt_secret.is_none() && self.jwt_jwks_url.is_none() {
                 return Err(ConfigError::MissingInProduction("HERALD_JWT_SECRET"));
             }
             if self.publish_token.is_none() {
@@ -347,7 +386,10 @@ impl Config {
 
     /// Whether no secret at all was configured (development's demo mode).
     pub fn no_secrets_configured(&self) -> bool {
-        self.jwt_secret.is_none() && self.publish_token.is_none() && self.jwt_public_key_file.is_none()
+        self.jwt_secret.is_none()
+            && self.publish_token.is_none()
+            && self.jwt_public_key_file.is_none()
+            && self.jwt_jwks_url.is_none()
     }
 
     /// The defaults, as if herald ran with no flag and no variable. Tests start from this.
@@ -378,6 +420,29 @@ mod tests {
         assert!(matches!(config.validate(), Err(ConfigError::TooShort("HERALD_PUBLISH_TOKEN", _))));
         config.publish_token = Some("p".repeat(16).into());
         assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn a_jwks_needs_no_jwt_secret_and_excludes_the_other_key_settings() {
+        let mut config = Config::defaults();
+        config.mode = Mode::Production;
+        config.publish_token = Some("p".repeat(16).into());
+        config.jwt_jwks_url = Some("https://idp.example/.well-known/jwks.json".into());
+        assert!(config.validate().is_ok());
+        assert!(!config.no_secrets_configured());
+        config.jwt_jwks_min_refresh = Duration::from_secs(48 * 3600);
+        assert!(matches!(config.validate(), Err(ConfigError::JwksRefresh)));
+        config.jwt_jwks_min_refresh = Duration::from_secs(60);
+        let mut with_secret = config.clone();
+        with_secret.jwt_secret = Some("s".repeat(32).into());
+        let mut with_key = config.clone();
+        with_key.jwt_public_key_file = Some("key.pem".into());
+        let mut with_alg = config.clone();
+        with_alg.jwt_algorithm = JwtAlgorithm::Rs256;
+        for (conflict, name) in [(with_secret, "SECRET"), (with_key, "PUBLIC_KEY_FILE"), (with_alg, "ALGORITHM")] {
+            let error = conflict.validate().unwrap_err().to_string();
+            assert!(error.contains(name) && error.contains("HERALD_JWT_JWKS_URL"), "{error}");
+        }
     }
 
     #[test]

@@ -291,7 +291,7 @@ impl<S: MembershipStore> Gateway<S> {
             move |s: SocketRef<A>, TryData(auth): TryData<Value>| {
                 let gw = gw.clone();
                 let delivery = delivery.clone();
-                async move { gw.authenticate(&s, auth.ok().as_ref(), delivery) }
+                async move { gw.authenticate(&s, auth.ok().as_ref(), delivery).await }
             }
         };
         io.ns("/", on_connect.with(authenticate))
@@ -299,7 +299,7 @@ impl<S: MembershipStore> Gateway<S> {
 
     /// The connect middleware: verifies the token, keeps the user in the
     /// socket's extensions and registers the event handlers.
-    fn authenticate<A: Adapter>(
+    async fn authenticate<A: Adapter>(
         self: &Arc<Self>,
         s: &SocketRef<A>,
         auth: Option<&Value>,
@@ -315,7 +315,7 @@ impl<S: MembershipStore> Gateway<S> {
             tracing::info!(reason = "missing token", "handshake rejected");
             return Err(HandshakeError::Unauthorized);
         };
-        let user = match self.verifier.verify(&token) {
+        let user = match self.verifier.verify(&token).await {
             Ok(user) => user,
             Err(e) => {
                 self.metrics.auth_failures.get_or_create(&[("reason", "invalid")]).inc();
@@ -358,7 +358,7 @@ impl<S: MembershipStore> Gateway<S> {
                     (Ok(()), Some(ClientEvent::Room(Action::Unsubscribe, kind))) => {
                         gw.unsubscribe(&s, kind, &data).map(|()| None)
                     }
-                    (Ok(()), Some(ClientEvent::RefreshToken)) => gw.refresh(&s, &data).map(|()| None),
+                    (Ok(()), Some(ClientEvent::RefreshToken)) => gw.refresh(&s, &data).await.map(|()| None),
                     (Ok(()), None) => {
                         tracing::debug!(event = truncate(&event, 64), "unknown client event");
                         Err(Refusal::UnknownEvent)
@@ -398,7 +398,7 @@ impl<S: MembershipStore> Gateway<S> {
     }
 
     /// `refresh_token`: a valid token for the same user moves the socket's deadline.
-    fn refresh<A: Adapter>(&self, s: &SocketRef<A>, data: &Result<Value, ParserError>) -> Result<(), Refusal> {
+    async fn refresh<A: Adapter>(&self, s: &SocketRef<A>, data: &Result<Value, ParserError>) -> Result<(), Refusal> {
         let token = match data {
             Ok(Value::Object(map)) => match map.get("token") {
                 Some(Value::String(t)) => t.clone(),
@@ -409,7 +409,7 @@ impl<S: MembershipStore> Gateway<S> {
         let (Some(current), Some(session)) = (s.extensions.get::<User>(), Session::of(s)) else {
             return Err(Refusal::Unauthorized);
         };
-        let fresh = self.verifier.verify(&token).map_err(|_| Refusal::Unauthorized)?;
+        let fresh = self.verifier.verify(&token).await.map_err(|_| Refusal::Unauthorized)?;
         if fresh.id != current.id {
             tracing::info!(user = &*current.id, "token refresh refused: another user's token");
             return Err(Refusal::Unauthorized);

@@ -10,6 +10,7 @@
 //! - [`config`]: every setting, from flags and `HERALD_*` variables; secrets
 //!   from the environment or files.
 //! - [`auth`]: JWT verification (the handshake) and token minting.
+//! - [`jwks`]: an identity provider's keys (JWKS), fetched and kept fresh.
 //! - [`rooms`]: room names and the ids in them, validated at the edge.
 //! - [`store`]: the membership and hierarchy store (SQLite or PostgreSQL).
 //! - [`access`]: who may join which room, with a short-lived cache.
@@ -42,6 +43,7 @@ pub mod expiry;
 pub mod fleet;
 pub mod gateway;
 pub mod health;
+pub mod jwks;
 pub mod limits;
 pub mod listener;
 pub mod publish;

@@ -15,6 +15,11 @@ async fn main() -> anyhow::Result<()> {
     herald::telemetry::init_tracing(&config.log, config.log_format).map_err(|e| anyhow::anyhow!("HERALD_LOG: {e}"))?;
 
     if let Some(Command::Token { sub, ttl, private_key_file }) = command {
+        if config.jwt_jwks_url.is_some() {
+            anyhow::bail!(
+                "herald token cannot mint tokens for a JWKS (HERALD_JWT_JWKS_URL): the identity provider signs them"
+            );
+        }
         let minter = match (config.jwt_algorithm, private_key_file) {
             (JwtAlgorithm::Hs256, _) => {
                 let secret = config

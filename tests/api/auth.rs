@@ -109,12 +109,16 @@ async fn issuer_and_audience_are_checked_when_configured() {
     .await;
     let exp = now() + 60;
     let sign = |claims| json!({"token": token_with(&Header::default(), claims, JWT_SECRET.as_bytes())});
-    let ok = sign(json!({"sub": "alice", "exp": exp, "iss": "campaign-api", "aud": "herald"}));
-    assert!(app.try_connect(Some(ok), "").await.is_ok());
+    for aud in [json!("herald"), json!(["campaign-api", "herald"])] {
+        let ok = sign(json!({"sub": "alice", "exp": exp, "iss": "campaign-api", "aud": aud}));
+        assert!(app.try_connect(Some(ok), "").await.is_ok(), "{aud}");
+    }
     for claims in [
         json!({"sub": "alice", "exp": exp}),
         json!({"sub": "alice", "exp": exp, "iss": "other", "aud": "herald"}),
         json!({"sub": "alice", "exp": exp, "iss": "campaign-api", "aud": "other"}),
+        json!({"sub": "alice", "exp": exp, "iss": "campaign-api", "aud": ["other", "campaign-api"]}),
+        json!({"sub": "alice", "exp": exp, "iss": "campaign-api", "aud": []}),
     ] {
         assert_eq!(app.try_connect(Some(sign(claims.clone())), "").await.map(|_| ()), refused(), "{claims}");
     }

@@ -7,6 +7,7 @@ mod helpers;
 mod auth;
 mod cuts;
 mod fleet;
+mod jwks;
 mod limits;
 mod operations;
 mod process;
