@@ -42,7 +42,9 @@ impl Publisher {
 
     /// Publishes one event or an array, retrying a 503 with exponential
     /// backoff and jitter, and resending only what herald did not accept.
-    /// Returns how many events herald accepted.
+    /// Returns how many events herald accepted. A network error is returned
+    /// as it is: herald may have received the request, and a retry could
+    /// deliver its events twice.
     async fn publish(&self, mut body: Value) -> anyhow::Result<u64> {
         let (mut accepted, mut delay) = (0, Duration::from_millis(200));
         for attempt in 1..=ATTEMPTS {
