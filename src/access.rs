@@ -1,17 +1,18 @@
 //! Who may join which room: the campaign membership check, through the
-//! settlement and structure hierarchy, with a short-lived cache in front of
-//! the store.
+//! settlement and structure hierarchy, and whether a user's token outlived a
+//! revocation of the user; with a short-lived cache in front of the store.
 //!
-//! Every lookup (membership and hierarchy) is cached for the configured TTL,
-//! positive and negative answers alike, so a revoked member can subscribe at
-//! most until its entry expires. Concurrent misses for one key share a single
-//! store query.
+//! Every lookup (membership, hierarchy, user revocation) is cached for the
+//! configured TTL, positive and negative answers alike, so a removed member
+//! can subscribe at most until its entry expires (a revocation forgets it at
+//! once). Concurrent misses for one key share a single store query.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use moka::future::Cache;
 
+use crate::auth::User;
 use crate::rooms::{CampaignId, Room, SettlementId, StructureId};
 use crate::store::{MembershipStore, StoreError};
 
@@ -30,6 +31,10 @@ pub struct Access<S> {
     members: Cache<(CampaignId, Arc<str>), bool>,
     settlements: Cache<SettlementId, Option<CampaignId>>,
     structures: Cache<StructureId, Option<SettlementId>>,
+    /// When each user's access was last revoked (within the retention).
+    revoked_users: Cache<Arc<str>, Option<u64>>,
+    /// How long a user revocation is remembered.
+    revocation_ttl: Duration,
 }
 
 impl<S> Clone for Access<S> {
@@ -39,8 +44,14 @@ impl<S> Clone for Access<S> {
             members: self.members.clone(),
             settlements: self.settlements.clone(),
             structures: self.structures.clone(),
+            revoked_users: self.revoked_users.clone(),
+            revocation_ttl: self.revocation_ttl,
         }
     }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
 }
 
 /// The store failed during a check (shared between concurrent waiters).
@@ -49,8 +60,9 @@ pub type AccessError = Arc<StoreError>;
 const CACHE_CAPACITY: u64 = 100_000;
 
 impl<S: MembershipStore> Access<S> {
-    /// Wraps `store` with caches whose entries live `ttl` (zero disables caching).
-    pub fn new(store: Arc<S>, ttl: Duration) -> Self {
+    /// Wraps `store` with caches whose entries live `ttl` (zero disables
+    /// caching); user revocations are remembered for `revocation_ttl`.
+    pub fn new(store: Arc<S>, ttl: Duration, revocation_ttl: Duration) -> Self {
         fn cache<K, V>(ttl: Duration) -> Cache<K, V>
         where
             K: std::hash::Hash + Eq + Send + Sync + 'static,
@@ -63,7 +75,38 @@ impl<S: MembershipStore> Access<S> {
                 .support_invalidation_closures()
                 .build()
         }
-        Access { store, members: cache(ttl), settlements: cache(ttl), structures: cache(ttl) }
+        Access {
+            store,
+            members: cache(ttl),
+            settlements: cache(ttl),
+            structures: cache(ttl),
+            revoked_users: cache(ttl),
+            revocation_ttl,
+        }
+    }
+
+    /// Whether `user`'s token outlived no revocation of the user: one issued
+    /// at or before the latest revocation (or without `iat`) is refused.
+    pub async fn admits(&self, user: &User) -> Result<bool, AccessError> {
+        let since = unix_now().saturating_sub(self.revocation_ttl.as_secs());
+        let revoked_at = self
+            .revoked_users
+            .try_get_with(user.id.clone(), async { self.store.user_revoked_at(&user.id, since).await })
+            .await?;
+        Ok(match revoked_at {
+            Some(at) if at >= since => user.issued_at.is_some_and(|iat| iat > at),
+            _ => true,
+        })
+    }
+
+    /// Records that `user`'s access was revoked `at`: in this instance's
+    /// cache at once, and in the store.
+    pub async fn revoke_user(&self, user: &Arc<str>, at: u64) -> Result<(), AccessError> {
+        self.forget_user(user);
+        let latest = self.revoked_users.get(user).await.flatten().map_or(at, |known| known.max(at));
+        self.revoked_users.insert(user.clone(), Some(latest)).await;
+        let forget_before = unix_now().saturating_sub(self.revocation_ttl.as_secs());
+        self.store.revoke_user(user, at, forget_before).await.map_err(Arc::new)
     }
 
     /// The store behind the cache.
@@ -98,7 +141,7 @@ impl<S: MembershipStore> Access<S> {
     }
 
     /// Forgets every cached membership of `user`.
-    pub fn forget_user(&self, user: &Arc<str>) {
+    fn forget_user(&self, user: &Arc<str>) {
         let user = user.clone();
         let _ = self.members.invalidate_entries_if(move |(_, u), _| *u == user);
     }

@@ -37,6 +37,7 @@ use crate::limits::Limits;
 use crate::listener::{self, ListenerSettings};
 use crate::publish::{self, PublishState};
 use crate::replay::Retention;
+use crate::revocation;
 use crate::store::{DEMO_USER, MembershipStore, SqlStore, StoreError};
 use crate::telemetry::Metrics;
 use crate::transport::{SOCKET_IO_PATH, Transports};
@@ -135,7 +136,8 @@ fn assemble<A: Adapter>(
         ));
     }
     let ops = OpsState { metrics, probes };
-    let mut router = publish::router(publish_state).merge(health::router(ops));
+    let mut router =
+        publish::router(publish_state.clone()).merge(revocation::router(publish_state)).merge(health::router(ops));
     if let Some(demo) = demo {
         router = router.merge(demo);
     }
@@ -260,7 +262,7 @@ impl Application {
             .ping_interval(config.ping_interval)
             .ping_timeout(config.ping_timeout)
             .connect_timeout(config.connect_timeout);
-        let access = Access::new(Arc::new(store.clone()), config.membership_cache_ttl);
+        let access = Access::new(Arc::new(store.clone()), config.membership_cache_ttl, config.revocation_ttl);
         let limits = Limits {
             max_connections: config.max_connections,
             max_subscriptions: config.max_subscriptions,
@@ -292,6 +294,7 @@ impl Application {
         let retention = Retention {
             window: config.replay_window,
             max_events: config.replay_max_events.max(1),
+            max_bytes: config.replay_max_bytes,
             max_replay: (config.socket_buffer / 2).max(1),
         };
 

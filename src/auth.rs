@@ -19,10 +19,47 @@ use crate::jwks::{Jwks, JwksError, JwksSettings};
 /// The authenticated user of a socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
-    /// The `sub` claim.
+    /// The `sub` claim (a valid [`UserId`]).
     pub id: Arc<str>,
     /// When the token expires (`exp`, seconds since the epoch).
     pub expires_at: u64,
+    /// When the token was issued (`iat`), if it says.
+    pub issued_at: Option<u64>,
+}
+
+/// Longest user id accepted, in bytes.
+pub const MAX_USER_ID_LEN: usize = 256;
+
+/// A user id, as tokens (`sub`) and the revoke API (`userId`) carry it: 1 to
+/// 256 bytes, no whitespace and no control character. Looser than the room
+/// id rule, since identity providers' subjects hold `|`, `@`, `:` or `.`
+/// (`auth0|5f7c…`, an email); strict enough that a user id never breaks a
+/// log line or a room name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct UserId(Arc<str>);
+
+/// Why a string is not a user id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("expected a user id: 1 to 256 bytes, no whitespace or control character")]
+pub struct InvalidUserId;
+
+impl UserId {
+    pub fn parse(s: &str) -> Result<UserId, InvalidUserId> {
+        let ok = !s.is_empty() && s.len() <= MAX_USER_ID_LEN && !s.chars().any(|c| c.is_whitespace() || c.is_control());
+        if ok { Ok(UserId(Arc::from(s))) } else { Err(InvalidUserId) }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for UserId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        UserId::parse(&s).map_err(serde::de::Error::custom)
+    }
 }
 
 /// The claims herald reads.
@@ -44,6 +81,8 @@ pub struct Claims {
 struct Verified {
     sub: String,
     exp: u64,
+    #[serde(default)]
+    iat: Option<u64>,
 }
 
 /// A token was refused. Deliberately says nothing more.
@@ -199,10 +238,8 @@ impl Verifier {
             }
         }
         .map_err(|_| Unauthorized)?;
-        if data.claims.sub.is_empty() {
-            return Err(Unauthorized);
-        }
-        Ok(User { id: Arc::from(data.claims.sub), expires_at: data.claims.exp })
+        let id = UserId::parse(&data.claims.sub).map_err(|_| Unauthorized)?;
+        Ok(User { id: id.0, expires_at: data.claims.exp, issued_at: data.claims.iat })
     }
 }
 

@@ -146,6 +146,11 @@ pub struct Config {
     #[arg(long, env = "HERALD_DATABASE_MAX_CONNECTIONS", default_value_t = 8)]
     pub database_max_connections: u32,
 
+    /// How long a user-level revocation is remembered (in the membership store): tokens of that
+    /// user issued before it are refused for that long. Set it to your tokens' longest lifetime.
+    #[arg(long, env = "HERALD_REVOCATION_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub revocation_ttl: Duration,
+
     /// How long a membership or hierarchy lookup is cached.
     #[arg(long, env = "HERALD_MEMBERSHIP_CACHE_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub membership_cache_ttl: Duration,
@@ -169,6 +174,11 @@ pub struct Config {
     /// How many delivered events are kept for recovery, at most.
     #[arg(long, env = "HERALD_REPLAY_MAX_EVENTS", default_value_t = 100_000)]
     pub replay_max_events: usize,
+
+    /// How many bytes of event objects one instance keeps in memory for recovery, at most
+    /// (the oldest go first). A fleet keeps its log in Redis instead.
+    #[arg(long, env = "HERALD_REPLAY_MAX_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub replay_max_bytes: usize,
 
     /// Most connections per instance; past it, new handshakes are refused.
     #[arg(long, env = "HERALD_MAX_CONNECTIONS", default_value_t = 20_000)]

@@ -26,25 +26,16 @@ use socketioxide::SocketIo;
 use socketioxide::adapter::Adapter;
 use socketioxide::extract::SocketRef;
 use socketioxide::{SendError, SocketError};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
 
 use crate::events::{Event, EventKind};
 use crate::fleet::{Conn, FleetDriver};
 use crate::replay::{Logged, MemoryLog, Offset, Replay, Retention};
+use crate::revocation::Revocation;
 use crate::rooms::Room;
 use crate::session::{JoinRefused, Session, Ticket};
 use crate::telemetry::{Metrics, error_chain};
 use crate::transport::Transports;
-
-/// An instruction every instance applies, in log order: the user's sockets
-/// leave the campaign's rooms (or, without a campaign, are disconnected).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Revocation {
-    pub user_id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub campaign_id: Option<crate::rooms::CampaignId>,
-}
 
 /// What an instance does with a revocation (the gateway's part).
 pub type RevocationHandler = Arc<dyn Fn(Revocation) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
@@ -55,10 +46,10 @@ const REVOKE: &str = "@revoke";
 /// An event could not be handed over.
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
-    /// The log (Redis) is unavailable. `accepted` events of the batch were
-    /// handed over before it failed.
-    #[error("the adapter is unavailable")]
-    AdapterUnavailable { accepted: usize, reason: String },
+    /// The event log (Redis) is unavailable. `accepted` events of the batch
+    /// were handed over before it failed.
+    #[error("the event log is unavailable")]
+    LogUnavailable { accepted: usize, reason: String },
     /// The event could not be serialized (a bug, never the publisher's fault).
     #[error("the event could not be encoded: {0}")]
     Encode(String),
@@ -66,7 +57,8 @@ pub enum DeliveryError {
 
 /// Appends `ARGV[2..]` (triples: kind, rooms, event object) to the stream
 /// `KEYS[1]`, capped near `ARGV[1]` entries, in one atomic step. Creates the
-/// log's epoch `KEYS[2]` (server time, ms) when missing, and returns it.
+/// log's epoch `KEYS[2]` (server time, ms) when missing. Returns the epoch and
+/// the id of the last entry appended.
 const APPEND: &str = r"
 local epoch = redis.call('GET', KEYS[2])
 if not epoch then
@@ -74,10 +66,11 @@ if not epoch then
   epoch = string.format('%013d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
   redis.call('SET', KEYS[2], epoch)
 end
+local id = ''
 for i = 2, #ARGV, 3 do
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'k', ARGV[i], 'r', ARGV[i + 1], 'e', ARGV[i + 2])
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'k', ARGV[i], 'r', ARGV[i + 1], 'e', ARGV[i + 2])
 end
-return epoch
+return {epoch, id}
 ";
 
 /// How long one blocking read of the stream waits.
@@ -86,7 +79,7 @@ const BLOCK: Duration = Duration::from_millis(1_000);
 const MAX_REPLAY_BATCH: usize = 1024;
 /// How many entries one read takes at most.
 const READ_BATCH: usize = 512;
-/// How often the stream is trimmed by age.
+/// How often the log (the stream, or the in-memory log) is trimmed by age.
 const TRIM_EVERY: Duration = Duration::from_secs(1);
 
 enum Backend<A: Adapter> {
@@ -142,6 +135,8 @@ struct Inner<A: Adapter> {
     on_revoke: OnceLock<RevocationHandler>,
     /// The last offset the stream reader delivered.
     head: std::sync::Mutex<Option<Offset>>,
+    /// The stream id (ms, seq) of the last entry the stream reader applied.
+    applied: watch::Sender<(u64, u64)>,
 }
 
 /// Delivers domain events to rooms, and replays them on request.
@@ -161,6 +156,12 @@ fn epoch_key(prefix: &str) -> String {
     format!("{{{prefix}}}:epoch")
 }
 
+/// A stream id (`ms-seq`) as numbers, to compare.
+fn stream_position(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
 fn room_names(rooms: &[Room]) -> Vec<String> {
     rooms.iter().map(ToString::to_string).collect()
 }
@@ -176,15 +177,20 @@ impl<A: Adapter> Delivery<A> {
         driver: Option<FleetDriver>,
     ) -> Self {
         match driver {
-            None => Delivery(Arc::new(Inner {
-                io,
-                metrics,
-                transports,
-                retention,
-                backend: Backend::Memory(Mutex::new(MemoryLog::new(retention))),
-                on_revoke: OnceLock::new(),
-                head: std::sync::Mutex::new(None),
-            })),
+            None => {
+                let inner = Arc::new(Inner {
+                    io,
+                    metrics,
+                    transports,
+                    retention,
+                    backend: Backend::Memory(Mutex::new(MemoryLog::new(retention))),
+                    on_revoke: OnceLock::new(),
+                    head: std::sync::Mutex::new(None),
+                    applied: watch::Sender::new((0, 0)),
+                });
+                tokio::spawn(trim_memory_log(Arc::downgrade(&inner)));
+                Delivery(inner)
+            }
             Some(driver) => {
                 let (commands, command_rx) = mpsc::channel(1024);
                 let inner = Arc::new(Inner {
@@ -195,6 +201,7 @@ impl<A: Adapter> Delivery<A> {
                     backend: Backend::Redis { driver: driver.clone(), append: redis::Script::new(APPEND), commands },
                     on_revoke: OnceLock::new(),
                     head: std::sync::Mutex::new(None),
+                    applied: watch::Sender::new((0, 0)),
                 });
                 tokio::spawn(reader(Arc::downgrade(&inner), driver, command_rx));
                 Delivery(inner)
@@ -217,6 +224,7 @@ impl<A: Adapter> Delivery<A> {
                     let logged = log.append(kind, rooms, &json);
                     self.deliver(&logged).await;
                 }
+                self.0.count(&log);
             }
             Backend::Redis { driver, append, .. } => {
                 let entries =
@@ -231,16 +239,17 @@ impl<A: Adapter> Delivery<A> {
     }
 
     /// Appends entries (kind, rooms, content) to the Redis Stream in one
-    /// atomic step: all of them, or none when Redis fails.
+    /// atomic step: all of them, or none when Redis fails. Returns the last
+    /// entry's stream id.
     async fn append_to_stream<'a>(
         &self,
         driver: &FleetDriver,
         append: &redis::Script,
         entries: impl IntoIterator<Item = (&'a str, String, &'a String)>,
-    ) -> Result<(), DeliveryError> {
+    ) -> Result<String, DeliveryError> {
         let unavailable = |reason: String| {
             self.0.metrics.adapter_errors.inc();
-            DeliveryError::AdapterUnavailable { accepted: 0, reason }
+            DeliveryError::LogUnavailable { accepted: 0, reason }
         };
         if !driver.is_healthy() {
             return Err(unavailable("redis is unreachable".into()));
@@ -252,10 +261,10 @@ impl<A: Adapter> Delivery<A> {
             invocation.arg(kind).arg(rooms).arg(content);
         }
         let mut conn = driver.conn();
-        let result: Result<redis::RedisResult<String>, _> =
+        let result: Result<redis::RedisResult<(String, String)>, _> =
             tokio::time::timeout(driver.op_timeout(), invocation.invoke_async(&mut conn)).await;
         match result {
-            Ok(Ok(_epoch)) => Ok(()),
+            Ok(Ok((_epoch, id))) => Ok(id),
             Ok(Err(e)) => Err(unavailable(error_chain(&e))),
             Err(_) => Err(unavailable("timed out".into())),
         }
@@ -268,6 +277,7 @@ impl<A: Adapter> Delivery<A> {
 
     /// Logs a revocation; every instance applies it in log order, so no event
     /// logged after it reaches the user's sockets in the revoked rooms.
+    /// Returns once this instance has applied it.
     pub async fn revoke(&self, revocation: Revocation) -> Result<(), DeliveryError> {
         let json = serde_json::to_string(&revocation).map_err(|e| DeliveryError::Encode(e.to_string()))?;
         match &self.0.backend {
@@ -277,7 +287,17 @@ impl<A: Adapter> Delivery<A> {
                 Ok(())
             }
             Backend::Redis { driver, append, .. } => {
-                self.append_to_stream(driver, append, [(REVOKE, String::new(), &json)]).await
+                let id = self.append_to_stream(driver, append, [(REVOKE, String::new(), &json)]).await?;
+                let id = stream_position(&id).unwrap_or_default();
+                let mut applied = self.0.applied.subscribe();
+                match tokio::time::timeout(driver.op_timeout(), applied.wait_for(|at| *at >= id)).await {
+                    Ok(Ok(_)) => Ok(()),
+                    // Logged: every instance will apply it; a retry is harmless.
+                    _ => Err(DeliveryError::LogUnavailable {
+                        accepted: 0,
+                        reason: "logged, but not applied by this instance in time".into(),
+                    }),
+                }
             }
         }
     }
@@ -359,7 +379,30 @@ fn join_without_replay<A: Adapter>(
     result
 }
 
+/// Trims the in-memory log by age every second, so that an idle instance
+/// lets go of old events too (appends trim as well).
+async fn trim_memory_log<A: Adapter>(inner: std::sync::Weak<Inner<A>>) {
+    let mut tick = tokio::time::interval(TRIM_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        if let Backend::Memory(log) = &inner.backend {
+            let mut log = log.lock().await;
+            log.trim();
+            inner.count(&log);
+        }
+    }
+}
+
 impl<A: Adapter> Inner<A> {
+    /// Shows what the in-memory log holds in the metrics.
+    fn count(&self, log: &MemoryLog) {
+        let (events, bytes) = log.size();
+        self.metrics.replay_log_events.set(events as i64);
+        self.metrics.replay_log_bytes.set(bytes as i64);
+    }
+
     async fn apply(&self, revocation: Revocation) {
         match self.on_revoke.get() {
             Some(handler) => handler(revocation).await,
@@ -541,6 +584,9 @@ async fn reader<A: Adapter>(
                             None => tracing::warn!(id, "event log: an entry herald cannot read; skipped"),
                         }
                         last_id = id;
+                    }
+                    if let Some(position) = stream_position(&last_id) {
+                        strong.applied.send_replace(position);
                     }
                     drop(strong);
                     read = Box::pin(read_after(conn.clone(), key.clone(), last_id.clone()));

@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 
 use crate::access::{Access, Decision};
 use crate::auth::{Unauthorized, User, Verifier, find_token};
-use crate::delivery::{Delivery, Joined, Revocation, RevocationHandler};
+use crate::delivery::{Delivery, Joined};
 use crate::expiry::{Expiring, Expiry};
 use crate::limits::{Admission, Limits, TokenBucket};
 use crate::replay::Offset;
@@ -162,6 +162,24 @@ pub fn parse_since(data: &Result<Value, ParserError>) -> Result<Option<Offset>, 
     }
 }
 
+/// Why a verified token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenRefused {
+    /// Issued before a revocation of its user.
+    Revoked,
+    /// The store could not say.
+    StoreFailed,
+}
+
+impl TokenRefused {
+    fn reason(self) -> &'static str {
+        match self {
+            TokenRefused::Revoked => "revoked",
+            TokenRefused::StoreFailed => "store_error",
+        }
+    }
+}
+
 /// Why a handshake was refused (the `connect_error` message).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum HandshakeError {
@@ -212,7 +230,7 @@ impl<A: Adapter> Expiring for ExpiringSocket<A> {
 /// The gateway's shared state.
 pub struct Gateway<S> {
     verifier: Verifier,
-    access: Access<S>,
+    pub(crate) access: Access<S>,
     metrics: Arc<Metrics>,
     transports: Arc<Transports>,
     limits: Limits,
@@ -323,6 +341,11 @@ impl<S: MembershipStore> Gateway<S> {
                 return Err(e.into());
             }
         };
+        if let Err(why) = self.admits(&user).await {
+            self.metrics.auth_failures.get_or_create(&[("reason", why.reason())]).inc();
+            tracing::info!(user = &*user.id, reason = why.reason(), "handshake rejected");
+            return Err(HandshakeError::Unauthorized);
+        }
         s.extensions.insert(Session::new(
             user.expires_at.saturating_add(self.limits.token_leeway.as_secs()),
             self.expiry.next_id(),
@@ -397,6 +420,19 @@ impl<S: MembershipStore> Gateway<S> {
         }
     }
 
+    /// Refuses a verified token that a revocation of its user covers (issued
+    /// at or before it). When the store cannot say, the token is refused.
+    async fn admits(&self, user: &User) -> Result<(), TokenRefused> {
+        match self.access.admits(user).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(TokenRefused::Revoked),
+            Err(e) => {
+                tracing::error!(error = %crate::telemetry::error_chain(&*e), "the user revocation lookup failed");
+                Err(TokenRefused::StoreFailed)
+            }
+        }
+    }
+
     /// `refresh_token`: a valid token for the same user moves the socket's deadline.
     async fn refresh<A: Adapter>(&self, s: &SocketRef<A>, data: &Result<Value, ParserError>) -> Result<(), Refusal> {
         let token = match data {
@@ -412,6 +448,10 @@ impl<S: MembershipStore> Gateway<S> {
         let fresh = self.verifier.verify(&token).await.map_err(|_| Refusal::Unauthorized)?;
         if fresh.id != current.id {
             tracing::info!(user = &*current.id, "token refresh refused: another user's token");
+            return Err(Refusal::Unauthorized);
+        }
+        if let Err(why) = self.admits(&fresh).await {
+            tracing::info!(user = &*current.id, reason = why.reason(), "token refresh refused");
             return Err(Refusal::Unauthorized);
         }
         session.deadline.store(fresh.expires_at.saturating_add(self.limits.token_leeway.as_secs()), Ordering::SeqCst);
@@ -546,58 +586,8 @@ impl<S: MembershipStore> Gateway<S> {
 
 /// The room every socket of a user is in (not a subscription room: the
 /// `user:` kind is not one clients can name).
-fn user_room(user: &str) -> String {
+pub(crate) fn user_room(user: &str) -> String {
     format!("user:{user}")
-}
-
-impl<S: MembershipStore> Gateway<S> {
-    /// What this instance does with a revocation: the user's local sockets
-    /// leave the campaign's rooms and are told `access_revoked`, or, without a
-    /// campaign, are disconnected; the cached membership is forgotten.
-    pub fn revocation_handler<A: Adapter>(self: &Arc<Self>, io: SocketIo<A>) -> RevocationHandler {
-        let gw = self.clone();
-        Arc::new(move |revocation: Revocation| {
-            let gw = gw.clone();
-            let io = io.clone();
-            Box::pin(async move { gw.revoke(&io, revocation).await })
-        })
-    }
-
-    async fn revoke<A: Adapter>(&self, io: &SocketIo<A>, revocation: Revocation) {
-        let user: Arc<str> = Arc::from(revocation.user_id.as_str());
-        // After shutdown the namespace is gone, and so are the sockets.
-        let Some(ns) = io.of("/") else { return };
-        let sockets = ns.local().to(user_room(&user)).sockets();
-        let Some(campaign) = revocation.campaign_id else {
-            self.access.forget_user(&user);
-            for s in sockets {
-                let number = Session::of(&s).map(|session| {
-                    session.close(&s);
-                    session.number
-                });
-                tracing::info!(user = &*user, socket = number, "access revoked: disconnecting");
-                // Final (a DISCONNECT packet): coming back would be wrong.
-                let _ = s.disconnect();
-            }
-            return;
-        };
-        self.access.forget_membership(&campaign, &user).await;
-        for s in sockets {
-            let Some(session) = Session::of(&s) else { continue };
-            // From here on, a subscribe checked before is refused at its join.
-            session.note_revocation(&campaign);
-            let mut left = 0;
-            for room in Session::subscriptions(&s) {
-                // When the store cannot say, leave: the client may subscribe again.
-                let belongs = self.access.campaign_of(&room).await.map_or(true, |c| c.as_ref() == Some(&campaign));
-                if belongs && session.leave(&s, &room) {
-                    left += 1;
-                }
-            }
-            let _ = s.emit("access_revoked", &serde_json::json!({ "campaignId": campaign }));
-            tracing::info!(user = &*user, socket = session.number, campaign = %campaign, rooms = left, "access revoked");
-        }
-    }
 }
 
 /// The refusal a subscribe answers when its join did not happen.

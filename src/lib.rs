@@ -24,6 +24,8 @@
 //!   socketioxide gets, and cutting a connection so that the client comes back.
 //! - [`listener`]: the accept loop: `TCP_NODELAY`, bounded request heads, cuttable connections.
 //! - [`publish`]: the HTTP publish API for backends.
+//! - [`revocation`]: revoking a user's access (the HTTP route, the log entry,
+//!   applying it on every instance, remembering user revocations).
 //! - [`demo`]: the development demo page and its development-only routes.
 //! - [`limits`]: connection, subscription and event-rate limits.
 //! - [`expiry`]: cuts each socket when its token expires, on one shared timer.
@@ -48,6 +50,7 @@ pub mod limits;
 pub mod listener;
 pub mod publish;
 pub mod replay;
+pub mod revocation;
 pub mod rooms;
 pub mod session;
 pub mod shutdown;

@@ -11,7 +11,8 @@
 //! - An accept that fails (the process is at its file descriptor limit) is
 //!   logged at most once a second and retried after a short pause: the
 //!   listener never stops, and the pending connections wait in the kernel's
-//!   queue until a descriptor is free.
+//!   queue until a descriptor is free. The binary raises its soft limit on
+//!   open files to the hard limit at start ([`raise_open_file_limit`]).
 //! - Each request carries its connection's [`Connection`] in its extensions.
 //!   Cutting it ends what the connection reads at once, and fails its writes
 //!   after a grace period (a peer that reads nothing cannot hold it open).
@@ -310,6 +311,15 @@ impl AsyncWrite for CuttableStream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
+}
+
+/// Raises the soft limit on open files (each connection is one) to the hard
+/// limit. Returns the soft limit before and after. Process-wide: the binary
+/// calls it once.
+pub fn raise_open_file_limit() -> io::Result<(u64, u64)> {
+    let (before, _) = rlimit::getrlimit(rlimit::Resource::NOFILE)?;
+    let after = rlimit::increase_nofile_limit(u64::MAX)?;
+    Ok((before, after))
 }
 
 /// How connections are bounded.

@@ -35,6 +35,11 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
+    match herald::listener::raise_open_file_limit() {
+        Ok((before, after)) if after > before => tracing::info!(before, after, "open file limit raised"),
+        Ok((_, limit)) => tracing::info!(limit, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open file limit"),
+    }
     let app = Application::build(config).await?;
     let addr = app.local_addr()?;
     if let Some(dev) = app.development_credentials() {

@@ -19,7 +19,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use socketioxide::adapter::Adapter;
 
-use crate::delivery::{Delivery, DeliveryError, Revocation};
+use crate::delivery::{Delivery, DeliveryError};
 use crate::events::{self, InvalidEvent};
 use crate::telemetry::Metrics;
 
@@ -36,14 +36,14 @@ pub enum PublishError {
     BadBody,
     #[error(transparent)]
     Invalid(#[from] InvalidEvent),
-    #[error("the adapter is unavailable; nothing more was published")]
+    #[error("the event log is unavailable; nothing more was published")]
     Unavailable { accepted: usize },
     #[error("internal error")]
     Internal,
 }
 
 impl PublishError {
-    fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             PublishError::Unauthorized => StatusCode::UNAUTHORIZED,
             PublishError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -82,10 +82,7 @@ pub struct PublishState<A: Adapter> {
 
 /// The publish API's routes.
 pub fn router<A: Adapter>(state: Arc<PublishState<A>>) -> axum::Router {
-    axum::Router::new()
-        .route("/v1/events", post(publish::<A>))
-        .route("/v1/access/revoke", post(revoke::<A>))
-        .with_state(state)
+    axum::Router::new().route("/v1/events", post(publish::<A>)).with_state(state)
 }
 
 fn authorized(headers: &HeaderMap, token: &SecretString) -> bool {
@@ -117,43 +114,6 @@ async fn publish<A: Adapter>(State(state): State<Arc<PublishState<A>>>, headers:
         Ok(accepted) => (StatusCode::ACCEPTED, Json(json!({ "accepted": accepted }))).into_response(),
         Err(e) => {
             tracing::info!(status = status.as_u16(), error = %e, "publish refused");
-            e.into_response()
-        }
-    }
-}
-
-/// `POST /v1/access/revoke`: `{ "userId": "…", "campaignId": "…" }` takes the
-/// user's sockets out of the campaign's rooms on every instance;
-/// `{ "userId": "…" }` alone disconnects them.
-async fn revoke<A: Adapter>(State(state): State<Arc<PublishState<A>>>, headers: HeaderMap, body: Body) -> Response {
-    let result = async {
-        let bytes = read_checked_body(&state, &headers, body).await?;
-        let revocation: Revocation =
-            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&bytes)).map_err(|e| {
-                let path = e.path().to_string();
-                let path = if path == "." { "body".to_owned() } else { path };
-                InvalidEvent { path, message: e.into_inner().to_string() }
-            })?;
-        if revocation.user_id.is_empty() {
-            return Err(InvalidEvent { path: "userId".into(), message: "expected a non-empty string".into() }.into());
-        }
-        match state.delivery.revoke(revocation.clone()).await {
-            Ok(()) => {
-                tracing::info!(user = %revocation.user_id, campaign = ?revocation.campaign_id, "access revoked");
-                Ok(())
-            }
-            Err(DeliveryError::AdapterUnavailable { reason, .. }) => {
-                tracing::warn!(error = %reason, "revocation failed: adapter unavailable");
-                Err(PublishError::Unavailable { accepted: 0 })
-            }
-            Err(DeliveryError::Encode(_)) => Err(PublishError::Internal),
-        }
-    }
-    .await;
-    match result {
-        Ok(()) => (StatusCode::ACCEPTED, Json(json!({ "revoked": true }))).into_response(),
-        Err(e) => {
-            tracing::info!(status = e.status().as_u16(), error = %e, "revocation refused");
             e.into_response()
         }
     }
@@ -231,7 +191,7 @@ fn check_headers(state_token: &SecretString, limit: usize, headers: &HeaderMap) 
 
 /// The checks every endpoint of this API makes, in the contract's order
 /// (401, 415, 413), then the body.
-async fn read_checked_body<A: Adapter>(
+pub(crate) async fn read_checked_body<A: Adapter>(
     state: &PublishState<A>,
     headers: &HeaderMap,
     body: Body,
@@ -260,8 +220,8 @@ async fn handle<A: Adapter>(state: &PublishState<A>, headers: &HeaderMap, body: 
             );
             Ok(accepted)
         }
-        Err(DeliveryError::AdapterUnavailable { accepted, reason }) => {
-            tracing::warn!(accepted, error = %reason, "publish failed: adapter unavailable");
+        Err(DeliveryError::LogUnavailable { accepted, reason }) => {
+            tracing::warn!(accepted, error = %reason, "publish failed: the event log is unavailable");
             Err(PublishError::Unavailable { accepted })
         }
         Err(DeliveryError::Encode(reason)) => {

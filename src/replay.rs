@@ -1,6 +1,6 @@
 //! The event log behind recovery: every delivered event gets an offset, and
-//! recent events are kept (by time and by count) so that a client that
-//! reconnects can ask for what it missed.
+//! recent events are kept (by time, by count and, in memory, by bytes) so
+//! that a client that reconnects can ask for what it missed.
 //!
 //! An offset is `EEEEEEEEEEEEE-TTTTTTTTTTTTT-SSSSSSSSSS`: the log's epoch (the
 //! millisecond it was created), then the position in it. Fixed width, so
@@ -69,6 +69,8 @@ impl fmt::Display for Offset {
 pub struct Retention {
     pub window: Duration,
     pub max_events: usize,
+    /// Most bytes of event objects the in-memory log keeps.
+    pub max_bytes: usize,
     /// Most events one replay sends to one socket (half its buffer, so that
     /// the replay and the ack fit); a longer gap answers `recovered: false`.
     pub max_replay: usize,
@@ -114,6 +116,8 @@ pub struct MemoryLog {
     epoch: u64,
     next: u64,
     entries: VecDeque<(Instant, Logged)>,
+    /// The bytes of the event objects in `entries`.
+    bytes: usize,
     retention: Retention,
 }
 
@@ -124,7 +128,7 @@ impl MemoryLog {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or_default();
-        MemoryLog { epoch, next: 1, entries: VecDeque::new(), retention }
+        MemoryLog { epoch, next: 1, entries: VecDeque::new(), bytes: 0, retention }
     }
 
     /// Appends an event and returns it with its offset.
@@ -132,18 +136,28 @@ impl MemoryLog {
         let offset = Offset { epoch: self.epoch, major: self.next, minor: 0 };
         self.next += 1;
         let logged = Logged::new(offset, kind, rooms, envelope);
+        self.bytes += logged.json.len();
         self.entries.push_back((Instant::now(), logged.clone()));
         self.trim();
         logged
     }
 
-    fn trim(&mut self) {
-        while self.entries.len() > self.retention.max_events {
-            self.entries.pop_front();
+    /// Drops what is past the window, the count or the bytes (oldest first).
+    pub fn trim(&mut self) {
+        while self.entries.len() > self.retention.max_events
+            || self.bytes > self.retention.max_bytes
+            || self.entries.front().is_some_and(|(at, _)| at.elapsed() > self.retention.window)
+        {
+            match self.entries.pop_front() {
+                Some((_, dropped)) => self.bytes -= dropped.json.len(),
+                None => break,
+            }
         }
-        while self.entries.front().is_some_and(|(at, _)| at.elapsed() > self.retention.window) {
-            self.entries.pop_front();
-        }
+    }
+
+    /// How many events and bytes of event objects the log holds.
+    pub fn size(&self) -> (usize, usize) {
+        (self.entries.len(), self.bytes)
     }
 
     /// The offset of the last event logged (`None` before the first).
@@ -205,7 +219,12 @@ mod tests {
 
     #[test]
     fn the_memory_log_replays_one_room_within_retention() {
-        let mut log = MemoryLog::new(Retention { window: Duration::from_secs(60), max_events: 3, max_replay: 64 });
+        let mut log = MemoryLog::new(Retention {
+            window: Duration::from_secs(60),
+            max_events: 3,
+            max_bytes: 1 << 20,
+            max_replay: 64,
+        });
         let c1: Arc<[Room]> = Arc::from(vec![room("campaign:c1")]);
         let s1: Arc<[Room]> = Arc::from(vec![room("campaign:c1"), room("settlement:s1")]);
         let a = log.append(EventKind::StateInvalidated, c1.clone(), "{}");
@@ -226,5 +245,27 @@ mod tests {
         // The future, another epoch: not recoverable.
         assert!(!log.replay(&room("campaign:c1"), Offset { major: 99, ..a.offset }).recovered);
         assert!(!log.replay(&room("campaign:c1"), Offset { epoch: 1, ..a.offset }).recovered);
+    }
+
+    #[test]
+    fn the_memory_log_keeps_at_most_its_bytes_and_its_window() {
+        let retention =
+            Retention { window: Duration::from_millis(50), max_events: 100, max_bytes: 1000, max_replay: 64 };
+        let mut log = MemoryLog::new(retention);
+        let c1: Arc<[Room]> = Arc::from(vec![room("campaign:c1")]);
+        let big = format!("{{\"blob\":\"{}\"}}", "x".repeat(300));
+        let mut offsets = Vec::new();
+        for _ in 0..5 {
+            offsets.push(log.append(EventKind::StateInvalidated, c1.clone(), &big).offset);
+        }
+        let (events, bytes) = log.size();
+        assert!(bytes <= 1000 && events == 2, "{events} events, {bytes} bytes");
+        // The oldest still recoverable is the one before the first kept.
+        assert!(log.replay(&room("campaign:c1"), offsets[2]).recovered);
+        assert!(!log.replay(&room("campaign:c1"), offsets[1]).recovered);
+        // Past the window, a trim with no append empties it.
+        std::thread::sleep(Duration::from_millis(80));
+        log.trim();
+        assert_eq!(log.size(), (0, 0));
     }
 }

@@ -1,5 +1,6 @@
-//! The membership and hierarchy store: who is in which campaign, and which
-//! campaign a settlement or structure belongs to.
+//! The membership and hierarchy store: who is in which campaign, which
+//! campaign a settlement or structure belongs to, and (the one table herald
+//! writes) whose access was revoked when.
 //!
 //! [`MembershipStore`] is the seam; [`SqlStore`] implements it over SQLite
 //! (the embedded default, created and migrated on start) or PostgreSQL (where
@@ -50,6 +51,19 @@ pub trait MembershipStore: Send + Sync + 'static {
         structure: &StructureId,
     ) -> impl Future<Output = Result<Option<SettlementId>, StoreError>> + Send;
 
+    /// When `user`'s access was last revoked, if at or after `since`
+    /// (seconds since the epoch).
+    fn user_revoked_at(&self, user: &str, since: u64) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send;
+
+    /// Records that `user`'s access was revoked `at` (keeping the latest),
+    /// and forgets revocations older than `forget_before`.
+    fn revoke_user(
+        &self,
+        user: &str,
+        at: u64,
+        forget_before: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// Checks that the store answers.
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
@@ -73,7 +87,8 @@ async fn open_and_migrate_sqlite(
     Ok(pool)
 }
 
-const RELATIONS: [&str; 3] = ["campaign_members", "settlements", "structures"];
+/// The relations herald reads, and the one it writes (user revocations).
+const RELATIONS: [&str; 4] = ["campaign_members", "settlements", "structures", "herald_user_revocations"];
 
 impl SqlStore {
     /// Connects. SQLite files are created if missing and always migrated;
@@ -236,6 +251,64 @@ impl MembershipStore for SqlStore {
             }
         };
         Ok(row.and_then(|(id,)| SettlementId::parse(&id).ok()))
+    }
+
+    async fn user_revoked_at(&self, user: &str, since: u64) -> Result<Option<u64>, StoreError> {
+        let since = i64::try_from(since).unwrap_or(i64::MAX);
+        let row: Option<(i64,)> = match self {
+            SqlStore::Sqlite(pool) => {
+                sqlx::query_as("SELECT revoked_at FROM herald_user_revocations WHERE user_id = ?1 AND revoked_at >= ?2")
+                    .bind(user)
+                    .bind(since)
+                    .fetch_optional(pool)
+                    .await?
+            }
+            SqlStore::Postgres(pool) => {
+                sqlx::query_as("SELECT revoked_at FROM herald_user_revocations WHERE user_id = $1 AND revoked_at >= $2")
+                    .bind(user)
+                    .bind(since)
+                    .fetch_optional(pool)
+                    .await?
+            }
+        };
+        Ok(row.and_then(|(at,)| u64::try_from(at).ok()))
+    }
+
+    async fn revoke_user(&self, user: &str, at: u64, forget_before: u64) -> Result<(), StoreError> {
+        let (at, forget_before) =
+            (i64::try_from(at).unwrap_or(i64::MAX), i64::try_from(forget_before).unwrap_or(i64::MAX));
+        match self {
+            SqlStore::Sqlite(pool) => {
+                sqlx::query("DELETE FROM herald_user_revocations WHERE revoked_at < ?1")
+                    .bind(forget_before)
+                    .execute(pool)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO herald_user_revocations (user_id, revoked_at) VALUES (?1, ?2) \
+                     ON CONFLICT (user_id) DO UPDATE SET revoked_at = MAX(revoked_at, excluded.revoked_at)",
+                )
+                .bind(user)
+                .bind(at)
+                .execute(pool)
+                .await?;
+            }
+            SqlStore::Postgres(pool) => {
+                sqlx::query("DELETE FROM herald_user_revocations WHERE revoked_at < $1")
+                    .bind(forget_before)
+                    .execute(pool)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO herald_user_revocations (user_id, revoked_at) VALUES ($1, $2) \
+                     ON CONFLICT (user_id) DO UPDATE \
+                     SET revoked_at = GREATEST(herald_user_revocations.revoked_at, excluded.revoked_at)",
+                )
+                .bind(user)
+                .bind(at)
+                .execute(pool)
+                .await?;
+            }
+        }
+        Ok(())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -22,22 +22,61 @@ pub fn init_tracing(filter: &str, format: LogFormat) -> Result<(), String> {
 
     let filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| e.to_string())?.and(quiet_dependencies());
     let ansi = std::io::stderr().is_terminal();
+    let writer = move || OneLine { ansi };
     let registry = tracing_subscriber::registry();
     let result = match format {
         LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr).with_filter(filter))
+            .with(tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(writer).with_filter(filter))
             .try_init(),
         LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_writer(std::io::stderr)
-                    .with_filter(filter),
-            )
+            .with(tracing_subscriber::fmt::layer().json().flatten_event(true).with_writer(writer).with_filter(filter))
             .try_init(),
     };
     result.map_err(|e| e.to_string())
+}
+
+/// Writes log lines to stderr, each one line whatever its fields hold: a
+/// value from outside (an id, an event name, a header, an error quoting a
+/// payload) cannot forge a line of its own. Line breaks and other control
+/// characters inside a line are escaped (`\n`, `\x1b`, `\u{2028}`); only
+/// the final newline stays. The escape character stays raw on a terminal,
+/// where it carries the colours.
+struct OneLine {
+    ansi: bool,
+}
+
+/// `text` (one formatted log line) with every line break and control
+/// character escaped, but its final newline.
+fn one_line(text: &str, ansi: bool) -> String {
+    let (body, newline) = match text.strip_suffix('\n') {
+        Some(body) => (body, "\n"),
+        None => (text, ""),
+    };
+    let mut line = String::with_capacity(text.len() + 8);
+    for c in body.chars() {
+        match c {
+            '\n' => line.push_str("\\n"),
+            '\r' => line.push_str("\\r"),
+            '\t' => line.push(c),
+            '\x1b' if ansi => line.push(c),
+            c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => line.extend(c.escape_unicode()),
+            c => line.push(c),
+        }
+    }
+    line.push_str(newline);
+    line
+}
+
+impl std::io::Write for OneLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let line = one_line(&String::from_utf8_lossy(buf), self.ansi);
+        std::io::stderr().lock().write_all(line.as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 /// Dependencies whose debug and trace logs carry what clients send (frames
@@ -74,6 +113,10 @@ pub struct Metrics {
     pub adapter_errors: Counter,
     /// Limits hit, by limit.
     pub limits_hit: Family<Labels1, Counter>,
+    /// Events the in-memory replay log holds.
+    pub replay_log_events: Gauge,
+    /// Bytes of event objects the in-memory replay log holds.
+    pub replay_log_bytes: Gauge,
 }
 
 impl Metrics {
@@ -96,6 +139,14 @@ impl Metrics {
         registry.register("adapter_errors", "Redis failures (operations and lost connections)", adapter_errors.clone());
         let limits_hit = Family::<Labels1, Counter>::default();
         registry.register("limits_hit", "Limits hit, by limit", limits_hit.clone());
+        let replay_log_events = Gauge::default();
+        registry.register("replay_log_events", "Events the in-memory replay log holds", replay_log_events.clone());
+        let replay_log_bytes = Gauge::default();
+        registry.register(
+            "replay_log_bytes",
+            "Bytes of event objects the in-memory replay log holds",
+            replay_log_bytes.clone(),
+        );
         Arc::new(Metrics {
             registry,
             connections,
@@ -106,6 +157,8 @@ impl Metrics {
             publish_requests,
             adapter_errors,
             limits_hit,
+            replay_log_events,
+            replay_log_bytes,
         })
     }
 
@@ -128,4 +181,22 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         source = e.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_line_stays_one_line_whatever_its_values_hold() {
+        let forged = "INFO revoked user=zz\nFAKE-LOG-LINE ERROR herald: admin logged in\r\u{85}\u{2028}\x1b[31m\0end\n";
+        let line = one_line(forged, false);
+        assert_eq!(line.matches('\n').count(), 1, "{line:?}");
+        assert!(line.ends_with("end\n"));
+        assert!(line.contains("zz\\nFAKE-LOG-LINE"), "{line:?}");
+        assert!(!line.chars().any(|c| c != '\n' && (c.is_control() || c == '\u{2028}')), "{line:?}");
+        // On a terminal the escape character carries the colours.
+        assert!(one_line("\x1b[32mINFO\x1b[0m x\n", true).starts_with('\x1b'));
+        assert_eq!(one_line("plain \u{e9}t\u{e9}\tok\n", false), "plain \u{e9}t\u{e9}\tok\n");
+    }
 }

@@ -218,6 +218,23 @@ impl Client {
         tokio::time::timeout(wait, rx).await.ok()?.ok()
     }
 
+    /// Sends an event with an ack id now and returns the ack to come (`None`
+    /// after `wait`). The future borrows nothing: several can be in flight.
+    #[allow(dead_code)]
+    pub fn emit_in_flight(
+        &mut self,
+        event: &str,
+        data: Value,
+        wait: Duration,
+    ) -> impl std::future::Future<Output = Option<Value>> + Send + 'static {
+        let id = self.next_ack;
+        self.next_ack += 1;
+        let (tx, rx) = oneshot::channel();
+        self.acks.lock().unwrap().insert(id, tx);
+        self.send_raw(&format!("42{id}{}", json!([event, data])));
+        async move { tokio::time::timeout(wait, rx).await.ok()?.ok() }
+    }
+
     /// Subscribes to `kind:<id>` and returns the ack.
     pub async fn subscribe(&mut self, kind: &str, id: &str) -> Value {
         self.emit_with_ack(&format!("subscribe_{kind}"), json!({ format!("{kind}Id"): id })).await

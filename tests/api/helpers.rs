@@ -41,14 +41,20 @@ INSERT INTO settlements (id, campaign_id) VALUES ('s1', 'c1'), ('s2', 'c2');
 INSERT INTO structures (id, settlement_id) VALUES ('st1', 's1'), ('st2', 's2');
 ";
 
+/// Whether this is a CI run, where a test never skips: `CI` set to anything
+/// but empty, `false` or `0`.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.trim().to_ascii_lowercase().as_str(), "" | "false" | "0"))
+}
+
 /// The PostgreSQL URL for store tests, or `None` (said loudly; fatal in CI).
 pub fn postgres_url() -> Option<String> {
     match std::env::var("HERALD_TEST_DATABASE_URL") {
         Ok(url) if !url.is_empty() => Some(url),
         _ => {
             assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "HERALD_TEST_DATABASE_URL is not set, and CI=true: the PostgreSQL store tests must run"
+                !in_ci(),
+                "HERALD_TEST_DATABASE_URL is not set, and this is CI: the PostgreSQL store tests must run"
             );
             eprintln!("SKIPPED: HERALD_TEST_DATABASE_URL is not set; the PostgreSQL store test did not run");
             None

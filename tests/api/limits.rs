@@ -272,3 +272,20 @@ async fn a_gap_longer_than_half_the_socket_buffer_is_not_replayed() {
     }
     bob.expect_silence(Duration::from_millis(200)).await;
 }
+
+/// An idle instance lets go of events past the replay window too (a timer
+/// trims the in-memory log, not only the next append).
+#[tokio::test]
+async fn the_replay_log_forgets_old_events_without_new_ones() {
+    let app = spawn_app_with(Backend::Sqlite, |c| c.replay_window = Duration::from_secs(1)).await;
+    for _ in 0..3 {
+        assert_eq!(app.publish(&bodies::state_invalidated("c1")).await.0, 202);
+    }
+    let m = app.metrics().await;
+    assert_eq!(metric(&m, "herald_replay_log_events"), 3.0, "{m}");
+    assert!(metric(&m, "herald_replay_log_bytes") > 0.0);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let m = app.metrics().await;
+    assert_eq!(metric(&m, "herald_replay_log_events"), 0.0, "{m}");
+    assert_eq!(metric(&m, "herald_replay_log_bytes"), 0.0, "{m}");
+}

@@ -28,13 +28,32 @@ struct Process {
 
 impl Process {
     async fn start(env: &[(&str, &str)]) -> Process {
+        Process::start_with(env, None).await
+    }
+
+    /// Starts it with these soft and hard limits on open files.
+    async fn start_with_file_limit(env: &[(&str, &str)], soft: u64, hard: u64) -> Process {
+        Process::start_with(env, Some((soft, hard))).await
+    }
+
+    async fn start_with(env: &[(&str, &str)], file_limit: Option<(u64, u64)>) -> Process {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("herald.db").display());
         // Creates the schema, then the fixture.
         let store = herald::store::SqlStore::connect(&url, 1, true).await.expect("the store opens");
         store.close().await;
         run_sql(&url, FIXTURE).await;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+        let mut command = match file_limit {
+            None => Command::new(env!("CARGO_BIN_EXE_herald")),
+            Some((soft, hard)) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -Sn {soft} && ulimit -Hn {hard} && exec \"$0\""))
+                    .arg(env!("CARGO_BIN_EXE_herald"));
+                sh
+            }
+        };
+        let mut child = command
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HERALD_LISTEN", "127.0.0.1:0")
@@ -118,10 +137,31 @@ impl Drop for Process {
     }
 }
 
+/// Fails when any 8-character window of a secret is in `text`. A JWT's
+/// header is public (and shared by every token), so only its payload and
+/// signature count.
+fn assert_no_window_of(text: &str, secrets: &[&str], what: &str) {
+    for secret in secrets {
+        let parts: Vec<&str> =
+            if secret.starts_with("eyJ") { secret.split('.').skip(1).collect() } else { vec![secret] };
+        for part in parts {
+            let chars: Vec<char> = part.chars().collect();
+            for window in chars.windows(8.min(chars.len())) {
+                let window: String = window.iter().collect();
+                if let Some(line) = text.lines().find(|l| l.contains(&window)) {
+                    panic!("8 characters of a secret are in the {what}: {}", line.replace(&window, "<SECRET>"));
+                }
+            }
+        }
+    }
+}
+
 /// No log line, at any level, holds a client token, the JWT secret or the
-/// publish token, nor the first 12 characters of any of them.
+/// publish token, nor any 8 characters of them; nor an Engine.IO session id
+/// (it grants the session), in the logs or the metrics; and no value from
+/// outside can start a log line of its own.
 #[tokio::test]
-async fn no_secret_reaches_the_logs() {
+async fn no_secret_and_no_session_id_reaches_the_logs_and_no_line_can_be_forged() {
     let app = Process::start(&[("HERALD_LOG", "trace"), ("HERALD_JWT_LEEWAY", "0s")]).await;
     let alice = token("alice");
     let carol = token("carol");
@@ -131,24 +171,37 @@ async fn no_secret_reaches_the_logs() {
     let expired = token_with(&Header::default(), json!({"sub": "alice", "exp": now() - 600}), JWT_SECRET.as_bytes());
     let garbage = "not-a-jwt-but-still-a-secret-0123456789";
     let wrong_publish = "wrong-publish-token-that-is-still-secret";
+    const FORGED: &str = "zz\nFAKE-LOG-LINE ERROR herald: admin logged in";
+    let forged_sub = token_with(&Header::default(), json!({"sub": FORGED, "exp": now() + 600}), JWT_SECRET.as_bytes());
 
-    // Handshakes: accepted (auth and query), refused (forged, expired, garbage).
+    // Handshakes: accepted (auth and query), refused (forged, expired, garbage, a sub that is no user id).
     let mut c = Client::connect(app.addr, Some(json!({"token": alice})), "").await.expect("connects");
     assert_eq!(c.subscribe("campaign", "c1").await["success"], true);
     assert_eq!(c.subscribe("campaign", "c2").await["success"], false);
     let q = Client::connect(app.addr, None, &format!("token={in_query}")).await.expect("connects with a query token");
-    for bad in [&forged, &expired, &garbage.to_owned()] {
+    for bad in [&forged, &expired, &garbage.to_owned(), &forged_sub] {
         assert!(Client::connect(app.addr, Some(json!({"token": bad})), "").await.is_err());
         assert!(Client::connect(app.addr, None, &format!("token={bad}")).await.is_err());
     }
-    // Long-polling handshake with the token in the URL.
+    // Long-polling handshake with the token in the URL, then its session.
     let polling = app.http.get(app.url(&format!("/socket.io/?EIO=4&transport=polling&token={alice}"))).send().await;
-    assert_eq!(polling.unwrap().status(), 200);
+    let open = polling.unwrap().text().await.unwrap();
+    let polling_sid = open.split("\"sid\":\"").nth(1).and_then(|s| s.split('"').next()).unwrap().to_owned();
+    let session = app.url(&format!("/socket.io/?EIO=4&transport=polling&sid={polling_sid}"));
+    let connect = app.http.post(&session).body(format!("40{}", json!({"token": alice}))).send().await.unwrap();
+    assert_eq!(connect.status(), 200);
     // In-band refresh: accepted, another user's, invalid.
     let fresh = token("alice");
     assert_eq!(c.emit_with_ack("refresh_token", json!({"token": fresh})).await["success"], true);
     assert_eq!(c.emit_with_ack("refresh_token", json!({"token": carol})).await["success"], false);
     assert_eq!(c.emit_with_ack("refresh_token", json!({"token": garbage})).await["success"], false);
+    // Values from outside that try to start a line of their own.
+    // (socketioxide itself drops a packet whose event name holds a newline.)
+    let forged_event = FORGED.replace('\n', "\u{2028}");
+    assert_eq!(c.emit_with_ack(&forged_event, json!({})).await["error"], "Unknown event");
+    assert_eq!(app.publish_with(PUBLISH_TOKEN, &json!({"type": FORGED, "payload": {}})).await, 400);
+    let forged_revoke = app.http.post(app.url("/v1/access/revoke")).bearer_auth(PUBLISH_TOKEN);
+    assert_eq!(forged_revoke.json(&json!({"userId": FORGED})).send().await.unwrap().status(), 400);
     // Publishing and revoking, with the right token and a wrong one.
     assert_eq!(app.publish_with(PUBLISH_TOKEN, &bodies::state_invalidated("c1")).await, 202);
     assert_eq!(app.publish_with(wrong_publish, &bodies::state_invalidated("c1")).await, 401);
@@ -157,6 +210,8 @@ async fn no_secret_reaches_the_logs() {
     let revoke = revoke.json(&json!({"userId": "bob"})).send().await.unwrap();
     assert_eq!(revoke.status(), 202);
     q.closed_within(Duration::from_secs(5)).await;
+    let metrics = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let sids = [c.sid.clone(), q.sid.clone(), polling_sid];
     drop(c);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -164,23 +219,107 @@ async fn no_secret_reaches_the_logs() {
     assert!(output.lines().count() > 20, "trace logs were captured:\n{output}");
     let secrets =
         [JWT_SECRET, PUBLISH_TOKEN, &alice, &carol, &in_query, &forged, &expired, garbage, wrong_publish, &fresh];
-    for secret in secrets {
-        if let Some(line) = output.lines().find(|l| l.contains(secret)) {
-            let shown = line.replace(secret, "<SECRET>");
-            panic!("a secret is in the logs: {shown}");
-        }
-        // A JWT's first 12 characters are its (public) header, shared by
-        // every token; its payload and signature must not appear either.
-        let parts: Vec<&str> =
-            if secret.starts_with("eyJ") { secret.split('.').skip(1).collect() } else { vec![secret] };
-        for part in parts {
-            let prefix = &part[..12.min(part.len())];
-            if let Some(line) = output.lines().find(|l| l.contains(prefix)) {
-                let shown = line.replace(prefix, "<PREFIX>");
-                panic!("the first 12 characters of a secret are in the logs: {shown}");
+    assert_no_window_of(&output, &secrets, "logs");
+    for sid in &sids {
+        assert!(!sid.is_empty());
+        for (text, what) in [(&output, "logs"), (&metrics, "metrics")] {
+            if let Some(line) = text.lines().find(|l| l.contains(sid.as_str())) {
+                panic!("a session id is in the {what}: {line}");
             }
         }
     }
+    assert!(output.contains("FAKE-LOG-LINE"), "the forged values were logged (escaped):\n{output}");
+    for line in output.lines() {
+        assert!(!line.starts_with("FAKE-LOG-LINE"), "a forged log line: {line}");
+    }
+}
+
+/// Connections that send nothing, or half a request line, are closed once
+/// the header timeout passes, so they cannot hold the process's file
+/// descriptors: with more of them than its (lowered) limit allows, the
+/// listener keeps going, and a real client connects once they are gone.
+/// herald raises its soft limit to the hard one at start, and says so.
+#[tokio::test]
+async fn idle_connections_cannot_lock_clients_out() {
+    let app = Process::start_with_file_limit(&[("HERALD_HEADER_TIMEOUT", "1s")], 32, 96).await;
+    assert!(
+        app.output.lock().unwrap().contains("open file limit raised before=32 after=96"),
+        "{}",
+        app.output.lock().unwrap()
+    );
+    // One idle connection: how long it lives.
+    let mut idle = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let opened = Instant::now();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read(&mut idle, &mut byte)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "closed by the server: {read:?}");
+    let lived = opened.elapsed();
+    assert!(lived < Duration::from_secs(3), "an idle connection lived {lived:?}");
+
+    // Twice the limit, half of them with half a request line.
+    let mut hoard = Vec::new();
+    for i in 0..192 {
+        let Ok(Ok(mut s)) =
+            tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(app.addr)).await
+        else {
+            continue;
+        };
+        if i % 2 == 0 {
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut s, b"GET /socket.io/?EIO=4&transp").await;
+        }
+        hoard.push(s);
+    }
+    let started = Instant::now();
+    let mut c = loop {
+        match Client::connect(app.addr, Some(json!({"token": token("alice")})), "").await {
+            Ok(c) => break c,
+            Err(e) => assert!(started.elapsed() < Duration::from_secs(15), "a real client is locked out: {e:?}"),
+        }
+    };
+    println!(
+        "idle connections: one lived {lived:?} (HERALD_HEADER_TIMEOUT=1s); with {} held against a limit of 96, \
+         a real client connected after {:?}",
+        hoard.len(),
+        started.elapsed()
+    );
+    assert_eq!(c.subscribe("campaign", "c1").await["success"], true);
+    let health = app.http.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let accept_failures = app.output.lock().unwrap().matches("accept failed").count();
+    let took = started.elapsed().as_secs() + 2;
+    assert!(
+        accept_failures as u64 <= took,
+        "{accept_failures} accept failure lines in {took} s: logged at most once a second"
+    );
+    drop(hoard);
+}
+
+/// The in-memory replay log is bounded by bytes: 150 publishes of 1 MiB
+/// events leave the process's memory within the default bound (32 MiB) plus
+/// some slack, rather than growing by all of them.
+#[tokio::test]
+async fn a_flood_of_large_events_stays_within_the_replay_bytes() {
+    let app = Process::start(&[("HERALD_LOG", "warn")]).await;
+    let blob = "m".repeat(1_000_000);
+    let rss_before = app.rss_kib();
+    let mut rss_peak = rss_before;
+    for seq in 0..150 {
+        let mut event = bodies::entity_updated("c1", "campaign", "c1");
+        event["payload"]["entityData"] = json!({"seq": seq, "blob": blob});
+        assert_eq!(app.publish_with(PUBLISH_TOKEN, &event).await, 202);
+        rss_peak = rss_peak.max(app.rss_kib());
+    }
+    let metrics = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let bytes = metric(&metrics, "herald_replay_log_bytes");
+    println!(
+        "replay log under 150 events of 1 MiB: {} events, {:.1} MiB kept; server RSS {} MiB before, {} MiB peak",
+        metric(&metrics, "herald_replay_log_events"),
+        bytes / 1048576.0,
+        rss_before / 1024,
+        rss_peak / 1024
+    );
+    assert!(bytes <= 32.0 * 1048576.0, "the log keeps {bytes} bytes");
+    assert!(rss_peak < rss_before + 96 * 1024, "memory grew from {rss_before} KiB to {rss_peak} KiB");
 }
 
 /// Random and truncated frames, a huge frame, unexpected binary attachments,
@@ -330,14 +469,27 @@ async fn hostile_clients_do_not_hurt_the_process_or_other_clients() {
     assert_eq!(never_reads.subscribe("campaign", "c1").await["success"], true);
     stall.send(true).unwrap();
 
-    // Meanwhile: events of 8 KiB, every 20 ms for 8 s, to the good client's
-    // room (and the never-reading client's). Memory is sampled throughout.
-    let blob = "y".repeat(8 * 1024);
+    // Meanwhile: events of 16 KiB, every 20 ms for 8 s, to the good client's
+    // room (and the never-reading client's), then as fast as they go until
+    // the never-reading client is caught (at most 30 s more: its kernel
+    // buffers fill first, then its 64 packets). Memory is sampled throughout.
+    let blob = "y".repeat(16 * 1024);
     let started = Instant::now();
     let mut published = 0usize;
     let mut rss_peak = rss_before;
     let mut offsets = Vec::new();
-    while started.elapsed() < Duration::from_secs(8) {
+    let slow_consumers = || async {
+        let metrics = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        metric(&metrics, r#"herald_limits_hit_total{limit="slow_consumer"}"#)
+    };
+    loop {
+        let hostile_phase = started.elapsed() < Duration::from_secs(8);
+        let done = !hostile_phase
+            && published.is_multiple_of(10)
+            && (started.elapsed() > Duration::from_secs(38) || slow_consumers().await >= 1.0);
+        if done {
+            break;
+        }
         let mut event = bodies::entity_updated("c1", "campaign", "c1");
         event["payload"]["entityData"] = json!({"seq": published, "blob": blob});
         assert_eq!(app.publish_with(PUBLISH_TOKEN, &event).await, 202);
@@ -346,7 +498,9 @@ async fn hostile_clients_do_not_hurt_the_process_or_other_clients() {
             offsets.push(event["offset"].as_str().unwrap_or_default().to_owned());
         }
         rss_peak = rss_peak.max(app.rss_kib());
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        if hostile_phase {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     stop.store(true, Ordering::Relaxed);
     while offsets.len() < published {
@@ -354,7 +508,17 @@ async fn hostile_clients_do_not_hurt_the_process_or_other_clients() {
         offsets.push(event["offset"].as_str().unwrap_or_default().to_owned());
     }
     let cpu = app.cpu_seconds() - cpu_before;
-    abusers.shutdown().await;
+    // Every abuser's own checks (a huge frame closes its connection, a
+    // flooding socket is disconnected) must have held.
+    let joined = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(result) = abusers.join_next().await {
+            if let Err(e) = result {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
+    })
+    .await;
+    assert!(joined.is_ok(), "the abusers did not stop");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_after = app.rss_kib();
 
@@ -381,5 +545,7 @@ async fn hostile_clients_do_not_hurt_the_process_or_other_clients() {
         limit("slow_consumer"),
     );
     assert!(limit("slow_consumer") >= 1.0, "the client that never reads was caught");
-    assert!(rss_peak < rss_before + 256 * 1024, "memory stays bounded: {rss_before} KiB then {rss_peak} KiB");
+    // Measured: a few MiB. The never-reading client's buffers (64 packets of
+    // 16 KiB) and the replay log (below its 32 MiB) are most of what is allowed.
+    assert!(rss_peak < rss_before + 48 * 1024, "memory stays bounded: {rss_before} KiB then {rss_peak} KiB");
 }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::client::Client;
+use crate::client::{Client, ConnectError};
 use crate::fleet::Redis;
 use crate::helpers::*;
 
@@ -15,14 +15,12 @@ async fn revoke(app: &TestApp, body: Value) -> (u16, Value) {
     (status, res.json().await.unwrap_or(Value::Null))
 }
 
-/// Waits for `access_revoked`, skipping other events.
+/// The next event, which must be `access_revoked`: nothing else may come
+/// first (an event published after the revocation's 202 never does).
 async fn revoked(client: &mut Client) -> Value {
-    loop {
-        let (name, arg) = client.expect_event().await;
-        if name == "access_revoked" {
-            return arg;
-        }
-    }
+    let (name, arg) = client.expect_event().await;
+    assert_eq!(name, "access_revoked", "{arg}");
+    arg
 }
 
 #[tokio::test]
@@ -80,6 +78,10 @@ async fn bad_revocations_are_refused_and_change_nothing() {
         (json!({"userId": 5}), "userId"),
         (json!({"userId": "alice", "campaignId": "c:1"}), "campaignId"),
         (json!({"userId": "alice", "everything": true}), "everything"),
+        (json!({"userId": "zz\nFAKE-LOG-LINE ERROR herald: admin logged in"}), "userId"),
+        (json!({"userId": "two words"}), "userId"),
+        (json!({"userId": "a".repeat(257)}), "userId"),
+        (json!({"userId": "alice", "revokedAt": 0}), "revokedAt"),
     ] {
         let (status, answer) = revoke(&app, body.clone()).await;
         assert_eq!(status, 400, "{body}");
@@ -126,4 +128,138 @@ async fn a_revocation_reaches_every_instance_and_is_measured() {
         latencies[latencies.len() - 1],
         latencies.len()
     );
+}
+
+/// A token for `sub` issued at `iat` (`None`: no `iat` claim), valid for an hour.
+fn token_issued(sub: &str, iat: Option<u64>) -> String {
+    let mut claims = json!({ "sub": sub, "exp": now() + 3600 });
+    if let Some(iat) = iat {
+        claims["iat"] = json!(iat);
+    }
+    token_with(&jsonwebtoken::Header::default(), claims, JWT_SECRET.as_bytes())
+}
+
+async fn connects(app: &TestApp, token: &str) -> Result<Client, ConnectError> {
+    app.try_connect(Some(json!({ "token": token })), "").await
+}
+
+/// A user revocation refuses, on every instance and after a restart, every
+/// token of that user issued at or before it (or without `iat`); tokens
+/// issued after it, and other users, connect.
+#[tokio::test]
+async fn a_revoked_user_cannot_come_back_with_an_older_token_on_any_instance_or_after_a_restart() {
+    let Some(redis) = Redis::start().await else { return };
+    let config = |url: String| {
+        move |c: &mut herald::Config| {
+            c.redis_url = Some(url);
+            c.redis_prefix = "herald-user-revocation".into();
+        }
+    };
+    let a = spawn_app_with(Backend::Sqlite, config(redis.url())).await;
+    // b's database outlives b, which restarts on it.
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("herald.db").display());
+    let b = spawn_app_on(&database, config(redis.url())).await;
+    run_sql(&database, FIXTURE).await;
+    let before = token_issued("alice", Some(now() - 10));
+    let without_iat = token_issued("alice", None);
+    let mut on_b = connects(&b, &before).await.expect("connects before the revocation");
+    assert_eq!(on_b.subscribe("campaign", "c1").await["success"], true);
+
+    assert_eq!(revoke(&a, json!({"userId": "alice"})).await.0, 202);
+    assert!(on_b.closed_within(Duration::from_secs(3)).await, "disconnected on the other instance");
+    assert!(on_b.got_disconnect_packet(), "final");
+    for (app, name) in [(&a, "a"), (&b, "b")] {
+        for (token, what) in [(&before, "issued before"), (&without_iat, "without iat")] {
+            assert_eq!(
+                connects(app, token).await.err(),
+                Some(ConnectError::Refused("Unauthorized".into())),
+                "{what}, on instance {name}"
+            );
+        }
+        let after = token_issued("alice", Some(now() + 1));
+        let mut c = connects(app, &after).await.expect("a token issued after the revocation connects");
+        assert_eq!(c.subscribe("campaign", "c1").await["success"], true);
+        // A socket with a newer token cannot refresh to an older one.
+        assert_eq!(c.emit_with_ack("refresh_token", json!({ "token": before })).await["error"], "Unauthorized");
+        connects(app, &token("bob")).await.expect("another user is untouched");
+    }
+    let m = a.metrics().await;
+    assert!(metric(&m, r#"herald_auth_failures_total{reason="revoked"}"#) >= 2.0, "{m}");
+
+    // Instance b restarts on its database: it remembers.
+    b.stop().await;
+    let b = spawn_app_on(&database, config(redis.url())).await;
+    assert_eq!(connects(&b, &before).await.err(), Some(ConnectError::Refused("Unauthorized".into())));
+    connects(&b, &token_issued("alice", Some(now() + 1))).await.expect("a newer token still connects");
+}
+
+/// Subscribes in flight while a campaign revocation lands: their
+/// membership checks read the store before the revocation (here they are
+/// held on a table lock, then read "member"), and their joins come after it.
+/// Every one is refused at its join, so after the 202 none of the user's
+/// sockets is in the campaign's rooms, nothing published after it reaches
+/// them, and the gauge agrees. (PostgreSQL, for the table lock.)
+#[tokio::test]
+async fn a_subscribe_racing_a_revocation_never_joins_after_it() {
+    let Some(_) = postgres_url() else { return };
+    let app = spawn_app_with(Backend::Postgres, |c| {
+        c.membership_cache_ttl = Duration::ZERO;
+        c.database_max_connections = 32;
+    })
+    .await;
+    let mut bob = app.connect("bob").await;
+    assert_eq!(bob.subscribe("campaign", "c1").await["success"], true);
+    let mut sockets = Vec::new();
+    for _ in 0..6 {
+        sockets.push(app.connect("alice").await);
+    }
+
+    // Every membership check waits on the lock, having started before the revocation.
+    use sqlx::Connection;
+    let mut lock = sqlx::PgConnection::connect(&app.database_url).await.unwrap();
+    let mut tx = lock.begin().await.unwrap();
+    sqlx::query("LOCK TABLE campaign_members IN ACCESS EXCLUSIVE MODE").execute(&mut *tx).await.unwrap();
+    let mut acks = Vec::new();
+    for alice in &mut sockets {
+        for (kind, id) in [("campaign", "c1"), ("settlement", "s1"), ("structure", "st1")] {
+            let payload = json!({ format!("{kind}Id"): id });
+            acks.push(alice.emit_in_flight(&format!("subscribe_{kind}"), payload, Duration::from_secs(20)));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(revoke(&app, json!({"userId": "alice", "campaignId": "c1"})).await.0, 202);
+    // The checks read "member" (as of before the revocation), then the application removes her.
+    tx.rollback().await.unwrap();
+    run_sql(&app.database_url, "DELETE FROM campaign_members WHERE campaign_id = 'c1' AND user_id = 'alice';").await;
+    for ack in futures_util::future::join_all(acks).await {
+        assert_eq!(
+            ack,
+            Some(json!({"success": false, "error": "Unauthorized"})),
+            "checked before the revocation, joined after"
+        );
+    }
+    for alice in &mut sockets {
+        let mut got = Vec::new();
+        while let Some((name, arg)) = alice.try_next_event() {
+            got.push((name, arg));
+        }
+        assert!(got.iter().all(|(name, _)| name == "access_revoked"), "{got:?}");
+    }
+    for body in [
+        bodies::state_invalidated("c1"),
+        bodies::settlement_updated("c1", "s1"),
+        bodies::structure_updated("c1", "s1", "st1"),
+    ] {
+        assert_eq!(app.publish(&body).await.0, 202);
+        assert!(bob.expect_event().await.1["offset"].is_string());
+    }
+    for alice in &mut sockets {
+        alice.expect_silence(Duration::from_millis(100)).await;
+    }
+    let m = app.metrics().await;
+    for kind in ["campaign", "settlement", "structure"] {
+        let expected = if kind == "campaign" { 1.0 } else { 0.0 };
+        assert_eq!(metric(&m, &format!("herald_subscriptions{{kind=\"{kind}\"}}")), expected, "{kind}: {m}");
+    }
 }

@@ -1,0 +1,159 @@
+//! Revocations: a user taken out of a campaign's rooms, or out of herald,
+//! on every instance, in log order with the events.
+//!
+//! - `POST /v1/access/revoke` (the publish token) with `{ "userId": "…",
+//!   "campaignId": "…" }`: the user's sockets leave the campaign's rooms and
+//!   are told `access_revoked`; with `{ "userId": "…" }` alone they are
+//!   disconnected (a final DISCONNECT: coming back would be wrong), and every
+//!   token of that user issued at or before the revocation (`iat`; a token
+//!   without `iat` counts as issued before) is refused from then on, at the
+//!   handshake and at `refresh_token`.
+//! - A revocation is appended to the event log like an event, and every
+//!   instance applies it when its reader reaches it, so no event published
+//!   after the revocation's 202 reaches the user in those rooms. The 202
+//!   comes once this instance has applied it.
+//! - A user revocation is kept in the membership store
+//!   (`herald_user_revocations`) for `HERALD_REVOCATION_TTL`, so it survives
+//!   restarts; every instance that applies one writes it there (a fleet on
+//!   one database writes the same row).
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use socketioxide::SocketIo;
+use socketioxide::adapter::Adapter;
+
+use crate::auth::UserId;
+use crate::delivery::{DeliveryError, RevocationHandler};
+use crate::events::InvalidEvent;
+use crate::gateway::{Gateway, user_room};
+use crate::publish::{PublishError, PublishState, read_checked_body};
+use crate::rooms::CampaignId;
+use crate::session::Session;
+use crate::store::MembershipStore;
+
+/// The body of `POST /v1/access/revoke`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RevokeRequest {
+    user_id: UserId,
+    #[serde(default)]
+    campaign_id: Option<CampaignId>,
+}
+
+/// A revocation, as the event log carries it to every instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Revocation {
+    pub user_id: UserId,
+    /// Without a campaign: the whole user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub campaign_id: Option<CampaignId>,
+    /// When it was made (seconds since the epoch): tokens issued at or before
+    /// it are refused.
+    #[serde(default)]
+    pub revoked_at: u64,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
+}
+
+/// The revoke API's route.
+pub fn router<A: Adapter>(state: Arc<PublishState<A>>) -> axum::Router {
+    axum::Router::new().route("/v1/access/revoke", post(revoke::<A>)).with_state(state)
+}
+
+async fn revoke<A: Adapter>(State(state): State<Arc<PublishState<A>>>, headers: HeaderMap, body: Body) -> Response {
+    let result = async {
+        let bytes = read_checked_body(&state, &headers, body).await?;
+        let request: RevokeRequest =
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&bytes)).map_err(|e| {
+                let path = e.path().to_string();
+                let path = if path == "." { "body".to_owned() } else { path };
+                InvalidEvent { path, message: e.into_inner().to_string() }
+            })?;
+        let revocation =
+            Revocation { user_id: request.user_id, campaign_id: request.campaign_id, revoked_at: unix_now() };
+        match state.delivery.revoke(revocation.clone()).await {
+            Ok(()) => {
+                tracing::info!(user = revocation.user_id.as_str(), campaign = ?revocation.campaign_id, "access revoked");
+                Ok(())
+            }
+            Err(DeliveryError::LogUnavailable { reason, .. }) => {
+                tracing::warn!(error = %reason, "revocation failed: the event log is unavailable");
+                Err(PublishError::Unavailable { accepted: 0 })
+            }
+            Err(DeliveryError::Encode(_)) => Err(PublishError::Internal),
+        }
+    }
+    .await;
+    match result {
+        Ok(()) => (StatusCode::ACCEPTED, Json(json!({ "revoked": true }))).into_response(),
+        Err(e) => {
+            tracing::info!(status = e.status().as_u16(), error = %e, "revocation refused");
+            e.into_response()
+        }
+    }
+}
+
+impl<S: MembershipStore> Gateway<S> {
+    /// What this instance does with a revocation: the user's local sockets
+    /// leave the campaign's rooms and are told `access_revoked`, or, without a
+    /// campaign, the revocation is stored and the sockets are disconnected;
+    /// the cached membership is forgotten.
+    pub fn revocation_handler<A: Adapter>(self: &Arc<Self>, io: SocketIo<A>) -> RevocationHandler {
+        let gw = self.clone();
+        Arc::new(move |revocation: Revocation| {
+            let gw = gw.clone();
+            let io = io.clone();
+            Box::pin(async move { gw.apply(&io, revocation).await })
+        })
+    }
+
+    async fn apply<A: Adapter>(&self, io: &SocketIo<A>, revocation: Revocation) {
+        let user: Arc<str> = Arc::from(revocation.user_id.as_str());
+        let Some(campaign) = revocation.campaign_id else {
+            if let Err(e) = self.access.revoke_user(&user, revocation.revoked_at).await {
+                tracing::error!(user = &*user, error = %crate::telemetry::error_chain(&*e), "cannot store a user revocation");
+            }
+            // After shutdown the namespace is gone, and so are the sockets.
+            let Some(ns) = io.of("/") else { return };
+            for s in ns.local().to(user_room(&user)).sockets() {
+                let number = Session::of(&s).map(|session| {
+                    session.close(&s);
+                    session.number
+                });
+                tracing::info!(user = &*user, socket = number, "access revoked: disconnecting");
+                // Final (a DISCONNECT packet): coming back would be wrong.
+                let _ = s.disconnect();
+            }
+            return;
+        };
+        self.access.forget_membership(&campaign, &user).await;
+        let Some(ns) = io.of("/") else { return };
+        for s in ns.local().to(user_room(&user)).sockets() {
+            let Some(session) = Session::of(&s) else { continue };
+            // From here on, a subscribe checked before is refused at its join.
+            session.note_revocation(&campaign);
+            let mut left = 0;
+            for room in Session::subscriptions(&s) {
+                // When the store cannot say, leave: the client may subscribe again.
+                let belongs = self.access.campaign_of(&room).await.map_or(true, |c| c.as_ref() == Some(&campaign));
+                if belongs && session.leave(&s, &room) {
+                    left += 1;
+                }
+            }
+            let _ = s.emit("access_revoked", &json!({ "campaignId": campaign }));
+            tracing::info!(user = &*user, socket = session.number, campaign = %campaign, rooms = left, "access revoked");
+        }
+    }
+}
