@@ -720,6 +720,12 @@ async function startProxy(targetPort) {
   };
 }
 
+/** Whether this is a CI run, where nothing skips: `CI` set to anything but empty, `false` or `0`. */
+function inCI() {
+  const ci = (process.env.CI ?? '').trim().toLowerCase();
+  return ci !== '' && ci !== 'false' && ci !== '0';
+}
+
 /** Polls `predicate` every 20 ms until it holds; fails with `describe()` after `timeoutMs`. */
 async function waitUntil(predicate, timeoutMs, describe) {
   const deadline = Date.now() + timeoutMs;
@@ -766,4 +772,5 @@ module.exports = {
   startProxy,
   waitUntil,
   metric,
+  inCI,
 };

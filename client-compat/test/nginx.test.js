@@ -19,7 +19,7 @@ const path = require('node:path');
 
 const { io } = require('socket.io-client');
 
-const { OK, startRedis, startFleet, freePort, trackChild, waitForPort, waitForConnect, ack, quietPeriod, sleep } = require('./helpers');
+const { OK, startRedis, startFleet, freePort, trackChild, waitForPort, waitForConnect, ack, quietPeriod, sleep, inCI } = require('./helpers');
 
 const NGINX_BIN = process.env.NGINX_BIN || '/usr/sbin/nginx';
 const NGINX_CONF = path.resolve(__dirname, '../../deploy/nginx.conf');
@@ -161,7 +161,7 @@ async function waitUntil(predicate, timeoutMs, describe) {
 }
 
 const missing = nginxMissing();
-if (missing && process.env.CI === 'true') {
+if (missing && inCI()) {
   describe('deploy/nginx.conf in front of two herald instances', () => {
     it('needs nginx (CI=true: not skipped)', () => {
       throw new Error(`${missing}. CI=true, so this is a failure, not a skip.`);

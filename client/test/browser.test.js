@@ -15,7 +15,7 @@ import { fileURLToPath } from 'node:url';
 
 import { chromium } from 'playwright-core';
 
-import { HERALD_BIN, spawnHerald } from './helpers.js';
+import { HERALD_BIN, inCI, spawnHerald } from './helpers.js';
 
 const CHROMIUM = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -24,7 +24,7 @@ const SCREENSHOT = path.resolve(here, '../../artifacts/browser/demo.png');
 const haveChromium = fs.existsSync(CHROMIUM);
 if (!haveChromium) {
   const msg = `${CHROMIUM} is missing (apt-get install chromium)`;
-  if (process.env.CI === 'true') throw new Error(`browser test: ${msg}; CI=true, so this fails`);
+  if (inCI()) throw new Error(`browser test: ${msg}; CI=true, so this fails`);
   console.log(`\n*** SKIPPED: browser test: ${msg} ***\n`);
 }
 
