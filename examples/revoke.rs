@@ -11,8 +11,9 @@
 //!   `access_revoked` with `{"campaignId"}`. They stay connected.
 //! - `{"userId"}`: every socket of the user is disconnected, with a Socket.IO
 //!   DISCONNECT (`"io server disconnect"`), which socket.io-client does not
-//!   retry. herald remembers nothing else: a client that connects again with
-//!   a token still valid is let in, so stop issuing tokens to the user.
+//!   retry, and every token of the user issued before the revocation (its
+//!   `iat`) is refused from then on, on every instance, for
+//!   `HERALD_REVOCATION_TTL`. Tokens you issue afterwards are let in.
 //!
 //! Both answer `202 {"revoked": true}`, and no event published after the 202
 //! reaches the user in those rooms. Update your membership table first: herald
