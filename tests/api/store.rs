@@ -59,7 +59,15 @@ async fn postgres_without_migrations_needs_the_relations() {
     let err = herald::Application::build(config.clone()).await.err().expect("refused");
     let err = herald::telemetry::error_chain(&err);
     assert!(err.contains("campaign_members"), "{err}");
-    // Views over the application's own tables are enough.
+    // Views over the application's own tables are enough, with the table
+    // herald writes (its migration, as the README says).
+    sqlx::raw_sql(&format!(
+        "SET search_path = {schema}; {}",
+        include_str!("../../migrations/postgres/0002_user_revocations.sql")
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
     sqlx::raw_sql(&format!(
         "SET search_path = {schema};
          CREATE TABLE app_memberships (campaign TEXT, member TEXT, role TEXT);
