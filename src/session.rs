@@ -210,14 +210,11 @@ impl Session {
     /// once (what it received stays a prefix of the log) and its transport is
     /// ended, not its Socket.IO session, so the stock client reconnects by
     /// itself and re-subscribes with `since`. False when it was already cut.
-    pub fn cut<A: Adapter>(&self, socket: &SocketRef<A>, transports: &Transports) -> bool {
+    pub fn cut<A: Adapter>(&self, socket: &SocketRef<A>, transports: &Arc<Transports>) -> bool {
         if !self.close(socket) {
             return false;
         }
-        if !transports.cut(socket) {
-            // No transport to end: it is already going.
-            tracing::debug!(socket = self.number, "cut: no transport found");
-        }
+        transports.cut(socket);
         true
     }
 

@@ -12,9 +12,15 @@
 //!   connection is cut ([`Connection::cut`]): engineioxide reads an Engine.IO
 //!   `close` packet, closes the session, writes what was queued and a close
 //!   frame, and drops the connection;
-//! - long-polling (also in the middle of an upgrade): the Engine.IO session
-//!   is ended with an Engine.IO `close` packet handed to engineioxide as if
-//!   the client had posted it, so the client's next poll fails.
+//! - long-polling: the Engine.IO session is ended with an Engine.IO `close`
+//!   packet handed to engineioxide as if the client had posted it, so the
+//!   client's next poll fails;
+//! - in the middle of an upgrade, the cut waits (at most [`CUT_GRACE`]) for
+//!   the upgrade to finish, then cuts the WebSocket. The stock client pauses
+//!   its polling once the server answered its probe; if the probe's
+//!   WebSocket died then, it would stay paused, neither polling nor
+//!   upgraded, until its ping timeout (45 s). Past the wait, both
+//!   transports are ended.
 //!
 //! socketioxide 0.18 has no public way to do either (its `Socket::close` is
 //! crate-private), so herald does it from the request side, where it owns the
@@ -28,10 +34,10 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderValue, Request, header};
-use socketioxide::ProtocolVersion;
 use socketioxide::adapter::Adapter;
 use socketioxide::extract::SocketRef;
 use socketioxide::socket::Sid;
+use socketioxide::{ProtocolVersion, TransportType};
 
 use crate::listener::Connection;
 
@@ -41,6 +47,9 @@ pub const SOCKET_IO_PATH: &str = "/socket.io";
 /// How long a cut connection gets to write what was queued for it and a
 /// close frame before it is reset. A peer that reads nothing is gone by then.
 pub const CUT_GRACE: Duration = Duration::from_secs(2);
+
+/// How often a cut in the middle of an upgrade looks whether it finished.
+const UPGRADE_POLL: Duration = Duration::from_millis(10);
 
 /// The request headers the Socket.IO endpoint reads: the WebSocket key of an
 /// upgrade, and the content type of a long-polling POST (herald itself reads
@@ -134,26 +143,39 @@ impl Transports {
     }
 
     /// Ends the socket's transport, not its Socket.IO session: the client
-    /// sees its connection close and reconnects by itself. Returns false when
-    /// no transport was found (the socket is already gone).
-    pub fn cut<A: Adapter>(&self, socket: &SocketRef<A>) -> bool {
+    /// sees its connection close and reconnects by itself.
+    pub fn cut<A: Adapter>(self: &Arc<Self>, socket: &SocketRef<A>) {
         if let Some(WebSocketConnection(connection)) = socket.req_parts().extensions.get::<WebSocketConnection>() {
             connection.cut(CUT_GRACE);
-            return true;
+            return;
         }
         let upgrade = self.upgrades.lock().unwrap_or_else(|e| e.into_inner()).get(&socket.id).cloned();
-        let upgraded = upgrade.is_some();
-        if let Some(connection) = upgrade {
-            // Mid-upgrade too: the upgrade fails and engineioxide ends the session.
+        let Some(connection) = upgrade else {
+            self.end_polling_session(socket);
+            return;
+        };
+        if socket.transport_type() == TransportType::Websocket {
             connection.cut(CUT_GRACE);
+            return;
         }
-        // Still polling (or between the two): end the Engine.IO session.
-        match self.engine.get() {
-            Some(call) => {
-                tokio::spawn(call(close_request(socket.id, socket.protocol())));
-                true
+        // In the middle of an upgrade: let it finish, then cut the WebSocket.
+        let (transports, socket) = (self.clone(), socket.clone());
+        tokio::spawn(async move {
+            let give_up = tokio::time::Instant::now() + CUT_GRACE;
+            while socket.transport_type() == TransportType::Polling && tokio::time::Instant::now() < give_up {
+                tokio::time::sleep(UPGRADE_POLL).await;
             }
-            None => upgraded,
+            if socket.transport_type() == TransportType::Polling {
+                transports.end_polling_session(&socket);
+            }
+            connection.cut(CUT_GRACE);
+        });
+    }
+
+    /// Ends a polling session: the client's next poll fails.
+    fn end_polling_session<A: Adapter>(&self, socket: &SocketRef<A>) {
+        if let Some(call) = self.engine.get() {
+            tokio::spawn(call(close_request(socket.id, socket.protocol())));
         }
     }
 }

@@ -161,7 +161,8 @@ async fn a_cut_in_the_middle_of_an_upgrade_ends_both_transports() {
     let (polling, sid) = Polling::connect(&app, &short_token("alice", 2)).await;
     assert_eq!(polling.post(r#"420["subscribe_campaign",{"campaignId":"c1"}]"#).await, 200);
     assert_eq!(polling.next_packet().await, r#"430[{"success":true}]"#);
-    // The upgrade starts (probe answered) and never finishes (no `5`).
+    // The upgrade starts (probe answered) and never finishes (no `5`): past
+    // the cut's grace, both transports end.
     let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket&sid={sid}", app.addr);
     let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("the upgrade's WebSocket opens");
     ws.send(Message::text("2probe")).await.unwrap();
@@ -177,6 +178,44 @@ async fn a_cut_in_the_middle_of_an_upgrade_ends_both_transports() {
     .await;
     assert!(closed.is_ok(), "the upgrade's WebSocket is closed too");
     gauges_back_to_zero(&app, "a cut mid-upgrade").await;
+}
+
+/// The stock client pauses its polling once the server answered its probe,
+/// then sends `5`; if the probe's WebSocket died in between, it would sit
+/// paused until its ping timeout. So a cut in the middle of an upgrade lets
+/// the upgrade finish, then closes the WebSocket (a close frame, no
+/// DISCONNECT).
+#[tokio::test]
+async fn a_cut_in_the_middle_of_an_upgrade_lets_it_finish_then_closes_the_websocket() {
+    let app = spawn_app_with(Backend::Sqlite, |c| c.jwt_leeway = Duration::ZERO).await;
+    let exp = now() + 1;
+    let token =
+        token_with(&jsonwebtoken::Header::default(), json!({"sub": "alice", "exp": exp}), JWT_SECRET.as_bytes());
+    let (polling, sid) = Polling::connect(&app, &token).await;
+    assert_eq!(polling.post(r#"420["subscribe_campaign",{"campaignId":"c1"}]"#).await, 200);
+    assert_eq!(polling.next_packet().await, r#"430[{"success":true}]"#);
+    let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket&sid={sid}", app.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("the upgrade's WebSocket opens");
+    ws.send(Message::text("2probe")).await.unwrap();
+    let probe = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(probe, Message::text("3probe"));
+    // The token expires (the cut), then the client finishes its upgrade.
+    let at = std::time::UNIX_EPOCH + Duration::from_secs(exp) + Duration::from_millis(500);
+    tokio::time::sleep(at.duration_since(std::time::SystemTime::now()).unwrap_or_default()).await;
+    ws.send(Message::text("5")).await.unwrap();
+    let ending = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(message)) = ws.next().await {
+            match message {
+                Message::Close(_) => return true,
+                Message::Text(t) => assert!(!t.starts_with("41"), "a DISCONNECT packet"),
+                _ => {}
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(ending, Ok(true), "the upgraded WebSocket ends with a close frame");
+    gauges_back_to_zero(&app, "a cut mid-upgrade, finished").await;
 }
 
 #[tokio::test]
