@@ -14,11 +14,10 @@ use axum::body::Body;
 use axum::http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use axum::response::IntoResponse;
 use rand::Rng;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use socketioxide::SocketIo;
-use socketioxide::adapter::{Adapter, Emitter};
+use socketioxide::adapter::LocalAdapter;
 use socketioxide::layer::SocketIoLayer;
-use socketioxide_redis::{CustomRedisAdapter, RedisAdapterConfig, RedisAdapterCtr};
 use tokio::net::TcpListener;
 use tower::steer::Steer;
 use tower::util::BoxCloneService;
@@ -28,15 +27,15 @@ use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 use crate::access::Access;
 use crate::auth::{KeyError, Minter, Verifier};
 use crate::config::{Config, ConfigError, JwtAlgorithm, Mode};
-use crate::delivery::Delivery;
+use crate::delivery::{Delivery, DeliveryLog};
 use crate::demo::{self, DemoState};
-use crate::fleet::{FleetConfig, FleetDriver, FleetError};
 use crate::gateway::Gateway;
 use crate::health::{self, OpsState, Probe};
 use crate::limits::Limits;
 use crate::listener::{self, ListenerSettings};
+use crate::log::{EventLog, MemoryLog, Retention, StreamLog};
 use crate::publish::{self, PublishState};
-use crate::replay::Retention;
+use crate::redis::{Redis, RedisError, RedisSettings};
 use crate::revocation;
 use crate::store::{DEMO_USER, MembershipStore, SqlStore, StoreError};
 use crate::telemetry::Metrics;
@@ -52,9 +51,7 @@ pub enum BuildError {
     #[error("membership store")]
     Store(#[from] StoreError),
     #[error("redis")]
-    Redis(#[from] FleetError),
-    #[error("the Redis adapter did not start: {0}")]
-    RedisInit(String),
+    Redis(#[from] RedisError),
     #[error("invalid CORS origin {0:?}")]
     CorsOrigin(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -86,9 +83,6 @@ pub struct Application {
     dev: Option<DevCredentials>,
 }
 
-/// The Socket.IO adapter of a fleet.
-type FleetAdapter = CustomRedisAdapter<Emitter, FleetDriver>;
-
 /// Disconnects every socket and leaves the fleet.
 type Closer = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
@@ -107,13 +101,13 @@ struct Parts<'a> {
     transports: Arc<Transports>,
 }
 
-/// Builds the HTTP side over `io`, whatever its adapter.
-fn assemble<A: Adapter>(
-    io: SocketIo<A>,
-    layer: SocketIoLayer<A>,
-    delivery: Delivery<A>,
+/// Builds the HTTP side over `io`.
+fn assemble(
+    io: SocketIo<LocalAdapter>,
+    layer: SocketIoLayer<LocalAdapter>,
+    delivery: Delivery<LocalAdapter>,
     parts: Parts<'_>,
-    driver: Option<FleetDriver>,
+    redis: Option<Redis>,
 ) -> Result<(HttpService, Closer), BuildError> {
     let Parts { config, metrics, publish_token, mut probes, demo, transports } = parts;
     let demo = demo.map(|minter| {
@@ -125,12 +119,12 @@ fn assemble<A: Adapter>(
         delivery,
         metrics: metrics.clone(),
     });
-    if let Some(driver) = &driver {
-        let driver = driver.clone();
+    if let Some(redis) = &redis {
+        let redis = redis.clone();
         probes.push((
             "redis",
             Arc::new(move || {
-                let healthy = driver.is_healthy();
+                let healthy = redis.is_healthy();
                 Box::pin(async move { if healthy { Ok(()) } else { Err("redis is unreachable".to_owned()) } })
             }),
         ));
@@ -168,11 +162,11 @@ fn assemble<A: Adapter>(
     let http = ServiceBuilder::new().option_layer(cors_layer(config)?).service(http);
     let closer: Closer = Arc::new(move || {
         let io = io.clone();
-        let driver = driver.clone();
+        let redis = redis.clone();
         Box::pin(async move {
             io.close().await;
-            if let Some(driver) = driver {
-                driver.shutdown();
+            if let Some(redis) = redis {
+                redis.shutdown();
             }
         })
     });
@@ -298,37 +292,26 @@ impl Application {
             max_replay: (config.socket_buffer / 2).max(1),
         };
 
-        let (service, closer) = match &config.redis_url {
-            None => {
-                let (layer, io) = builder.build_layer();
-                let delivery = Delivery::new(io.clone(), parts.metrics.clone(), transports, retention, None);
-                delivery.on_revoke(gateway.revocation_handler(io.clone()));
-                gateway.attach(&io, delivery.clone());
-                assemble(io, layer, delivery, parts, None)?
-            }
+        // One instance keeps its log in memory; a fleet shares a Redis Stream.
+        let (log, redis): (Arc<dyn EventLog>, Option<Redis>) = match &config.redis_url {
+            None => (Arc::new(MemoryLog::new(retention)), None),
             Some(url) => {
-                let driver = FleetDriver::connect(
-                    FleetConfig {
-                        url: url.clone(),
-                        prefix: config.redis_prefix.clone(),
-                        op_timeout: config.redis_timeout,
-                        instance_id: random_secret().expose_secret()[..16].to_owned(),
-                    },
-                    parts.metrics.clone(),
-                )
-                .await?;
-                let adapter_config = RedisAdapterConfig::new()
-                    .with_prefix(config.redis_prefix.clone())
-                    .with_request_timeout(config.redis_timeout);
-                let ctr = RedisAdapterCtr::new_with_driver(driver.clone(), adapter_config);
-                let (layer, io) = builder.with_adapter::<FleetAdapter>(ctr).build_layer();
-                let delivery =
-                    Delivery::new(io.clone(), parts.metrics.clone(), transports, retention, Some(driver.clone()));
-                delivery.on_revoke(gateway.revocation_handler(io.clone()));
-                gateway.attach(&io, delivery.clone()).await.map_err(|e| BuildError::RedisInit(e.to_string()))?;
-                assemble(io, layer, delivery, parts, Some(driver))?
+                let settings = RedisSettings {
+                    url: url.clone(),
+                    prefix: config.redis_prefix.clone(),
+                    op_timeout: config.redis_timeout,
+                };
+                let redis = Redis::connect(settings, parts.metrics.clone()).await?;
+                (Arc::new(StreamLog::new(redis.clone(), retention)), Some(redis))
             }
         };
+        let local = redis.is_none();
+        let (layer, io) = builder.build_layer();
+        let delivery_log = DeliveryLog { log, local, apply_wait: config.redis_timeout.max(Duration::from_secs(5)) };
+        let delivery = Delivery::new(io.clone(), parts.metrics.clone(), transports, retention, delivery_log);
+        delivery.on_revoke(gateway.revocation_handler(io.clone()));
+        gateway.attach(&io, delivery.clone());
+        let (service, closer) = assemble(io, layer, delivery, parts, redis)?;
 
         let listener = TcpListener::bind(&config.listen)
             .await

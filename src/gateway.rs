@@ -27,7 +27,7 @@ use crate::auth::{Unauthorized, User, Verifier, find_token};
 use crate::delivery::{Delivery, Joined};
 use crate::expiry::{Expiring, Expiry};
 use crate::limits::{Admission, Limits, TokenBucket};
-use crate::replay::Offset;
+use crate::log::Offset;
 use crate::rooms::{Room, RoomKind};
 use crate::session::{JoinRefused, Session};
 use crate::store::MembershipStore;

@@ -15,9 +15,11 @@
 //! - [`store`]: the membership and hierarchy store (SQLite or PostgreSQL).
 //! - [`access`]: who may join which room, with a short-lived cache.
 //! - [`events`]: the five domain event kinds, their validation and targeting.
-//! - [`delivery`]: the one path every outgoing event takes to its rooms.
-//! - [`replay`]: offsets and the event log that recovery replays from.
-//! - [`fleet`]: the Redis driver that lets many instances share events.
+//! - [`log`]: the event log (in memory, or a Redis Stream a fleet shares):
+//!   offsets, retention, what recovery replays from.
+//! - [`delivery`]: the one path every outgoing event takes, from the log to
+//!   the sockets in its rooms: fan-out, joins and replays, slow consumers.
+//! - [`redis`]: a fleet's Redis connection and its health.
 //! - [`gateway`]: the Socket.IO handlers (handshake, subscribe, unsubscribe).
 //! - [`session`]: a socket's own state, and the one place its rooms change.
 //! - [`transport`]: a socket's transport below Socket.IO: the requests
@@ -42,14 +44,14 @@ pub mod delivery;
 pub mod demo;
 pub mod events;
 pub mod expiry;
-pub mod fleet;
 pub mod gateway;
 pub mod health;
 pub mod jwks;
 pub mod limits;
 pub mod listener;
+pub mod log;
 pub mod publish;
-pub mod replay;
+pub mod redis;
 pub mod revocation;
 pub mod rooms;
 pub mod session;

@@ -83,7 +83,8 @@ async fn revoke<A: Adapter>(State(state): State<Arc<PublishState<A>>>, headers: 
             })?;
         let revocation =
             Revocation { user_id: request.user_id, campaign_id: request.campaign_id, revoked_at: unix_now() };
-        match state.delivery.revoke(revocation.clone()).await {
+        let json = serde_json::to_string(&revocation).map_err(|_| PublishError::Internal)?;
+        match state.delivery.revoke(json).await {
             Ok(()) => {
                 tracing::info!(user = revocation.user_id.as_str(), campaign = ?revocation.campaign_id, "access revoked");
                 Ok(())
@@ -112,10 +113,15 @@ impl<S: MembershipStore> Gateway<S> {
     /// the cached membership is forgotten.
     pub fn revocation_handler<A: Adapter>(self: &Arc<Self>, io: SocketIo<A>) -> RevocationHandler {
         let gw = self.clone();
-        Arc::new(move |revocation: Revocation| {
+        Arc::new(move |json: String| {
             let gw = gw.clone();
             let io = io.clone();
-            Box::pin(async move { gw.apply(&io, revocation).await })
+            Box::pin(async move {
+                match serde_json::from_str::<Revocation>(&json) {
+                    Ok(revocation) => gw.apply(&io, revocation).await,
+                    Err(e) => tracing::warn!(error = %e, "event log: a revocation herald cannot read; skipped"),
+                }
+            })
         })
     }
 

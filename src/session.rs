@@ -20,7 +20,7 @@ use socketioxide::extract::SocketRef;
 
 use crate::expiry::TimerId;
 use crate::limits::TokenBucket;
-use crate::replay::{Logged, Offset};
+use crate::log::{Logged, Offset};
 use crate::rooms::{CampaignId, Room};
 use crate::telemetry::Metrics;
 use crate::transport::Transports;

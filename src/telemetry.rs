@@ -109,8 +109,8 @@ pub struct Metrics {
     pub acks: Family<Labels2, Counter>,
     /// Publish API requests, by status code.
     pub publish_requests: Family<Labels1, Counter>,
-    /// Redis failures: refused or timed-out operations, lost connections.
-    pub adapter_errors: Counter,
+    /// Event log (Redis) failures: refused or timed-out operations, lost connections.
+    pub log_errors: Counter,
     /// Limits hit, by limit.
     pub limits_hit: Family<Labels1, Counter>,
     /// Events the in-memory replay log holds.
@@ -135,8 +135,18 @@ impl Metrics {
         registry.register("acks", "Acknowledged client events by event and outcome", acks.clone());
         let publish_requests = Family::<Labels1, Counter>::default();
         registry.register("publish_requests", "Publish API requests by status code", publish_requests.clone());
-        let adapter_errors = Counter::default();
-        registry.register("adapter_errors", "Redis failures (operations and lost connections)", adapter_errors.clone());
+        let log_errors = Counter::default();
+        registry.register(
+            "log_errors",
+            "Event log (Redis) failures: operations and lost connections",
+            log_errors.clone(),
+        );
+        // The name before 0.2, kept for one release: the same counter.
+        registry.register(
+            "adapter_errors",
+            "Deprecated, the same as herald_log_errors_total (removed in the next release)",
+            log_errors.clone(),
+        );
         let limits_hit = Family::<Labels1, Counter>::default();
         registry.register("limits_hit", "Limits hit, by limit", limits_hit.clone());
         let replay_log_events = Gauge::default();
@@ -155,7 +165,7 @@ impl Metrics {
             auth_failures,
             acks,
             publish_requests,
-            adapter_errors,
+            log_errors,
             limits_hit,
             replay_log_events,
             replay_log_bytes,

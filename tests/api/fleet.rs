@@ -190,7 +190,10 @@ async fn a_redis_outage_is_refused_cleanly_and_delivery_resumes_exactly_once() {
             assert!(Instant::now() < deadline, "readyz never said 503");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(metric(&a.metrics().await, "herald_adapter_errors_total") > 0.0);
+        let m = a.metrics().await;
+        assert!(metric(&m, "herald_log_errors_total") > 0.0);
+        // The name before the rename still works for one release.
+        assert_eq!(metric(&m, "herald_adapter_errors_total"), metric(&m, "herald_log_errors_total"));
         // Clients stay connected, and new ones can connect and subscribe.
         assert!(!on_a.is_closed() && !on_b.is_closed());
         let mut newcomer = b.connect("bob").await;
@@ -357,7 +360,7 @@ async fn a_fleet_on_redis_cluster_delivers_exactly_once() {
     // Each instance is given a different seed node.
     for i in 0..3 {
         let seeds: Vec<String> = (0..3).map(|j| format!("127.0.0.1:{}", cluster.ports[(i + j) % 3])).collect();
-        let url = format!("{}{}", herald::fleet::CLUSTER_SCHEME, seeds.join(","));
+        let url = format!("{}{}", herald::redis::CLUSTER_SCHEME, seeds.join(","));
         apps.push(spawn_app_with(Backend::Sqlite, move |c| c.redis_url = Some(url)).await);
     }
     let mut clients = Vec::new();

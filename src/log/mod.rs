@@ -1,0 +1,241 @@
+//! The event log: the one ordered sequence every outgoing event and every
+//! revocation goes through. It gives each event its offset, and keeps recent
+//! events (by time, by count and, in memory, by bytes) so that a client that
+//! reconnects can ask for what it missed.
+//!
+//! One interface, [`EventLog`] (append, read after a position, read what a
+//! replay needs, trim, the epoch), with two implementations:
+//!
+//! - [`MemoryLog`]: one instance, in memory;
+//! - [`StreamLog`]: a fleet, a Redis Stream that every instance follows.
+//!
+//! An offset is `EEEEEEEEEEEEE-TTTTTTTTTTTTT-SSSSSSSSSS`: the log's epoch (the
+//! millisecond it was created), then the position in it. Fixed width, so
+//! offsets compare as plain strings; a log created later (after a Redis
+//! restart lost the old one) has a later epoch, so offsets keep increasing.
+
+mod memory;
+mod stream;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use memory::MemoryLog;
+pub use stream::StreamLog;
+
+use crate::events::EventKind;
+use crate::rooms::Room;
+
+/// A position within one epoch of the log: a Redis Stream id (`ms-seq`), or
+/// the memory log's counter (`n-0`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    pub major: u64,
+    pub minor: u64,
+}
+
+impl Position {
+    /// Parses a Redis Stream id (`ms-seq`).
+    pub fn from_stream_id(id: &str) -> Option<Position> {
+        let (ms, seq) = id.split_once('-')?;
+        Some(Position { major: ms.parse().ok()?, minor: seq.parse().ok()? })
+    }
+
+    /// The Redis Stream id of this position (`ms-seq`).
+    pub fn stream_id(&self) -> String {
+        format!("{}-{}", self.major, self.minor)
+    }
+}
+
+/// Where an event is in the log, as clients see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Offset {
+    /// When the log was created (ms since the epoch).
+    pub epoch: u64,
+    /// Redis Stream id's milliseconds, or the memory log's counter.
+    pub major: u64,
+    /// Redis Stream id's sequence (0 in memory).
+    pub minor: u64,
+}
+
+/// Largest values that keep the fixed width.
+const MAX_13: u64 = 9_999_999_999_999;
+const MAX_10: u64 = 9_999_999_999;
+
+impl Offset {
+    /// Parses an offset herald could have made; anything else is `None`.
+    pub fn parse(s: &str) -> Option<Offset> {
+        let mut parts = s.split('-');
+        let (e, a, b) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || e.len() != 13 || a.len() != 13 || b.len() != 10 {
+            return None;
+        }
+        let digits = |p: &str| p.bytes().all(|c| c.is_ascii_digit()).then(|| p.parse::<u64>().ok()).flatten();
+        Some(Offset { epoch: digits(e)?, major: digits(a)?, minor: digits(b)? })
+    }
+
+    /// The offset of `position` in the log of `epoch`, if it fits the fixed width.
+    pub fn at(epoch: u64, position: Position) -> Option<Offset> {
+        let Position { major, minor } = position;
+        (major <= MAX_13 && minor <= MAX_10 && epoch <= MAX_13).then_some(Offset { epoch, major, minor })
+    }
+
+    /// The position within its epoch.
+    pub fn position(&self) -> Position {
+        Position { major: self.major, minor: self.minor }
+    }
+}
+
+impl fmt::Display for Offset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:013}-{:013}-{:010}", self.epoch, self.major, self.minor)
+    }
+}
+
+/// How long, how many and how many bytes of events the log keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub window: Duration,
+    pub max_events: usize,
+    /// Most bytes of event objects the in-memory log keeps.
+    pub max_bytes: usize,
+    /// Most events one replay sends to one socket (half its buffer, so that
+    /// the replay and the ack fit); a longer gap answers `recovered: false`.
+    pub max_replay: usize,
+}
+
+/// One logged event, as every instance delivers it.
+#[derive(Debug, Clone)]
+pub struct Logged {
+    pub offset: Offset,
+    pub kind: EventKind,
+    pub rooms: Arc<[Room]>,
+    /// The event object clients receive, offset included.
+    pub json: Arc<str>,
+}
+
+impl Logged {
+    /// Builds the event object clients receive: the published envelope
+    /// (`{...}`) with `"offset"` added as its last field.
+    pub fn new(offset: Offset, kind: EventKind, rooms: Arc<[Room]>, envelope: &str) -> Logged {
+        let body = envelope.trim_end();
+        let body = body.strip_suffix('}').unwrap_or(body);
+        let json = format!("{body},\"offset\":\"{offset}\"}}");
+        Logged { offset, kind, rooms, json: json.into() }
+    }
+
+    /// Whether it is delivered to `room`.
+    pub fn targets(&self, room: &Room) -> bool {
+        self.rooms.iter().any(|r| r == room)
+    }
+}
+
+/// What is appended: an event (its kind, rooms and published envelope), or
+/// a revocation (its JSON: the log does not read it).
+#[derive(Debug, Clone)]
+pub enum NewEntry {
+    Event { kind: EventKind, rooms: Arc<[Room]>, envelope: String },
+    Revocation(String),
+}
+
+/// What is read back.
+#[derive(Debug, Clone)]
+pub enum Entry {
+    Event(Logged),
+    Revocation(String),
+    /// Written by another version of herald: skipped.
+    Unreadable,
+}
+
+/// Where the log stands: its epoch (`None`: nothing appended yet since
+/// Redis started) and its last position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub epoch: Option<u64>,
+    pub last: Position,
+}
+
+/// The log could not be reached, or lost entries.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// Redis failed, or did not answer in time.
+    #[error("the event log is unavailable: {0}")]
+    Unavailable(String),
+    /// Entries after the position asked for were dropped before they were read.
+    #[error("entries were dropped before they were read")]
+    Gap,
+}
+
+/// What an [`EventLog`] operation returns.
+pub type LogFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, LogError>> + Send + 'a>>;
+
+/// The event log. Entries are appended atomically (a batch, whole or not at
+/// all) and read back in one order by every reader.
+pub trait EventLog: Send + Sync + 'static {
+    /// Appends `entries` in one step; returns the epoch and the last
+    /// entry's position.
+    fn append(&self, entries: Vec<NewEntry>) -> LogFuture<'_, (u64, Position)>;
+
+    /// The log's epoch and last position.
+    fn head(&self) -> LogFuture<'_, Head>;
+
+    /// A reader that follows the log (a blocking read needs a connection of its own).
+    fn reader(&self) -> LogFuture<'_, Box<dyn LogReader>>;
+
+    /// The events after `since` up to `until`, if the log still holds every
+    /// one of them (else `None`: trimmed, another epoch, or ahead).
+    fn events_between(&self, epoch: u64, since: Offset, until: Position) -> LogFuture<'_, Option<Vec<Logged>>>;
+
+    /// Drops what is past the window (and, in memory, the count and bytes).
+    fn trim(&self) -> LogFuture<'_, ()>;
+
+    /// How many events and bytes of events it holds, when it knows cheaply
+    /// (the in-memory log).
+    fn size(&self) -> Option<(usize, usize)>;
+}
+
+/// What [`LogReader::read_after`] returns: the reader back, and what it read.
+pub type ReadFuture =
+    Pin<Box<dyn Future<Output = (Box<dyn LogReader>, Result<Vec<(Position, Entry)>, LogError>)> + Send>>;
+
+/// Follows the log. A read owns the reader until it ends (and hands it
+/// back), so that one read can stay in flight while other work goes on.
+pub trait LogReader: Send {
+    /// Waits, at most `block`, for entries after `after` in `epoch`, and
+    /// returns them in order (none when the wait ends first).
+    fn read_after(self: Box<Self>, epoch: u64, after: Position, block: Duration) -> ReadFuture;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_are_fixed_width_and_round_trip() {
+        let o = Offset { epoch: 1_795_636_036_000, major: 42, minor: 7 };
+        let s = o.to_string();
+        assert_eq!(s, "1795636036000-0000000000042-0000000007");
+        assert_eq!(Offset::parse(&s), Some(o));
+        let later = Offset { epoch: o.epoch, major: 1_795_636_036_001, minor: 0 };
+        assert!(later.to_string() > s);
+        for bad in ["", "1", "x-y-z", "1795636036000-42-7", "1795636036000-0000000000042-000000000+", &format!("{s}-1")]
+        {
+            assert_eq!(Offset::parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(Offset::at(o.epoch, o.position()), Some(o));
+        assert_eq!(Offset::at(o.epoch, Position { major: MAX_13 + 1, minor: 0 }), None);
+        assert_eq!(Position::from_stream_id("17-3"), Some(Position { major: 17, minor: 3 }));
+        assert_eq!(Position { major: 17, minor: 3 }.stream_id(), "17-3");
+    }
+
+    #[test]
+    fn the_offset_is_the_last_field_of_the_event_object() {
+        let o = Offset { epoch: 1, major: 2, minor: 0 };
+        let l = Logged::new(o, EventKind::StateInvalidated, Arc::from(vec![]), r#"{"type":"state_invalidated"}"#);
+        let v: serde_json::Value = serde_json::from_str(&l.json).unwrap();
+        assert_eq!(v["offset"], o.to_string());
+    }
+}

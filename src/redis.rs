@@ -1,0 +1,232 @@
+//! The Redis connection of a fleet: one shared, reconnecting connection (to
+//! a single node, or to a Redis Cluster given as
+//! `redis-cluster://host:port,host:port`), dedicated connections for the
+//! event log's blocking reads, and whether Redis answers.
+//!
+//! Health is a `PING` every half second on the shared connection: `/readyz`
+//! reports it, and while Redis does not answer a publish is refused at once
+//! (`503`, nothing handed over) instead of waiting for its timeout.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::watch;
+
+use crate::telemetry::Metrics;
+
+/// The scheme that makes `HERALD_REDIS_URL` a cluster's seed list.
+pub const CLUSTER_SCHEME: &str = "redis-cluster://";
+
+/// How often Redis is pinged.
+const PING_EVERY: Duration = Duration::from_millis(500);
+/// Longest wait between two reconnection attempts of the shared connection.
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Redis failed or is unreachable.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Where the fleet's Redis is, and how long one operation may take.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://…`, or `redis-cluster://host:port,…`.
+    pub url: String,
+    /// Prefix of every key, so that several deployments share one Redis.
+    pub prefix: String,
+    /// Longest one operation may take.
+    pub op_timeout: Duration,
+}
+
+/// A connection to a single node, or to a cluster.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    /// The shared, reconnecting connection to a single node.
+    Single(ConnectionManager),
+    /// A dedicated connection to a single node.
+    Plain(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Plain(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Plain(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Plain(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+struct Inner {
+    settings: RedisSettings,
+    conn: Conn,
+    /// The single node's client, for dedicated connections (`None`: a cluster).
+    client: Option<redis::Client>,
+    healthy: AtomicBool,
+    metrics: Arc<Metrics>,
+    stop: watch::Sender<bool>,
+}
+
+/// The fleet's Redis. Clones share one connection.
+#[derive(Clone)]
+pub struct Redis(Arc<Inner>);
+
+impl std::fmt::Debug for Redis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redis").field("prefix", &self.0.settings.prefix).finish()
+    }
+}
+
+fn cluster_client(
+    nodes: &str,
+    timeout: Duration,
+    response_timeout: Duration,
+) -> redis::RedisResult<redis::cluster::ClusterClient> {
+    let seeds: Vec<String> = nodes.split(',').map(|n| format!("redis://{}", n.trim())).collect();
+    redis::cluster::ClusterClient::builder(seeds)
+        .connection_timeout(timeout)
+        .response_timeout(response_timeout)
+        .retries(1)
+        .build()
+}
+
+impl Redis {
+    /// Connects (the first connection may take twice the operation timeout)
+    /// and starts pinging.
+    pub async fn connect(settings: RedisSettings, metrics: Arc<Metrics>) -> Result<Redis, RedisError> {
+        let first = settings.op_timeout * 2;
+        let timeout = settings.op_timeout;
+        let (conn, client) = if let Some(nodes) = settings.url.strip_prefix(CLUSTER_SCHEME) {
+            let client = cluster_client(nodes, timeout, timeout)?;
+            let conn = tokio::time::timeout(first, client.get_async_connection())
+                .await
+                .map_err(|_| RedisError::Timeout(first))??;
+            (Conn::Cluster(conn), None)
+        } else {
+            let client = redis::Client::open(settings.url.as_str())?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(MAX_BACKOFF);
+            let conn = tokio::time::timeout(first, ConnectionManager::new_with_config(client.clone(), config))
+                .await
+                .map_err(|_| RedisError::Timeout(first))??;
+            (Conn::Single(conn), Some(client))
+        };
+        let (stop, stopped) = watch::channel(false);
+        let inner = Arc::new(Inner { settings, conn, client, healthy: AtomicBool::new(false), metrics, stop });
+        let redis = Redis(inner);
+        redis.ping().await;
+        tokio::spawn(watch_health(Arc::downgrade(&redis.0), stopped));
+        Ok(redis)
+    }
+
+    /// Whether Redis answered its latest ping.
+    pub fn is_healthy(&self) -> bool {
+        self.0.healthy.load(Ordering::SeqCst)
+    }
+
+    /// Pings once and records whether Redis answered.
+    async fn ping(&self) -> bool {
+        let mut conn = self.conn();
+        let answer: Result<redis::RedisResult<String>, _> =
+            tokio::time::timeout(self.op_timeout(), redis::cmd("PING").query_async(&mut conn)).await;
+        let healthy = matches!(answer, Ok(Ok(_)));
+        let was = self.0.healthy.swap(healthy, Ordering::SeqCst);
+        if was && !healthy {
+            self.0.metrics.log_errors.inc();
+            tracing::warn!("redis does not answer");
+        } else if !was && healthy {
+            tracing::info!("redis answers");
+        }
+        healthy
+    }
+
+    /// Counts a failed Redis operation.
+    pub(crate) fn failed(&self) {
+        self.0.metrics.log_errors.inc();
+    }
+
+    /// The shared, reconnecting connection.
+    pub(crate) fn conn(&self) -> Conn {
+        self.0.conn.clone()
+    }
+
+    /// The prefix of herald's keys.
+    pub(crate) fn prefix(&self) -> &str {
+        &self.0.settings.prefix
+    }
+
+    /// The bound of one Redis operation.
+    pub(crate) fn op_timeout(&self) -> Duration {
+        self.0.settings.op_timeout
+    }
+
+    /// A new connection of its own, for blocking reads, whose replies may
+    /// take up to `block` more than the operation timeout.
+    pub(crate) async fn dedicated(&self, block: Duration) -> redis::RedisResult<Conn> {
+        let timeout = self.op_timeout();
+        let response_timeout = timeout + block;
+        match &self.0.client {
+            Some(client) => {
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(response_timeout));
+                Ok(Conn::Plain(client.get_multiplexed_async_connection_with_config(&config).await?))
+            }
+            None => {
+                let nodes = self.0.settings.url.strip_prefix(CLUSTER_SCHEME).unwrap_or_default();
+                let client = cluster_client(nodes, timeout, response_timeout)?;
+                Ok(Conn::Cluster(client.get_async_connection().await?))
+            }
+        }
+    }
+
+    /// Stops pinging.
+    pub fn shutdown(&self) {
+        let _ = self.0.stop.send(true);
+    }
+}
+
+/// Pings Redis every [`PING_EVERY`] until stopped.
+async fn watch_health(inner: std::sync::Weak<Inner>, mut stopped: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(PING_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped.changed() => return,
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        Redis(inner).ping().await;
+    }
+}
