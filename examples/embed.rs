@@ -35,9 +35,9 @@ async fn main() -> anyhow::Result<()> {
     let mut config = Config::defaults();
     config.mode = Mode::Production;
     config.listen = "127.0.0.1:0".into();
-    config.database_url = format!("sqlite://{}", dir.path().join("membership.db").display());
-    config.jwt_secret = Some(random_secret().into());
-    config.publish_token = Some(publish_token.clone().into());
+    config.store.database_url = format!("sqlite://{}", dir.path().join("membership.db").display());
+    config.auth.jwt_secret = Some(random_secret().into());
+    config.publish.publish_token = Some(publish_token.clone().into());
     config.shutdown_grace = Duration::from_secs(5);
 
     let app = Application::build(config).await?;

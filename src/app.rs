@@ -31,11 +31,10 @@ use crate::delivery::{Delivery, DeliveryLog};
 use crate::demo::{self, DemoState};
 use crate::gateway::Gateway;
 use crate::health::{self, OpsState, Probe};
-use crate::limits::Limits;
 use crate::listener::{self, ListenerSettings};
-use crate::log::{EventLog, MemoryLog, Retention, StreamLog};
+use crate::log::{EventLog, MemoryLog, StreamLog};
 use crate::publish::{self, PublishState};
-use crate::redis::{Redis, RedisError, RedisSettings};
+use crate::redis::{Redis, RedisError};
 use crate::revocation;
 use crate::store::{DEMO_USER, MembershipStore, SqlStore, StoreError};
 use crate::telemetry::Metrics;
@@ -115,7 +114,7 @@ fn assemble(
     });
     let publish_state = Arc::new(PublishState {
         token: publish_token,
-        max_body_bytes: config.max_body_bytes,
+        max_body_bytes: config.publish.max_body_bytes,
         delivery,
         metrics: metrics.clone(),
     });
@@ -212,31 +211,35 @@ impl Application {
         let mut demo_minter = None;
         if config.mode == Mode::Development {
             let mut creds = DevCredentials { client_token: None, publish_token: None, demo_seeded: false };
-            if config.jwt_algorithm == JwtAlgorithm::Hs256
-                && config.jwt_secret.is_none()
-                && config.jwt_jwks_url.is_none()
+            if config.auth.jwt_algorithm == JwtAlgorithm::Hs256
+                && config.auth.jwt_secret.is_none()
+                && config.auth.jwt_jwks_url.is_none()
             {
                 let secret = random_secret();
                 let minter = Minter::hs256(&secret, &config);
                 creds.client_token = Some(minter.mint(DEMO_USER, Duration::from_secs(24 * 3600))?);
                 demo_minter = Some(minter);
-                config.jwt_secret = Some(secret);
+                config.auth.jwt_secret = Some(secret);
             }
-            if config.publish_token.is_none() {
+            if config.publish.publish_token.is_none() {
                 let token = random_secret();
                 creds.publish_token = Some(token.clone());
-                config.publish_token = Some(token);
+                config.publish.publish_token = Some(token);
             }
             if creds.client_token.is_some() || creds.publish_token.is_some() {
                 dev = Some(creds);
             }
         }
         let publish_token =
-            config.publish_token.clone().ok_or(ConfigError::MissingInProduction("HERALD_PUBLISH_TOKEN"))?;
+            config.publish.publish_token.clone().ok_or(ConfigError::MissingInProduction("HERALD_PUBLISH_TOKEN"))?;
         let verifier = Verifier::from_config(&config)?;
 
-        let store =
-            SqlStore::connect(&config.database_url, config.database_max_connections, config.database_migrate).await?;
+        let store = SqlStore::connect(
+            &config.store.database_url,
+            config.store.database_max_connections,
+            config.store.database_migrate,
+        )
+        .await?;
         if demo {
             let seeded = store.seed_demo_if_empty().await?;
             if let Some(creds) = dev.as_mut() {
@@ -246,28 +249,22 @@ impl Application {
 
         let metrics = Metrics::new();
         let builder = SocketIo::builder()
-            .max_payload(config.max_message_bytes)
-            .ws_max_message_size(config.max_message_bytes as usize)
-            .ws_max_frame_size(config.max_message_bytes as usize)
-            .max_buffer_size(config.socket_buffer.max(2))
+            .max_payload(config.connections.max_message_bytes)
+            .ws_max_message_size(config.connections.max_message_bytes as usize)
+            .ws_max_frame_size(config.connections.max_message_bytes as usize)
+            .max_buffer_size(config.connections.socket_buffer.max(2))
             // Clients send little: a small read buffer per WebSocket saves 3 KiB per connection.
             .ws_read_buffer_size(1024)
             .req_path(SOCKET_IO_PATH)
-            .ping_interval(config.ping_interval)
-            .ping_timeout(config.ping_timeout)
-            .connect_timeout(config.connect_timeout);
-        let access = Access::new(Arc::new(store.clone()), config.membership_cache_ttl, config.revocation_ttl);
-        let limits = Limits {
-            max_connections: config.max_connections,
-            max_subscriptions: config.max_subscriptions,
-            event_rate: config.client_event_rate,
-            event_burst: config.client_event_burst.max(1.0),
-            strikes: config.rate_limit_strikes.max(1),
-            token_leeway: config.jwt_leeway,
-        };
+            .ping_interval(config.connections.ping_interval)
+            .ping_timeout(config.connections.ping_timeout)
+            .connect_timeout(config.connections.connect_timeout);
+        let access =
+            Access::new(Arc::new(store.clone()), config.store.membership_cache_ttl, config.store.revocation_ttl);
         let jwks_probe = verifier.probe();
         let transports = Transports::new();
-        let gateway = Gateway::new(verifier, access, metrics.clone(), transports.clone(), limits);
+        let gateway =
+            Gateway::new(verifier, access, metrics.clone(), transports.clone(), config.limits, config.auth.jwt_leeway);
         let store_probe: Probe = {
             let store = store.clone();
             Arc::new(move || {
@@ -285,29 +282,20 @@ impl Application {
             demo: demo_minter,
             transports: transports.clone(),
         };
-        let retention = Retention {
-            window: config.replay_window,
-            max_events: config.replay_max_events.max(1),
-            max_bytes: config.replay_max_bytes,
-            max_replay: (config.socket_buffer / 2).max(1),
-        };
+        let retention = config.retention();
 
         // One instance keeps its log in memory; a fleet shares a Redis Stream.
-        let (log, redis): (Arc<dyn EventLog>, Option<Redis>) = match &config.redis_url {
+        let (log, redis): (Arc<dyn EventLog>, Option<Redis>) = match config.redis() {
             None => (Arc::new(MemoryLog::new(retention)), None),
-            Some(url) => {
-                let settings = RedisSettings {
-                    url: url.clone(),
-                    prefix: config.redis_prefix.clone(),
-                    op_timeout: config.redis_timeout,
-                };
+            Some(settings) => {
                 let redis = Redis::connect(settings, parts.metrics.clone()).await?;
                 (Arc::new(StreamLog::new(redis.clone(), retention)), Some(redis))
             }
         };
         let local = redis.is_none();
         let (layer, io) = builder.build_layer();
-        let delivery_log = DeliveryLog { log, local, apply_wait: config.redis_timeout.max(Duration::from_secs(5)) };
+        let delivery_log =
+            DeliveryLog { log, local, apply_wait: config.fleet.redis_timeout.max(Duration::from_secs(5)) };
         let delivery = Delivery::new(io.clone(), parts.metrics.clone(), transports, retention, delivery_log);
         delivery.on_revoke(gateway.revocation_handler(io.clone()));
         gateway.attach(&io, delivery.clone());
@@ -319,7 +307,7 @@ impl Application {
         Ok(Application {
             listener,
             service,
-            listener_settings: ListenerSettings { header_timeout: config.header_timeout },
+            listener_settings: ListenerSettings { header_timeout: config.connections.header_timeout },
             closer,
             store,
             grace: config.shutdown_grace,

@@ -127,13 +127,13 @@ fn alg_name(alg: JwtAlgorithm) -> &'static str {
 
 /// The configured HS256 secret or PEM public key.
 fn fixed_key(config: &Config) -> Result<DecodingKey, KeyError> {
-    Ok(match config.jwt_algorithm {
+    Ok(match config.auth.jwt_algorithm {
         JwtAlgorithm::Hs256 => {
-            let secret = config.jwt_secret.as_ref().ok_or(KeyError::NoSecret)?;
+            let secret = config.auth.jwt_secret.as_ref().ok_or(KeyError::NoSecret)?;
             DecodingKey::from_secret(secret.expose_secret().as_bytes())
         }
         alg @ (JwtAlgorithm::Rs256 | JwtAlgorithm::Es256) => {
-            let path = config.jwt_public_key_file.clone().ok_or(KeyError::NoSecret)?;
+            let path = config.auth.jwt_public_key_file.clone().ok_or(KeyError::NoSecret)?;
             let pem = std::fs::read(&path).map_err(|source| KeyError::Read { path: path.clone(), source })?;
             let key = if alg == JwtAlgorithm::Rs256 {
                 DecodingKey::from_rsa_pem(&pem)
@@ -175,31 +175,31 @@ impl Verifier {
     /// resolved). With a JWKS URL it starts fetching the keys, so it runs
     /// inside a Tokio runtime.
     pub fn from_config(config: &Config) -> Result<Self, KeyError> {
-        let keys = match &config.jwt_jwks_url {
+        let keys = match &config.auth.jwt_jwks_url {
             Some(url) => Keys::Jwks(Jwks::start(&JwksSettings {
                 url: url.clone(),
-                min_refresh: config.jwt_jwks_min_refresh,
-                max_refresh: config.jwt_jwks_max_refresh,
+                min_refresh: config.auth.jwt_jwks_min_refresh,
+                max_refresh: config.auth.jwt_jwks_max_refresh,
             })?),
             None => Keys::Fixed(Arc::new(fixed_key(config)?)),
         };
         // With a JWKS the algorithm is the key's, set for each token.
-        let mut validation = Validation::new(algorithm(config.jwt_algorithm));
-        validation.leeway = config.jwt_leeway.as_secs();
+        let mut validation = Validation::new(algorithm(config.auth.jwt_algorithm));
+        validation.leeway = config.auth.jwt_leeway.as_secs();
         let mut required = vec!["exp", "sub"];
-        if config.jwt_issuer.is_some() {
+        if config.auth.jwt_issuer.is_some() {
             required.push("iss");
         }
-        if config.jwt_audience.is_some() {
+        if config.auth.jwt_audience.is_some() {
             required.push("aud");
         }
         validation.set_required_spec_claims(&required);
         validation.validate_exp = true;
         validation.validate_nbf = true;
-        if let Some(iss) = &config.jwt_issuer {
+        if let Some(iss) = &config.auth.jwt_issuer {
             validation.set_issuer(&[iss]);
         }
-        match &config.jwt_audience {
+        match &config.auth.jwt_audience {
             Some(aud) => validation.set_audience(&[aud]),
             None => validation.validate_aud = false,
         }
@@ -257,14 +257,14 @@ impl Minter {
         Minter {
             key: EncodingKey::from_secret(secret.expose_secret().as_bytes()),
             header: Header::new(Algorithm::HS256),
-            issuer: config.jwt_issuer.clone(),
-            audience: config.jwt_audience.clone(),
+            issuer: config.auth.jwt_issuer.clone(),
+            audience: config.auth.jwt_audience.clone(),
         }
     }
 
     /// A minter for RS256 / ES256 from a PEM private key.
     pub fn from_private_key(path: &std::path::Path, config: &Config) -> Result<Self, KeyError> {
-        let alg = config.jwt_algorithm;
+        let alg = config.auth.jwt_algorithm;
         let pem = std::fs::read(path).map_err(|source| KeyError::Read { path: path.to_owned(), source })?;
         let key = match alg {
             JwtAlgorithm::Rs256 => EncodingKey::from_rsa_pem(&pem),
@@ -277,8 +277,8 @@ impl Minter {
         Ok(Minter {
             key,
             header: Header::new(algorithm(alg)),
-            issuer: config.jwt_issuer.clone(),
-            audience: config.jwt_audience.clone(),
+            issuer: config.auth.jwt_issuer.clone(),
+            audience: config.auth.jwt_audience.clone(),
         })
     }
 
@@ -312,14 +312,14 @@ mod tests {
 
     fn config(secret: &str) -> Config {
         let mut c = Config::defaults();
-        c.jwt_secret = Some(secret.into());
+        c.auth.jwt_secret = Some(secret.into());
         c
     }
 
     #[tokio::test]
     async fn a_minted_token_verifies_and_bearer_is_stripped() {
         let c = config("s");
-        let token = Minter::hs256(c.jwt_secret.as_ref().unwrap(), &c).mint("u1", Duration::from_secs(60)).unwrap();
+        let token = Minter::hs256(c.auth.jwt_secret.as_ref().unwrap(), &c).mint("u1", Duration::from_secs(60)).unwrap();
         let v = Verifier::from_config(&c).unwrap();
         assert_eq!(&*v.verify(&token).await.unwrap().id, "u1");
         assert_eq!(&*v.verify(&format!("Bearer {token}")).await.unwrap().id, "u1");

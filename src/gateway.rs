@@ -234,6 +234,8 @@ pub struct Gateway<S> {
     metrics: Arc<Metrics>,
     transports: Arc<Transports>,
     limits: Limits,
+    /// Clock leeway added to a token's `exp` before its socket is cut.
+    token_leeway: Duration,
     expiry: Expiry,
     /// Woken each time a socket's connect handler has run (see [`SessionState::ready`]).
     sockets_ready: Notify,
@@ -249,6 +251,7 @@ impl<S: MembershipStore> Gateway<S> {
         metrics: Arc<Metrics>,
         transports: Arc<Transports>,
         limits: Limits,
+        token_leeway: Duration,
     ) -> Arc<Self> {
         Arc::new(Gateway {
             verifier,
@@ -256,6 +259,7 @@ impl<S: MembershipStore> Gateway<S> {
             metrics,
             transports,
             limits,
+            token_leeway,
             expiry: Expiry::start(),
             sockets_ready: Notify::new(),
         })
@@ -274,7 +278,7 @@ impl<S: MembershipStore> Gateway<S> {
             Admission::Allowed => Ok(()),
             Admission::Refused(strikes) => {
                 self.limit_hit("event_rate");
-                if strikes == self.limits.strikes {
+                if strikes == self.limits.rate_limit_strikes {
                     self.limit_hit("event_rate_disconnect");
                     tracing::info!(
                         socket = session.number,
@@ -347,9 +351,9 @@ impl<S: MembershipStore> Gateway<S> {
             return Err(HandshakeError::Unauthorized);
         }
         s.extensions.insert(Session::new(
-            user.expires_at.saturating_add(self.limits.token_leeway.as_secs()),
+            user.expires_at.saturating_add(self.token_leeway.as_secs()),
             self.expiry.next_id(),
-            TokenBucket::new(self.limits.event_rate, self.limits.event_burst),
+            TokenBucket::new(self.limits.client_event_rate, self.limits.client_event_burst),
             self.metrics.clone(),
         ));
         // Every socket of a user is in the user's room, so a revocation finds them.
@@ -454,7 +458,7 @@ impl<S: MembershipStore> Gateway<S> {
             tracing::info!(user = &*current.id, reason = why.reason(), "token refresh refused");
             return Err(Refusal::Unauthorized);
         }
-        session.deadline.store(fresh.expires_at.saturating_add(self.limits.token_leeway.as_secs()), Ordering::SeqCst);
+        session.deadline.store(fresh.expires_at.saturating_add(self.token_leeway.as_secs()), Ordering::SeqCst);
         s.extensions.insert(fresh);
         tracing::info!(user = &*current.id, "token refreshed");
         Ok(())

@@ -2,23 +2,32 @@
 //! subscriptions per socket, and how fast a socket may send events (a token
 //! bucket). Each limit is a setting, and each hit is counted in a metric.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-/// The limits in force.
-#[derive(Debug, Clone, Copy)]
+use clap::Args;
+
+/// The limits in force (settings: `HERALD_MAX_CONNECTIONS`, …).
+#[derive(Debug, Clone, Copy, Args)]
 pub struct Limits {
-    /// Connections per instance; past it, handshakes are refused.
+    /// Most connections per instance; past it, new handshakes are refused.
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS", default_value_t = 20_000)]
     pub max_connections: usize,
-    /// Rooms per socket; past it, a subscribe is refused.
+
+    /// Most rooms one socket may be subscribed to.
+    #[arg(long, env = "HERALD_MAX_SUBSCRIPTIONS", default_value_t = 128)]
     pub max_subscriptions: usize,
-    /// Client events per second a socket may send, on average.
-    pub event_rate: f64,
-    /// How many client events a socket may send at once.
-    pub event_burst: f64,
-    /// Refused (rate-limited) events after which the socket is disconnected.
-    pub strikes: u32,
-    /// Clock leeway added to a token's `exp` before its socket is cut.
-    pub token_leeway: Duration,
+
+    /// Client events per second one socket may send, on average (a token bucket).
+    #[arg(long, env = "HERALD_CLIENT_EVENT_RATE", default_value_t = 20.0)]
+    pub client_event_rate: f64,
+
+    /// Client events one socket may send at once (the bucket's size).
+    #[arg(long, env = "HERALD_CLIENT_EVENT_BURST", default_value_t = 200.0)]
+    pub client_event_burst: f64,
+
+    /// Rate-limited events in a row after which the socket is disconnected.
+    #[arg(long, env = "HERALD_RATE_LIMIT_STRIKES", default_value_t = 100)]
+    pub rate_limit_strikes: u32,
 }
 
 /// A token bucket: `burst` tokens, refilled at `rate` per second.
@@ -69,6 +78,7 @@ impl TokenBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn the_bucket_allows_a_burst_then_the_rate() {

@@ -15,14 +15,15 @@ async fn main() -> anyhow::Result<()> {
     herald::telemetry::init_tracing(&config.log, config.log_format).map_err(|e| anyhow::anyhow!("HERALD_LOG: {e}"))?;
 
     if let Some(Command::Token { sub, ttl, private_key_file }) = command {
-        if config.jwt_jwks_url.is_some() {
+        if config.auth.jwt_jwks_url.is_some() {
             anyhow::bail!(
                 "herald token cannot mint tokens for a JWKS (HERALD_JWT_JWKS_URL): the identity provider signs them"
             );
         }
-        let minter = match (config.jwt_algorithm, private_key_file) {
+        let minter = match (config.auth.jwt_algorithm, private_key_file) {
             (JwtAlgorithm::Hs256, _) => {
                 let secret = config
+                    .auth
                     .jwt_secret
                     .as_ref()
                     .context("herald token needs HERALD_JWT_SECRET (or HERALD_JWT_SECRET_FILE)")?;

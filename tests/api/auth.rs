@@ -103,8 +103,8 @@ async fn bad_tokens_are_refused_with_unauthorized_and_others_keep_working() {
 #[tokio::test]
 async fn issuer_and_audience_are_checked_when_configured() {
     let app = spawn_app_with(Backend::Sqlite, |c| {
-        c.jwt_issuer = Some("campaign-api".into());
-        c.jwt_audience = Some("herald".into());
+        c.auth.jwt_issuer = Some("campaign-api".into());
+        c.auth.jwt_audience = Some("herald".into());
     })
     .await;
     let exp = now() + 60;
@@ -126,7 +126,7 @@ async fn issuer_and_audience_are_checked_when_configured() {
 
 #[tokio::test]
 async fn expiry_has_a_small_leeway() {
-    let app = spawn_app_with(Backend::Sqlite, |c| c.jwt_leeway = Duration::from_secs(30)).await;
+    let app = spawn_app_with(Backend::Sqlite, |c| c.auth.jwt_leeway = Duration::from_secs(30)).await;
     let just_expired =
         token_with(&Header::default(), json!({"sub": "alice", "exp": now() - 10}), JWT_SECRET.as_bytes());
     assert!(app.try_connect(Some(json!({"token": just_expired})), "").await.is_ok());
@@ -148,8 +148,8 @@ async fn rs256_and_es256_verify_with_a_public_key_and_refuse_hs256_confusion() {
     {
         let public = fixture(&format!("{name}-public.pem"));
         let app = spawn_app_with(Backend::Sqlite, |c| {
-            c.jwt_algorithm = jwt_alg;
-            c.jwt_public_key_file = Some(public.clone());
+            c.auth.jwt_algorithm = jwt_alg;
+            c.auth.jwt_public_key_file = Some(public.clone());
         })
         .await;
         let private = std::fs::read(fixture(&format!("{name}-private.pem"))).unwrap();

@@ -49,7 +49,7 @@ async fn subscribed(app: &TestApp, token: String) -> Client {
 
 #[tokio::test]
 async fn an_expired_token_closes_the_websocket_not_the_session() {
-    let app = spawn_app_with(Backend::Sqlite, |c| c.jwt_leeway = Duration::ZERO).await;
+    let app = spawn_app_with(Backend::Sqlite, |c| c.auth.jwt_leeway = Duration::ZERO).await;
     let c = subscribed(&app, short_token("alice", 1)).await;
     assert!(c.closed_within(Duration::from_secs(4)).await, "cut at exp");
     assert!(!c.got_disconnect_packet(), "a transport close, not a DISCONNECT packet");
@@ -59,9 +59,9 @@ async fn an_expired_token_closes_the_websocket_not_the_session() {
 #[tokio::test]
 async fn a_revoked_user_and_a_rate_limit_abuser_get_a_final_disconnect() {
     let app = spawn_app_with(Backend::Sqlite, |c| {
-        c.client_event_rate = 1.0;
-        c.client_event_burst = 3.0;
-        c.rate_limit_strikes = 3;
+        c.limits.client_event_rate = 1.0;
+        c.limits.client_event_burst = 3.0;
+        c.limits.rate_limit_strikes = 3;
     })
     .await;
     let revoked = subscribed(&app, token("alice")).await;
@@ -147,7 +147,7 @@ impl Polling {
 
 #[tokio::test]
 async fn an_expired_token_ends_a_polling_session_so_that_the_next_poll_fails() {
-    let app = spawn_app_with(Backend::Sqlite, |c| c.jwt_leeway = Duration::ZERO).await;
+    let app = spawn_app_with(Backend::Sqlite, |c| c.auth.jwt_leeway = Duration::ZERO).await;
     let (polling, _) = Polling::connect(&app, &short_token("alice", 1)).await;
     assert_eq!(polling.post(r#"420["subscribe_campaign",{"campaignId":"c1"}]"#).await, 200);
     assert_eq!(polling.next_packet().await, r#"430[{"success":true}]"#);
@@ -157,7 +157,7 @@ async fn an_expired_token_ends_a_polling_session_so_that_the_next_poll_fails() {
 
 #[tokio::test]
 async fn a_cut_in_the_middle_of_an_upgrade_ends_both_transports() {
-    let app = spawn_app_with(Backend::Sqlite, |c| c.jwt_leeway = Duration::ZERO).await;
+    let app = spawn_app_with(Backend::Sqlite, |c| c.auth.jwt_leeway = Duration::ZERO).await;
     let (polling, sid) = Polling::connect(&app, &short_token("alice", 2)).await;
     assert_eq!(polling.post(r#"420["subscribe_campaign",{"campaignId":"c1"}]"#).await, 200);
     assert_eq!(polling.next_packet().await, r#"430[{"success":true}]"#);
@@ -187,7 +187,7 @@ async fn a_cut_in_the_middle_of_an_upgrade_ends_both_transports() {
 /// DISCONNECT).
 #[tokio::test]
 async fn a_cut_in_the_middle_of_an_upgrade_lets_it_finish_then_closes_the_websocket() {
-    let app = spawn_app_with(Backend::Sqlite, |c| c.jwt_leeway = Duration::ZERO).await;
+    let app = spawn_app_with(Backend::Sqlite, |c| c.auth.jwt_leeway = Duration::ZERO).await;
     let exp = now() + 1;
     let token =
         token_with(&jsonwebtoken::Header::default(), json!({"sub": "alice", "exp": exp}), JWT_SECRET.as_bytes());

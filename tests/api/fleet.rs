@@ -80,9 +80,9 @@ async fn fleet(redis: &Redis, n: usize, prefix: &str) -> Vec<TestApp> {
         let prefix = prefix.to_owned();
         apps.push(
             spawn_app_with(Backend::Sqlite, move |c| {
-                c.redis_url = Some(url);
-                c.redis_prefix = prefix;
-                c.redis_timeout = Duration::from_secs(1);
+                c.fleet.redis_url = Some(url);
+                c.fleet.redis_prefix = prefix;
+                c.fleet.redis_timeout = Duration::from_secs(1);
             })
             .await,
         );
@@ -361,7 +361,7 @@ async fn a_fleet_on_redis_cluster_delivers_exactly_once() {
     for i in 0..3 {
         let seeds: Vec<String> = (0..3).map(|j| format!("127.0.0.1:{}", cluster.ports[(i + j) % 3])).collect();
         let url = format!("{}{}", herald::redis::CLUSTER_SCHEME, seeds.join(","));
-        apps.push(spawn_app_with(Backend::Sqlite, move |c| c.redis_url = Some(url)).await);
+        apps.push(spawn_app_with(Backend::Sqlite, move |c| c.fleet.redis_url = Some(url)).await);
     }
     let mut clients = Vec::new();
     for app in &apps {

@@ -93,10 +93,10 @@ async fn start_app(
 ) -> TestApp {
     let mut config = Config::defaults();
     config.listen = "127.0.0.1:0".into();
-    config.jwt_secret = Some(JWT_SECRET.into());
-    config.publish_token = Some(PUBLISH_TOKEN.into());
-    config.database_url = database_url.clone();
-    config.database_migrate = true;
+    config.auth.jwt_secret = Some(JWT_SECRET.into());
+    config.publish.publish_token = Some(PUBLISH_TOKEN.into());
+    config.store.database_url = database_url.clone();
+    config.store.database_migrate = true;
     tweak(&mut config);
     let app = Application::build(config).await.expect("the gateway builds");
     let addr = app.local_addr().unwrap();

@@ -177,8 +177,8 @@ impl Provider {
 /// Herald on SQLite verifying tokens with `provider`'s keys.
 async fn spawn_with_jwks(url: String, tweak: impl FnOnce(&mut herald::Config)) -> TestApp {
     spawn_app_with(Backend::Sqlite, |c| {
-        c.jwt_secret = None;
-        c.jwt_jwks_url = Some(url);
+        c.auth.jwt_secret = None;
+        c.auth.jwt_jwks_url = Some(url);
         tweak(c);
     })
     .await
@@ -243,8 +243,8 @@ async fn a_removed_key_is_refused_after_the_next_refresh() {
     let provider = Provider::start(&[k1, k2]).await;
     *provider.served.cache_control.lock().unwrap() = Some("max-age=1".into());
     let app = spawn_with_jwks(provider.url(), |c| {
-        c.jwt_jwks_min_refresh = Duration::from_secs(1);
-        c.jwt_jwks_max_refresh = Duration::from_secs(3600);
+        c.auth.jwt_jwks_min_refresh = Duration::from_secs(1);
+        c.auth.jwt_jwks_max_refresh = Duration::from_secs(3600);
     })
     .await;
     wait_ready(&app).await;
@@ -325,7 +325,7 @@ async fn a_thousand_forged_kids_cause_a_handful_of_fetches() {
 async fn the_last_good_keys_survive_a_broken_document_and_a_provider_that_is_gone() {
     let [k1, _] = rsa_keys();
     let mut provider = Provider::start(&[k1]).await;
-    let app = spawn_with_jwks(provider.url(), |c| c.jwt_jwks_min_refresh = Duration::from_secs(1)).await;
+    let app = spawn_with_jwks(provider.url(), |c| c.auth.jwt_jwks_min_refresh = Duration::from_secs(1)).await;
     wait_ready(&app).await;
     let ed = TestKey::ed25519("ed");
     let broken_ed = json!({"kty": "OKP", "crv": "Ed25519", "kid": "ed", "x": "AAAA"});
@@ -378,8 +378,8 @@ async fn ec_and_ed25519_keys_verify_with_their_algorithm_and_aud_may_be_an_array
     let (es256, es384, eddsa) = (TestKey::p256("p256"), TestKey::p384("p384"), TestKey::ed25519("ed"));
     let provider = Provider::start(&[&es256, &es384, &eddsa]).await;
     let app = spawn_with_jwks(provider.url(), |c| {
-        c.jwt_issuer = Some("idp".into());
-        c.jwt_audience = Some("herald".into());
+        c.auth.jwt_issuer = Some("idp".into());
+        c.auth.jwt_audience = Some("herald".into());
     })
     .await;
     wait_ready(&app).await;
@@ -407,8 +407,8 @@ async fn with_a_jwks_development_mode_has_no_jwt_secret_no_demo_and_no_minting()
     let dir = tempfile::tempdir().unwrap();
     let mut config = herald::Config::defaults();
     config.listen = "127.0.0.1:0".into();
-    config.database_url = format!("sqlite://{}", dir.path().join("herald.db").display());
-    config.jwt_jwks_url = Some(provider.url());
+    config.store.database_url = format!("sqlite://{}", dir.path().join("herald.db").display());
+    config.auth.jwt_jwks_url = Some(provider.url());
     assert!(!config.no_secrets_configured());
     let app = herald::Application::build(config.clone()).await.expect("builds in development mode");
     assert!(!app.serves_demo());
@@ -424,7 +424,7 @@ async fn with_a_jwks_development_mode_has_no_jwt_secret_no_demo_and_no_minting()
     let stderr = String::from_utf8_lossy(&token.stderr);
     assert!(!token.status.success() && stderr.contains("cannot mint tokens for a JWKS"), "{stderr}");
 
-    config.jwt_public_key_file = Some("public.pem".into());
+    config.auth.jwt_public_key_file = Some("public.pem".into());
     let error = herald::Application::build(config).await.err().expect("a conflicting configuration");
     assert!(error.to_string().contains("HERALD_JWT_PUBLIC_KEY_FILE does not apply"), "{error}");
 }

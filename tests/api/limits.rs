@@ -15,7 +15,7 @@ fn refused(error: &str) -> serde_json::Value {
 
 #[tokio::test]
 async fn a_socket_has_a_subscription_cap() {
-    let app = spawn_app_with(Backend::Sqlite, |c| c.max_subscriptions = 2).await;
+    let app = spawn_app_with(Backend::Sqlite, |c| c.limits.max_subscriptions = 2).await;
     let mut alice = app.connect("alice").await;
     assert_eq!(alice.subscribe("campaign", "c1").await["success"], true);
     assert_eq!(alice.subscribe("settlement", "s1").await["success"], true);
@@ -31,9 +31,9 @@ async fn a_socket_has_a_subscription_cap() {
 #[tokio::test]
 async fn a_socket_over_its_event_rate_is_refused_then_disconnected() {
     let app = spawn_app_with(Backend::Sqlite, |c| {
-        c.client_event_rate = 1.0;
-        c.client_event_burst = 3.0;
-        c.rate_limit_strikes = 5;
+        c.limits.client_event_rate = 1.0;
+        c.limits.client_event_burst = 3.0;
+        c.limits.rate_limit_strikes = 5;
     })
     .await;
     let mut bob = app.connect("bob").await;
@@ -56,7 +56,7 @@ async fn a_socket_over_its_event_rate_is_refused_then_disconnected() {
 
 #[tokio::test]
 async fn past_the_connection_cap_handshakes_are_refused_and_others_keep_working() {
-    let app = spawn_app_with(Backend::Sqlite, |c| c.max_connections = 2).await;
+    let app = spawn_app_with(Backend::Sqlite, |c| c.limits.max_connections = 2).await;
     let mut first = app.connect("alice").await;
     let second = app.connect("bob").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -80,7 +80,7 @@ async fn connect_with(app: &TestApp, token: String) -> Client {
 
 #[tokio::test]
 async fn a_socket_is_cut_when_its_token_expires_unless_refreshed() {
-    let app = spawn_app_with(Backend::Sqlite, |c| c.jwt_leeway = Duration::ZERO).await;
+    let app = spawn_app_with(Backend::Sqlite, |c| c.auth.jwt_leeway = Duration::ZERO).await;
     let mut expiring = connect_with(&app, token_expiring_in("alice", 2)).await;
     assert_eq!(expiring.subscribe("campaign", "c1").await["success"], true);
     let mut refreshed = connect_with(&app, token_expiring_in("bob", 2)).await;
@@ -160,7 +160,7 @@ async fn until_closed(client: &mut Client) -> Vec<String> {
 /// client on the same instance gets everything meanwhile.
 #[tokio::test]
 async fn a_slow_consumer_is_cut_and_recovers_without_a_gap() {
-    let app = spawn_app_with(Backend::Sqlite, |c| c.socket_buffer = 128).await;
+    let app = spawn_app_with(Backend::Sqlite, |c| c.connections.socket_buffer = 128).await;
     let mut fast = app.connect("alice").await;
     assert_eq!(fast.subscribe("campaign", "c1").await["success"], true);
     let (mut slow, stall) = Client::connect_stallable(app.addr, Some(json!({"token": token("bob")}))).await.unwrap();
@@ -195,7 +195,7 @@ async fn a_slow_consumer_is_cut_and_recovers_without_a_gap() {
 /// comes back subscribed.
 #[tokio::test]
 async fn a_client_that_never_reads_is_cut_within_the_bound() {
-    let app = spawn_app_with(Backend::Sqlite, |c| c.socket_buffer = 128).await;
+    let app = spawn_app_with(Backend::Sqlite, |c| c.connections.socket_buffer = 128).await;
     let mut fast = app.connect("alice").await;
     assert_eq!(fast.subscribe("campaign", "c1").await["success"], true);
     let (mut slow, stall) = Client::connect_stallable(app.addr, Some(json!({"token": token("bob")}))).await.unwrap();
@@ -231,7 +231,7 @@ async fn a_client_that_never_reads_is_cut_within_the_bound() {
 /// events flow.
 #[tokio::test]
 async fn a_gap_longer_than_half_the_socket_buffer_is_not_replayed() {
-    let app = spawn_app_with(Backend::Sqlite, |c| c.socket_buffer = 16).await;
+    let app = spawn_app_with(Backend::Sqlite, |c| c.connections.socket_buffer = 16).await;
     let mut first = app.connect("alice").await;
     assert_eq!(first.subscribe("campaign", "c1").await["success"], true);
     let (status, _) = app.publish(&bodies::state_invalidated("c1")).await;
@@ -277,7 +277,7 @@ async fn a_gap_longer_than_half_the_socket_buffer_is_not_replayed() {
 /// trims the in-memory log, not only the next append).
 #[tokio::test]
 async fn the_replay_log_forgets_old_events_without_new_ones() {
-    let app = spawn_app_with(Backend::Sqlite, |c| c.replay_window = Duration::from_secs(1)).await;
+    let app = spawn_app_with(Backend::Sqlite, |c| c.replay.window = Duration::from_secs(1)).await;
     for _ in 0..3 {
         assert_eq!(app.publish(&bodies::state_invalidated("c1")).await.0, 202);
     }

@@ -119,7 +119,7 @@ async fn development_mode_without_secrets_generates_them_and_seeds_demo_data() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = herald::Config::defaults();
     config.listen = "127.0.0.1:0".into();
-    config.database_url = format!("sqlite://{}", dir.path().join("demo.db").display());
+    config.store.database_url = format!("sqlite://{}", dir.path().join("demo.db").display());
     let app = herald::Application::build(config).await.expect("starts with no setup");
     let creds = app.development_credentials().expect("development credentials");
     let token = creds.client_token.clone().expect("a demo client token");

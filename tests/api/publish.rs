@@ -220,7 +220,7 @@ async fn bad_publishes_get_the_contract_status_and_deliver_nothing() {
 
 #[tokio::test]
 async fn the_body_limit_is_a_setting() {
-    let app = spawn_app_with(Backend::Sqlite, |c| c.max_body_bytes = 64).await;
+    let app = spawn_app_with(Backend::Sqlite, |c| c.publish.max_body_bytes = 64).await;
     let body = serde_json::to_vec(&bodies::structure_updated("c1", "s1", "st1")).unwrap();
     assert!(body.len() > 64);
     assert_eq!(post(&app, Some(PUBLISH_TOKEN), Some("application/json"), body).await.0, 413);

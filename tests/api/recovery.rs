@@ -116,8 +116,8 @@ async fn redis_fleet(redis: &Redis, n: usize) -> Vec<TestApp> {
         let url = redis.url();
         apps.push(
             spawn_app_with(Backend::Sqlite, move |c| {
-                c.redis_url = Some(url);
-                c.redis_timeout = Duration::from_secs(1);
+                c.fleet.redis_url = Some(url);
+                c.fleet.redis_timeout = Duration::from_secs(1);
             })
             .await,
         );
@@ -185,7 +185,7 @@ async fn every_event_has_a_fixed_width_offset_that_increases_in_each_room() {
 
 #[tokio::test]
 async fn a_since_whose_successors_were_trimmed_is_not_recovered() {
-    let app = spawn_app_with(Backend::Sqlite, |c| c.replay_max_events = 3).await;
+    let app = spawn_app_with(Backend::Sqlite, |c| c.replay.max_events = 3).await;
     let mut alice = app.connect("alice").await;
     alice.subscribe("campaign", "c1").await;
     for s in 0..10 {
@@ -219,7 +219,7 @@ async fn a_since_whose_successors_were_trimmed_is_not_recovered() {
 
 #[tokio::test]
 async fn a_since_older_than_the_replay_window_is_not_recovered() {
-    let app = spawn_app_with(Backend::Sqlite, |c| c.replay_window = Duration::from_secs(1)).await;
+    let app = spawn_app_with(Backend::Sqlite, |c| c.replay.window = Duration::from_secs(1)).await;
     let mut alice = app.connect("alice").await;
     alice.subscribe("campaign", "c1").await;
     for s in 0..2 {
@@ -858,9 +858,9 @@ struct DropFleet {
 
 fn fleet_config(redis_url: String) -> impl FnOnce(&mut herald::Config) {
     move |c| {
-        c.redis_url = Some(redis_url);
-        c.redis_prefix = "herald-recovery".into();
-        c.redis_timeout = Duration::from_secs(1);
+        c.fleet.redis_url = Some(redis_url);
+        c.fleet.redis_prefix = "herald-recovery".into();
+        c.fleet.redis_timeout = Duration::from_secs(1);
         c.shutdown_grace = Duration::from_secs(5);
     }
 }

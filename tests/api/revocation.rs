@@ -25,7 +25,7 @@ async fn revoked(client: &mut Client) -> Value {
 
 #[tokio::test]
 async fn a_revoked_member_leaves_the_campaign_rooms_and_only_those() {
-    let app = spawn_app_with(Backend::Sqlite, |c| c.membership_cache_ttl = Duration::from_secs(60)).await;
+    let app = spawn_app_with(Backend::Sqlite, |c| c.store.membership_cache_ttl = Duration::from_secs(60)).await;
     run_sql(&app.database_url, "INSERT INTO campaign_members VALUES ('c2', 'alice');").await;
     let mut alice = app.connect("alice").await;
     for (kind, id) in [("campaign", "c1"), ("settlement", "s1"), ("structure", "st1"), ("campaign", "c2")] {
@@ -98,7 +98,7 @@ async fn a_revocation_reaches_every_instance_and_is_measured() {
     let mut apps = Vec::new();
     for _ in 0..2 {
         let url = redis.url();
-        apps.push(spawn_app_with(Backend::Sqlite, move |c| c.redis_url = Some(url)).await);
+        apps.push(spawn_app_with(Backend::Sqlite, move |c| c.fleet.redis_url = Some(url)).await);
     }
     let mut latencies = Vec::new();
     for round in 0..10 {
@@ -151,8 +151,8 @@ async fn a_revoked_user_cannot_come_back_with_an_older_token_on_any_instance_or_
     let Some(redis) = Redis::start().await else { return };
     let config = |url: String| {
         move |c: &mut herald::Config| {
-            c.redis_url = Some(url);
-            c.redis_prefix = "herald-user-revocation".into();
+            c.fleet.redis_url = Some(url);
+            c.fleet.redis_prefix = "herald-user-revocation".into();
         }
     };
     let a = spawn_app_with(Backend::Sqlite, config(redis.url())).await;
@@ -204,8 +204,8 @@ async fn a_revoked_user_cannot_come_back_with_an_older_token_on_any_instance_or_
 async fn a_subscribe_racing_a_revocation_never_joins_after_it() {
     let Some(_) = postgres_url() else { return };
     let app = spawn_app_with(Backend::Postgres, |c| {
-        c.membership_cache_ttl = Duration::ZERO;
-        c.database_max_connections = 32;
+        c.store.membership_cache_ttl = Duration::ZERO;
+        c.store.database_max_connections = 32;
     })
     .await;
     let mut bob = app.connect("bob").await;

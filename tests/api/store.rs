@@ -8,7 +8,7 @@ use serde_json::json;
 use crate::helpers::*;
 
 async fn hierarchy_and_membership_decide(backend: Backend) {
-    let app = spawn_app_with(backend, |c| c.membership_cache_ttl = Duration::from_millis(300)).await;
+    let app = spawn_app_with(backend, |c| c.store.membership_cache_ttl = Duration::from_millis(300)).await;
     let mut dave = app.connect("dave").await;
     assert_eq!(dave.subscribe("structure", "st1").await["error"], "Unauthorized");
     // dave joins c1: once the cached "no" expires, the whole tree opens.
@@ -52,10 +52,10 @@ async fn postgres_without_migrations_needs_the_relations() {
     let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
     let mut config = herald::Config::defaults();
     config.listen = "127.0.0.1:0".into();
-    config.jwt_secret = Some(JWT_SECRET.into());
-    config.publish_token = Some(PUBLISH_TOKEN.into());
-    config.database_url = url.clone();
-    config.database_migrate = false;
+    config.auth.jwt_secret = Some(JWT_SECRET.into());
+    config.publish.publish_token = Some(PUBLISH_TOKEN.into());
+    config.store.database_url = url.clone();
+    config.store.database_migrate = false;
     let err = herald::Application::build(config.clone()).await.err().expect("refused");
     let err = herald::telemetry::error_chain(&err);
     assert!(err.contains("campaign_members"), "{err}");
@@ -120,9 +120,9 @@ async fn instances_starting_together_on_one_sqlite_file_all_start() {
         let starts = (0..4).map(|_| {
             let mut config = herald::Config::defaults();
             config.listen = "127.0.0.1:0".into();
-            config.jwt_secret = Some(JWT_SECRET.into());
-            config.publish_token = Some(PUBLISH_TOKEN.into());
-            config.database_url = url.clone();
+            config.auth.jwt_secret = Some(JWT_SECRET.into());
+            config.publish.publish_token = Some(PUBLISH_TOKEN.into());
+            config.store.database_url = url.clone();
             tokio::spawn(herald::Application::build(config))
         });
         for start in starts.collect::<Vec<_>>() {

@@ -199,7 +199,7 @@ async fn two_thousand_clients_subscribing_on_connect_all_get_their_ack() {
 
 #[tokio::test]
 async fn a_message_over_the_size_limit_closes_only_that_socket() {
-    let app = spawn_app_with(Backend::Sqlite, |c| c.max_message_bytes = 16 * 1024).await;
+    let app = spawn_app_with(Backend::Sqlite, |c| c.connections.max_message_bytes = 16 * 1024).await;
     let mut bob = app.connect("bob").await;
     assert_eq!(bob.subscribe("campaign", "c1").await, ok());
     let big = app.connect("mallory").await;

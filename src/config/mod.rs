@@ -1,15 +1,21 @@
 //! Configuration: one typed tree, from flags and `HERALD_*` variables, loaded
-//! once at start.
-//!
-//! Secrets (the JWT secret and the publish token) come from the environment or
-//! from a file named by a `_FILE` variable or flag, never from a flag's value,
-//! which would show in `ps`. They are wrapped so that they cannot be printed.
+//! once at start, grouped by what it configures (client tokens, the publish
+//! API, the store, the fleet, recovery, limits, connections). `--help` is the
+//! reference. Secrets are in [`secrets`].
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use secrecy::{ExposeSecret, SecretString};
+
+use crate::limits::Limits;
+use crate::log::Retention;
+use crate::redis::RedisSettings;
+
+mod secrets;
+
+pub use secrets::{MIN_JWT_SECRET, MIN_PUBLISH_TOKEN};
 
 /// What `--help` says about the settings that are not flags.
 const SECRETS_HELP: &str = "\
@@ -78,7 +84,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// Every setting of the gateway.
+/// Every setting of the gateway, grouped.
 #[derive(Debug, Clone, Args)]
 pub struct Config {
     /// `development` or `production`. Production refuses to start without configured secrets
@@ -90,6 +96,47 @@ pub struct Config {
     #[arg(long, env = "HERALD_LISTEN", default_value = "0.0.0.0:3000")]
     pub listen: String,
 
+    #[command(flatten, next_help_heading = "Client tokens")]
+    pub auth: AuthSettings,
+
+    #[command(flatten, next_help_heading = "Publish API")]
+    pub publish: PublishSettings,
+
+    #[command(flatten, next_help_heading = "Membership store")]
+    pub store: StoreSettings,
+
+    #[command(flatten, next_help_heading = "Fleet (Redis)")]
+    pub fleet: FleetSettings,
+
+    #[command(flatten, next_help_heading = "Recovery")]
+    pub replay: ReplaySettings,
+
+    #[command(flatten, next_help_heading = "Limits")]
+    pub limits: Limits,
+
+    #[command(flatten, next_help_heading = "Connections")]
+    pub connections: ConnectionSettings,
+
+    /// Allowed CORS origins, comma-separated. Unset: any origin in development, none in production.
+    #[arg(long, help_heading = "Operations", env = "HERALD_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
+    /// How long shutdown may take before herald exits anyway.
+    #[arg(long, help_heading = "Operations", env = "HERALD_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Log filter, in `tracing` env-filter syntax (`info`, `herald=debug,info`).
+    #[arg(long, help_heading = "Operations", env = "HERALD_LOG", default_value = "info")]
+    pub log: String,
+
+    /// Log format.
+    #[arg(long, help_heading = "Operations", env = "HERALD_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// How client tokens are verified.
+#[derive(Debug, Clone, Args)]
+pub struct AuthSettings {
     /// File holding the HS256 JWT secret (instead of HERALD_JWT_SECRET).
     #[arg(long, env = "HERALD_JWT_SECRET_FILE")]
     pub jwt_secret_file: Option<PathBuf>,
@@ -129,10 +176,30 @@ pub struct Config {
     #[arg(long, env = "HERALD_JWT_JWKS_MAX_REFRESH", default_value = "24h", value_parser = humantime::parse_duration)]
     pub jwt_jwks_max_refresh: Duration,
 
+    /// The JWT secret, from HERALD_JWT_SECRET or the secret file.
+    #[arg(skip)]
+    pub jwt_secret: Option<SecretString>,
+}
+
+/// The publish API (and the revoke API, with the same token).
+#[derive(Debug, Clone, Args)]
+pub struct PublishSettings {
     /// File holding the publish API token (instead of HERALD_PUBLISH_TOKEN).
-    #[arg(long, env = "HERALD_PUBLISH_TOKEN_FILE")]
+    #[arg(long, help_heading = "Publish API", env = "HERALD_PUBLISH_TOKEN_FILE")]
     pub publish_token_file: Option<PathBuf>,
 
+    /// Largest publish API body, in bytes.
+    #[arg(long, help_heading = "Publish API", env = "HERALD_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// The publish token, from HERALD_PUBLISH_TOKEN or the token file.
+    #[arg(skip)]
+    pub publish_token: Option<SecretString>,
+}
+
+/// The membership store, and how long its answers are kept.
+#[derive(Debug, Clone, Args)]
+pub struct StoreSettings {
     /// Membership store: `sqlite://FILE` (created if missing) or `postgres://...`.
     #[arg(long, env = "HERALD_DATABASE_URL", default_value = "sqlite://herald.db")]
     pub database_url: String,
@@ -146,68 +213,52 @@ pub struct Config {
     #[arg(long, env = "HERALD_DATABASE_MAX_CONNECTIONS", default_value_t = 8)]
     pub database_max_connections: u32,
 
-    /// How long a user-level revocation is remembered (in the membership store): tokens of that
-    /// user issued before it are refused for that long. Set it to your tokens' longest lifetime.
-    #[arg(long, env = "HERALD_REVOCATION_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
-    pub revocation_ttl: Duration,
-
     /// How long a membership or hierarchy lookup is cached.
     #[arg(long, env = "HERALD_MEMBERSHIP_CACHE_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub membership_cache_ttl: Duration,
 
+    /// How long a user-level revocation is remembered (in the membership store): tokens of that
+    /// user issued before it are refused for that long. Set it to your tokens' longest lifetime.
+    #[arg(long, env = "HERALD_REVOCATION_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub revocation_ttl: Duration,
+}
+
+/// A fleet of instances over one Redis.
+#[derive(Debug, Clone, Args)]
+pub struct FleetSettings {
     /// Redis URL for running several instances. Unset: one instance, local adapter.
-    #[arg(long, env = "HERALD_REDIS_URL")]
+    #[arg(long, help_heading = "Fleet (Redis)", env = "HERALD_REDIS_URL")]
     pub redis_url: Option<String>,
 
     /// Prefix of herald's Redis channels and keys, so several deployments can share one Redis.
-    #[arg(long, env = "HERALD_REDIS_PREFIX", default_value = "herald")]
+    #[arg(long, help_heading = "Fleet (Redis)", env = "HERALD_REDIS_PREFIX", default_value = "herald")]
     pub redis_prefix: String,
 
     /// Longest a Redis operation (a publish) may block before it fails.
-    #[arg(long, env = "HERALD_REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, help_heading = "Fleet (Redis)", env = "HERALD_REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
+}
 
+/// What the event log keeps for recovery.
+#[derive(Debug, Clone, Args)]
+pub struct ReplaySettings {
     /// How long delivered events are kept for recovery (`since`).
-    #[arg(long, env = "HERALD_REPLAY_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
-    pub replay_window: Duration,
+    #[arg(long = "replay-window", env = "HERALD_REPLAY_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub window: Duration,
 
     /// How many delivered events are kept for recovery, at most.
-    #[arg(long, env = "HERALD_REPLAY_MAX_EVENTS", default_value_t = 100_000)]
-    pub replay_max_events: usize,
+    #[arg(long = "replay-max-events", env = "HERALD_REPLAY_MAX_EVENTS", default_value_t = 100_000)]
+    pub max_events: usize,
 
     /// How many bytes of event objects one instance keeps in memory for recovery, at most
     /// (the oldest go first). A fleet keeps its log in Redis instead.
-    #[arg(long, env = "HERALD_REPLAY_MAX_BYTES", default_value_t = 32 * 1024 * 1024)]
-    pub replay_max_bytes: usize,
+    #[arg(long = "replay-max-bytes", env = "HERALD_REPLAY_MAX_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_bytes: usize,
+}
 
-    /// Most connections per instance; past it, new handshakes are refused.
-    #[arg(long, env = "HERALD_MAX_CONNECTIONS", default_value_t = 20_000)]
-    pub max_connections: usize,
-
-    /// Most rooms one socket may be subscribed to.
-    #[arg(long, env = "HERALD_MAX_SUBSCRIPTIONS", default_value_t = 128)]
-    pub max_subscriptions: usize,
-
-    /// Client events per second one socket may send, on average (a token bucket).
-    #[arg(long, env = "HERALD_CLIENT_EVENT_RATE", default_value_t = 20.0)]
-    pub client_event_rate: f64,
-
-    /// Client events one socket may send at once (the bucket's size).
-    #[arg(long, env = "HERALD_CLIENT_EVENT_BURST", default_value_t = 200.0)]
-    pub client_event_burst: f64,
-
-    /// Rate-limited events in a row after which the socket is disconnected.
-    #[arg(long, env = "HERALD_RATE_LIMIT_STRIKES", default_value_t = 100)]
-    pub rate_limit_strikes: u32,
-
-    /// Allowed CORS origins, comma-separated. Unset: any origin in development, none in production.
-    #[arg(long, env = "HERALD_CORS_ORIGINS", value_delimiter = ',')]
-    pub cors_origins: Vec<String>,
-
-    /// Largest publish API body, in bytes.
-    #[arg(long, env = "HERALD_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
-    pub max_body_bytes: usize,
-
+/// Connections and sockets: their buffers, heartbeats and time bounds.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectionSettings {
     /// Packets one socket may have waiting to be written (memory is taken only while they wait).
     /// A socket whose buffer is full when an event arrives is disconnected (it reconnects and
     /// recovers with `since`) instead of missing it.
@@ -236,26 +287,6 @@ pub struct Config {
     /// Largest inbound Socket.IO message (WebSocket message or polling body), in bytes.
     #[arg(long, env = "HERALD_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_message_bytes: u64,
-
-    /// How long shutdown may take before herald exits anyway.
-    #[arg(long, env = "HERALD_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub shutdown_grace: Duration,
-
-    /// Log filter, in `tracing` env-filter syntax (`info`, `herald=debug,info`).
-    #[arg(long, env = "HERALD_LOG", default_value = "info")]
-    pub log: String,
-
-    /// Log format.
-    #[arg(long, env = "HERALD_LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: LogFormat,
-
-    /// The JWT secret, from HERALD_JWT_SECRET or the secret file.
-    #[arg(skip)]
-    pub jwt_secret: Option<SecretString>,
-
-    /// The publish token, from HERALD_PUBLISH_TOKEN or the token file.
-    #[arg(skip)]
-    pub publish_token: Option<SecretString>,
 }
 
 /// A configuration that cannot work.
@@ -284,64 +315,26 @@ pub enum ConfigError {
     NotWithJwks(&'static str),
     #[error("HERALD_JWT_JWKS_MIN_REFRESH must be at least 1s and at most HERALD_JWT_JWKS_MAX_REFRESH")]
     JwksRefresh,
-}
-
-/// Shortest HS256 secret production accepts (RFC 7518: a key as long as the hash).
-pub const MIN_JWT_SECRET: usize = 32;
-/// Shortest publish token production accepts.
-pub const MIN_PUBLISH_TOKEN: usize = 16;
-
-fn read_secret_file(what: &'static str, path: &Path) -> Result<SecretString, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
-        what,
-        path: path.to_owned(),
-        source,
-    })?;
-    let trimmed = text.trim();
-    if trimmed.is_empty() {
-        return Err(ConfigError::Empty(what));
-    }
-    Ok(SecretString::from(trimmed.to_owned()))
-}
-
-/// Resolves one secret from its variable's value and its file.
-fn resolve_secret(
-    what: &'static str,
-    value: Option<String>,
-    file: Option<&Path>,
-) -> Result<Option<SecretString>, ConfigError> {
-    match (value.filter(|v| !v.is_empty()), file) {
-        (Some(_), Some(_)) => Err(ConfigError::Both(what)),
-        (Some(v), None) => Ok(Some(SecretString::from(v))),
-        (None, Some(path)) => read_secret_file(what, path).map(Some),
-        (None, None) => Ok(None),
-    }
+    #[error("{0} must be at least 1")]
+    AtLeastOne(&'static str),
 }
 
 impl Config {
-    /// Reads the secrets from the process environment and the `_FILE` settings.
-    pub fn load_secrets(&mut self) -> Result<(), ConfigError> {
-        self.jwt_secret = resolve_secret(
-            "HERALD_JWT_SECRET",
-            std::env::var("HERALD_JWT_SECRET").ok(),
-            self.jwt_secret_file.as_deref(),
-        )?;
-        self.publish_token = resolve_secret(
-            "HERALD_PUBLISH_TOKEN",
-            std::env::var("HERALD_PUBLISH_TOKEN").ok(),
-            self.publish_token_file.as_deref(),
-        )?;
-        Ok(())
-    }
-
     /// Treats settings given as empty strings (`HERALD_REDIS_URL=`) as not given.
     pub fn drop_empty(&mut self) {
-        for field in [&mut self.redis_url, &mut self.jwt_issuer, &mut self.jwt_audience, &mut self.jwt_jwks_url] {
+        for field in [
+            &mut self.fleet.redis_url,
+            &mut self.auth.jwt_issuer,
+            &mut self.auth.jwt_audience,
+            &mut self.auth.jwt_jwks_url,
+        ] {
             if field.as_deref().is_some_and(|v| v.trim().is_empty()) {
                 *field = None;
             }
         }
-        for path in [&mut self.jwt_secret_file, &mut self.jwt_public_key_file, &mut self.publish_token_file] {
+        for path in
+            [&mut self.auth.jwt_secret_file, &mut self.auth.jwt_public_key_file, &mut self.publish.publish_token_file]
+        {
             if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
                 *path = None;
             }
@@ -351,55 +344,84 @@ impl Config {
 
     /// Checks what can be checked without touching the network.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.jwt_jwks_url.is_some() {
-            if self.jwt_secret.is_some() {
+        if self.limits.client_event_burst < 1.0 {
+            return Err(ConfigError::AtLeastOne("HERALD_CLIENT_EVENT_BURST"));
+        }
+        if self.limits.rate_limit_strikes < 1 {
+            return Err(ConfigError::AtLeastOne("HERALD_RATE_LIMIT_STRIKES"));
+        }
+        if self.replay.max_events < 1 {
+            return Err(ConfigError::AtLeastOne("HERALD_REPLAY_MAX_EVENTS"));
+        }
+        if self.auth.jwt_jwks_url.is_some() {
+            if self.auth.jwt_secret.is_some() {
                 return Err(ConfigError::NotWithJwks("HERALD_JWT_SECRET (or HERALD_JWT_SECRET_FILE)"));
             }
-            if self.jwt_public_key_file.is_some() {
+            if self.auth.jwt_public_key_file.is_some() {
                 return Err(ConfigError::NotWithJwks("HERALD_JWT_PUBLIC_KEY_FILE"));
             }
-            if self.jwt_algorithm != JwtAlgorithm::Hs256 {
+            if self.auth.jwt_algorithm != JwtAlgorithm::Hs256 {
                 return Err(ConfigError::NotWithJwks("HERALD_JWT_ALGORITHM"));
             }
-            if self.jwt_jwks_min_refresh < Duration::from_secs(1)
-                || self.jwt_jwks_min_refresh > self.jwt_jwks_max_refresh
+            if self.auth.jwt_jwks_min_refresh < Duration::from_secs(1)
+                || self.auth.jwt_jwks_min_refresh > self.auth.jwt_jwks_max_refresh
             {
                 return Err(ConfigError::JwksRefresh);
             }
         }
-        let needs_key = match self.jwt_algorithm {
+        let needs_key = match self.auth.jwt_algorithm {
             JwtAlgorithm::Hs256 => None,
             JwtAlgorithm::Rs256 => Some("RS256"),
             JwtAlgorithm::Es256 => Some("ES256"),
         };
         if let Some(alg) = needs_key
-            && self.jwt_public_key_file.is_none()
+            && self.auth.jwt_public_key_file.is_none()
         {
             return Err(ConfigError::MissingPublicKey(alg));
         }
         if self.mode == Mode::Production {
-            if self.jwt_algorithm == JwtAlgorithm::Hs256 && self.jwt_secret.is_none() && self.jwt_jwks_url.is_none() {
+            if self.auth.jwt_algorithm == JwtAlgorithm::Hs256
+                && self.auth.jwt_secret.is_none()
+                && self.auth.jwt_jwks_url.is_none()
+            {
                 return Err(ConfigError::MissingInProduction("HERALD_JWT_SECRET"));
             }
-            if self.publish_token.is_none() {
+            if self.publish.publish_token.is_none() {
                 return Err(ConfigError::MissingInProduction("HERALD_PUBLISH_TOKEN"));
             }
-            if self.jwt_secret.as_ref().is_some_and(|s| s.expose_secret().len() < MIN_JWT_SECRET) {
+            if self.auth.jwt_secret.as_ref().is_some_and(|s| s.expose_secret().len() < MIN_JWT_SECRET) {
                 return Err(ConfigError::TooShort("HERALD_JWT_SECRET", MIN_JWT_SECRET));
             }
-            if self.publish_token.as_ref().is_some_and(|s| s.expose_secret().len() < MIN_PUBLISH_TOKEN) {
+            if self.publish.publish_token.as_ref().is_some_and(|s| s.expose_secret().len() < MIN_PUBLISH_TOKEN) {
                 return Err(ConfigError::TooShort("HERALD_PUBLISH_TOKEN", MIN_PUBLISH_TOKEN));
             }
         }
         Ok(())
     }
 
+    /// What the event log keeps, and what one replay may send (half a
+    /// socket's buffer, so that the replay and the ack fit).
+    pub fn retention(&self) -> Retention {
+        Retention {
+            window: self.replay.window,
+            max_events: self.replay.max_events,
+            max_bytes: self.replay.max_bytes,
+            max_replay: (self.connections.socket_buffer / 2).max(1),
+        }
+    }
+
+    /// The fleet's Redis, when one is configured.
+    pub fn redis(&self) -> Option<RedisSettings> {
+        let url = self.fleet.redis_url.clone()?;
+        Some(RedisSettings { url, prefix: self.fleet.redis_prefix.clone(), op_timeout: self.fleet.redis_timeout })
+    }
+
     /// Whether no secret at all was configured (development's demo mode).
     pub fn no_secrets_configured(&self) -> bool {
-        self.jwt_secret.is_none()
-            && self.publish_token.is_none()
-            && self.jwt_public_key_file.is_none()
-            && self.jwt_jwks_url.is_none()
+        self.auth.jwt_secret.is_none()
+            && self.publish.publish_token.is_none()
+            && self.auth.jwt_public_key_file.is_none()
+            && self.auth.jwt_jwks_url.is_none()
     }
 
     /// The defaults, as if herald ran with no flag and no variable. Tests start from this.
@@ -423,12 +445,12 @@ mod tests {
         let mut config = Config::defaults();
         config.mode = Mode::Production;
         assert!(matches!(config.validate(), Err(ConfigError::MissingInProduction(_))));
-        config.jwt_secret = Some("s".into());
-        config.publish_token = Some("p".into());
+        config.auth.jwt_secret = Some("s".into());
+        config.publish.publish_token = Some("p".into());
         assert!(matches!(config.validate(), Err(ConfigError::TooShort("HERALD_JWT_SECRET", _))));
-        config.jwt_secret = Some("s".repeat(32).into());
+        config.auth.jwt_secret = Some("s".repeat(32).into());
         assert!(matches!(config.validate(), Err(ConfigError::TooShort("HERALD_PUBLISH_TOKEN", _))));
-        config.publish_token = Some("p".repeat(16).into());
+        config.publish.publish_token = Some("p".repeat(16).into());
         assert!(config.validate().is_ok());
     }
 
@@ -436,19 +458,19 @@ mod tests {
     fn a_jwks_needs_no_jwt_secret_and_excludes_the_other_key_settings() {
         let mut config = Config::defaults();
         config.mode = Mode::Production;
-        config.publish_token = Some("p".repeat(16).into());
-        config.jwt_jwks_url = Some("https://idp.example/.well-known/jwks.json".into());
+        config.publish.publish_token = Some("p".repeat(16).into());
+        config.auth.jwt_jwks_url = Some("https://idp.example/.well-known/jwks.json".into());
         assert!(config.validate().is_ok());
         assert!(!config.no_secrets_configured());
-        config.jwt_jwks_min_refresh = Duration::from_secs(48 * 3600);
+        config.auth.jwt_jwks_min_refresh = Duration::from_secs(48 * 3600);
         assert!(matches!(config.validate(), Err(ConfigError::JwksRefresh)));
-        config.jwt_jwks_min_refresh = Duration::from_secs(60);
+        config.auth.jwt_jwks_min_refresh = Duration::from_secs(60);
         let mut with_secret = config.clone();
-        with_secret.jwt_secret = Some("s".repeat(32).into());
+        with_secret.auth.jwt_secret = Some("s".repeat(32).into());
         let mut with_key = config.clone();
-        with_key.jwt_public_key_file = Some("key.pem".into());
+        with_key.auth.jwt_public_key_file = Some("key.pem".into());
         let mut with_alg = config.clone();
-        with_alg.jwt_algorithm = JwtAlgorithm::Rs256;
+        with_alg.auth.jwt_algorithm = JwtAlgorithm::Rs256;
         for (conflict, name) in [(with_secret, "SECRET"), (with_key, "PUBLIC_KEY_FILE"), (with_alg, "ALGORITHM")] {
             let error = conflict.validate().unwrap_err().to_string();
             assert!(error.contains(name) && error.contains("HERALD_JWT_JWKS_URL"), "{error}");
@@ -458,20 +480,10 @@ mod tests {
     #[test]
     fn empty_settings_count_as_unset() {
         let mut config = Config::defaults();
-        config.redis_url = Some(String::new());
-        config.jwt_issuer = Some(" ".into());
+        config.fleet.redis_url = Some(String::new());
+        config.auth.jwt_issuer = Some(" ".into());
         config.cors_origins = vec![String::new()];
         config.drop_empty();
-        assert_eq!((config.redis_url, config.jwt_issuer, config.cors_origins.len()), (None, None, 0));
-    }
-
-    #[test]
-    fn a_secret_is_read_from_its_file_and_trimmed() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("secret");
-        std::fs::write(&path, "s3cret\n").unwrap();
-        let secret = resolve_secret("X", None, Some(&path)).unwrap().unwrap();
-        assert_eq!(secret.expose_secret(), "s3cret");
-        assert!(matches!(resolve_secret("X", Some("a".into()), Some(&path)), Err(ConfigError::Both(_))));
+        assert_eq!((config.fleet.redis_url, config.auth.jwt_issuer, config.cors_origins.len()), (None, None, 0));
     }
 }
