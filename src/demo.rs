@@ -23,8 +23,9 @@ use serde_json::{Value, json};
 use socketioxide::adapter::Adapter;
 
 use crate::auth::Minter;
-use crate::delivery::{Delivery, DeliveryError};
+use crate::delivery::Delivery;
 use crate::events::{self, EventKind, Timestamp};
+use crate::publish::PublishError;
 use crate::store::{DEMO_CAMPAIGN, DEMO_SETTLEMENT, DEMO_STRUCTURE, DEMO_USER};
 
 const INDEX_HTML: &str = include_str!("../assets/demo/index.html");
@@ -122,13 +123,7 @@ async fn publish_demo<A: Adapter>(State(state): State<Arc<DemoState<A>>>, body: 
     };
     match state.delivery.publish(std::slice::from_ref(&event)).await {
         Ok(accepted) => (StatusCode::ACCEPTED, Json(json!({ "accepted": accepted }))).into_response(),
-        Err(DeliveryError::LogUnavailable { .. }) => {
-            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": "the adapter is unavailable" }))).into_response()
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "demo publish failed");
-            (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({ "error": "internal error" }))).into_response()
-        }
+        Err(e) => PublishError::from(e).into_response(),
     }
 }
 

@@ -55,6 +55,24 @@ impl PublishError {
     }
 }
 
+/// The one mapping of a delivery failure to the HTTP answer (and its log
+/// line): the log unavailable is a 503 that says how much was handed over;
+/// an event herald could not encode is its own bug, a 500.
+impl From<DeliveryError> for PublishError {
+    fn from(e: DeliveryError) -> Self {
+        match e {
+            DeliveryError::LogUnavailable { accepted, reason } => {
+                tracing::warn!(accepted, error = %reason, "the event log is unavailable");
+                PublishError::Unavailable { accepted }
+            }
+            DeliveryError::Encode(reason) => {
+                tracing::error!(error = %reason, "an event could not be encoded");
+                PublishError::Internal
+            }
+        }
+    }
+}
+
 impl IntoResponse for PublishError {
     fn into_response(self) -> Response {
         let status = self.status();
@@ -208,25 +226,14 @@ pub(crate) async fn read_checked_body<A: Adapter>(
 async fn handle<A: Adapter>(state: &PublishState<A>, headers: &HeaderMap, body: Body) -> Result<usize, PublishError> {
     let bytes = read_checked_body(state, headers, body).await?;
     let events = events::parse_body(&bytes)?;
-    match state.delivery.publish(&events).await {
-        Ok(accepted) => {
-            let mut rooms: Vec<String> = events.iter().flat_map(|e| e.rooms.iter().map(ToString::to_string)).collect();
-            rooms.dedup();
-            tracing::info!(
-                events = accepted,
-                types = ?events.iter().map(|e| e.kind().as_str()).collect::<Vec<_>>(),
-                rooms = ?rooms,
-                "published"
-            );
-            Ok(accepted)
-        }
-        Err(DeliveryError::LogUnavailable { accepted, reason }) => {
-            tracing::warn!(accepted, error = %reason, "publish failed: the event log is unavailable");
-            Err(PublishError::Unavailable { accepted })
-        }
-        Err(DeliveryError::Encode(reason)) => {
-            tracing::error!(error = %reason, "publish failed: could not encode an event");
-            Err(PublishError::Internal)
-        }
-    }
+    let accepted = state.delivery.publish(&events).await?;
+    let mut rooms: Vec<String> = events.iter().flat_map(|e| e.rooms.iter().map(ToString::to_string)).collect();
+    rooms.dedup();
+    tracing::info!(
+        events = accepted,
+        types = ?events.iter().map(|e| e.kind().as_str()).collect::<Vec<_>>(),
+        rooms = ?rooms,
+        "published"
+    );
+    Ok(accepted)
 }

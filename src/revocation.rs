@@ -32,7 +32,7 @@ use socketioxide::SocketIo;
 use socketioxide::adapter::Adapter;
 
 use crate::auth::UserId;
-use crate::delivery::{DeliveryError, RevocationHandler};
+use crate::delivery::RevocationHandler;
 use crate::events::InvalidEvent;
 use crate::gateway::{Gateway, user_room};
 use crate::publish::{PublishError, PublishState, read_checked_body};
@@ -84,17 +84,9 @@ async fn revoke<A: Adapter>(State(state): State<Arc<PublishState<A>>>, headers: 
         let revocation =
             Revocation { user_id: request.user_id, campaign_id: request.campaign_id, revoked_at: unix_now() };
         let json = serde_json::to_string(&revocation).map_err(|_| PublishError::Internal)?;
-        match state.delivery.revoke(json).await {
-            Ok(()) => {
-                tracing::info!(user = revocation.user_id.as_str(), campaign = ?revocation.campaign_id, "access revoked");
-                Ok(())
-            }
-            Err(DeliveryError::LogUnavailable { reason, .. }) => {
-                tracing::warn!(error = %reason, "revocation failed: the event log is unavailable");
-                Err(PublishError::Unavailable { accepted: 0 })
-            }
-            Err(DeliveryError::Encode(_)) => Err(PublishError::Internal),
-        }
+        state.delivery.revoke(json).await?;
+        tracing::info!(user = revocation.user_id.as_str(), campaign = ?revocation.campaign_id, "access revoked");
+        Ok::<(), PublishError>(())
     }
     .await;
     match result {

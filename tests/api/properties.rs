@@ -6,7 +6,7 @@ use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 
 use herald::events::parse_body;
-use herald::gateway::{Refusal, parse_room_request, parse_since};
+use herald::gateway::wire::{Refusal, parse_room_request, parse_since};
 use herald::rooms::RoomKind;
 
 /// Arbitrary JSON, biased towards the shapes herald reads.

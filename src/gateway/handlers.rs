@@ -1,0 +1,200 @@
+//! The client events: one handler dispatches every event a socket sends
+//! (`subscribe_*`, `unsubscribe_*`, `refresh_token`), after the rate limit,
+//! and acks it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use serde_json::Value;
+use socketioxide::ParserError;
+use socketioxide::adapter::Adapter;
+use socketioxide::extract::{AckSender, Event, SocketRef, TryData};
+
+use crate::access::Decision;
+use crate::auth::User;
+use crate::delivery::{Delivery, Joined};
+use crate::limits::Admission;
+use crate::rooms::RoomKind;
+use crate::session::{JoinRefused, Session};
+use crate::store::MembershipStore;
+
+use super::Gateway;
+use super::wire::{Action, ClientEvent, Refusal, Reply, parse_room_request, parse_since, truncate};
+
+impl<S: MembershipStore> Gateway<S> {
+    /// Takes a token from the socket's bucket; disconnects a socket that
+    /// keeps going past the limit.
+    fn admit<A: Adapter>(&self, s: &SocketRef<A>) -> Result<(), Refusal> {
+        let Some(session) = Session::of(s) else { return Ok(()) };
+        let admission = session.bucket.lock().map(|mut b| b.admit()).unwrap_or(Admission::Allowed);
+        match admission {
+            Admission::Allowed => Ok(()),
+            Admission::Refused(strikes) => {
+                self.limit_hit("event_rate");
+                if strikes == self.limits.rate_limit_strikes {
+                    self.limit_hit("event_rate_disconnect");
+                    tracing::info!(
+                        socket = session.number,
+                        strikes,
+                        "disconnecting a socket that ignores the rate limit"
+                    );
+                    // Final (a DISCONNECT packet): coming back would be wrong.
+                    session.close(s);
+                    let _ = s.clone().disconnect();
+                }
+                Err(Refusal::RateLimited)
+            }
+        }
+    }
+
+    /// One handler answers every client event (a socket keeps one handler
+    /// rather than one per event name: less memory per connection).
+    pub(super) fn register_handlers<A: Adapter>(self: &Arc<Self>, s: &SocketRef<A>, delivery: Delivery<A>) {
+        let gw = self.clone();
+        s.on_fallback(move |s: SocketRef<A>, Event(event): Event, TryData(data): TryData<Value>, ack: AckSender<A>| {
+            let gw = gw.clone();
+            let delivery = delivery.clone();
+            async move {
+                if !gw.ready(&s).await {
+                    tracing::debug!("an event for a socket whose connect never completed; dropped");
+                    return;
+                }
+                let client_event = ClientEvent::parse(&event);
+                let mut ack = Some(ack);
+                let reply = match (gw.admit(&s), client_event) {
+                    (Err(refused), _) => Err(refused),
+                    (Ok(()), Some(ClientEvent::Room(Action::Subscribe, kind))) => {
+                        gw.subscribe(&s, kind, &data, &delivery, &mut ack).await
+                    }
+                    (Ok(()), Some(ClientEvent::Room(Action::Unsubscribe, kind))) => {
+                        gw.unsubscribe(&s, kind, &data).map(|()| None)
+                    }
+                    (Ok(()), Some(ClientEvent::RefreshToken)) => gw.refresh(&s, &data).await.map(|()| None),
+                    (Ok(()), None) => {
+                        tracing::debug!(event = truncate(&event, 64), "unknown client event");
+                        Err(Refusal::UnknownEvent)
+                    }
+                };
+                gw.count_ack(client_event.map_or("unknown", ClientEvent::name), reply.map(drop));
+                // A subscription is acked as soon as the socket is in the room
+                // (see `Joined`). Without an ack id this sends nothing; a
+                // failure means the socket is gone.
+                if let Some(ack) = ack {
+                    let _ = ack.send(&reply.map_or_else(Reply::refused, Reply::ok));
+                }
+            }
+        });
+    }
+
+    /// `refresh_token`: a valid token for the same user moves the socket's deadline.
+    async fn refresh<A: Adapter>(&self, s: &SocketRef<A>, data: &Result<Value, ParserError>) -> Result<(), Refusal> {
+        let token = match data {
+            Ok(Value::Object(map)) => match map.get("token") {
+                Some(Value::String(t)) => t.clone(),
+                _ => return Err(Refusal::InvalidPayload),
+            },
+            _ => return Err(Refusal::InvalidPayload),
+        };
+        let (Some(current), Some(session)) = (s.extensions.get::<User>(), Session::of(s)) else {
+            return Err(Refusal::Unauthorized);
+        };
+        let fresh = self.verifier.verify(&token).await.map_err(|_| Refusal::Unauthorized)?;
+        if fresh.id != current.id {
+            tracing::info!(user = &*current.id, "token refresh refused: another user's token");
+            return Err(Refusal::Unauthorized);
+        }
+        if let Err(why) = self.admits(&fresh).await {
+            tracing::info!(user = &*current.id, reason = why.reason(), "token refresh refused");
+            return Err(Refusal::Unauthorized);
+        }
+        session.deadline.store(fresh.expires_at.saturating_add(self.token_leeway.as_secs()), Ordering::SeqCst);
+        s.extensions.insert(fresh);
+        tracing::info!(user = &*current.id, "token refreshed");
+        Ok(())
+    }
+
+    pub(super) fn count_ack(&self, event: &'static str, reply: Result<(), Refusal>) {
+        let outcome = match reply {
+            Ok(()) => "success",
+            Err(why) => why.outcome(),
+        };
+        self.metrics.acks.get_or_create(&[("event", event), ("outcome", outcome)]).inc();
+    }
+
+    async fn subscribe<A: Adapter>(
+        &self,
+        s: &SocketRef<A>,
+        kind: RoomKind,
+        data: &Result<Value, ParserError>,
+        delivery: &Delivery<A>,
+        ack: &mut Option<AckSender<A>>,
+    ) -> Result<Option<bool>, Refusal> {
+        let room = parse_room_request(kind, data)?;
+        let since = parse_since(data)?;
+        let user = s.extensions.get::<User>().ok_or(Refusal::Unauthorized)?;
+        let session = Session::of(s).ok_or(Refusal::Unauthorized)?;
+        let revocations = session.revocations();
+        let campaign = match self.access.check(&user.id, &room).await {
+            Ok(Decision::Allowed(campaign)) => campaign,
+            Ok(Decision::Denied) => {
+                tracing::info!(user = &*user.id, room = %room, "subscription refused");
+                return Err(Refusal::Unauthorized);
+            }
+            Err(e) => {
+                tracing::error!(
+                    user = &*user.id,
+                    room = %room,
+                    error = %crate::telemetry::error_chain(&*e),
+                    "membership lookup failed"
+                );
+                return Err(Refusal::Internal);
+            }
+        };
+        let subscriptions = Session::subscriptions(s);
+        let already = subscriptions.contains(&room);
+        if !already && subscriptions.len() >= self.limits.max_subscriptions {
+            self.limit_hit("subscriptions");
+            return Err(Refusal::TooManySubscriptions);
+        }
+        // The ack goes out from inside the join, before any later event.
+        let sender = ack.take();
+        let joined = Joined::new(move |result| {
+            if let Some(sender) = sender {
+                let _ = sender.send(&result.map_or_else(|why| Reply::refused(join_refusal(why)), Reply::ok));
+            }
+        });
+        let ticket = session.ticket(campaign, revocations);
+        let recovered = delivery.join(s, &room, since, &ticket, &joined).await.map_err(join_refusal)?;
+        tracing::info!(
+            user = &*user.id,
+            room = %room,
+            subscriptions = subscriptions.len() + usize::from(!already),
+            ?recovered,
+            "subscribed"
+        );
+        Ok(recovered)
+    }
+
+    fn unsubscribe<A: Adapter>(
+        &self,
+        s: &SocketRef<A>,
+        kind: RoomKind,
+        data: &Result<Value, ParserError>,
+    ) -> Result<(), Refusal> {
+        let room = parse_room_request(kind, data)?;
+        if Session::of(s).is_some_and(|session| session.leave(s, &room)) {
+            let user = s.extensions.get::<User>().map(|u| u.id);
+            tracing::info!(user = user.as_deref().unwrap_or("?"), room = %room, "unsubscribed");
+        }
+        Ok(())
+    }
+}
+
+/// The refusal a subscribe answers when its join did not happen.
+fn join_refusal(why: JoinRefused) -> Refusal {
+    match why {
+        // Gone while the store answered, or cut meanwhile.
+        JoinRefused::Closed => Refusal::Internal,
+        JoinRefused::Revoked => Refusal::Unauthorized,
+    }
+}

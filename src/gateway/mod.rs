@@ -1,0 +1,271 @@
+//! The Socket.IO side: the handshake (JWT auth), each socket's lifetime
+//! (connected, token expiry, disconnected) and, in [`handlers`], the client
+//! events (`subscribe_*`, `unsubscribe_*`, `refresh_token`) with their acks;
+//! what goes over the wire is in [`wire`].
+//!
+//! Handlers are generic over the adapter; only start-up names it. They are
+//! registered inside the connect middleware, before the CONNECT packet goes
+//! out, so an event a client sends right after connecting is never dropped
+//! for want of a handler; such an event waits until the connect handler has
+//! run (socketioxide marks the socket connected only after sending CONNECT):
+//! the ready gate.
+
+mod handlers;
+pub mod wire;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::Value;
+use socketioxide::SocketIo;
+use socketioxide::adapter::Adapter;
+use socketioxide::extract::{SocketRef, TryData};
+use socketioxide::handler::ConnectHandler;
+use socketioxide::socket::DisconnectReason;
+use socketioxide_core::adapter::DefinedAdapter;
+use tokio::sync::Notify;
+
+use crate::access::Access;
+use crate::auth::{User, Verifier, find_token};
+use crate::delivery::Delivery;
+use crate::expiry::{Expiring, Expiry};
+use crate::limits::{Limits, TokenBucket};
+use crate::session::Session;
+use crate::store::MembershipStore;
+use crate::telemetry::Metrics;
+use crate::transport::Transports;
+
+use wire::{HandshakeError, TokenRefused};
+
+/// How long an event that arrived before its socket's connect handler ran
+/// waits for it. The handler runs within microseconds of the CONNECT packet;
+/// it never runs when socketioxide could not send that packet (the socket is
+/// then closed), and the event is dropped.
+const READY_WAIT: Duration = Duration::from_secs(10);
+
+/// A socket in the gateway's [`Expiry`].
+struct ExpiringSocket<A: Adapter> {
+    socket: SocketRef<A>,
+    metrics: Arc<Metrics>,
+    transports: Arc<Transports>,
+}
+
+impl<A: Adapter> Expiring for ExpiringSocket<A> {
+    fn deadline(&self) -> Option<u64> {
+        if !self.socket.connected() {
+            return None;
+        }
+        Session::of(&self.socket).map(|session| session.deadline.load(Ordering::SeqCst))
+    }
+
+    /// The connection is cut, not the Socket.IO session: the client comes
+    /// back by itself, with a fresh token if its `auth` gives one.
+    fn expire(self: Box<Self>) {
+        let Some(session) = Session::of(&self.socket) else { return };
+        if session.cut(&self.socket, &self.transports) {
+            self.metrics.limits_hit.get_or_create(&[("limit", "token_expired")]).inc();
+            tracing::info!(socket = session.number, "token expired; closing its connection");
+        }
+    }
+}
+
+/// The gateway's shared state.
+pub struct Gateway<S> {
+    verifier: Verifier,
+    pub(crate) access: Access<S>,
+    metrics: Arc<Metrics>,
+    transports: Arc<Transports>,
+    limits: Limits,
+    /// Clock leeway added to a token's `exp` before its socket is cut.
+    token_leeway: Duration,
+    expiry: Expiry,
+    /// Woken each time a socket's connect handler has run (see [`SessionState::ready`]).
+    sockets_ready: Notify,
+}
+
+impl<S: MembershipStore> Gateway<S> {
+    /// A gateway that verifies tokens with `verifier`, checks rooms with
+    /// `access` and enforces `limits`. Starts the token expiry timer, so it
+    /// runs inside a Tokio runtime.
+    pub fn new(
+        verifier: Verifier,
+        access: Access<S>,
+        metrics: Arc<Metrics>,
+        transports: Arc<Transports>,
+        limits: Limits,
+        token_leeway: Duration,
+    ) -> Arc<Self> {
+        Arc::new(Gateway {
+            verifier,
+            access,
+            metrics,
+            transports,
+            limits,
+            token_leeway,
+            expiry: Expiry::start(),
+            sockets_ready: Notify::new(),
+        })
+    }
+
+    fn limit_hit(&self, limit: &'static str) {
+        self.metrics.limits_hit.get_or_create(&[("limit", limit)]).inc();
+    }
+
+    /// Installs the handlers on the default namespace of `io`. The result is
+    /// the adapter's initialisation (a future to await, for Redis).
+    pub fn attach<A: Adapter + DefinedAdapter>(
+        self: &Arc<Self>,
+        io: &SocketIo<A>,
+        delivery: Delivery<A>,
+    ) -> A::InitRes {
+        let on_connect = {
+            let gw = self.clone();
+            move |s: SocketRef<A>| {
+                let gw = gw.clone();
+                async move { gw.connected(&s) }
+            }
+        };
+        let authenticate = {
+            let gw = self.clone();
+            move |s: SocketRef<A>, TryData(auth): TryData<Value>| {
+                let gw = gw.clone();
+                let delivery = delivery.clone();
+                async move { gw.authenticate(&s, auth.ok().as_ref(), delivery).await }
+            }
+        };
+        io.ns("/", on_connect.with(authenticate))
+    }
+
+    /// The connect middleware: verifies the token, keeps the user in the
+    /// socket's extensions and registers the event handlers.
+    async fn authenticate<A: Adapter>(
+        self: &Arc<Self>,
+        s: &SocketRef<A>,
+        auth: Option<&Value>,
+        delivery: Delivery<A>,
+    ) -> Result<(), HandshakeError> {
+        if self.metrics.connections.get() >= self.limits.max_connections as i64 {
+            self.limit_hit("connections");
+            tracing::info!("handshake refused: too many connections");
+            return Err(HandshakeError::TooManyConnections);
+        }
+        let Some(token) = find_token(auth, s.req_parts().uri.query()) else {
+            self.metrics.auth_failures.get_or_create(&[("reason", "missing")]).inc();
+            tracing::info!(reason = "missing token", "handshake rejected");
+            return Err(HandshakeError::Unauthorized);
+        };
+        let user = match self.verifier.verify(&token).await {
+            Ok(user) => user,
+            Err(e) => {
+                self.metrics.auth_failures.get_or_create(&[("reason", "invalid")]).inc();
+                tracing::info!(reason = "invalid token", "handshake rejected");
+                return Err(e.into());
+            }
+        };
+        if let Err(why) = self.admits(&user).await {
+            self.metrics.auth_failures.get_or_create(&[("reason", why.reason())]).inc();
+            tracing::info!(user = &*user.id, reason = why.reason(), "handshake rejected");
+            return Err(HandshakeError::Unauthorized);
+        }
+        s.extensions.insert(Session::new(
+            user.expires_at.saturating_add(self.token_leeway.as_secs()),
+            self.expiry.next_id(),
+            TokenBucket::new(self.limits.client_event_rate, self.limits.client_event_burst),
+            self.metrics.clone(),
+        ));
+        // Every socket of a user is in the user's room, so a revocation finds them.
+        s.join(user_room(&user.id));
+        s.extensions.insert(user);
+        self.register_handlers(s, delivery);
+        Ok(())
+    }
+
+    /// Waits until the socket's connect handler has run; false if it did not
+    /// within [`READY_WAIT`].
+    async fn ready<A: Adapter>(&self, s: &SocketRef<A>) -> bool {
+        let Some(session) = Session::of(s) else { return false };
+        if session.ready.load(Ordering::SeqCst) {
+            return true;
+        }
+        let give_up = tokio::time::Instant::now() + READY_WAIT;
+        loop {
+            // Registered before the flag is read again, so a wake in between is not missed.
+            let notified = self.sockets_ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if session.ready.load(Ordering::SeqCst) {
+                return true;
+            }
+            if tokio::time::timeout_at(give_up, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Refuses a verified token that a revocation of its user covers (issued
+    /// at or before it). When the store cannot say, the token is refused.
+    async fn admits(&self, user: &User) -> Result<(), TokenRefused> {
+        match self.access.admits(user).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(TokenRefused::Revoked),
+            Err(e) => {
+                tracing::error!(error = %crate::telemetry::error_chain(&*e), "the user revocation lookup failed");
+                Err(TokenRefused::StoreFailed)
+            }
+        }
+    }
+
+    /// Cuts the socket when its token expires (plus the leeway), unless a
+    /// refresh moved the deadline meanwhile.
+    fn watch_expiry<A: Adapter>(&self, s: &SocketRef<A>) {
+        let Some(session) = Session::of(s) else { return };
+        let deadline = session.deadline.load(Ordering::SeqCst);
+        let entry =
+            ExpiringSocket { socket: s.clone(), metrics: self.metrics.clone(), transports: self.transports.clone() };
+        self.expiry.arm(session.timer, deadline, Box::new(entry));
+        // It may have gone before it was armed: its disconnect handler found nothing to disarm.
+        if !s.connected() {
+            self.expiry.disarm(session.timer);
+        }
+    }
+
+    fn connected<A: Adapter>(self: &Arc<Self>, s: &SocketRef<A>) {
+        self.metrics.connections.inc();
+        let user = s.extensions.get::<User>().map(|u| u.id);
+        tracing::info!(
+            user = user.as_deref().unwrap_or("?"),
+            socket = Session::of(s).map(|session| session.number),
+            transport = ?s.transport_type(),
+            "connected"
+        );
+        let gw = self.clone();
+        s.on_disconnect(move |s: SocketRef<A>, reason: DisconnectReason| {
+            let gw = gw.clone();
+            async move { gw.disconnected(&s, reason) }
+        });
+        self.watch_expiry(s);
+        if let Some(session) = Session::of(s) {
+            session.ready.store(true, Ordering::SeqCst);
+            self.sockets_ready.notify_waiters();
+        }
+    }
+
+    fn disconnected<A: Adapter>(&self, s: &SocketRef<A>, reason: DisconnectReason) {
+        self.metrics.connections.dec();
+        let rooms = Session::subscriptions(s).len();
+        let number = Session::of(s).map(|session| {
+            self.expiry.disarm(session.timer);
+            session.close(s);
+            session.number
+        });
+        let user = s.extensions.get::<User>().map(|u| u.id);
+        tracing::info!(user = user.as_deref().unwrap_or("?"), socket = number, ?reason, rooms, "disconnected");
+    }
+}
+
+/// The room every socket of a user is in (not a subscription room: the
+/// `user:` kind is not one clients can name).
+pub(crate) fn user_room(user: &str) -> String {
+    format!("user:{user}")
+}
