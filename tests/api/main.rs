@@ -6,6 +6,7 @@ mod helpers;
 
 mod auth;
 mod cuts;
+mod drop;
 mod fleet;
 mod jwks;
 mod limits;
