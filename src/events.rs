@@ -200,32 +200,33 @@ pub struct WorldTimeChanged {
     pub elapsed: Option<f64>,
 }
 
-/// Payload of `settlement_updated`.
-#[derive(Debug, Clone, Serialize, Deserialize, TS)]
-#[serde(rename_all = "camelCase")]
-#[ts(rename = "SettlementUpdatedPayload")]
-pub struct SettlementUpdated {
-    pub campaign_id: CampaignId,
-    pub settlement_id: SettlementId,
-    pub operation: Operation,
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
-    #[ts(optional, type = "Record<string, unknown>")]
-    pub changes: Option<Map<String, Value>>,
+/// Declares the payload of an `…_updated` event: its ids, then what was done
+/// (`operation`) and, when the publisher says, what changed (`changes`).
+macro_rules! updated_payload {
+    ($(#[doc = $doc:literal])* $name:ident as $ts:literal { $($field:ident: $ty:ty),* $(,)? }) => {
+        $(#[doc = $doc])*
+        #[derive(Debug, Clone, Serialize, Deserialize, TS)]
+        #[serde(rename_all = "camelCase")]
+        #[ts(rename = $ts)]
+        pub struct $name {
+            $(pub $field: $ty,)*
+            pub operation: Operation,
+            #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+            #[ts(optional, type = "Record<string, unknown>")]
+            pub changes: Option<Map<String, Value>>,
+        }
+    };
 }
 
-/// Payload of `structure_updated`.
-#[derive(Debug, Clone, Serialize, Deserialize, TS)]
-#[serde(rename_all = "camelCase")]
-#[ts(rename = "StructureUpdatedPayload")]
-pub struct StructureUpdated {
-    pub campaign_id: CampaignId,
-    pub settlement_id: SettlementId,
-    pub structure_id: StructureId,
-    pub operation: Operation,
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
-    #[ts(optional, type = "Record<string, unknown>")]
-    pub changes: Option<Map<String, Value>>,
-}
+updated_payload!(
+    /// Payload of `settlement_updated`.
+    SettlementUpdated as "SettlementUpdatedPayload" { campaign_id: CampaignId, settlement_id: SettlementId }
+);
+
+updated_payload!(
+    /// Payload of `structure_updated`.
+    StructureUpdated as "StructureUpdatedPayload" { campaign_id: CampaignId, settlement_id: SettlementId, structure_id: StructureId }
+);
 
 /// Optional event metadata.
 #[derive(Debug, Clone, Serialize, Deserialize, TS)]

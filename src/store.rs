@@ -68,6 +68,16 @@ pub trait MembershipStore: Send + Sync + 'static {
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
+/// Runs the same query on either pool (`$1`-style parameters work in both).
+macro_rules! on_pool {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match $store {
+            SqlStore::Sqlite($pool) => $body,
+            SqlStore::Postgres($pool) => $body,
+        }
+    };
+}
+
 /// The SQL store.
 #[derive(Debug, Clone)]
 pub enum SqlStore {
@@ -138,10 +148,7 @@ impl SqlStore {
         for relation in RELATIONS {
             // The names are constants, never input.
             let sql = format!("SELECT 1 FROM {relation} LIMIT 0");
-            let result = match self {
-                SqlStore::Sqlite(pool) => sqlx::query(&sql).execute(pool).await.map(drop),
-                SqlStore::Postgres(pool) => sqlx::query(&sql).execute(pool).await.map(drop),
-            };
+            let result = on_pool!(self, |pool| sqlx::query(&sql).execute(pool).await.map(drop));
             if result.is_err() {
                 return Err(StoreError::MissingRelation(relation));
             }
@@ -188,126 +195,56 @@ impl SqlStore {
 
     /// Closes the pool.
     pub async fn close(&self) {
-        match self {
-            SqlStore::Sqlite(pool) => pool.close().await,
-            SqlStore::Postgres(pool) => pool.close().await,
-        }
+        on_pool!(self, |pool| pool.close().await)
     }
 }
 
 impl MembershipStore for SqlStore {
     async fn is_member(&self, campaign: &CampaignId, user: &str) -> Result<bool, StoreError> {
-        let row: Option<(i32,)> = match self {
-            SqlStore::Sqlite(pool) => {
-                sqlx::query_as("SELECT 1 FROM campaign_members WHERE campaign_id = ?1 AND user_id = ?2 LIMIT 1")
-                    .bind(campaign.as_str())
-                    .bind(user)
-                    .fetch_optional(pool)
-                    .await?
-            }
-            SqlStore::Postgres(pool) => {
-                sqlx::query_as("SELECT 1 FROM campaign_members WHERE campaign_id = $1 AND user_id = $2 LIMIT 1")
-                    .bind(campaign.as_str())
-                    .bind(user)
-                    .fetch_optional(pool)
-                    .await?
-            }
-        };
+        let sql = "SELECT 1 FROM campaign_members WHERE campaign_id = $1 AND user_id = $2 LIMIT 1";
+        let row: Option<(i32,)> =
+            on_pool!(self, |pool| sqlx::query_as(sql).bind(campaign.as_str()).bind(user).fetch_optional(pool).await?);
         Ok(row.is_some())
     }
 
     async fn settlement_campaign(&self, settlement: &SettlementId) -> Result<Option<CampaignId>, StoreError> {
-        let row: Option<(String,)> = match self {
-            SqlStore::Sqlite(pool) => {
-                sqlx::query_as("SELECT campaign_id FROM settlements WHERE id = ?1")
-                    .bind(settlement.as_str())
-                    .fetch_optional(pool)
-                    .await?
-            }
-            SqlStore::Postgres(pool) => {
-                sqlx::query_as("SELECT campaign_id FROM settlements WHERE id = $1")
-                    .bind(settlement.as_str())
-                    .fetch_optional(pool)
-                    .await?
-            }
-        };
+        let sql = "SELECT campaign_id FROM settlements WHERE id = $1";
+        let row: Option<(String,)> =
+            on_pool!(self, |pool| sqlx::query_as(sql).bind(settlement.as_str()).fetch_optional(pool).await?);
         // A stored id that is not a valid id can never be a room: no access.
         Ok(row.and_then(|(id,)| CampaignId::parse(&id).ok()))
     }
 
     async fn structure_settlement(&self, structure: &StructureId) -> Result<Option<SettlementId>, StoreError> {
-        let row: Option<(String,)> = match self {
-            SqlStore::Sqlite(pool) => {
-                sqlx::query_as("SELECT settlement_id FROM structures WHERE id = ?1")
-                    .bind(structure.as_str())
-                    .fetch_optional(pool)
-                    .await?
-            }
-            SqlStore::Postgres(pool) => {
-                sqlx::query_as("SELECT settlement_id FROM structures WHERE id = $1")
-                    .bind(structure.as_str())
-                    .fetch_optional(pool)
-                    .await?
-            }
-        };
+        let sql = "SELECT settlement_id FROM structures WHERE id = $1";
+        let row: Option<(String,)> =
+            on_pool!(self, |pool| sqlx::query_as(sql).bind(structure.as_str()).fetch_optional(pool).await?);
         Ok(row.and_then(|(id,)| SettlementId::parse(&id).ok()))
     }
 
     async fn user_revoked_at(&self, user: &str, since: u64) -> Result<Option<u64>, StoreError> {
         let since = i64::try_from(since).unwrap_or(i64::MAX);
-        let row: Option<(i64,)> = match self {
-            SqlStore::Sqlite(pool) => {
-                sqlx::query_as("SELECT revoked_at FROM herald_user_revocations WHERE user_id = ?1 AND revoked_at >= ?2")
-                    .bind(user)
-                    .bind(since)
-                    .fetch_optional(pool)
-                    .await?
-            }
-            SqlStore::Postgres(pool) => {
-                sqlx::query_as("SELECT revoked_at FROM herald_user_revocations WHERE user_id = $1 AND revoked_at >= $2")
-                    .bind(user)
-                    .bind(since)
-                    .fetch_optional(pool)
-                    .await?
-            }
-        };
+        let sql = "SELECT revoked_at FROM herald_user_revocations WHERE user_id = $1 AND revoked_at >= $2";
+        let row: Option<(i64,)> =
+            on_pool!(self, |pool| sqlx::query_as(sql).bind(user).bind(since).fetch_optional(pool).await?);
         Ok(row.and_then(|(at,)| u64::try_from(at).ok()))
     }
 
     async fn revoke_user(&self, user: &str, at: u64, forget_before: u64) -> Result<(), StoreError> {
         let (at, forget_before) =
             (i64::try_from(at).unwrap_or(i64::MAX), i64::try_from(forget_before).unwrap_or(i64::MAX));
-        match self {
-            SqlStore::Sqlite(pool) => {
-                sqlx::query("DELETE FROM herald_user_revocations WHERE revoked_at < ?1")
-                    .bind(forget_before)
-                    .execute(pool)
-                    .await?;
-                sqlx::query(
-                    "INSERT INTO herald_user_revocations (user_id, revoked_at) VALUES (?1, ?2) \
-                     ON CONFLICT (user_id) DO UPDATE SET revoked_at = MAX(revoked_at, excluded.revoked_at)",
-                )
-                .bind(user)
-                .bind(at)
-                .execute(pool)
-                .await?;
-            }
-            SqlStore::Postgres(pool) => {
-                sqlx::query("DELETE FROM herald_user_revocations WHERE revoked_at < $1")
-                    .bind(forget_before)
-                    .execute(pool)
-                    .await?;
-                sqlx::query(
-                    "INSERT INTO herald_user_revocations (user_id, revoked_at) VALUES ($1, $2) \
-                     ON CONFLICT (user_id) DO UPDATE \
-                     SET revoked_at = GREATEST(herald_user_revocations.revoked_at, excluded.revoked_at)",
-                )
-                .bind(user)
-                .bind(at)
-                .execute(pool)
-                .await?;
-            }
-        }
+        // `excluded` is the row that was refused; the later time wins (SQLite's
+        // MAX and PostgreSQL's GREATEST are spelled differently).
+        let latest = if self.is_sqlite() { "MAX" } else { "GREATEST" };
+        let upsert = format!(
+            "INSERT INTO herald_user_revocations (user_id, revoked_at) VALUES ($1, $2) ON CONFLICT (user_id) \
+             DO UPDATE SET revoked_at = {latest}(herald_user_revocations.revoked_at, excluded.revoked_at)"
+        );
+        let forget = "DELETE FROM herald_user_revocations WHERE revoked_at < $1";
+        on_pool!(self, |pool| {
+            sqlx::query(forget).bind(forget_before).execute(pool).await?;
+            sqlx::query(&upsert).bind(user).bind(at).execute(pool).await?;
+        });
         Ok(())
     }
 

@@ -101,7 +101,7 @@ pub struct Metrics {
     pub connections: Gauge,
     /// Current room subscriptions, by kind.
     pub subscriptions: Family<Labels1, Gauge>,
-    /// Events handed to the adapter, by type.
+    /// Events appended to the event log, by type.
     pub events_published: Family<Labels1, Counter>,
     /// Rejected handshakes, by reason.
     pub auth_failures: Family<Labels1, Counter>,
@@ -119,56 +119,45 @@ pub struct Metrics {
     pub replay_log_bytes: Gauge,
 }
 
+/// A fresh metric, registered under `name` (after the `herald_` prefix).
+fn registered<M>(registry: &mut Registry, name: &str, help: &str) -> M
+where
+    M: Default + Clone + std::fmt::Debug + Send + Sync + 'static,
+    M: prometheus_client::metrics::TypedMetric + prometheus_client::encoding::EncodeMetric,
+{
+    let metric = M::default();
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Metrics {
     /// A fresh registry.
     pub fn new() -> Arc<Self> {
-        let mut registry = Registry::with_prefix("herald");
-        let connections = Gauge::default();
-        registry.register("connections", "Connected Socket.IO clients", connections.clone());
-        let subscriptions = Family::<Labels1, Gauge>::default();
-        registry.register("subscriptions", "Current room subscriptions by kind", subscriptions.clone());
-        let events_published = Family::<Labels1, Counter>::default();
-        registry.register("events_published", "Events handed to the adapter by type", events_published.clone());
-        let auth_failures = Family::<Labels1, Counter>::default();
-        registry.register("auth_failures", "Rejected handshakes by reason", auth_failures.clone());
-        let acks = Family::<Labels2, Counter>::default();
-        registry.register("acks", "Acknowledged client events by event and outcome", acks.clone());
-        let publish_requests = Family::<Labels1, Counter>::default();
-        registry.register("publish_requests", "Publish API requests by status code", publish_requests.clone());
-        let log_errors = Counter::default();
-        registry.register(
-            "log_errors",
-            "Event log (Redis) failures: operations and lost connections",
-            log_errors.clone(),
-        );
+        let mut r = Registry::with_prefix("herald");
+        let log_errors: Counter =
+            registered(&mut r, "log_errors", "Event log (Redis) failures: operations and lost connections");
         // The name before 0.2, kept for one release: the same counter.
-        registry.register(
+        r.register(
             "adapter_errors",
             "Deprecated, the same as herald_log_errors_total (removed in the next release)",
             log_errors.clone(),
         );
-        let limits_hit = Family::<Labels1, Counter>::default();
-        registry.register("limits_hit", "Limits hit, by limit", limits_hit.clone());
-        let replay_log_events = Gauge::default();
-        registry.register("replay_log_events", "Events the in-memory replay log holds", replay_log_events.clone());
-        let replay_log_bytes = Gauge::default();
-        registry.register(
-            "replay_log_bytes",
-            "Bytes of event objects the in-memory replay log holds",
-            replay_log_bytes.clone(),
-        );
         Arc::new(Metrics {
-            registry,
-            connections,
-            subscriptions,
-            events_published,
-            auth_failures,
-            acks,
-            publish_requests,
+            connections: registered(&mut r, "connections", "Connected Socket.IO clients"),
+            subscriptions: registered(&mut r, "subscriptions", "Current room subscriptions by kind"),
+            events_published: registered(&mut r, "events_published", "Events appended to the event log by type"),
+            auth_failures: registered(&mut r, "auth_failures", "Rejected handshakes by reason"),
+            acks: registered(&mut r, "acks", "Acknowledged client events by event and outcome"),
+            publish_requests: registered(&mut r, "publish_requests", "Publish API requests by status code"),
             log_errors,
-            limits_hit,
-            replay_log_events,
-            replay_log_bytes,
+            limits_hit: registered(&mut r, "limits_hit", "Limits hit, by limit"),
+            replay_log_events: registered(&mut r, "replay_log_events", "Events the in-memory replay log holds"),
+            replay_log_bytes: registered(
+                &mut r,
+                "replay_log_bytes",
+                "Bytes of event objects the in-memory replay log holds",
+            ),
+            registry: r,
         })
     }
 

@@ -3,88 +3,33 @@
 // on a fixture database, mint tokens, connect unmodified socket.io clients,
 // wait for acks and events, and check that nothing else arrives.
 
-const { spawn } = require('node:child_process');
-const crypto = require('node:crypto');
 const fs = require('node:fs');
-const net = require('node:net');
 const os = require('node:os');
 const path = require('node:path');
+const net = require('node:net');
 const { setTimeout: sleep } = require('node:timers/promises');
 
 const jwt = require('jsonwebtoken');
 const initSqlJs = require('sql.js');
 const { io } = require('socket.io-client');
 
-const CLIENT_COMPAT_DIR = path.resolve(__dirname, '..');
-const HERALD_BIN = process.env.HERALD_BIN
-  ? path.resolve(process.env.HERALD_BIN)
-  : path.resolve(CLIENT_COMPAT_DIR, '../target/debug/herald');
+const support = require('../../test-support/index.cjs');
+
+const { HERALD_BIN, inCI, freePort, waitUntil, redisPing, startRedis, startProxy, metric, trackChild, randomSecret } = support;
 
 const START_TIMEOUT_MS = 15_000;
-const STOP_GRACE_MS = 5_000;
 const ACK_TIMEOUT_MS = 3_000;
 const EVENT_TIMEOUT_MS = 3_000;
 /** How long "nothing arrives" waits: long enough for a local delivery, short enough to be cheap. */
 const QUIET_MS = 300;
-const LISTENING_RE = /listening on http:\/\/([0-9.]+):(\d+)/;
 
 const OK = Object.freeze({ success: true });
 const UNAUTHORIZED = Object.freeze({ success: false, error: 'Unauthorized' });
 const INVALID = Object.freeze({ success: false, error: 'Invalid payload' });
 
-/**
- * The membership and hierarchy rows written before herald starts.
- *   c1: alice, bob      s1 (st1, st3), s3
- *   c2: carol           s2 (st2)
- */
-const FIXTURE = Object.freeze({
-  campaignMembers: [
-    ['c1', 'alice'],
-    ['c1', 'bob'],
-    ['c2', 'carol'],
-  ],
-  settlements: [
-    ['s1', 'c1'],
-    ['s3', 'c1'],
-    ['s2', 'c2'],
-  ],
-  structures: [
-    ['st1', 's1'],
-    ['st3', 's1'],
-    ['st2', 's2'],
-  ],
-});
-
-function assertBinaryExists() {
-  let stat;
-  try {
-    stat = fs.statSync(HERALD_BIN);
-  } catch {
-    throw new Error(
-      `herald binary not found at ${HERALD_BIN}. ` +
-        'Build it with `cargo build --bin herald` in the repository root, ' +
-        'or point HERALD_BIN at an existing binary.',
-    );
-  }
-  if (!stat.isFile()) throw new Error(`HERALD_BIN=${HERALD_BIN} is not a file`);
-}
-
-async function writeFixtureDb(file, fixture = FIXTURE) {
-  const SQL = await initSqlJs();
-  const db = new SQL.Database();
-  db.run(`CREATE TABLE campaign_members (campaign_id TEXT NOT NULL, user_id TEXT NOT NULL,
-          PRIMARY KEY (campaign_id, user_id))`);
-  db.run('CREATE TABLE settlements (id TEXT PRIMARY KEY, campaign_id TEXT NOT NULL)');
-  db.run('CREATE TABLE structures (id TEXT PRIMARY KEY, settlement_id TEXT NOT NULL)');
-  for (const row of fixture.campaignMembers) db.run('INSERT INTO campaign_members VALUES (?, ?)', row);
-  for (const row of fixture.settlements) db.run('INSERT INTO settlements VALUES (?, ?)', row);
-  for (const row of fixture.structures) db.run('INSERT INTO structures VALUES (?, ?)', row);
-  fs.writeFileSync(file, Buffer.from(db.export()));
-  db.close();
-}
-
-function randomSecret() {
-  return crypto.randomBytes(32).toString('base64url');
+/** The fixture database for `dir`: herald's migrations and the shared fixture (tests/fixture.sql). */
+function writeFixtureDb(file) {
+  return support.writeFixtureDb(file, initSqlJs);
 }
 
 let uniqueCounter = 0;
@@ -104,92 +49,45 @@ function uniqueId(prefix = 'id') {
  * instance use an existing database and secrets instead of fresh ones; its
  * `stop()` then leaves `dir` in place.
  */
-async function startHerald({ log = process.env.HERALD_LOG || 'info', fixture = FIXTURE, env: extraEnv = {}, shared = null } = {}) {
-  assertBinaryExists();
+async function startHerald({ log = process.env.HERALD_LOG || 'info', env: extraEnv = {}, shared = null } = {}) {
   let dir, dbPath, jwtSecret, publishToken;
   if (shared) {
     ({ dir, dbPath, jwtSecret, publishToken } = shared);
   } else {
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'herald-compat-'));
     dbPath = path.join(dir, 'herald.db');
-    await writeFixtureDb(dbPath, fixture);
+    await writeFixtureDb(dbPath);
     jwtSecret = randomSecret();
     publishToken = randomSecret();
   }
   const ownsDir = !shared;
-
-  const env = {};
-  for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('HERALD_')) env[k] = v;
-  Object.assign(env, {
-    HERALD_LISTEN: '127.0.0.1:0',
-    HERALD_JWT_SECRET: jwtSecret,
-    HERALD_PUBLISH_TOKEN: publishToken,
-    HERALD_DATABASE_URL: `sqlite://${dbPath}`,
-    HERALD_LOG: log,
-    ...extraEnv,
+  const spawned = await support.spawnHerald({
+    cwd: dir,
+    env: {
+      HERALD_LISTEN: '127.0.0.1:0',
+      HERALD_JWT_SECRET: jwtSecret,
+      HERALD_PUBLISH_TOKEN: publishToken,
+      HERALD_DATABASE_URL: `sqlite://${dbPath}`,
+      HERALD_LOG: log,
+      ...extraEnv,
+    },
   });
-
-  const child = spawn(HERALD_BIN, [], { env, cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
-  trackChild(child);
-  const output = { text: '' };
-  const MAX_OUTPUT = 32 * 1024 * 1024;
-  const exited = new Promise((resolve) => {
-    child.once('exit', (code, signal) => resolve({ code, signal }));
-  });
-  let exitInfo = null;
-  exited.then((info) => {
-    exitInfo = info;
-  });
-
-  const address = await new Promise((resolve, reject) => {
-    let stdoutBuf = '';
-    const timer = setTimeout(() => {
-      fail(new Error(`herald did not print "herald listening on http://…" within ${START_TIMEOUT_MS} ms`));
-    }, START_TIMEOUT_MS);
-    function fail(err) {
-      clearTimeout(timer);
-      child.kill('SIGKILL');
-      err.message += `\n--- herald output ---\n${output.text.slice(-8000)}`;
-      reject(err);
-    }
-    const onError = (err) => fail(new Error(`could not start ${HERALD_BIN}: ${err.message}`));
-    const onExit = (code, signal) => fail(new Error(`herald exited during start-up (code ${code}, signal ${signal})`));
-    child.once('error', onError);
-    child.once('exit', onExit);
-    child.stdout.on('data', (chunk) => {
-      const s = chunk.toString('utf8');
-      if (output.text.length < MAX_OUTPUT) output.text += s;
-      stdoutBuf += s;
-      const m = LISTENING_RE.exec(stdoutBuf);
-      if (m) {
-        clearTimeout(timer);
-        child.off('exit', onExit);
-        child.off('error', onError);
-        stdoutBuf = '';
-        resolve({ host: m[1], port: Number(m[2]) });
-      }
-    });
-    child.stderr.on('data', (chunk) => {
-      if (output.text.length < MAX_OUTPUT) output.text += chunk.toString('utf8');
-    });
-  });
-
-  const url = `http://${address.host}:${address.port}`;
+  const { url, child, exited } = spawned;
   const clients = new Set();
 
   const herald = {
     url,
-    port: address.port,
+    port: spawned.port,
     jwtSecret,
     publishToken,
     dir,
     child,
     /** Everything herald wrote to stdout and stderr so far. */
     get output() {
-      return output.text;
+      return spawned.output;
     },
     get exitInfo() {
-      return exitInfo;
+      return spawned.exitInfo;
     },
     exited,
 
@@ -290,12 +188,7 @@ async function startHerald({ log = process.env.HERALD_LOG || 'info', fixture = F
     /** SIGTERM, then SIGKILL after 5 s; removes the temp dir. Resolves with how it exited. */
     async stop() {
       herald.closeClients();
-      if (!exitInfo) {
-        child.kill('SIGTERM');
-        const timer = setTimeout(() => child.kill('SIGKILL'), STOP_GRACE_MS);
-        await exited;
-        clearTimeout(timer);
-      }
+      const exitInfo = await spawned.stop();
       if (ownsDir) fs.rmSync(dir, { recursive: true, force: true });
       return exitInfo;
     },
@@ -456,51 +349,6 @@ function unsignedToken(claims) {
   return `${b64({ alg: 'none', typ: 'JWT' })}.${b64(claims)}.`;
 }
 
-/**
- * Child processes still running (herald, redis-server, nginx), each with the
- * signal that stops it. If this test process exits or is interrupted before
- * its `after` hooks ran, they are signalled rather than left behind (nginx
- * gets SIGTERM so that its master stops its workers).
- */
-const livingChildren = new Map();
-let reaperInstalled = false;
-function reapChildren() {
-  for (const [child, signal] of livingChildren) {
-    try {
-      child.kill(signal);
-    } catch {}
-  }
-  livingChildren.clear();
-}
-function trackChild(child, signal = 'SIGKILL') {
-  if (!reaperInstalled) {
-    reaperInstalled = true;
-    process.once('exit', reapChildren);
-    for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
-      process.once(sig, () => {
-        reapChildren();
-        process.kill(process.pid, sig);
-      });
-    }
-  }
-  livingChildren.set(child, signal);
-  child.once('exit', () => livingChildren.delete(child));
-  return child;
-}
-
-/** A TCP port that was free a moment ago on `host` (bind to 0, read it, close). */
-function freePort(host = '127.0.0.1') {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.unref();
-    server.once('error', reject);
-    server.listen(0, host, () => {
-      const { port } = server.address();
-      server.close(() => resolve(port));
-    });
-  });
-}
-
 /** Resolves once something accepts TCP connections on host:port, rejects after `timeoutMs`. */
 async function waitForPort(port, { host = '127.0.0.1', timeoutMs = START_TIMEOUT_MS, what = `port ${port}`, isDead = () => null } = {}) {
   const deadline = Date.now() + timeoutMs;
@@ -521,119 +369,16 @@ async function waitForPort(port, { host = '127.0.0.1', timeoutMs = START_TIMEOUT
   }
 }
 
-/** Sends PING to a Redis server and resolves with whether it answered +PONG within `timeoutMs`. */
-function redisPing(port, { host = '127.0.0.1', timeoutMs = 500 } = {}) {
-  return new Promise((resolve) => {
-    const sock = net.connect({ port, host });
-    let buf = '';
-    const done = (ok) => {
-      clearTimeout(timer);
-      sock.destroy();
-      resolve(ok);
-    };
-    const timer = setTimeout(() => done(false), timeoutMs);
-    sock.once('connect', () => sock.write('PING\r\n'));
-    sock.on('data', (d) => {
-      buf += d.toString('latin1');
-      if (buf.includes('\r\n')) done(buf.startsWith('+PONG'));
-    });
-    sock.once('error', () => done(false));
-  });
-}
-
-const REDIS_SERVER_BIN = process.env.REDIS_SERVER_BIN || 'redis-server';
-
-/**
- * Starts a private, throwaway redis-server on a free port (never the shared
- * one on 6379): no persistence, loopback only. The handle can SIGKILL it and
- * restart it on the same port; `stop()` kills it for good.
- */
-async function startRedis({ port } = {}) {
-  port = port ?? (await freePort());
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'herald-redis-'));
-  const output = { text: '' };
-  let child = null;
-  let exited = null;
-  let exitInfo = null;
-
-  async function launch() {
-    exitInfo = null;
-    let spawnError = null;
-    child = spawn(
-      REDIS_SERVER_BIN,
-      ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--daemonize', 'no', '--dir', dir],
-      { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] },
-    );
-    trackChild(child);
-    child.stdout.on('data', (d) => {
-      output.text += d.toString('utf8');
-    });
-    child.stderr.on('data', (d) => {
-      output.text += d.toString('utf8');
-    });
-    child.once('error', (err) => {
-      spawnError = err;
-    });
-    exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
-    exited.then((info) => {
-      exitInfo = info;
-    });
-    const deadline = Date.now() + START_TIMEOUT_MS;
-    while (!(await redisPing(port))) {
-      if (spawnError) {
-        throw new Error(
-          `could not start ${REDIS_SERVER_BIN} (${spawnError.message}); install redis-server or set REDIS_SERVER_BIN`,
-        );
-      }
-      if (exitInfo) throw new Error(`redis-server exited during start-up: ${JSON.stringify(exitInfo)}\n${output.text.slice(-4000)}`);
-      if (Date.now() > deadline) {
-        child.kill('SIGKILL');
-        throw new Error(`redis-server did not answer PING on port ${port} within ${START_TIMEOUT_MS} ms\n${output.text.slice(-4000)}`);
-      }
-      await sleep(25);
-    }
-  }
-
-  await launch();
-  const redis = {
-    port,
-    url: `redis://127.0.0.1:${port}`,
-    get output() {
-      return output.text;
-    },
-    get running() {
-      return child !== null && exitInfo === null;
-    },
-    /** Sends `signal` (SIGKILL by default: no goodbye to the clients) and waits for the exit. */
-    async kill(signal = 'SIGKILL') {
-      if (redis.running) {
-        child.kill(signal);
-        await exited;
-      }
-    },
-    /** Starts redis-server again on the same port (empty: nothing was saved). */
-    async restart() {
-      await redis.kill();
-      await launch();
-    },
-    async stop() {
-      await redis.kill();
-      fs.rmSync(dir, { recursive: true, force: true });
-    },
-  };
-  return redis;
-}
-
 /**
  * Starts `count` herald instances sharing one Redis (`redisUrl`), one SQLite
  * fixture database (written before the first instance starts) and one set of
  * secrets, as a fleet behind a load balancer would. Instances start one after
  * the other. `stop()` stops them all and removes the shared directory.
  */
-async function startFleet({ count, redisUrl, prefix, log, fixture = FIXTURE, env = {} }) {
+async function startFleet({ count, redisUrl, prefix, log, env = {} }) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'herald-fleet-'));
   const dbPath = path.join(dir, 'herald.db');
-  await writeFixtureDb(dbPath, fixture);
+  await writeFixtureDb(dbPath);
   const shared = { dir, dbPath, jwtSecret: randomSecret(), publishToken: randomSecret() };
   const fleetEnv = { HERALD_REDIS_URL: redisUrl, ...env };
   if (prefix !== undefined) fleetEnv.HERALD_REDIS_PREFIX = prefix;
@@ -667,84 +412,8 @@ async function startFleet({ count, redisUrl, prefix, log, fixture = FIXTURE, env
   return fleet;
 }
 
-/**
- * A TCP proxy on a free port in front of `targetPort`. `stall()` stops it
- * reading what the server sends (on every connection, and on new ones), as a
- * stuck network or a frozen client would; `resume()` reads again.
- */
-async function startProxy(targetPort) {
-  const pairs = new Set();
-  let stalled = false;
-  const server = net.createServer((client) => {
-    const upstream = net.connect({ port: targetPort, host: '127.0.0.1' });
-    const pair = { client, upstream };
-    pairs.add(pair);
-    const end = () => {
-      client.destroy();
-      upstream.destroy();
-      pairs.delete(pair);
-    };
-    client.on('error', end).on('close', end);
-    upstream.on('error', end).on('close', end);
-    client.pipe(upstream);
-    if (stalled) upstream.pause();
-    else upstream.pipe(client);
-  });
-  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address();
-  return {
-    port,
-    url: `http://127.0.0.1:${port}`,
-    get connections() {
-      return pairs.size;
-    },
-    stall() {
-      stalled = true;
-      for (const { client, upstream } of pairs) {
-        upstream.unpipe(client);
-        upstream.pause();
-      }
-    },
-    resume() {
-      stalled = false;
-      for (const { client, upstream } of pairs) upstream.pipe(client);
-    },
-    close() {
-      for (const { client, upstream } of pairs) {
-        client.destroy();
-        upstream.destroy();
-      }
-      pairs.clear();
-      return new Promise((resolve) => server.close(() => resolve()));
-    },
-  };
-}
-
-/** Whether this is a CI run, where nothing skips: `CI` set to anything but empty, `false` or `0`. */
-function inCI() {
-  const ci = (process.env.CI ?? '').trim().toLowerCase();
-  return ci !== '' && ci !== 'false' && ci !== '0';
-}
-
-/** Polls `predicate` every 20 ms until it holds; fails with `describe()` after `timeoutMs`. */
-async function waitUntil(predicate, timeoutMs, describe) {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await predicate())) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${describe()}`);
-    await sleep(20);
-  }
-}
-
-/** A series of herald's `/metrics` (`name{labels}`), or 0. */
-async function metric(url, series) {
-  const text = await (await fetch(`${url}/metrics`)).text();
-  const line = text.split('\n').find((l) => l.startsWith(`${series} `));
-  return line ? Number(line.slice(series.length + 1)) : 0;
-}
-
 module.exports = {
   HERALD_BIN,
-  FIXTURE,
   OK,
   UNAUTHORIZED,
   INVALID,

@@ -10,7 +10,10 @@
 const { describe, it, before, after } = require('node:test');
 const assert = require('node:assert/strict');
 
-const { OK, startRedis, startFleet, quietPeriod, sleep } = require('./helpers');
+const { OK, startRedis, startFleet, quietPeriod, sleep, waitUntil: waitFor } = require('./helpers');
+
+/** Waits until `predicate` holds, at most until `deadline` (a time). */
+const waitUntil = (predicate, deadline, describe) => waitFor(predicate, Math.max(0, deadline - Date.now()), describe);
 const { recipeClient } = require('./recipe');
 
 const INSTANCES = 3;
@@ -47,13 +50,6 @@ function seqCounter(recorded) {
     for (const e of recorded.events) if (e.run === run) counts.set(e.seq, (counts.get(e.seq) || 0) + 1);
     return counts;
   };
-}
-
-async function waitUntil(predicate, deadline, describe) {
-  while (!predicate()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${describe()}`);
-    await sleep(20);
-  }
 }
 
 function assert503(res, what) {

@@ -19,7 +19,7 @@ const path = require('node:path');
 
 const { io } = require('socket.io-client');
 
-const { OK, startRedis, startFleet, freePort, trackChild, waitForPort, waitForConnect, ack, quietPeriod, sleep, inCI } = require('./helpers');
+const { OK, startRedis, startFleet, freePort, trackChild, waitForPort, waitForConnect, ack, quietPeriod, sleep, inCI, waitUntil } = require('./helpers');
 
 const NGINX_BIN = process.env.NGINX_BIN || '/usr/sbin/nginx';
 const NGINX_CONF = path.resolve(__dirname, '../../deploy/nginx.conf');
@@ -150,14 +150,6 @@ function seqCounter(socket, run) {
     counts.set(seq, (counts.get(seq) || 0) + 1);
   });
   return counts;
-}
-
-async function waitUntil(predicate, timeoutMs, describe) {
-  const deadline = Date.now() + timeoutMs;
-  while (!predicate()) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${describe()}`);
-    await sleep(20);
-  }
 }
 
 const missing = nginxMissing();

@@ -12,10 +12,9 @@ import { ApolloClient, ApolloLink, InMemoryCache, gql } from '@apollo/client';
 import { Observable } from 'rxjs';
 
 import { createHeraldClient } from '../dist/index.js';
+import { bindToHerald, expectRefetches, more, once, refetched } from './bindings.js';
 import { createApolloInvalidator, heraldTypename } from '../dist/apollo.js';
-import { cid, ev, heraldSetup, publishRaw, recorder, sleep, waitUntil } from './helpers.js';
-
-const FAST_RECONNECT = { reconnectionDelay: 50, reconnectionDelayMax: 200, randomizationFactor: 0 };
+import { cid, ev, FAST_RECONNECT, heraldSetup, publishRaw, recorder, sleep, waitUntil } from './helpers.js';
 
 /** One query per object of the fixture (c1: s1 with st1, s3; c2), each watched, so active. */
 const QUERIES = {
@@ -74,12 +73,6 @@ function apolloCache() {
   };
 }
 
-/** The refetches between two `fetches()`: `{ name: count }` for every count that changed. */
-function refetched(before, after) {
-  return Object.fromEntries(Object.keys(after).filter((k) => after[k] !== before[k]).map((k) => [k, after[k] - before[k]]));
-}
-const once = (...names) => Object.fromEntries(names.map((n) => [n, 1]));
-
 describe('herald-client/apollo', () => {
   let setup;
   let herald;
@@ -104,20 +97,7 @@ describe('herald-client/apollo', () => {
     cleanup.push(() => cache.close());
     await waitUntil(() => Object.values(cache.fetches()).every((n) => n === 1), 'the first fetches');
     await cache.settled();
-    const c = createHeraldClient({ url: herald.url, token: setup.token('alice'), reconnection: false });
-    cleanup.push(() => c.close());
-    const invalidator = createApolloInvalidator(cache.client, invalidatorOptions);
-    const rec = recorder();
-    const subs = [c.subscribeCampaign('c1', invalidator), c.subscribeSettlement('s1', invalidator), c.subscribeCampaign('c1', rec.handlers)];
-    await Promise.all(subs.map((s) => s.ready));
-    async function publish(events) {
-      const fence = cid('fence');
-      await publishRaw(herald, setup.publishToken, events);
-      await publishRaw(herald, setup.publishToken, ev.entity('c1', 'fence', fence, fence));
-      await rec.waitFor(fence);
-      await cache.settled();
-    }
-    return { ...cache, publish, rec };
+    return bindToHerald({ setup, herald, cleanup }, cache, createApolloInvalidator(cache.client, invalidatorOptions));
   }
 
   test('typenames: the kind, capitalised', () => {
@@ -128,16 +108,6 @@ describe('herald-client/apollo', () => {
 
   test('each event refetches exactly the queries of its evicted objects, once, though it reaches two subscriptions', async () => {
     const cache = await bound();
-    const time = (id) => ({
-      type: 'world_time_changed',
-      payload: { campaignId: 'c1', previousTime: null, newTime: '2026-01-01T00:00:00Z' },
-      metadata: { correlationId: id },
-    });
-    const entityScope = (id) => ({
-      type: 'state_invalidated',
-      payload: { campaignId: 'c1', scope: 'entity', entityIds: ['s3', 'n1', 'unknown'] },
-      metadata: { correlationId: id },
-    });
     const cases = [
       // settlement s1's events come to both subscriptions (campaign c1 and settlement s1).
       ['settlement_updated', (id) => ev.settlement('c1', 's1', id), once('c1', 's1')],
@@ -146,16 +116,12 @@ describe('herald-client/apollo', () => {
       ['entity_updated npc', (id) => ev.entity('c1', 'npc', 'n1', id), once('n1')],
       ['entity_updated settlement', (id) => ev.entity('c1', 'settlement', 's1', id), once('s1')],
       ['entity_updated campaign', (id) => ev.entity('c1', 'campaign', 'c1', id), once('c1')],
-      ['world_time_changed', time, once('c1')],
-      ['state_invalidated scope entity', entityScope, once('s3', 'n1')],
+      ['world_time_changed', more.time, once('c1')],
+      ['state_invalidated scope entity', more.entityScope, once('s3', 'n1')],
       // Npc objects only with `entityTypes: ["npc"]` (next test).
       ['state_invalidated scope campaign', (id) => ev.invalidated('c1', id), once('c1', 's1', 's3', 'st1')],
     ];
-    for (const [name, event, expected] of cases) {
-      const before = cache.fetches();
-      await cache.publish(event(cid(name.replace(/\W+/g, '-'))));
-      assert.deepEqual(refetched(before, cache.fetches()), expected, name);
-    }
+    await expectRefetches(cache, cases);
     assert.deepEqual(cache.rec.resyncs, []);
   });
 
@@ -183,11 +149,7 @@ describe('herald-client/apollo', () => {
         once('c1', 'me'),
       ],
     ];
-    for (const [name, event, expected] of cases) {
-      const before = cache.fetches();
-      await cache.publish(event(cid(name.replace(/\W+/g, '-'))));
-      assert.deepEqual(refetched(before, cache.fetches()), expected, name);
-    }
+    await expectRefetches(cache, cases);
     assert.deepEqual(seen.find(([t]) => t === 'world_time_changed')[1], [{ __typename: 'Campaign', id: 'c1' }]);
   });
 

@@ -7,9 +7,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 
 import { createHeraldClient } from '../dist/index.js';
-import { cid, ev, heraldSetup, publishRaw, recorder, startProxy, waitUntil } from './helpers.js';
-
-const FAST_RECONNECT = { reconnectionDelay: 50, reconnectionDelayMax: 200, randomizationFactor: 0 };
+import { cid, ev, FAST_RECONNECT, heraldSetup, publishRaw, recorder, startProxy, waitUntil } from './helpers.js';
 
 describe('reconnect', () => {
   let setup;

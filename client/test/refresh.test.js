@@ -6,11 +6,9 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 
 import { createHeraldClient, HeraldRefreshError, jwtExpiryMs } from '../dist/index.js';
-import { cid, ev, heraldSetup, publishRaw, recorder, signToken, sleep, waitUntil } from './helpers.js';
+import { cid, ev, FAST_RECONNECT, heraldSetup, publishRaw, recorder, signToken, sleep, waitUntil } from './helpers.js';
 
 const TTL_S = 3;
-const FAST_RECONNECT = { reconnectionDelay: 50, reconnectionDelayMax: 200, randomizationFactor: 0 };
-
 describe('token refresh', () => {
   let setup;
   let herald;

@@ -10,10 +10,9 @@ import { after, before, describe, test } from 'node:test';
 import { QueryClient, QueryObserver, hashKey } from '@tanstack/query-core';
 
 import { createHeraldClient } from '../dist/index.js';
+import { bindToHerald, expectRefetches, more, once, refetched } from './bindings.js';
 import { createQueryInvalidator, heraldQueryKeys } from '../dist/tanstack.js';
-import { cid, ev, heraldSetup, publishRaw, recorder, sleep, waitUntil } from './helpers.js';
-
-const FAST_RECONNECT = { reconnectionDelay: 50, reconnectionDelayMax: 200, randomizationFactor: 0 };
+import { cid, ev, FAST_RECONNECT, heraldSetup, publishRaw, recorder, sleep, waitUntil } from './helpers.js';
 
 /** The fixture's queries (c1: s1 with st1, s3; c2), each observed, so active. */
 const KEYS = {
@@ -58,12 +57,6 @@ function queryCache() {
   };
 }
 
-/** The refetches between two `fetches()`: `{ name: count }` for every count that changed. */
-function refetched(before, after) {
-  return Object.fromEntries(Object.keys(after).filter((k) => after[k] !== before[k]).map((k) => [k, after[k] - before[k]]));
-}
-const once = (...names) => Object.fromEntries(names.map((n) => [n, 1]));
-
 describe('herald-client/tanstack', () => {
   let setup;
   let herald;
@@ -87,20 +80,7 @@ describe('herald-client/tanstack', () => {
     const cache = queryCache();
     cleanup.push(() => cache.close());
     await cache.settled();
-    const c = createHeraldClient({ url: herald.url, token: setup.token('alice'), reconnection: false });
-    cleanup.push(() => c.close());
-    const invalidator = createQueryInvalidator(cache.queryClient, invalidatorOptions);
-    const rec = recorder();
-    const subs = [c.subscribeCampaign('c1', invalidator), c.subscribeSettlement('s1', invalidator), c.subscribeCampaign('c1', rec.handlers)];
-    await Promise.all(subs.map((s) => s.ready));
-    async function publish(events) {
-      const fence = cid('fence');
-      await publishRaw(herald, setup.publishToken, events);
-      await publishRaw(herald, setup.publishToken, ev.entity('c1', 'fence', fence, fence));
-      await rec.waitFor(fence);
-      await cache.settled();
-    }
-    return { ...cache, publish, rec };
+    return bindToHerald({ setup, herald, cleanup }, cache, createQueryInvalidator(cache.queryClient, invalidatorOptions));
   }
 
   test('query keys: prefix keys, and campaign, settlement and structure entities under their own kind', () => {
@@ -113,16 +93,6 @@ describe('herald-client/tanstack', () => {
 
   test('each event refetches exactly its mapped queries, once, though it reaches two subscriptions', async () => {
     const cache = await bound();
-    const time = (id) => ({
-      type: 'world_time_changed',
-      payload: { campaignId: 'c1', previousTime: null, newTime: '2026-01-01T00:00:00Z' },
-      metadata: { correlationId: id },
-    });
-    const entityScope = (id) => ({
-      type: 'state_invalidated',
-      payload: { campaignId: 'c1', scope: 'entity', entityIds: ['s3', 'n1', 'unknown'] },
-      metadata: { correlationId: id },
-    });
     const cases = [
       // settlement s1's events come to both subscriptions (campaign c1 and settlement s1).
       ['settlement_updated', (id) => ev.settlement('c1', 's1', id), once('c1', 'c1Summary', 's1')],
@@ -131,15 +101,11 @@ describe('herald-client/tanstack', () => {
       ['entity_updated npc', (id) => ev.entity('c1', 'npc', 'n1', id), once('n1')],
       ['entity_updated settlement', (id) => ev.entity('c1', 'settlement', 's1', id), once('s1')],
       ['entity_updated campaign', (id) => ev.entity('c1', 'campaign', 'c1', id), once('c1', 'c1Summary')],
-      ['world_time_changed', time, once('c1', 'c1Summary')],
-      ['state_invalidated scope entity', entityScope, once('s3', 'n1')],
+      ['world_time_changed', more.time, once('c1', 'c1Summary')],
+      ['state_invalidated scope entity', more.entityScope, once('s3', 'n1')],
       ['state_invalidated scope campaign', (id) => ev.invalidated('c1', id), once('c1', 'c1Summary', 's1', 's3', 'st1', 'n1')],
     ];
-    for (const [name, event, expected] of cases) {
-      const before = cache.fetches();
-      await cache.publish(event(cid(name.replace(/\W+/g, '-'))));
-      assert.deepEqual(refetched(before, cache.fetches()), expected, name);
-    }
+    await expectRefetches(cache, cases);
     assert.deepEqual(cache.rec.resyncs, []);
   });
 

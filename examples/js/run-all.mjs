@@ -21,18 +21,19 @@
 import { spawn, spawnSync } from "node:child_process";
 import crypto from "node:crypto";
 import fs from "node:fs";
-import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 
 import initSqlJs from "sql.js";
 
+import support from "../../test-support/index.cjs";
+
 const JS_DIR = import.meta.dirname;
 const ROOT = path.resolve(JS_DIR, "../..");
 const HERALD_BIN = path.resolve(process.env.HERALD_BIN ?? `${ROOT}/target/debug/herald`);
 const RUST_EXAMPLES = `${ROOT}/target/debug/examples`;
-const REDIS_SERVER_BIN = process.env.REDIS_SERVER_BIN ?? "redis-server";
+const { REDIS_SERVER_BIN } = support;
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), "herald-examples-"));
 const secrets = { HERALD_JWT_SECRET: hex(32), HERALD_PUBLISH_TOKEN: hex(24) };
@@ -100,17 +101,15 @@ async function run(name, command, args, options) {
 
 const rustExample = (name, args, env) => run(name, `${RUST_EXAMPLES}/${name}`, args, { env });
 
-async function writeFixtureDb(file) {
-  const SQL = await initSqlJs();
-  const db = new SQL.Database();
-  const migrations = `${ROOT}/migrations/sqlite`;
-  for (const f of fs.readdirSync(migrations).sort()) db.exec(fs.readFileSync(`${migrations}/${f}`, "utf8"));
-  db.exec(`INSERT INTO campaign_members (campaign_id, user_id) VALUES ('demo-campaign', 'demo-user');
-           INSERT INTO settlements (id, campaign_id) VALUES ('demo-settlement', 'demo-campaign');
-           INSERT INTO structures (id, settlement_id) VALUES ('demo-structure', 'demo-settlement');`);
-  fs.writeFileSync(file, db.export());
-  db.close();
-}
+const { startProxy, redisServerExists, inCI } = support;
+
+/** The demo rows the examples use (their ids are the demo mode's). */
+const DEMO_FIXTURE = `INSERT INTO campaign_members (campaign_id, user_id) VALUES ('demo-campaign', 'demo-user');
+INSERT INTO settlements (id, campaign_id) VALUES ('demo-settlement', 'demo-campaign');
+INSERT INTO structures (id, settlement_id) VALUES ('demo-structure', 'demo-settlement');`;
+
+/** herald's migrations and the demo rows, in a fresh SQLite file. */
+const writeFixtureDb = (file) => support.writeFixtureDb(file, initSqlJs, DEMO_FIXTURE);
 
 /** Starts herald on a free port and waits for "herald listening on http://…". */
 async function startHerald(name, env = {}) {
@@ -130,61 +129,6 @@ async function startHerald(name, env = {}) {
   const i = await herald.waitFor(/^herald listening on http:\/\//);
   herald.url = herald.lines[i].slice("herald listening on ".length).trim();
   return herald;
-}
-
-/** A TCP proxy to `port` that can cut every connection and refuse new ones until `restore()`. */
-async function startProxy(port) {
-  const pairs = new Set();
-  let down = false;
-  const server = net.createServer((client) => {
-    if (down) return client.destroy();
-    const upstream = net.connect({ port, host: "127.0.0.1" });
-    const pair = [client, upstream];
-    pairs.add(pair);
-    const end = () => {
-      for (const s of pair) s.destroy();
-      pairs.delete(pair);
-    };
-    for (const s of pair) s.on("error", end).on("close", end);
-    client.pipe(upstream).pipe(client);
-  });
-  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
-  return {
-    url: `http://127.0.0.1:${server.address().port}`,
-    cut() {
-      down = true;
-      for (const pair of pairs) pair.forEach((s) => s.destroy());
-    },
-    restore() {
-      down = false;
-    },
-    close: () => new Promise((resolve) => server.close(resolve)),
-  };
-}
-
-async function freePort() {
-  const server = net.createServer().listen(0, "127.0.0.1");
-  await new Promise((resolve) => server.once("listening", resolve));
-  const { port } = server.address();
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
-
-function redisServerExists() {
-  return spawnSync(REDIS_SERVER_BIN, ["--version"]).status === 0;
-}
-
-async function startRedis(port) {
-  const args = ["--port", `${port}`, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
-  const redis = start("redis", REDIS_SERVER_BIN, args, { cwd: tmp, quiet: true });
-  await redis.waitFor(/Ready to accept connections/);
-  return redis;
-}
-
-/** Whether this is a CI run, where nothing skips: `CI` set to anything but empty, `false` or `0`. */
-function inCI() {
-  const ci = (process.env.CI ?? "").trim().toLowerCase();
-  return ci !== "" && ci !== "false" && ci !== "0";
 }
 
 function assert(ok, message) {
@@ -240,11 +184,11 @@ async function main() {
 
   await step("cut off, the subscriber comes back by itself and recovers what `publish` (Rust) published meanwhile", async () => {
     const before = eventsIn(subscriber.lines);
-    proxy.cut();
+    proxy.block();
     const cut = await subscriber.waitFor(/^disconnected: transport (close|error) \(reconnecting\)$/);
     const output = await rustExample("publish", [], direct);
     assert(!output.some((line) => line.startsWith("503")), "publish retried on a herald without Redis");
-    proxy.restore();
+    proxy.unblock();
     const back = await subscriber.waitFor(/^subscribed campaign:demo-campaign/, { from: cut });
     const since = before.at(-1).offset;
     const expected = `subscribed campaign:demo-campaign since=${since} {"success":true,"recovered":true}`;
@@ -276,26 +220,25 @@ async function main() {
       console.log(`    SKIPPED: ${REDIS_SERVER_BIN} not found; the 503 retry of examples/publish.rs did not run`);
       return "skipped";
     }
-    const port = await freePort();
-    let redis = await startRedis(port);
+    let redis = await support.startRedis();
+    const port = redis.port;
     const fleet = await startHerald("herald-fleet", { HERALD_REDIS_URL: `redis://127.0.0.1:${port}`, HERALD_REDIS_TIMEOUT: "500ms" });
     try {
-      redis.child.kill("SIGKILL");
-      await redis.exited;
+      await redis.kill();
       for (let i = 0; (await fetch(`${fleet.url}/readyz`)).status !== 503; i += 1) {
         assert(i < 100, "herald did not notice that Redis is down");
         await sleep(50);
       }
       const publish = start("publish", `${RUST_EXAMPLES}/publish`, [], { env: { ...direct, HERALD_URL: fleet.url } });
       await publish.waitFor(/^503 .*retrying/);
-      redis = await startRedis(port);
+      await redis.restart();
       const exit = await Promise.race([publish.exited, sleep(20_000, "still running", { ref: false })]);
       assert(exit?.code === 0, `publish against the fleet: ${JSON.stringify(exit)}`);
       assert(publish.lines.includes("one event: accepted 1"), "publish did not get its first event through");
     } finally {
       fleet.child.kill("SIGTERM");
       await fleet.exited;
-      redis.child.kill("SIGKILL");
+      await redis.stop();
     }
   });
 

@@ -58,12 +58,7 @@ async fn an_expired_token_closes_the_websocket_not_the_session() {
 
 #[tokio::test]
 async fn a_revoked_user_and_a_rate_limit_abuser_get_a_final_disconnect() {
-    let app = spawn_app_with(Backend::Sqlite, |c| {
-        c.limits.client_event_rate = 1.0;
-        c.limits.client_event_burst = 3.0;
-        c.limits.rate_limit_strikes = 3;
-    })
-    .await;
+    let app = spawn_rate_limited_app(3).await;
     let revoked = subscribed(&app, token("alice")).await;
     let response = app
         .http
@@ -145,6 +140,23 @@ impl Polling {
     }
 }
 
+/// A polling session subscribed to campaign c1, in the middle of an upgrade:
+/// its WebSocket opened and the probe answered, the `5` not yet sent.
+async fn subscribed_mid_upgrade(
+    app: &TestApp,
+    token: &str,
+) -> (Polling, tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>) {
+    let (polling, sid) = Polling::connect(app, token).await;
+    assert_eq!(polling.post(r#"420["subscribe_campaign",{"campaignId":"c1"}]"#).await, 200);
+    assert_eq!(polling.next_packet().await, r#"430[{"success":true}]"#);
+    let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket&sid={sid}", app.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("the upgrade's WebSocket opens");
+    ws.send(Message::text("2probe")).await.unwrap();
+    let probe = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(probe, Message::text("3probe"));
+    (polling, ws)
+}
+
 #[tokio::test]
 async fn an_expired_token_ends_a_polling_session_so_that_the_next_poll_fails() {
     let app = spawn_app_with(Backend::Sqlite, |c| c.auth.jwt_leeway = Duration::ZERO).await;
@@ -158,16 +170,9 @@ async fn an_expired_token_ends_a_polling_session_so_that_the_next_poll_fails() {
 #[tokio::test]
 async fn a_cut_in_the_middle_of_an_upgrade_ends_both_transports() {
     let app = spawn_app_with(Backend::Sqlite, |c| c.auth.jwt_leeway = Duration::ZERO).await;
-    let (polling, sid) = Polling::connect(&app, &short_token("alice", 2)).await;
-    assert_eq!(polling.post(r#"420["subscribe_campaign",{"campaignId":"c1"}]"#).await, 200);
-    assert_eq!(polling.next_packet().await, r#"430[{"success":true}]"#);
     // The upgrade starts (probe answered) and never finishes (no `5`): past
     // the cut's grace, both transports end.
-    let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket&sid={sid}", app.addr);
-    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("the upgrade's WebSocket opens");
-    ws.send(Message::text("2probe")).await.unwrap();
-    let probe = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
-    assert_eq!(probe, Message::text("3probe"));
+    let (polling, mut ws) = subscribed_mid_upgrade(&app, &short_token("alice", 2)).await;
 
     polling.until_gone().await;
     let closed = tokio::time::timeout(Duration::from_secs(5), async {
@@ -188,17 +193,11 @@ async fn a_cut_in_the_middle_of_an_upgrade_ends_both_transports() {
 #[tokio::test]
 async fn a_cut_in_the_middle_of_an_upgrade_lets_it_finish_then_closes_the_websocket() {
     let app = spawn_app_with(Backend::Sqlite, |c| c.auth.jwt_leeway = Duration::ZERO).await;
-    let exp = now() + 1;
+    // Two seconds: the cut (at the second `exp` begins) comes after the upgrade started.
+    let exp = now() + 2;
     let token =
         token_with(&jsonwebtoken::Header::default(), json!({"sub": "alice", "exp": exp}), JWT_SECRET.as_bytes());
-    let (polling, sid) = Polling::connect(&app, &token).await;
-    assert_eq!(polling.post(r#"420["subscribe_campaign",{"campaignId":"c1"}]"#).await, 200);
-    assert_eq!(polling.next_packet().await, r#"430[{"success":true}]"#);
-    let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket&sid={sid}", app.addr);
-    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("the upgrade's WebSocket opens");
-    ws.send(Message::text("2probe")).await.unwrap();
-    let probe = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
-    assert_eq!(probe, Message::text("3probe"));
+    let (_polling, mut ws) = subscribed_mid_upgrade(&app, &token).await;
     // The token expires (the cut), then the client finishes its upgrade.
     let at = std::time::UNIX_EPOCH + Duration::from_secs(exp) + Duration::from_millis(500);
     tokio::time::sleep(at.duration_since(std::time::SystemTime::now()).unwrap_or_default()).await;

@@ -67,6 +67,18 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(Backend::Sqlite, |_| {}).await
 }
 
+/// A gateway on SQLite whose sockets may send 1 event per second, 3 at
+/// once, and are disconnected after `strikes` refusals in a row.
+#[allow(dead_code)]
+pub async fn spawn_rate_limited_app(strikes: u32) -> TestApp {
+    spawn_app_with(Backend::Sqlite, |c| {
+        c.limits.client_event_rate = 1.0;
+        c.limits.client_event_burst = 3.0;
+        c.limits.rate_limit_strikes = strikes;
+    })
+    .await
+}
+
 /// A gateway on `backend`, with the fixture, after `tweak` has changed its config.
 pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> TestApp {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -30,12 +30,7 @@ async fn a_socket_has_a_subscription_cap() {
 
 #[tokio::test]
 async fn a_socket_over_its_event_rate_is_refused_then_disconnected() {
-    let app = spawn_app_with(Backend::Sqlite, |c| {
-        c.limits.client_event_rate = 1.0;
-        c.limits.client_event_burst = 3.0;
-        c.limits.rate_limit_strikes = 5;
-    })
-    .await;
+    let app = spawn_rate_limited_app(5).await;
     let mut bob = app.connect("bob").await;
     assert_eq!(bob.subscribe("campaign", "c1").await["success"], true);
     let mut flood = app.connect("alice").await;
@@ -106,6 +101,18 @@ async fn a_socket_is_cut_when_its_token_expires_unless_refreshed() {
     assert_eq!(metric(&m, r#"herald_limits_hit_total{limit="token_expired"}"#), 1.0);
 }
 
+/// An app with 128-packet socket buffers; a fast client and a slow one in
+/// campaign c1, the slow one not reading (until its switch says so).
+async fn fast_and_stalled() -> (TestApp, Client, Client, tokio::sync::watch::Sender<bool>) {
+    let app = spawn_app_with(Backend::Sqlite, |c| c.connections.socket_buffer = 128).await;
+    let mut fast = app.connect("alice").await;
+    assert_eq!(fast.subscribe("campaign", "c1").await["success"], true);
+    let (mut slow, stall) = Client::connect_stallable(app.addr, Some(json!({"token": token("bob")}))).await.unwrap();
+    assert_eq!(slow.subscribe("campaign", "c1").await["success"], true);
+    stall.send(true).unwrap();
+    (app, fast, slow, stall)
+}
+
 /// Publishes batches of 40 events of 16 KiB to campaign c1 while `slow`
 /// does not read, until herald finds its buffer full (the kernel's socket
 /// buffers and its 128-packet buffer). Returns how many were published.
@@ -160,13 +167,7 @@ async fn until_closed(client: &mut Client) -> Vec<String> {
 /// client on the same instance gets everything meanwhile.
 #[tokio::test]
 async fn a_slow_consumer_is_cut_and_recovers_without_a_gap() {
-    let app = spawn_app_with(Backend::Sqlite, |c| c.connections.socket_buffer = 128).await;
-    let mut fast = app.connect("alice").await;
-    assert_eq!(fast.subscribe("campaign", "c1").await["success"], true);
-    let (mut slow, stall) = Client::connect_stallable(app.addr, Some(json!({"token": token("bob")}))).await.unwrap();
-    assert_eq!(slow.subscribe("campaign", "c1").await["success"], true);
-
-    stall.send(true).unwrap();
+    let (app, mut fast, mut slow, stall) = fast_and_stalled().await;
     let published = publish_until_slow_consumer(&app).await;
     // It reads again at once: what was queued for it is still written, then the close.
     stall.send(false).unwrap();
@@ -195,13 +196,7 @@ async fn a_slow_consumer_is_cut_and_recovers_without_a_gap() {
 /// comes back subscribed.
 #[tokio::test]
 async fn a_client_that_never_reads_is_cut_within_the_bound() {
-    let app = spawn_app_with(Backend::Sqlite, |c| c.connections.socket_buffer = 128).await;
-    let mut fast = app.connect("alice").await;
-    assert_eq!(fast.subscribe("campaign", "c1").await["success"], true);
-    let (mut slow, stall) = Client::connect_stallable(app.addr, Some(json!({"token": token("bob")}))).await.unwrap();
-    assert_eq!(slow.subscribe("campaign", "c1").await["success"], true);
-
-    stall.send(true).unwrap();
+    let (app, mut fast, mut slow, stall) = fast_and_stalled().await;
     let published = publish_until_slow_consumer(&app).await;
     let cut = std::time::Instant::now();
     let bound = herald::transport::CUT_GRACE + Duration::from_secs(1);
