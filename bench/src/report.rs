@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::Cfg;
+use crate::cli::Cfg;
 
 fn at<'a>(v: &'a Value, path: &[&str]) -> &'a Value {
     let mut cur = v;
