@@ -8,7 +8,8 @@
 //!
 //! - `cli`: the flags (`Cli`) and the settings they resolve to (`Cfg`).
 //! - `run`: one run: the environment and fixtures, every scenario on every server, the output.
-//! - `scenarios`: scenarios 1-5 and the smoke checks.
+//! - `scenarios`: scenarios 1-5 and the checks on what they measured (`--smoke`).
+//! - `results`: what they measured, as types, and the JSON document.
 //! - `session`: the servers and clients of one scenario: start, connect, traffic, stop.
 //! - `servers`: starting and stopping herald, the Node reference, the floor and Redis; fixtures.
 //! - `proto`: one simulated client (Engine.IO / Socket.IO over a WebSocket).
@@ -20,6 +21,7 @@ mod cli;
 mod load;
 mod proto;
 mod report;
+mod results;
 mod run;
 mod scenarios;
 mod servers;

@@ -1,14 +1,15 @@
 //! A run: the process's limits and CPUs, the servers' environment and fixtures, every scenario
 //! against every server, then the tables and the JSON document on stdout.
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context, Result};
-use serde_json::{Value, json};
 
 use crate::cli::{Cli, resolve};
-use crate::report;
-use crate::scenarios::{scenario_3, scenario_4, scenario_5, scenarios_1_2, smoke_problems};
+use crate::results::{Document, RunConfig, ServerResults};
 use crate::servers::{self, Env, Kind};
 use crate::session::Bench;
+use crate::{report, scenarios};
 
 /// Runs the chosen scenarios against the chosen servers; `Ok(false)` when any check failed.
 pub async fn run(cli: Cli) -> Result<bool> {
@@ -81,12 +82,10 @@ pub async fn run(cli: Cli) -> Result<bool> {
         cpus,
         b.env.pin
     );
-    let want = |n: u8| cfg.scenarios.contains(&n);
-    let mut results = serde_json::Map::new();
+    let mut results = BTreeMap::new();
     let mut failures: Vec<String> = Vec::new();
     for &kind in &cfg.servers {
         let name = kind.name();
-        let mut res = serde_json::Map::new();
         let missing = match kind {
             Kind::Herald => (!b.env.herald_bin.is_file()).then(|| format!("{} not found", b.env.herald_bin.display())),
             Kind::Node => (!b.env.node_dir.join("node_modules").is_dir())
@@ -97,94 +96,45 @@ pub async fn run(cli: Cli) -> Result<bool> {
         if let Some(m) = missing {
             eprintln!("ERROR: {name}: {m}");
             failures.push(format!("{name}: {m}"));
-            results.insert(name.into(), json!({ "error": m }));
+            results.insert(name, ServerResults::Missing { error: m });
             continue;
         }
         eprintln!("== {name}");
-        if want(1) || want(2) {
-            match scenarios_1_2(&b, kind, want(1), want(2)).await {
-                Ok((s1, s2)) => {
-                    if let Some(v) = s1 {
-                        res.insert("s1".into(), v);
-                    }
-                    if let Some(v) = s2 {
-                        res.insert("s2".into(), v);
-                    }
-                }
-                Err(e) => {
-                    failures.push(format!("{name} scenario 1/2: {e:#}"));
-                    for k in [(1, "s1"), (2, "s2")] {
-                        if want(k.0) {
-                            res.insert(k.1.into(), json!({ "error": format!("{e:#}") }));
-                        }
-                    }
-                }
-            }
-        }
-        let mut one = |n: &str, r: Result<Value>| match r {
-            Ok(v) => {
-                res.insert(n.into(), v);
-            }
-            Err(e) => {
-                failures.push(format!("{name} {n}: {e:#}"));
-                res.insert(n.into(), json!({ "error": format!("{e:#}") }));
-            }
-        };
-        if want(3) {
-            one("s3", scenario_3(&b, kind).await);
-        }
-        if want(4) {
-            if kind == Kind::Floor {
-                one("s4", Ok(json!({ "na": "floor has no multi-instance mode" })));
-            } else {
-                one("s4", scenario_4(&b, kind).await);
-            }
-        }
-        if want(5) {
-            one("s5", scenario_5(&b, kind).await);
-        }
-        for (k, v) in &res {
-            if v.get("setup").is_some_and(|s| s["subscribed"].as_u64() == Some(0)) {
-                failures.push(format!("{name} {k}: no client could subscribe"));
-            }
-            if cfg.smoke {
-                smoke_problems(name, k, v, &mut failures);
-            }
-        }
-        results.insert(name.into(), Value::Object(res));
+        let res = scenarios::on_server(&b, kind, &mut failures).await;
+        scenarios::check(cfg, name, &res, &mut failures);
+        results.insert(name, ServerResults::Ran(Box::new(res)));
     }
 
-    let results = Value::Object(results);
     report::print_tables(cfg, &results);
     let ok = failures.is_empty();
-    let doc = json!({
-        "tool": "herald-bench",
-        "smoke": cfg.smoke,
-        "config": {
-            "clients": cfg.clients,
-            "ramp_clients": cfg.ramp_clients,
-            "duration_s": cfg.duration,
-            "rate_one_campaign": cfg.rate_one,
-            "rate_many_campaigns": cfg.rate_many,
-            "campaigns_s3": cfg.campaigns,
-            "ramp_rates": cfg.ramp_rates,
-            "ramp_step_s": cfg.step,
-            "p99_limit_ms": cfg.p99_limit_ms,
-            "server_cpus": b.env.pin,
-            "generator_cpus": cpus,
-            "nofile": nofile,
+    let doc = Document {
+        tool: "herald-bench",
+        smoke: cfg.smoke,
+        config: RunConfig {
+            clients: cfg.clients,
+            ramp_clients: cfg.ramp_clients,
+            duration_s: cfg.duration,
+            rate_one_campaign: cfg.rate_one,
+            rate_many_campaigns: cfg.rate_many,
+            campaigns_s3: cfg.campaigns,
+            ramp_rates: cfg.ramp_rates.clone(),
+            ramp_step_s: cfg.step,
+            p99_limit_ms: cfg.p99_limit_ms,
+            server_cpus: b.env.pin.clone(),
+            generator_cpus: cpus,
+            nofile,
         },
-        "results": results,
-        "failures": failures,
-        "ok": ok,
-    });
+        results,
+        failures,
+        ok,
+    };
     let line = serde_json::to_string(&doc)?;
     if let Some(p) = &cli.json_out {
         std::fs::write(p, format!("{line}\n"))?;
     }
-    if !failures.is_empty() {
+    if !doc.failures.is_empty() {
         eprintln!("FAILURES:");
-        for f in &failures {
+        for f in &doc.failures {
             eprintln!("  - {f}");
         }
     }

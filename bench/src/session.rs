@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -15,6 +14,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use crate::cli::Cfg;
 use crate::load::{PhasePlan, Publisher, publish_phase};
 use crate::proto::{self, Client, ClientCfg};
+use crate::results::{Setup, Traffic, per_conn, round1, round2};
 use crate::servers::{self, Env, Instance, Kind, Redis};
 use crate::stats::{self, SeqSet, Shared, now_ns, self_cpu_s, sum_cpu_s, sum_rss_kib};
 
@@ -97,7 +97,7 @@ impl<'a> Session<'a> {
     }
 
     /// Connects and subscribes `n` clients; `assign(i)` = (campaign, instance).
-    pub async fn connect(&mut self, n: u32, assign: impl Fn(u32) -> (u32, usize)) -> Value {
+    pub async fn connect(&mut self, n: u32, assign: impl Fn(u32) -> (u32, usize)) -> Setup {
         tokio::time::sleep(self.b.cfg.settle).await;
         let rss_before = sum_rss_kib(&self.pids());
         let t0 = Instant::now();
@@ -134,27 +134,23 @@ impl<'a> Session<'a> {
         let failures = self.shared.connect_failures.load(Relaxed);
         tokio::time::sleep(self.b.cfg.settle).await;
         let rss_sub = sum_rss_kib(&self.pids());
-        let per_conn = match (rss_before, rss_sub) {
-            (Some(a), Some(b)) if subscribed > 0 => Some(round2((b as f64 - a as f64) / subscribed as f64)),
-            _ => None,
-        };
         let first_error = self.shared.first_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        json!({
-            "clients": n,
-            "subscribed": subscribed,
-            "connect_failures": failures,
-            "first_connect_error": first_error,
-            "setup_s": round2(setup_s),
-            "connections_per_s": round1(subscribed as f64 / setup_s.max(1e-9)),
-            "rss_before_kib": rss_before,
-            "rss_subscribed_kib": rss_sub,
-            "rss_per_conn_kib": per_conn,
-            "generator_rss_kib": stats::proc_rss_kib(std::process::id()),
-        })
+        Setup {
+            clients: n,
+            subscribed,
+            connect_failures: failures,
+            first_connect_error: first_error,
+            setup_s: round2(setup_s),
+            connections_per_s: round1(subscribed as f64 / setup_s.max(1e-9)),
+            rss_before_kib: rss_before,
+            rss_subscribed_kib: rss_sub,
+            rss_per_conn_kib: per_conn(rss_before, rss_sub, subscribed),
+            generator_rss_kib: stats::proc_rss_kib(std::process::id()),
+        }
     }
 
     /// One traffic phase at `rate` events/s over `campaigns` for `secs`, then a drain.
-    pub async fn traffic(&mut self, rate: f64, secs: f64, campaigns: &[u32]) -> Value {
+    pub async fn traffic(&mut self, rate: f64, secs: f64, campaigns: &[u32]) -> Traffic {
         let sh = self.shared.clone();
         let pids = self.pids();
         let redis_pid = self.redis.as_ref().map(|r| r.proc.pid);
@@ -238,39 +234,39 @@ impl<'a> Session<'a> {
         tokio::time::sleep(self.b.cfg.settle).await;
         let rss_after = sum_rss_kib(&pids);
         let first_perr = sh.first_protocol_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        json!({
-            "target_events_per_s": rate,
-            "duration_s": secs,
-            "campaigns": campaigns.len(),
-            "subscribers": subs.len(),
-            "events_planned": out.planned,
-            "events_accepted": out.accepted,
-            "publish_errors": out.errors,
-            "first_publish_error": out.first_error,
-            "publish_events_per_s": round1(out.accepted as f64 / publish_wall_s.max(1e-9)),
-            "max_publish_lag_ms": round2(out.max_lag_ms),
-            "expected_deliveries": expected,
-            "deliveries": deliveries,
-            "deliveries_per_s": round1(deliveries as f64 / window_s.max(1e-9)),
-            "lost": lost,
-            "drain_s": round2(drain_s),
-            "duplicates": sh.duplicates.load(Relaxed) - dup0,
-            "protocol_errors": sh.protocol_errors.load(Relaxed) - perr0,
-            "first_protocol_error": first_perr,
-            "disconnects": sh.disconnects.load(Relaxed) - disc0,
-            "latency_ms": lat,
-            "latency_near_ms": near,
-            "latency_far_ms": far,
-            "cross_instance_p50_ms": near.zip(far).map(|(n, f)| round2(f.p50_ms - n.p50_ms)),
-            "server_cpu_s": srv_cpu.map(round2),
-            "server_cpu_us_per_delivery": srv_cpu.filter(|_| deliveries > 0).map(|s| round2(s * 1e6 / deliveries as f64)),
-            "server_cpu_pct": srv_cpu.map(|s| round1(100.0 * s / phase_s.max(1e-9))),
-            "redis_cpu_s": rcpu0.zip(rcpu1).map(|(a, b)| round2(b - a)),
-            "generator_cpu_pct": round1(gen_pct),
-            "generator_bound": gen_pct > 90.0,
-            "rss_after_kib": rss_after,
-            "rss_after_per_conn_kib": None::<f64>,
-        })
+        Traffic {
+            target_events_per_s: rate,
+            duration_s: secs,
+            campaigns: campaigns.len(),
+            subscribers: subs.len(),
+            events_planned: out.planned,
+            events_accepted: out.accepted,
+            publish_errors: out.errors,
+            first_publish_error: out.first_error,
+            publish_events_per_s: round1(out.accepted as f64 / publish_wall_s.max(1e-9)),
+            max_publish_lag_ms: round2(out.max_lag_ms),
+            expected_deliveries: expected,
+            deliveries,
+            deliveries_per_s: round1(deliveries as f64 / window_s.max(1e-9)),
+            lost,
+            drain_s: round2(drain_s),
+            duplicates: sh.duplicates.load(Relaxed) - dup0,
+            protocol_errors: sh.protocol_errors.load(Relaxed) - perr0,
+            first_protocol_error: first_perr,
+            disconnects: sh.disconnects.load(Relaxed) - disc0,
+            latency_ms: lat,
+            latency_near_ms: near,
+            latency_far_ms: far,
+            cross_instance_p50_ms: near.zip(far).map(|(n, f)| round2(f.p50_ms - n.p50_ms)),
+            server_cpu_s: srv_cpu.map(round2),
+            server_cpu_us_per_delivery: srv_cpu.filter(|_| deliveries > 0).map(|s| round2(s * 1e6 / deliveries as f64)),
+            server_cpu_pct: srv_cpu.map(|s| round1(100.0 * s / phase_s.max(1e-9))),
+            redis_cpu_s: rcpu0.zip(rcpu1).map(|(a, b)| round2(b - a)),
+            generator_cpu_pct: round1(gen_pct),
+            generator_bound: gen_pct > 90.0,
+            rss_after_kib: rss_after,
+            rss_after_per_conn_kib: None,
+        }
     }
 
     pub async fn stop(self) {
@@ -287,20 +283,5 @@ impl<'a> Session<'a> {
         if let Some(r) = self.redis {
             r.proc.stop().await;
         }
-    }
-}
-
-pub fn round1(x: f64) -> f64 {
-    (x * 10.0).round() / 10.0
-}
-
-pub fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
-}
-
-pub fn per_conn(before: &Value, after: &Value, n: &Value) -> Value {
-    match (before.as_f64(), after.as_f64(), n.as_f64()) {
-        (Some(a), Some(b), Some(n)) if n > 0.0 => json!(round2((b - a) / n)),
-        _ => Value::Null,
     }
 }
