@@ -1,34 +1,44 @@
 //! Human-readable tables, one per scenario, rows per server (stdout).
 
-use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fmt::Display;
 
-use crate::Cfg;
+use crate::cli::Cfg;
+use crate::results::{Outcome, Scenarios, ServerResults, Traffic};
+use crate::stats::Latency;
 
-fn at<'a>(v: &'a Value, path: &[&str]) -> &'a Value {
-    let mut cur = v;
-    for p in path {
-        cur = &cur[*p];
-    }
-    cur
-}
-
-fn num(v: &Value, path: &[&str], decimals: usize) -> String {
-    match at(v, path) {
-        Value::Number(n) => match n.as_f64() {
-            Some(x) if n.is_f64() => format!("{x:.decimals$}"),
-            _ => n.to_string(),
-        },
-        Value::Bool(b) => if *b { "yes" } else { "no" }.to_string(),
-        Value::Null => "-".to_string(),
-        other => other.to_string(),
+/// A figure with `decimals` decimals; "-" when there is none.
+fn fixed(x: impl Into<Option<f64>>, decimals: usize) -> String {
+    match x.into() {
+        Some(x) if x.is_finite() => format!("{x:.decimals$}"),
+        _ => "-".to_string(),
     }
 }
 
-fn mib(v: &Value, path: &[&str]) -> String {
-    match at(v, path).as_f64() {
-        Some(k) => format!("{:.1}", k / 1024.0),
+fn int(x: impl Display) -> String {
+    x.to_string()
+}
+
+fn yes_no(b: impl Into<Option<bool>>) -> String {
+    match b.into() {
+        Some(b) => if b { "yes" } else { "no" }.to_string(),
+        None => "-".to_string(),
+    }
+}
+
+fn mib(kib: Option<u64>) -> String {
+    match kib {
+        Some(k) => format!("{:.1}", k as f64 / 1024.0),
         None => "-".into(),
     }
+}
+
+fn p50(l: Option<Latency>) -> Option<f64> {
+    l.map(|l| l.p50_ms)
+}
+
+fn p99(l: Option<Latency>) -> Option<f64> {
+    l.map(|l| l.p99_ms)
 }
 
 struct Table {
@@ -74,11 +84,23 @@ impl Table {
     }
 }
 
-fn special(v: &Value) -> Option<String> {
-    if let Some(e) = v.get("error") {
-        return Some(format!("ERROR: {}", e.as_str().unwrap_or("?").lines().next().unwrap_or("")));
+/// A server's entry for one scenario: its figures, or the message its row shows instead (why
+/// the server or the scenario could not run, or why the scenario does not apply). `None` when
+/// the scenario was not run.
+fn entry<'a, T>(
+    r: &'a ServerResults,
+    pick: impl FnOnce(&'a Scenarios) -> &'a Option<Outcome<T>>,
+) -> Option<Result<&'a T, String>> {
+    let first_line = |e: &str| format!("ERROR: {}", e.lines().next().unwrap_or(""));
+    let s = match r {
+        ServerResults::Missing { error } => return Some(Err(first_line(error))),
+        ServerResults::Ran(s) => s,
+    };
+    match pick(s).as_ref()? {
+        Outcome::Done(v) => Some(Ok(v)),
+        Outcome::Error { error } => Some(Err(first_line(error))),
+        Outcome::NotApplicable { na } => Some(Err(format!("n/a: {na}"))),
     }
-    v.get("na").map(|na| format!("n/a: {}", na.as_str().unwrap_or("")))
 }
 
 const TRAFFIC_HEAD: &[&str] = &[
@@ -98,30 +120,29 @@ const TRAFFIC_HEAD: &[&str] = &[
     "gen CPU%",
 ];
 
-fn traffic_row(server: &str, t: &Value) -> Vec<String> {
+fn traffic_row(server: &str, t: &Traffic) -> Vec<String> {
     vec![
         server.to_string(),
-        num(t, &["target_events_per_s"], 0),
-        num(t, &["subscribers"], 0),
-        num(t, &["events_accepted"], 0),
-        num(t, &["deliveries_per_s"], 0),
-        num(t, &["latency_ms", "p50_ms"], 2),
-        num(t, &["latency_ms", "p90_ms"], 2),
-        num(t, &["latency_ms", "p99_ms"], 2),
-        num(t, &["latency_ms", "max_ms"], 2),
-        num(t, &["lost"], 0),
-        num(t, &["duplicates"], 0),
-        num(t, &["server_cpu_us_per_delivery"], 2),
-        num(t, &["server_cpu_pct"], 1),
-        num(t, &["generator_cpu_pct"], 1),
+        fixed(t.target_events_per_s, 0),
+        int(t.subscribers),
+        int(t.events_accepted),
+        fixed(t.deliveries_per_s, 0),
+        fixed(t.latency_ms.p50_ms, 2),
+        fixed(t.latency_ms.p90_ms, 2),
+        fixed(t.latency_ms.p99_ms, 2),
+        fixed(t.latency_ms.max_ms, 2),
+        int(t.lost),
+        int(t.duplicates),
+        fixed(t.server_cpu_us_per_delivery, 2),
+        fixed(t.server_cpu_pct, 1),
+        fixed(t.generator_cpu_pct, 1),
     ]
 }
 
-pub fn print_tables(cfg: &Cfg, results: &Value) {
-    let Some(map) = results.as_object() else { return };
+pub fn print_tables(cfg: &Cfg, results: &BTreeMap<&str, ServerResults>) {
     // rows in the order the servers ran
-    let servers: Vec<(String, &Value)> =
-        cfg.servers.iter().filter_map(|k| map.get(k.name()).map(|v| (k.name().to_string(), v))).collect();
+    let servers: Vec<(String, &ServerResults)> =
+        cfg.servers.iter().filter_map(|k| results.get(k.name()).map(|v| (k.name().to_string(), v))).collect();
     let servers = &servers;
     let want = |n: u8| cfg.scenarios.contains(&n);
 
@@ -142,31 +163,33 @@ pub fn print_tables(cfg: &Cfg, results: &Value) {
             ],
         );
         for (name, r) in servers.iter() {
-            let v = &r["s1"];
-            if let Some(s) = special(r).or_else(|| special(v)) {
-                t.rows.push(vec![format!("{name}: {s}")]);
-                continue;
-            }
+            let v = match entry(r, |s| &s.s1) {
+                None => continue,
+                Some(Err(s)) => {
+                    t.rows.push(vec![format!("{name}: {s}")]);
+                    continue;
+                }
+                Some(Ok(v)) => v,
+            };
             t.rows.push(vec![
                 name.clone(),
-                num(v, &["setup", "subscribed"], 0),
-                num(v, &["setup", "connect_failures"], 0),
-                num(v, &["setup", "setup_s"], 2),
-                num(v, &["setup", "connections_per_s"], 0),
-                mib(v, &["setup", "rss_before_kib"]),
-                mib(v, &["setup", "rss_subscribed_kib"]),
-                num(v, &["setup", "rss_per_conn_kib"], 2),
-                mib(v, &["rss_after_traffic_kib"]),
-                num(v, &["rss_after_traffic_per_conn_kib"], 2),
+                int(v.setup.subscribed),
+                int(v.setup.connect_failures),
+                fixed(v.setup.setup_s, 2),
+                fixed(v.setup.connections_per_s, 0),
+                mib(v.setup.rss_before_kib),
+                mib(v.setup.rss_subscribed_kib),
+                fixed(v.setup.rss_per_conn_kib, 2),
+                mib(v.rss_after_traffic_kib),
+                fixed(v.rss_after_traffic_per_conn_kib, 2),
             ]);
         }
         t.print();
     }
 
-    for (n, key, title) in [
+    for (n, title) in [
         (
             2,
-            "s2",
             format!(
                 "Scenario 2: {} subscribers in one campaign, {} ev/s for {} s",
                 cfg.clients, cfg.rate_one, cfg.duration
@@ -174,7 +197,6 @@ pub fn print_tables(cfg: &Cfg, results: &Value) {
         ),
         (
             3,
-            "s3",
             format!(
                 "Scenario 3: {} campaigns x {} subscribers, {} ev/s spread over them, {} s",
                 cfg.campaigns,
@@ -189,10 +211,10 @@ pub fn print_tables(cfg: &Cfg, results: &Value) {
         }
         let mut t = Table::new(title, TRAFFIC_HEAD);
         for (name, r) in servers.iter() {
-            let v = &r[key];
-            match special(r).or_else(|| special(v)) {
-                Some(s) => t.rows.push(vec![format!("{name}: {s}")]),
-                None => t.rows.push(traffic_row(name, &v["traffic"])),
+            match entry(r, |s| if n == 2 { &s.s2 } else { &s.s3 }) {
+                None => {}
+                Some(Err(s)) => t.rows.push(vec![format!("{name}: {s}")]),
+                Some(Ok(v)) => t.rows.push(traffic_row(name, &v.traffic)),
             }
         }
         t.print();
@@ -211,23 +233,26 @@ pub fn print_tables(cfg: &Cfg, results: &Value) {
             &["server", "near p50", "near p99", "far p50", "far p99", "far-near p50 ms", "redis CPU s", "disconnects"],
         );
         for (name, r) in servers.iter() {
-            let v = &r["s4"];
-            if let Some(s) = special(r).or_else(|| special(v)) {
-                t.rows.push(vec![format!("{name}: {s}")]);
-                split.rows.push(vec![format!("{name}: {s}")]);
-                continue;
-            }
-            let tr = &v["traffic"];
+            let v = match entry(r, |s| &s.s4) {
+                None => continue,
+                Some(Err(s)) => {
+                    t.rows.push(vec![format!("{name}: {s}")]);
+                    split.rows.push(vec![format!("{name}: {s}")]);
+                    continue;
+                }
+                Some(Ok(v)) => v,
+            };
+            let tr = &v.traffic;
             t.rows.push(traffic_row(name, tr));
             split.rows.push(vec![
                 name.clone(),
-                num(tr, &["latency_near_ms", "p50_ms"], 2),
-                num(tr, &["latency_near_ms", "p99_ms"], 2),
-                num(tr, &["latency_far_ms", "p50_ms"], 2),
-                num(tr, &["latency_far_ms", "p99_ms"], 2),
-                num(tr, &["cross_instance_p50_ms"], 2),
-                num(tr, &["redis_cpu_s"], 2),
-                num(tr, &["disconnects"], 0),
+                fixed(p50(tr.latency_near_ms), 2),
+                fixed(p99(tr.latency_near_ms), 2),
+                fixed(p50(tr.latency_far_ms), 2),
+                fixed(p99(tr.latency_far_ms), 2),
+                fixed(tr.cross_instance_p50_ms, 2),
+                fixed(tr.redis_cpu_s, 2),
+                int(tr.disconnects),
             ]);
         }
         t.print();
@@ -259,34 +284,38 @@ pub fn print_tables(cfg: &Cfg, results: &Value) {
             &["server", "deliv/s", "at ev/s", "gen CPU% there", "generator-bound", "stopped at"],
         );
         for (name, r) in servers.iter() {
-            let v = &r["s5"];
-            if let Some(s) = special(r).or_else(|| special(v)) {
-                t.rows.push(vec![format!("{name}: {s}")]);
-                summary.rows.push(vec![format!("{name}: {s}")]);
-                continue;
-            }
-            for st in v["steps"].as_array().into_iter().flatten() {
+            let v = match entry(r, |s| &s.s5) {
+                None => continue,
+                Some(Err(s)) => {
+                    t.rows.push(vec![format!("{name}: {s}")]);
+                    summary.rows.push(vec![format!("{name}: {s}")]);
+                    continue;
+                }
+                Some(Ok(v)) => v,
+            };
+            for st in &v.steps {
+                let tr = &st.traffic;
                 t.rows.push(vec![
                     name.clone(),
-                    num(st, &["target_events_per_s"], 0),
-                    num(st, &["deliveries_per_s"], 0),
-                    num(st, &["latency_ms", "p50_ms"], 2),
-                    num(st, &["latency_ms", "p99_ms"], 2),
-                    num(st, &["latency_ms", "max_ms"], 2),
-                    num(st, &["lost"], 0),
-                    num(st, &["server_cpu_us_per_delivery"], 2),
-                    num(st, &["server_cpu_pct"], 1),
-                    num(st, &["generator_cpu_pct"], 1),
-                    num(st, &["pass"], 0),
+                    fixed(tr.target_events_per_s, 0),
+                    fixed(tr.deliveries_per_s, 0),
+                    fixed(tr.latency_ms.p50_ms, 2),
+                    fixed(tr.latency_ms.p99_ms, 2),
+                    fixed(tr.latency_ms.max_ms, 2),
+                    int(tr.lost),
+                    fixed(tr.server_cpu_us_per_delivery, 2),
+                    fixed(tr.server_cpu_pct, 1),
+                    fixed(tr.generator_cpu_pct, 1),
+                    yes_no(st.pass),
                 ]);
             }
             summary.rows.push(vec![
                 name.clone(),
-                num(v, &["max_sustained_deliveries_per_s"], 0),
-                num(v, &["max_sustained_events_per_s"], 0),
-                num(v, &["generator_cpu_pct_at_max"], 1),
-                num(v, &["generator_bound_at_max"], 0),
-                v["stopped_at"].as_str().unwrap_or("(all steps passed)").to_string(),
+                fixed(v.max_sustained_deliveries_per_s, 0),
+                fixed(v.max_sustained_events_per_s, 0),
+                fixed(v.generator_cpu_pct_at_max, 1),
+                yes_no(v.generator_bound_at_max),
+                v.stopped_at.clone().unwrap_or_else(|| "(all steps passed)".to_string()),
             ]);
         }
         t.print();

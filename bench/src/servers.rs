@@ -277,23 +277,28 @@ pub fn membership_rows(users: u32, campaigns: u32) -> Vec<(String, String)> {
     rows
 }
 
-/// herald's SQLite store, with the tables exactly as client-compat's `writeFixtureDb` makes them.
+/// herald's SQLite schema: its own migrations, in order (a test checks that these are all of
+/// them). herald runs them again when it starts; they create only what is missing.
+const MIGRATIONS: [(&str, &str); 2] = [
+    ("0001_membership.sql", include_str!("../../migrations/sqlite/0001_membership.sql")),
+    ("0002_user_revocations.sql", include_str!("../../migrations/sqlite/0002_user_revocations.sql")),
+];
+
+/// herald's SQLite store: the tables from herald's migrations, then one `campaign_members` row
+/// per (campaign, user).
 pub async fn write_fixture_db(path: &Path, rows: &[(String, String)]) -> Result<()> {
     let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(path).create_if_missing(true);
     let mut conn = sqlx::SqliteConnection::connect_with(&opts).await.context("open fixture db")?;
-    sqlx::query(
-        "CREATE TABLE campaign_members (campaign_id TEXT NOT NULL, user_id TEXT NOT NULL,
-          PRIMARY KEY (campaign_id, user_id))",
-    )
-    .execute(&mut conn)
-    .await?;
-    sqlx::query("CREATE TABLE settlements (id TEXT PRIMARY KEY, campaign_id TEXT NOT NULL)").execute(&mut conn).await?;
-    sqlx::query("CREATE TABLE structures (id TEXT PRIMARY KEY, settlement_id TEXT NOT NULL)")
-        .execute(&mut conn)
-        .await?;
+    for (name, sql) in MIGRATIONS {
+        sqlx::raw_sql(sql).execute(&mut conn).await.with_context(|| format!("fixture db: migration {name}"))?;
+    }
     let mut tx = conn.begin().await?;
     for (c, u) in rows {
-        sqlx::query("INSERT INTO campaign_members VALUES (?, ?)").bind(c).bind(u).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO campaign_members (campaign_id, user_id) VALUES (?, ?)")
+            .bind(c)
+            .bind(u)
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await?;
     conn.close().await?;
@@ -305,4 +310,48 @@ pub fn write_fixture_json(path: &Path, rows: &[(String, String)]) -> Result<()> 
     let doc = serde_json::json!({ "members": rows, "settlements": [], "structures": [] });
     std::fs::write(path, serde_json::to_vec(&doc)?)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fixture_schema_is_every_herald_migration() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations/sqlite");
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        on_disk.sort();
+        assert_eq!(on_disk, MIGRATIONS.map(|(name, _)| name), "add the new migration to MIGRATIONS");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_fixture_db_has_herald_s_tables_and_the_rows() {
+        let path = std::env::temp_dir().join(format!("herald-bench-test.{}.db", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let rows = membership_rows(4, 3);
+        write_fixture_db(&path, &rows).await.unwrap();
+        let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(&path);
+        let mut conn = sqlx::SqliteConnection::connect_with(&opts).await.unwrap();
+        let tables: Vec<(String,)> =
+            sqlx::query_as("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        let tables: Vec<&str> = tables.iter().map(|t| t.0.as_str()).collect();
+        assert_eq!(tables, ["campaign_members", "herald_user_revocations", "settlements", "structures"]);
+        let members: Vec<(String, String)> =
+            sqlx::query_as("SELECT campaign_id, user_id FROM campaign_members ORDER BY user_id, campaign_id")
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        conn.close().await.unwrap();
+        let _ = std::fs::remove_file(&path);
+        let mut want = rows.clone();
+        want.sort_by(|a, b| (&a.1, &a.0).cmp(&(&b.1, &b.0)));
+        assert_eq!(members, want);
+    }
 }

@@ -1,0 +1,165 @@
+//! The command line (`Cli`, what `--help` shows) and the settings a run uses (`Cfg`), with the
+//! defaults of a full run and of `--smoke` resolved in one place (`resolve`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+
+use crate::servers::Kind;
+
+/// Load generator for herald (Socket.IO gateway), the Node reference and the floor server.
+#[derive(Parser, Debug)]
+#[command(name = "herald-bench", version)]
+pub struct Cli {
+    /// Scenarios to run: `all` or a comma-separated list of 1..5.
+    #[arg(long, default_value = "all")]
+    pub scenario: String,
+    /// Servers to run against, comma-separated: herald,node,floor [default: all three; herald with --smoke].
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Clients in scenarios 1-4 [default: 10000; 200 with --smoke].
+    #[arg(long)]
+    pub clients: Option<u32>,
+    /// Clients in scenario 5 (the ramp) [default: 2000; 200 with --smoke].
+    #[arg(long)]
+    pub ramp_clients: Option<u32>,
+    /// Seconds of traffic in scenarios 2-4 [default: 60; 3 with --smoke].
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Events per second in scenarios 2, 3 and 4 [default: 5 for 2 and 4, 500 for 3].
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Seconds per step of the ramp (scenario 5) [default: 5; 2 with --smoke].
+    #[arg(long)]
+    pub step_duration: Option<f64>,
+    /// Event rates of the ramp steps, comma-separated [default: 5,10,15,20,25,35,50,75,100,125,150,200,300,400,600,800,1600,3200; 25,50 with --smoke].
+    #[arg(long)]
+    pub ramp_rates: Option<String>,
+    /// A ramp step passes when its p99 latency is below this (and nothing was lost).
+    #[arg(long, default_value_t = 100.0)]
+    pub p99_limit_ms: f64,
+    /// Campaigns in scenario 3 (clients are spread evenly over them).
+    #[arg(long, default_value_t = 100)]
+    pub campaigns: u32,
+    /// Tiny run for CI: 200 clients, 2-3 s per scenario, herald only; exits non-zero on any loss,
+    /// duplicate, protocol error, failed connection or failed publish. Never a timed assertion.
+    #[arg(long)]
+    pub smoke: bool,
+    /// herald binary [default: `herald` next to this executable].
+    #[arg(long)]
+    pub herald_bin: Option<PathBuf>,
+    /// Prepared copy of the Node reference (with node_modules).
+    #[arg(long, default_value = "/tmp/node-baseline")]
+    pub node_dir: PathBuf,
+    #[arg(long, default_value = "node")]
+    pub node_bin: String,
+    /// Built floor server.
+    #[arg(long, default_value = "/tmp/floor/target/release/floor")]
+    pub floor_bin: PathBuf,
+    #[arg(long, default_value = "redis-server")]
+    pub redis_bin: String,
+    /// CPUs the servers (and redis) are pinned to with taskset.
+    #[arg(long, default_value = "0")]
+    pub server_cpus: String,
+    /// Do not pin the servers.
+    #[arg(long)]
+    pub no_pin: bool,
+    /// Client handshakes in flight at once.
+    #[arg(long, default_value_t = 256)]
+    pub connect_concurrency: usize,
+    /// Concurrent publish requests (keep-alive connections).
+    #[arg(long, default_value_t = 16)]
+    pub publishers: usize,
+    /// WebSocket read buffer per client, bytes.
+    #[arg(long, default_value_t = 4096)]
+    pub read_buffer: usize,
+    /// Keep the temporary directory (server logs, fixtures).
+    #[arg(long)]
+    pub keep_tmp: bool,
+    /// Also write the final JSON line to this file.
+    #[arg(long)]
+    pub json_out: Option<PathBuf>,
+}
+
+/// Resolved settings.
+pub struct Cfg {
+    pub scenarios: Vec<u8>,
+    pub servers: Vec<Kind>,
+    pub clients: u32,
+    pub ramp_clients: u32,
+    pub duration: f64,
+    pub rate_one: f64,
+    pub rate_many: f64,
+    pub step: f64,
+    pub ramp_rates: Vec<f64>,
+    pub p99_limit_ms: f64,
+    pub campaigns: u32,
+    pub smoke: bool,
+    pub settle: Duration,
+    pub quiet: Duration,
+    pub connect_concurrency: usize,
+    pub publishers: usize,
+    pub read_buffer: usize,
+}
+
+pub fn resolve(cli: &Cli) -> Result<Cfg> {
+    let smoke = cli.smoke;
+    let scenarios: Vec<u8> = if cli.scenario.trim() == "all" {
+        vec![1, 2, 3, 4, 5]
+    } else {
+        let mut v = Vec::new();
+        for s in cli.scenario.split(',') {
+            let n: u8 = s.trim().parse().with_context(|| format!("bad scenario {s:?}"))?;
+            if !(1..=5).contains(&n) {
+                bail!("scenario {n} does not exist (1..5)");
+            }
+            v.push(n);
+        }
+        v.sort();
+        v.dedup();
+        v
+    };
+    let servers_s =
+        cli.server.clone().unwrap_or_else(|| if smoke { "herald".into() } else { "herald,node,floor".into() });
+    let mut servers = Vec::new();
+    for s in servers_s.split(',') {
+        servers.push(Kind::parse(s).with_context(|| format!("unknown server {s:?} (herald, node, floor)"))?);
+    }
+    let ramp_rates = match &cli.ramp_rates {
+        Some(s) => s.split(',').map(|r| r.trim().parse::<f64>()).collect::<Result<Vec<_>, _>>()?,
+        None if smoke => vec![25.0, 50.0],
+        None => vec![
+            5.0, 10.0, 15.0, 20.0, 25.0, 35.0, 50.0, 75.0, 100.0, 125.0, 150.0, 200.0, 300.0, 400.0, 600.0, 800.0,
+            1600.0, 3200.0,
+        ],
+    };
+    let rate_check = |r: f64| r.is_finite() && r > 0.0;
+    if !ramp_rates.iter().all(|r| rate_check(*r)) || cli.rate.is_some_and(|r| !rate_check(r)) {
+        bail!("rates must be positive");
+    }
+    let cfg = Cfg {
+        scenarios,
+        servers,
+        clients: cli.clients.unwrap_or(if smoke { 200 } else { 10_000 }),
+        ramp_clients: cli.ramp_clients.unwrap_or(if smoke { 200 } else { 2_000 }),
+        duration: cli.duration.unwrap_or(if smoke { 3.0 } else { 60.0 }),
+        rate_one: cli.rate.unwrap_or(5.0),
+        rate_many: cli.rate.unwrap_or(500.0),
+        step: cli.step_duration.unwrap_or(if smoke { 2.0 } else { 5.0 }),
+        ramp_rates,
+        p99_limit_ms: cli.p99_limit_ms,
+        campaigns: cli.campaigns.max(1),
+        smoke,
+        settle: if smoke { Duration::from_millis(200) } else { Duration::from_secs(1) },
+        quiet: if smoke { Duration::from_secs(2) } else { Duration::from_secs(10) },
+        connect_concurrency: cli.connect_concurrency.max(1),
+        publishers: cli.publishers.max(1),
+        read_buffer: cli.read_buffer.max(256),
+    };
+    if cfg.duration <= 0.0 || cfg.step <= 0.0 || cfg.clients == 0 || cfg.ramp_clients == 0 {
+        bail!("durations and client counts must be positive");
+    }
+    Ok(cfg)
+}
