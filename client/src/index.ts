@@ -12,6 +12,7 @@
 
 import { io, type ManagerOptions, type Socket, type SocketOptions } from "socket.io-client";
 
+import { createErrorListeners, HeraldRefreshError, HeraldSubscribeError } from "./errors.js";
 import type {
   AnyHeraldEvent,
   EntityUpdatedEvent,
@@ -26,6 +27,7 @@ import type {
 } from "./events.js";
 
 export type * from "./events.js";
+export { HeraldRefreshError, HeraldSubscribeError } from "./errors.js";
 
 /** The five event names herald emits. */
 export const EVENT_TYPES: readonly EventType[] = Object.freeze([
@@ -114,28 +116,6 @@ export interface HeraldClient {
   connect(): void;
   /** Closes the socket for good; subscriptions stop. */
   close(): void;
-}
-
-/** A subscribe refused by herald: `error` is its message (`Unauthorized`, `Invalid payload`, …). */
-export class HeraldSubscribeError extends Error {
-  readonly error: string;
-  readonly kind: SubscriptionKind;
-  readonly id: string;
-  constructor(kind: SubscriptionKind, id: string, error: string) {
-    super(`subscribe_${kind} ${id}: ${error}`);
-    this.name = "HeraldSubscribeError";
-    this.error = error;
-    this.kind = kind;
-    this.id = id;
-  }
-}
-
-/** An in-band token refresh failed; it is retried until the token expires. */
-export class HeraldRefreshError extends Error {
-  constructor(reason: string, cause?: unknown) {
-    super(`refresh_token: ${reason}`, cause === undefined ? undefined : { cause });
-    this.name = "HeraldRefreshError";
-  }
 }
 
 const HANDLER_OF: { [T in EventType]: keyof SubscriptionHandlers } = {
@@ -244,8 +224,9 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
   const { url, token, ackTimeoutMs = 10_000, refreshToken = true, ...socketOptions } = options;
   const refreshEnabled = refreshToken && typeof token === "function";
 
+  const errors = createErrorListeners();
+  const reportError = errors.report;
   const statusListeners = new Set<(s: ConnectionStatus) => void>();
-  const errorListeners = new Set<(e: Error) => void>();
   const rooms = new Map<string, Room>();
   let status: ConnectionStatus = socketOptions.autoConnect === false ? "offline" : "connecting";
   let everConnected = false;
@@ -287,21 +268,6 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
         cb(next);
       } catch (err) {
         reportError(err);
-      }
-    }
-  }
-
-  function reportError(err: unknown): void {
-    const error = err instanceof Error ? err : new Error(String(err));
-    if (errorListeners.size === 0) {
-      console.error("herald-client:", error);
-      return;
-    }
-    for (const cb of [...errorListeners]) {
-      try {
-        cb(error);
-      } catch (e) {
-        console.error("herald-client: error listener threw", e);
       }
     }
   }
@@ -657,10 +623,7 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
       statusListeners.add(cb);
       return () => statusListeners.delete(cb);
     },
-    onError(cb) {
-      errorListeners.add(cb);
-      return () => errorListeners.delete(cb);
-    },
+    onError: (cb) => errors.add(cb),
     connect() {
       if (closed || socket.connected) return;
       setStatus(everConnected ? "reconnecting" : "connecting");
