@@ -12,7 +12,7 @@
 
 import { io, type ManagerOptions, type Socket, type SocketOptions } from "socket.io-client";
 
-import { createErrorListeners, HeraldRefreshError, HeraldSubscribeError } from "./errors.js";
+import { createErrorListeners, HeraldSubscribeError } from "./errors.js";
 import type {
   AnyHeraldEvent,
   EntityUpdatedEvent,
@@ -25,9 +25,11 @@ import type {
   SubscriptionKind,
   WorldTimeChangedEvent,
 } from "./events.js";
+import { createTokenRefresher } from "./refresh.js";
 
 export type * from "./events.js";
 export { HeraldRefreshError, HeraldSubscribeError } from "./errors.js";
+export { jwtExpiryMs } from "./refresh.js";
 
 /** The five event names herald emits. */
 export const EVENT_TYPES: readonly EventType[] = Object.freeze([
@@ -179,50 +181,8 @@ interface Room {
   releaseWaiters: Array<() => void>;
 }
 
-/** A refresh is planned at most this long before the token's `exp`. */
-const REFRESH_MARGIN_MAX_MS = 60_000;
-/** After a refresh, the next one waits at least this long (a token that expires at once, or a skewed clock). */
-const REFRESH_MIN_INTERVAL_MS = 1_000;
-const REFRESH_RETRY_MIN_MS = 250;
-const REFRESH_RETRY_MAX_MS = 10_000;
-const REFRESH_RETRY_PAST_EXP_MS = 60_000;
-const MAX_TIMER_MS = 2_147_483_647;
-
-/** herald's answer to `refresh_token`. */
-type RefreshTokenAck = { success: true } | { success: false; error?: string };
-
-/**
- * The `exp` of a JWT, in milliseconds since the epoch, read without any
- * verification (herald verifies); `undefined` for anything that is not a JWT
- * with a numeric `exp`.
- */
-export function jwtExpiryMs(jwt: string): number | undefined {
-  return readJwtTimes(jwt)?.expMs;
-}
-
-/** `exp`, and the lifetime `exp - iat` when `iat` is there, in milliseconds. */
-function readJwtTimes(jwt: string): { expMs: number; lifetimeMs: number | undefined } | undefined {
-  try {
-    const parts = jwt.replace(/^Bearer /, "").split(".");
-    const body = parts[1];
-    if (parts.length !== 3 || !body || !/^[A-Za-z0-9_-]+={0,2}$/.test(body)) return undefined;
-    const b64 = body.replace(/=+$/, "").replace(/-/g, "+").replace(/_/g, "/");
-    const binary = atob(b64 + "=".repeat((4 - (b64.length % 4)) % 4));
-    const bytes = Uint8Array.from(binary, (c) => c.charCodeAt(0));
-    const claims: unknown = JSON.parse(new TextDecoder().decode(bytes));
-    if (claims === null || typeof claims !== "object") return undefined;
-    const { exp, iat } = claims as { exp?: unknown; iat?: unknown };
-    if (typeof exp !== "number" || !Number.isFinite(exp)) return undefined;
-    const lifetimeMs = typeof iat === "number" && Number.isFinite(iat) && iat <= exp ? (exp - iat) * 1000 : undefined;
-    return { expMs: exp * 1000, lifetimeMs };
-  } catch {
-    return undefined;
-  }
-}
-
 export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
   const { url, token, ackTimeoutMs = 10_000, refreshToken = true, ...socketOptions } = options;
-  const refreshEnabled = refreshToken && typeof token === "function";
 
   const errors = createErrorListeners();
   const reportError = errors.report;
@@ -234,18 +194,29 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
   /** Bumped on every connect and disconnect: acks of an older connection are ignored. */
   let connection = 0;
 
-  /** The token of the latest handshake: the one the current connection was accepted with. */
-  let handshakeToken: string | undefined;
-  let refreshTimer: ReturnType<typeof setTimeout> | undefined;
+  // Made before the socket, whose `auth` tells it each handshake's token;
+  // it reaches the socket only once connected.
+  const refresher =
+    refreshToken && typeof token === "function"
+      ? createTokenRefresher({
+          getToken: resolveToken,
+          sendToken: (fresh, ack) => {
+            socket.timeout(ackTimeoutMs).emit("refresh_token", { token: fresh }, ack);
+          },
+          ackTimeoutMs,
+          isCurrent: (conn) => conn === connection && socket.connected && !closed,
+          reportError,
+        })
+      : undefined;
 
   const socket: Socket = io(url, {
     forceNew: true,
     ...socketOptions,
     auth: (cb: (data: object) => void) => {
-      handshakeToken = undefined;
+      refresher?.handshake(undefined);
       resolveToken().then(
         (t) => {
-          handshakeToken = t;
+          refresher?.handshake(t);
           cb({ token: t });
         },
         (err: unknown) => {
@@ -276,83 +247,9 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
     everConnected = true;
     setStatus("connected");
     const conn = ++connection;
-    if (refreshEnabled && handshakeToken !== undefined) scheduleRefresh(conn, handshakeToken, 0);
+    refresher?.connected(conn);
     void resubscribeAll(conn);
   });
-
-  /**
-   * In-band token refresh (only when `token` is a function): herald cuts a
-   * socket at its token's `exp` (plus its leeway) unless the socket sends a
-   * newer token with `refresh_token`. A margin before `exp` (at 75% of the
-   * remaining lifetime, at most 60 s before it) the token function is called
-   * and its token sent; the next refresh is scheduled from the new token's
-   * `exp`. A failure (the function throws, herald refuses, no ack) is
-   * reported to the error listeners and retried a little later, until herald
-   * disconnects the socket at exp + leeway; then the reconnect, which calls
-   * the token function again, takes over. A token whose `exp` cannot be read
-   * is never refreshed.
-   */
-  function scheduleRefresh(conn: number, jwt: string, minDelayMs: number): void {
-    clearTimeout(refreshTimer);
-    refreshTimer = undefined;
-    const times = readJwtTimes(jwt);
-    if (times === undefined) return;
-    // A clock behind herald's would plan too late: for a token just minted,
-    // `exp - iat` is the remaining lifetime whatever this clock says.
-    const now = Date.now();
-    const remaining = Math.min(times.expMs - now, times.lifetimeMs ?? Infinity);
-    const delay = Math.max(minDelayMs, remaining * 0.75, remaining - REFRESH_MARGIN_MAX_MS);
-    armRefresh(conn, now + remaining, delay);
-  }
-
-  function armRefresh(conn: number, expMs: number, delayMs: number): void {
-    clearTimeout(refreshTimer);
-    // setTimeout fires at once past 2^31 - 1 ms: wait in steps, then look again.
-    if (delayMs > MAX_TIMER_MS) {
-      refreshTimer = setTimeout(() => armRefresh(conn, expMs, delayMs - MAX_TIMER_MS), MAX_TIMER_MS);
-      return;
-    }
-    refreshTimer = setTimeout(() => {
-      refreshTimer = undefined;
-      void refresh(conn, expMs);
-    }, Math.max(0, delayMs));
-  }
-
-  /** `expMs`: the token's expiry as this client reckons it; retries stop a minute past it. */
-  async function refresh(conn: number, expMs: number): Promise<void> {
-    const current = () => conn === connection && socket.connected && !closed;
-    if (!current()) return;
-    let fresh: string;
-    try {
-      fresh = await resolveToken();
-      if (typeof fresh !== "string" || fresh === "") throw new Error("the token function gave no token");
-      if (!current()) return;
-      const ack = await new Promise<RefreshTokenAck>((resolve, reject) => {
-        socket
-          .timeout(ackTimeoutMs)
-          .emit("refresh_token", { token: fresh }, (err: Error | null, ack: RefreshTokenAck) =>
-            err ? reject(new Error(`no ack within ${ackTimeoutMs} ms`)) : resolve(ack),
-          );
-      });
-      if (!ack || ack.success !== true) {
-        throw new Error(ack && typeof ack.error === "string" ? ack.error : "no answer");
-      }
-    } catch (err) {
-      if (!current()) return;
-      const reason = err instanceof Error ? err.message : String(err);
-      reportError(new HeraldRefreshError(reason, err));
-      // Until `exp`, and through herald's leeway past it (it disconnects the
-      // socket at exp + leeway, which stops this); never longer than a minute past it.
-      const left = expMs - Date.now();
-      if (left > -REFRESH_RETRY_PAST_EXP_MS) {
-        armRefresh(conn, expMs, Math.min(REFRESH_RETRY_MAX_MS, Math.max(REFRESH_RETRY_MIN_MS, left / 4)));
-      }
-      return;
-    }
-    if (!current()) return;
-    handshakeToken = fresh;
-    scheduleRefresh(conn, fresh, REFRESH_MIN_INTERVAL_MS);
-  }
 
   /**
    * Re-subscribes every room, broadest kind first (campaigns, then
@@ -371,8 +268,7 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
 
   socket.on("disconnect", (reason: string) => {
     connection += 1;
-    clearTimeout(refreshTimer);
-    refreshTimer = undefined;
+    refresher?.stop();
     for (const room of rooms.values()) {
       room.joined = false;
       room.joining = false;
@@ -631,8 +527,7 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
     },
     close() {
       closed = true;
-      clearTimeout(refreshTimer);
-      refreshTimer = undefined;
+      refresher?.stop();
       for (const room of rooms.values()) {
         clearTimeout(room.releaseTimer);
         room.releaseWaiters.splice(0).forEach((w) => w());
