@@ -26,6 +26,7 @@ import type {
   WorldTimeChangedEvent,
 } from "./events.js";
 import { createTokenRefresher } from "./refresh.js";
+import { createStatusTracker } from "./status.js";
 
 export type * from "./events.js";
 export { HeraldRefreshError, HeraldSubscribeError } from "./errors.js";
@@ -186,10 +187,8 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
 
   const errors = createErrorListeners();
   const reportError = errors.report;
-  const statusListeners = new Set<(s: ConnectionStatus) => void>();
+  const status = createStatusTracker(socketOptions.autoConnect !== false, reportError);
   const rooms = new Map<string, Room>();
-  let status: ConnectionStatus = socketOptions.autoConnect === false ? "offline" : "connecting";
-  let everConnected = false;
   let closed = false;
   /** Bumped on every connect and disconnect: acks of an older connection are ignored. */
   let connection = 0;
@@ -231,21 +230,8 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
     return typeof token === "function" ? await token() : token;
   }
 
-  function setStatus(next: ConnectionStatus): void {
-    if (next === status) return;
-    status = next;
-    for (const cb of [...statusListeners]) {
-      try {
-        cb(next);
-      } catch (err) {
-        reportError(err);
-      }
-    }
-  }
-
   socket.on("connect", () => {
-    everConnected = true;
-    setStatus("connected");
+    status.connected();
     const conn = ++connection;
     refresher?.connected(conn);
     void resubscribeAll(conn);
@@ -273,33 +259,12 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
       room.joined = false;
       room.joining = false;
     }
-    if (closed || reason === "io client disconnect") {
-      setStatus("offline");
-    } else if (socket.active) {
-      setStatus("reconnecting");
-    } else {
-      // "io server disconnect": herald ended this Socket.IO session on purpose
-      // (the user's access was revoked, or the socket ignored the rate
-      // limit), so coming back would be wrong. Every cut herald makes for a
-      // client to recover closes the transport instead, and socket.io-client
-      // reconnects by itself. `client.connect()` tries again.
-      setStatus("offline");
-      reportError(new Error(`herald disconnected this socket (${reason})`));
-    }
+    status.disconnected(reason, closed, socket.active);
   });
 
-  socket.on("connect_error", (err: Error) => {
-    if (socket.active) {
-      setStatus(everConnected ? "reconnecting" : "connecting");
-    } else {
-      // Refused by herald (e.g. "Unauthorized"): socket.io-client gives up.
-      setStatus("offline");
-      reportError(err);
-    }
-  });
-
-  socket.io.on("reconnect_attempt", () => setStatus("reconnecting"));
-  socket.io.on("reconnect_failed", () => setStatus("offline"));
+  socket.on("connect_error", (err: Error) => status.connectError(err, socket.active));
+  socket.io.on("reconnect_attempt", () => status.reconnectAttempt());
+  socket.io.on("reconnect_failed", () => status.reconnectFailed());
 
   for (const type of EVENT_TYPES) {
     socket.on(type, (event: HeraldEvent) => dispatch(event as AnyHeraldEvent));
@@ -509,20 +474,17 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
   return {
     socket,
     get status() {
-      return status;
+      return status.current;
     },
     subscribe,
     subscribeCampaign: (id, handlers) => subscribe("campaign", id, handlers),
     subscribeSettlement: (id, handlers) => subscribe("settlement", id, handlers),
     subscribeStructure: (id, handlers) => subscribe("structure", id, handlers),
-    onStatusChange(cb) {
-      statusListeners.add(cb);
-      return () => statusListeners.delete(cb);
-    },
+    onStatusChange: (cb) => status.onChange(cb),
     onError: (cb) => errors.add(cb),
     connect() {
       if (closed || socket.connected) return;
-      setStatus(everConnected ? "reconnecting" : "connecting");
+      status.connectRequested();
       socket.connect();
     },
     close() {
@@ -538,7 +500,7 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
       }
       rooms.clear();
       socket.close();
-      setStatus("offline");
+      status.closed();
     },
   };
 }
