@@ -25,6 +25,7 @@ import type {
   SubscriptionKind,
   WorldTimeChangedEvent,
 } from "./events.js";
+import { isAfter, RoomOffsets } from "./offsets.js";
 import { createTokenRefresher } from "./refresh.js";
 import { createStatusTracker } from "./status.js";
 
@@ -165,10 +166,8 @@ interface Room {
   kind: SubscriptionKind;
   id: string;
   subs: Set<Sub>;
-  /** Every event of this room up to this offset has been delivered. */
-  lastOffset: string | undefined;
-  /** Offsets above `lastOffset` delivered while the subscribe was not acked yet. */
-  seen: Set<string>;
+  /** What the room has been delivered; its next `since`. */
+  offsets: RoomOffsets;
   /** Acked on the current connection. */
   joined: boolean;
   /** A subscribe is in flight on the current connection. */
@@ -276,18 +275,10 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
     for (const key of targetRooms(event)) {
       const room = rooms.get(key);
       if (!room) continue;
-      if (offset !== undefined) {
-        // Everything of this room up to `lastOffset` was delivered; above it,
-        // `seen` catches an event that comes twice (the replays of two rooms
-        // of one campaign overlap after a reconnect).
-        if (room.lastOffset !== undefined && offset <= room.lastOffset) continue;
-        if (room.seen.has(offset)) continue;
-        room.seen.add(offset);
-        if (room.joined) advance(room);
-      }
+      if (offset !== undefined && !room.offsets.accept(offset, room.joined)) continue;
       for (const sub of [...room.subs]) {
         if (!sub.active) continue;
-        if (offset !== undefined && (sub.lastOffset === undefined || offset > sub.lastOffset)) sub.lastOffset = offset;
+        if (offset !== undefined && isAfter(offset, sub.lastOffset)) sub.lastOffset = offset;
         const typed = sub.handlers[HANDLER_OF[event.type]] as ((e: AnyHeraldEvent) => void) | undefined;
         try {
           typed?.call(sub.handlers, event);
@@ -299,18 +290,6 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
     }
   }
 
-  /**
-   * Once the room's subscribe is acked on this connection, every event of the
-   * room up to the highest offset seen has been delivered (herald replays
-   * with no gap, then sends live events in order), so that is the next `since`.
-   * Before the ack, events that arrive through other rooms' replays may run
-   * ahead of this room's own replay, so the watermark waits.
-   */
-  function advance(room: Room): void {
-    for (const o of room.seen) if (room.lastOffset === undefined || o > room.lastOffset) room.lastOffset = o;
-    room.seen.clear();
-  }
-
   /** Sends the room's subscribe; resolves once its ack (or its failure) has been handled. */
   function join(room: Room): Promise<void> {
     let done!: () => void;
@@ -320,7 +299,8 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
     room.joining = true;
     const resubscribe = room.wasJoined;
     const payload: Record<string, string> = { [`${room.kind}Id`]: room.id };
-    if (resubscribe && room.lastOffset !== undefined) payload.since = room.lastOffset;
+    const since = room.offsets.last;
+    if (resubscribe && since !== undefined) payload.since = since;
     socket.timeout(ackTimeoutMs).emit(`subscribe_${room.kind}`, payload, (err: Error | null, ack: SubscribeAck) => {
       try {
         onAck(err, ack);
@@ -359,7 +339,7 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
       }
       room.joined = true;
       room.wasJoined = true;
-      advance(room);
+      room.offsets.advance();
       room.lastAck = ack;
       for (const sub of [...room.subs]) {
         if (!sub.active) continue;
@@ -409,8 +389,7 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
         kind,
         id,
         subs: new Set(),
-        lastOffset: undefined,
-        seen: new Set(),
+        offsets: new RoomOffsets(),
         joined: false,
         joining: false,
         wasJoined: false,
