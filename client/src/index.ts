@@ -12,7 +12,7 @@
 
 import { io, type ManagerOptions, type Socket, type SocketOptions } from "socket.io-client";
 
-import { createErrorListeners, HeraldSubscribeError } from "./errors.js";
+import { createErrorListeners, type HeraldSubscribeError } from "./errors.js";
 import type {
   AnyHeraldEvent,
   EntityUpdatedEvent,
@@ -25,8 +25,9 @@ import type {
   SubscriptionKind,
   WorldTimeChangedEvent,
 } from "./events.js";
-import { isAfter, RoomOffsets } from "./offsets.js";
+import { isAfter } from "./offsets.js";
 import { createTokenRefresher } from "./refresh.js";
+import { createRooms } from "./rooms.js";
 import { createStatusTracker } from "./status.js";
 
 export type * from "./events.js";
@@ -151,46 +152,19 @@ export function targetRooms(event: Pick<AnyHeraldEvent, "type" | "payload">): st
   return rooms;
 }
 
-interface Sub {
-  room: Room;
-  handlers: SubscriptionHandlers;
-  lastOffset: string | undefined;
-  settled: boolean;
-  active: boolean;
-  resolve(ack: SubscribeSuccess): void;
-  reject(err: Error): void;
-}
-
-interface Room {
-  key: string;
-  kind: SubscriptionKind;
-  id: string;
-  subs: Set<Sub>;
-  /** What the room has been delivered; its next `since`. */
-  offsets: RoomOffsets;
-  /** Acked on the current connection. */
-  joined: boolean;
-  /** A subscribe is in flight on the current connection. */
-  joining: boolean;
-  /** Acked at least once: a later join is a re-subscription. */
-  wasJoined: boolean;
-  lastAck: SubscribeSuccess | undefined;
-  /** Bumped on every join and on release, so that stale acks are ignored. */
-  generation: number;
-  releaseTimer: ReturnType<typeof setTimeout> | undefined;
-  releaseWaiters: Array<() => void>;
-}
-
 export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
   const { url, token, ackTimeoutMs = 10_000, refreshToken = true, ...socketOptions } = options;
 
   const errors = createErrorListeners();
   const reportError = errors.report;
   const status = createStatusTracker(socketOptions.autoConnect !== false, reportError);
-  const rooms = new Map<string, Room>();
   let closed = false;
   /** Bumped on every connect and disconnect: acks of an older connection are ignored. */
   let connection = 0;
+
+  async function resolveToken(): Promise<string> {
+    return typeof token === "function" ? await token() : token;
+  }
 
   // Made before the socket, whose `auth` tells it each handshake's token;
   // it reaches the socket only once connected.
@@ -225,39 +199,19 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
     },
   });
 
-  async function resolveToken(): Promise<string> {
-    return typeof token === "function" ? await token() : token;
-  }
+  const rooms = createRooms({ socket, ackTimeoutMs, connection: () => connection, reportError });
 
   socket.on("connect", () => {
     status.connected();
     const conn = ++connection;
     refresher?.connected(conn);
-    void resubscribeAll(conn);
+    void rooms.resubscribeAll(conn);
   });
-
-  /**
-   * Re-subscribes every room, broadest kind first (campaigns, then
-   * settlements, then structures), each kind's rooms in parallel. A
-   * campaign's replay carries its settlements' and structures' events too, so
-   * by the time a narrower room replays, its subscriptions have had those
-   * events in order, and its own replay only brings duplicates (dropped).
-   */
-  async function resubscribeAll(conn: number): Promise<void> {
-    for (const kind of ["campaign", "settlement", "structure"] as const) {
-      if (conn !== connection || !socket.connected) return;
-      const batch = [...rooms.values()].filter((r) => r.kind === kind && r.subs.size > 0 && !r.joined && !r.joining);
-      await Promise.all(batch.map((r) => join(r)));
-    }
-  }
 
   socket.on("disconnect", (reason: string) => {
     connection += 1;
     refresher?.stop();
-    for (const room of rooms.values()) {
-      room.joined = false;
-      room.joining = false;
-    }
+    rooms.disconnected();
     status.disconnected(reason, closed, socket.active);
   });
 
@@ -290,164 +244,9 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
     }
   }
 
-  /** Sends the room's subscribe; resolves once its ack (or its failure) has been handled. */
-  function join(room: Room): Promise<void> {
-    let done!: () => void;
-    const handled = new Promise<void>((r) => (done = r));
-    const generation = ++room.generation;
-    const conn = connection;
-    room.joining = true;
-    const resubscribe = room.wasJoined;
-    const payload: Record<string, string> = { [`${room.kind}Id`]: room.id };
-    const since = room.offsets.last;
-    if (resubscribe && since !== undefined) payload.since = since;
-    socket.timeout(ackTimeoutMs).emit(`subscribe_${room.kind}`, payload, (err: Error | null, ack: SubscribeAck) => {
-      try {
-        onAck(err, ack);
-      } finally {
-        done();
-      }
-    });
-    return handled;
-
-    function onAck(err: Error | null, ack: SubscribeAck): void {
-      if (generation !== room.generation || conn !== connection || rooms.get(room.key) !== room) return;
-      room.joining = false;
-      if (err) {
-        // No ack: if the connection is gone, the next `connect` joins again.
-        if (!socket.connected) return;
-        const error = new HeraldSubscribeError(room.kind, room.id, `no ack within ${ackTimeoutMs} ms`);
-        for (const sub of room.subs) if (!sub.settled) sub.reject(error);
-        return;
-      }
-      if (!ack || ack.success !== true) {
-        const error = new HeraldSubscribeError(room.kind, room.id, ack && "error" in ack ? String(ack.error) : "no answer");
-        rooms.delete(room.key);
-        room.generation += 1;
-        for (const sub of room.subs) {
-          sub.active = false;
-          if (!sub.settled) sub.reject(error);
-          else
-            try {
-              sub.handlers.onError?.(error);
-            } catch (e) {
-              reportError(e);
-            }
-        }
-        room.subs.clear();
-        return;
-      }
-      room.joined = true;
-      room.wasJoined = true;
-      room.offsets.advance();
-      room.lastAck = ack;
-      for (const sub of [...room.subs]) {
-        if (!sub.active) continue;
-        if (!sub.settled) {
-          sub.resolve(ack);
-        } else if (resubscribe && ack.recovered !== true) {
-          try {
-            sub.handlers.onResync?.({
-              kind: room.kind,
-              id: room.id,
-              reason: ack.recovered === false ? "not-recovered" : "no-offset",
-            });
-          } catch (e) {
-            reportError(e);
-          }
-        }
-      }
-    }
-  }
-
-  function release(room: Room): void {
-    room.releaseTimer = undefined;
-    rooms.delete(room.key);
-    room.generation += 1;
-    const waiters = room.releaseWaiters.splice(0);
-    const done = () => waiters.forEach((w) => w());
-    if (!socket.connected) return done();
-    socket
-      .timeout(ackTimeoutMs)
-      .emit(`unsubscribe_${room.kind}`, { [`${room.kind}Id`]: room.id }, () => done());
-  }
-
   function subscribe(kind: SubscriptionKind, id: string, handlers: SubscriptionHandlers = {}): Subscription {
     if (closed) throw new Error("herald-client: subscribe on a closed client");
-    const key = `${kind}:${id}`;
-    let room = rooms.get(key);
-    if (room?.releaseTimer !== undefined) {
-      // Re-subscribed before the deferred leave (e.g. React strict mode): keep the room.
-      clearTimeout(room.releaseTimer);
-      room.releaseTimer = undefined;
-      room.releaseWaiters.splice(0).forEach((w) => w());
-    }
-    const isNew = !room;
-    if (!room) {
-      room = {
-        key,
-        kind,
-        id,
-        subs: new Set(),
-        offsets: new RoomOffsets(),
-        joined: false,
-        joining: false,
-        wasJoined: false,
-        lastAck: undefined,
-        generation: 0,
-        releaseTimer: undefined,
-        releaseWaiters: [],
-      };
-      rooms.set(key, room);
-    }
-    const theRoom = room;
-    let resolve!: (ack: SubscribeSuccess) => void;
-    let reject!: (err: Error) => void;
-    const ready = new Promise<SubscribeSuccess>((res, rej) => {
-      resolve = res;
-      reject = rej;
-    });
-    ready.catch(() => {}); // a caller that ignores `ready` gets no unhandled rejection
-    const sub: Sub = {
-      room: theRoom,
-      handlers,
-      lastOffset: undefined,
-      settled: false,
-      active: true,
-      resolve: (ack) => {
-        sub.settled = true;
-        resolve(ack);
-      },
-      reject: (err) => {
-        sub.settled = true;
-        reject(err);
-      },
-    };
-    theRoom.subs.add(sub);
-    if (theRoom.joined && theRoom.lastAck) sub.resolve({ success: true });
-    else if (isNew && socket.connected) void join(theRoom);
-
-    let unsubscribed: Promise<void> | undefined;
-    return {
-      kind,
-      id,
-      ready,
-      get lastOffset() {
-        return sub.lastOffset;
-      },
-      unsubscribe() {
-        if (unsubscribed) return unsubscribed;
-        sub.active = false;
-        if (!sub.settled) sub.reject(new HeraldSubscribeError(kind, id, "unsubscribed before the ack"));
-        if (!theRoom.subs.delete(sub) || rooms.get(key) !== theRoom) return (unsubscribed = Promise.resolve());
-        if (theRoom.subs.size > 0) return (unsubscribed = Promise.resolve());
-        unsubscribed = new Promise<void>((res) => theRoom.releaseWaiters.push(res));
-        // Deferred by one macrotask, so that an unmount + mount (React strict
-        // mode) keeps the room instead of leaving and joining it again.
-        if (theRoom.releaseTimer === undefined) theRoom.releaseTimer = setTimeout(() => release(theRoom), 0);
-        return unsubscribed;
-      },
-    };
+    return rooms.subscribe(kind, id, handlers);
   }
 
   return {
@@ -469,15 +268,7 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
     close() {
       closed = true;
       refresher?.stop();
-      for (const room of rooms.values()) {
-        clearTimeout(room.releaseTimer);
-        room.releaseWaiters.splice(0).forEach((w) => w());
-        for (const sub of room.subs) {
-          sub.active = false;
-          if (!sub.settled) sub.reject(new HeraldSubscribeError(room.kind, room.id, "client closed"));
-        }
-      }
-      rooms.clear();
+      rooms.close();
       socket.close();
       status.closed();
     },
