@@ -1,17 +1,27 @@
 // herald-client: a thin, typed layer over the unmodified socket.io-client.
 //
-// One socket per client. Subscriptions are counted per room (`<kind>:<id>`):
-// the server is asked to join a room once, however many subscriptions share
-// it, and to leave it when the last one goes. One socket listener per event
-// kind dispatches each event to every subscription whose room is among the
-// event's target rooms (the README's delivery table), once per subscription.
-// Each room keeps the last offset it saw; on reconnect every room is
-// subscribed again with `since`, and a subscription whose ack does not say
-// `recovered: true` gets `onResync`. With a token function, the token is
-// refreshed in band (`refresh_token`) before it expires.
+// One socket per client. This file holds the public API (`createHeraldClient`
+// and the types) and wires the socket's events to the modules that own each
+// concern:
+//
+// - rooms.ts: subscriptions counted per room (`<kind>:<id>`): herald is asked
+//   to join a room once, however many subscriptions share it, and to leave
+//   it when the last one goes; on reconnect every room is subscribed again
+//   with `since`, and a subscription whose ack does not say
+//   `recovered: true` gets `onResync`.
+// - offsets.ts: per room, the last offset delivered and the ones seen above
+//   it: a duplicate is dropped, and the last offset is the next `since`.
+// - dispatch.ts: each event (one socket listener per event kind) goes to
+//   every subscription whose room is among the event's target rooms (the
+//   README's delivery table), once per subscription.
+// - refresh.ts: with a token function, the token is refreshed in band
+//   (`refresh_token`) before it expires.
+// - status.ts: the connection status, and what a disconnect means for it.
+// - errors.ts: the error classes, and the `onError` listeners.
 
 import { io, type ManagerOptions, type Socket, type SocketOptions } from "socket.io-client";
 
+import { dispatch } from "./dispatch.js";
 import { createErrorListeners, type HeraldSubscribeError } from "./errors.js";
 import type {
   AnyHeraldEvent,
@@ -25,13 +35,13 @@ import type {
   SubscriptionKind,
   WorldTimeChangedEvent,
 } from "./events.js";
-import { isAfter } from "./offsets.js";
 import { createTokenRefresher } from "./refresh.js";
 import { createRooms } from "./rooms.js";
 import { createStatusTracker } from "./status.js";
 
 export type * from "./events.js";
 export { HeraldRefreshError, HeraldSubscribeError } from "./errors.js";
+export { targetRooms } from "./dispatch.js";
 export { jwtExpiryMs } from "./refresh.js";
 
 /** The five event names herald emits. */
@@ -123,35 +133,6 @@ export interface HeraldClient {
   close(): void;
 }
 
-const HANDLER_OF: { [T in EventType]: keyof SubscriptionHandlers } = {
-  entity_updated: "onEntityUpdated",
-  state_invalidated: "onStateInvalidated",
-  world_time_changed: "onWorldTimeChanged",
-  settlement_updated: "onSettlementUpdated",
-  structure_updated: "onStructureUpdated",
-};
-
-/** The rooms (`<kind>:<id>`) an event is delivered to, as in the README's table. */
-export function targetRooms(event: Pick<AnyHeraldEvent, "type" | "payload">): string[] {
-  const p = event.payload as unknown as Record<string, unknown>;
-  const rooms = [`campaign:${String(p.campaignId)}`];
-  switch (event.type) {
-    case "entity_updated":
-      if (p.entityType === "settlement") rooms.push(`settlement:${String(p.entityId)}`);
-      else if (p.entityType === "structure") rooms.push(`structure:${String(p.entityId)}`);
-      break;
-    case "settlement_updated":
-      rooms.push(`settlement:${String(p.settlementId)}`);
-      break;
-    case "structure_updated":
-      rooms.push(`settlement:${String(p.settlementId)}`, `structure:${String(p.structureId)}`);
-      break;
-    default:
-      break;
-  }
-  return rooms;
-}
-
 export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
   const { url, token, ackTimeoutMs = 10_000, refreshToken = true, ...socketOptions } = options;
 
@@ -220,28 +201,7 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
   socket.io.on("reconnect_failed", () => status.reconnectFailed());
 
   for (const type of EVENT_TYPES) {
-    socket.on(type, (event: HeraldEvent) => dispatch(event as AnyHeraldEvent));
-  }
-
-  function dispatch(event: AnyHeraldEvent): void {
-    if (event === null || typeof event !== "object" || typeof event.payload !== "object") return;
-    const offset = typeof event.offset === "string" ? event.offset : undefined;
-    for (const key of targetRooms(event)) {
-      const room = rooms.get(key);
-      if (!room) continue;
-      if (offset !== undefined && !room.offsets.accept(offset, room.joined)) continue;
-      for (const sub of [...room.subs]) {
-        if (!sub.active) continue;
-        if (offset !== undefined && isAfter(offset, sub.lastOffset)) sub.lastOffset = offset;
-        const typed = sub.handlers[HANDLER_OF[event.type]] as ((e: AnyHeraldEvent) => void) | undefined;
-        try {
-          typed?.call(sub.handlers, event);
-          sub.handlers.onEvent?.(event);
-        } catch (err) {
-          reportError(err);
-        }
-      }
-    }
+    socket.on(type, (event: HeraldEvent) => dispatch(event as AnyHeraldEvent, rooms.get, reportError));
   }
 
   function subscribe(kind: SubscriptionKind, id: string, handlers: SubscriptionHandlers = {}): Subscription {
