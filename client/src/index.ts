@@ -1,17 +1,28 @@
 // herald-client: a thin, typed layer over the unmodified socket.io-client.
 //
-// One socket per client. Subscriptions are counted per room (`<kind>:<id>`):
-// the server is asked to join a room once, however many subscriptions share
-// it, and to leave it when the last one goes. One socket listener per event
-// kind dispatches each event to every subscription whose room is among the
-// event's target rooms (the README's delivery table), once per subscription.
-// Each room keeps the last offset it saw; on reconnect every room is
-// subscribed again with `since`, and a subscription whose ack does not say
-// `recovered: true` gets `onResync`. With a token function, the token is
-// refreshed in band (`refresh_token`) before it expires.
+// One socket per client. This file holds the public API (`createHeraldClient`
+// and the types) and wires the socket's events to the modules that own each
+// concern:
+//
+// - rooms.ts: subscriptions counted per room (`<kind>:<id>`): herald is asked
+//   to join a room once, however many subscriptions share it, and to leave
+//   it when the last one goes; on reconnect every room is subscribed again
+//   with `since`, and a subscription whose ack does not say
+//   `recovered: true` gets `onResync`.
+// - offsets.ts: per room, the last offset delivered and the ones seen above
+//   it: a duplicate is dropped, and the last offset is the next `since`.
+// - dispatch.ts: each event (one socket listener per event kind) goes to
+//   every subscription whose room is among the event's target rooms (the
+//   README's delivery table), once per subscription.
+// - refresh.ts: with a token function, the token is refreshed in band
+//   (`refresh_token`) before it expires.
+// - status.ts: the connection status, and what a disconnect means for it.
+// - errors.ts: the error classes, and the `onError` listeners.
 
 import { io, type ManagerOptions, type Socket, type SocketOptions } from "socket.io-client";
 
+import { dispatch } from "./dispatch.js";
+import { createErrorListeners, type HeraldSubscribeError } from "./errors.js";
 import type {
   AnyHeraldEvent,
   EntityUpdatedEvent,
@@ -24,8 +35,14 @@ import type {
   SubscriptionKind,
   WorldTimeChangedEvent,
 } from "./events.js";
+import { createTokenRefresher } from "./refresh.js";
+import { createRooms } from "./rooms.js";
+import { createStatusTracker } from "./status.js";
 
 export type * from "./events.js";
+export { HeraldRefreshError, HeraldSubscribeError } from "./errors.js";
+export { targetRooms } from "./dispatch.js";
+export { jwtExpiryMs } from "./refresh.js";
 
 /** The five event names herald emits. */
 export const EVENT_TYPES: readonly EventType[] = Object.freeze([
@@ -116,155 +133,43 @@ export interface HeraldClient {
   close(): void;
 }
 
-/** A subscribe refused by herald: `error` is its message (`Unauthorized`, `Invalid payload`, …). */
-export class HeraldSubscribeError extends Error {
-  readonly error: string;
-  readonly kind: SubscriptionKind;
-  readonly id: string;
-  constructor(kind: SubscriptionKind, id: string, error: string) {
-    super(`subscribe_${kind} ${id}: ${error}`);
-    this.name = "HeraldSubscribeError";
-    this.error = error;
-    this.kind = kind;
-    this.id = id;
-  }
-}
-
-/** An in-band token refresh failed; it is retried until the token expires. */
-export class HeraldRefreshError extends Error {
-  constructor(reason: string, cause?: unknown) {
-    super(`refresh_token: ${reason}`, cause === undefined ? undefined : { cause });
-    this.name = "HeraldRefreshError";
-  }
-}
-
-const HANDLER_OF: { [T in EventType]: keyof SubscriptionHandlers } = {
-  entity_updated: "onEntityUpdated",
-  state_invalidated: "onStateInvalidated",
-  world_time_changed: "onWorldTimeChanged",
-  settlement_updated: "onSettlementUpdated",
-  structure_updated: "onStructureUpdated",
-};
-
-/** The rooms (`<kind>:<id>`) an event is delivered to, as in the README's table. */
-export function targetRooms(event: Pick<AnyHeraldEvent, "type" | "payload">): string[] {
-  const p = event.payload as unknown as Record<string, unknown>;
-  const rooms = [`campaign:${String(p.campaignId)}`];
-  switch (event.type) {
-    case "entity_updated":
-      if (p.entityType === "settlement") rooms.push(`settlement:${String(p.entityId)}`);
-      else if (p.entityType === "structure") rooms.push(`structure:${String(p.entityId)}`);
-      break;
-    case "settlement_updated":
-      rooms.push(`settlement:${String(p.settlementId)}`);
-      break;
-    case "structure_updated":
-      rooms.push(`settlement:${String(p.settlementId)}`, `structure:${String(p.structureId)}`);
-      break;
-    default:
-      break;
-  }
-  return rooms;
-}
-
-interface Sub {
-  room: Room;
-  handlers: SubscriptionHandlers;
-  lastOffset: string | undefined;
-  settled: boolean;
-  active: boolean;
-  resolve(ack: SubscribeSuccess): void;
-  reject(err: Error): void;
-}
-
-interface Room {
-  key: string;
-  kind: SubscriptionKind;
-  id: string;
-  subs: Set<Sub>;
-  /** Every event of this room up to this offset has been delivered. */
-  lastOffset: string | undefined;
-  /** Offsets above `lastOffset` delivered while the subscribe was not acked yet. */
-  seen: Set<string>;
-  /** Acked on the current connection. */
-  joined: boolean;
-  /** A subscribe is in flight on the current connection. */
-  joining: boolean;
-  /** Acked at least once: a later join is a re-subscription. */
-  wasJoined: boolean;
-  lastAck: SubscribeSuccess | undefined;
-  /** Bumped on every join and on release, so that stale acks are ignored. */
-  generation: number;
-  releaseTimer: ReturnType<typeof setTimeout> | undefined;
-  releaseWaiters: Array<() => void>;
-}
-
-/** A refresh is planned at most this long before the token's `exp`. */
-const REFRESH_MARGIN_MAX_MS = 60_000;
-/** After a refresh, the next one waits at least this long (a token that expires at once, or a skewed clock). */
-const REFRESH_MIN_INTERVAL_MS = 1_000;
-const REFRESH_RETRY_MIN_MS = 250;
-const REFRESH_RETRY_MAX_MS = 10_000;
-const REFRESH_RETRY_PAST_EXP_MS = 60_000;
-const MAX_TIMER_MS = 2_147_483_647;
-
-/** herald's answer to `refresh_token`. */
-type RefreshTokenAck = { success: true } | { success: false; error?: string };
-
-/**
- * The `exp` of a JWT, in milliseconds since the epoch, read without any
- * verification (herald verifies); `undefined` for anything that is not a JWT
- * with a numeric `exp`.
- */
-export function jwtExpiryMs(jwt: string): number | undefined {
-  return readJwtTimes(jwt)?.expMs;
-}
-
-/** `exp`, and the lifetime `exp - iat` when `iat` is there, in milliseconds. */
-function readJwtTimes(jwt: string): { expMs: number; lifetimeMs: number | undefined } | undefined {
-  try {
-    const parts = jwt.replace(/^Bearer /, "").split(".");
-    const body = parts[1];
-    if (parts.length !== 3 || !body || !/^[A-Za-z0-9_-]+={0,2}$/.test(body)) return undefined;
-    const b64 = body.replace(/=+$/, "").replace(/-/g, "+").replace(/_/g, "/");
-    const binary = atob(b64 + "=".repeat((4 - (b64.length % 4)) % 4));
-    const bytes = Uint8Array.from(binary, (c) => c.charCodeAt(0));
-    const claims: unknown = JSON.parse(new TextDecoder().decode(bytes));
-    if (claims === null || typeof claims !== "object") return undefined;
-    const { exp, iat } = claims as { exp?: unknown; iat?: unknown };
-    if (typeof exp !== "number" || !Number.isFinite(exp)) return undefined;
-    const lifetimeMs = typeof iat === "number" && Number.isFinite(iat) && iat <= exp ? (exp - iat) * 1000 : undefined;
-    return { expMs: exp * 1000, lifetimeMs };
-  } catch {
-    return undefined;
-  }
-}
-
 export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
   const { url, token, ackTimeoutMs = 10_000, refreshToken = true, ...socketOptions } = options;
-  const refreshEnabled = refreshToken && typeof token === "function";
 
-  const statusListeners = new Set<(s: ConnectionStatus) => void>();
-  const errorListeners = new Set<(e: Error) => void>();
-  const rooms = new Map<string, Room>();
-  let status: ConnectionStatus = socketOptions.autoConnect === false ? "offline" : "connecting";
-  let everConnected = false;
+  const errors = createErrorListeners();
+  const reportError = errors.report;
+  const status = createStatusTracker(socketOptions.autoConnect !== false, reportError);
   let closed = false;
   /** Bumped on every connect and disconnect: acks of an older connection are ignored. */
   let connection = 0;
 
-  /** The token of the latest handshake: the one the current connection was accepted with. */
-  let handshakeToken: string | undefined;
-  let refreshTimer: ReturnType<typeof setTimeout> | undefined;
+  async function resolveToken(): Promise<string> {
+    return typeof token === "function" ? await token() : token;
+  }
+
+  // Made before the socket, whose `auth` tells it each handshake's token;
+  // it reaches the socket only once connected.
+  const refresher =
+    refreshToken && typeof token === "function"
+      ? createTokenRefresher({
+          getToken: resolveToken,
+          sendToken: (fresh, ack) => {
+            socket.timeout(ackTimeoutMs).emit("refresh_token", { token: fresh }, ack);
+          },
+          ackTimeoutMs,
+          isCurrent: (conn) => conn === connection && socket.connected && !closed,
+          reportError,
+        })
+      : undefined;
 
   const socket: Socket = io(url, {
     forceNew: true,
     ...socketOptions,
     auth: (cb: (data: object) => void) => {
-      handshakeToken = undefined;
+      refresher?.handshake(undefined);
       resolveToken().then(
         (t) => {
-          handshakeToken = t;
+          refresher?.handshake(t);
           cb({ token: t });
         },
         (err: unknown) => {
@@ -275,412 +180,57 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
     },
   });
 
-  async function resolveToken(): Promise<string> {
-    return typeof token === "function" ? await token() : token;
-  }
-
-  function setStatus(next: ConnectionStatus): void {
-    if (next === status) return;
-    status = next;
-    for (const cb of [...statusListeners]) {
-      try {
-        cb(next);
-      } catch (err) {
-        reportError(err);
-      }
-    }
-  }
-
-  function reportError(err: unknown): void {
-    const error = err instanceof Error ? err : new Error(String(err));
-    if (errorListeners.size === 0) {
-      console.error("herald-client:", error);
-      return;
-    }
-    for (const cb of [...errorListeners]) {
-      try {
-        cb(error);
-      } catch (e) {
-        console.error("herald-client: error listener threw", e);
-      }
-    }
-  }
+  const rooms = createRooms({ socket, ackTimeoutMs, connection: () => connection, reportError });
 
   socket.on("connect", () => {
-    everConnected = true;
-    setStatus("connected");
+    status.connected();
     const conn = ++connection;
-    if (refreshEnabled && handshakeToken !== undefined) scheduleRefresh(conn, handshakeToken, 0);
-    void resubscribeAll(conn);
+    refresher?.connected(conn);
+    void rooms.resubscribeAll(conn);
   });
-
-  /**
-   * In-band token refresh (only when `token` is a function): herald cuts a
-   * socket at its token's `exp` (plus its leeway) unless the socket sends a
-   * newer token with `refresh_token`. A margin before `exp` (at 75% of the
-   * remaining lifetime, at most 60 s before it) the token function is called
-   * and its token sent; the next refresh is scheduled from the new token's
-   * `exp`. A failure (the function throws, herald refuses, no ack) is
-   * reported to the error listeners and retried a little later, until herald
-   * disconnects the socket at exp + leeway; then the reconnect, which calls
-   * the token function again, takes over. A token whose `exp` cannot be read
-   * is never refreshed.
-   */
-  function scheduleRefresh(conn: number, jwt: string, minDelayMs: number): void {
-    clearTimeout(refreshTimer);
-    refreshTimer = undefined;
-    const times = readJwtTimes(jwt);
-    if (times === undefined) return;
-    // A clock behind herald's would plan too late: for a token just minted,
-    // `exp - iat` is the remaining lifetime whatever this clock says.
-    const now = Date.now();
-    const remaining = Math.min(times.expMs - now, times.lifetimeMs ?? Infinity);
-    const delay = Math.max(minDelayMs, remaining * 0.75, remaining - REFRESH_MARGIN_MAX_MS);
-    armRefresh(conn, now + remaining, delay);
-  }
-
-  function armRefresh(conn: number, expMs: number, delayMs: number): void {
-    clearTimeout(refreshTimer);
-    // setTimeout fires at once past 2^31 - 1 ms: wait in steps, then look again.
-    if (delayMs > MAX_TIMER_MS) {
-      refreshTimer = setTimeout(() => armRefresh(conn, expMs, delayMs - MAX_TIMER_MS), MAX_TIMER_MS);
-      return;
-    }
-    refreshTimer = setTimeout(() => {
-      refreshTimer = undefined;
-      void refresh(conn, expMs);
-    }, Math.max(0, delayMs));
-  }
-
-  /** `expMs`: the token's expiry as this client reckons it; retries stop a minute past it. */
-  async function refresh(conn: number, expMs: number): Promise<void> {
-    const current = () => conn === connection && socket.connected && !closed;
-    if (!current()) return;
-    let fresh: string;
-    try {
-      fresh = await resolveToken();
-      if (typeof fresh !== "string" || fresh === "") throw new Error("the token function gave no token");
-      if (!current()) return;
-      const ack = await new Promise<RefreshTokenAck>((resolve, reject) => {
-        socket
-          .timeout(ackTimeoutMs)
-          .emit("refresh_token", { token: fresh }, (err: Error | null, ack: RefreshTokenAck) =>
-            err ? reject(new Error(`no ack within ${ackTimeoutMs} ms`)) : resolve(ack),
-          );
-      });
-      if (!ack || ack.success !== true) {
-        throw new Error(ack && typeof ack.error === "string" ? ack.error : "no answer");
-      }
-    } catch (err) {
-      if (!current()) return;
-      const reason = err instanceof Error ? err.message : String(err);
-      reportError(new HeraldRefreshError(reason, err));
-      // Until `exp`, and through herald's leeway past it (it disconnects the
-      // socket at exp + leeway, which stops this); never longer than a minute past it.
-      const left = expMs - Date.now();
-      if (left > -REFRESH_RETRY_PAST_EXP_MS) {
-        armRefresh(conn, expMs, Math.min(REFRESH_RETRY_MAX_MS, Math.max(REFRESH_RETRY_MIN_MS, left / 4)));
-      }
-      return;
-    }
-    if (!current()) return;
-    handshakeToken = fresh;
-    scheduleRefresh(conn, fresh, REFRESH_MIN_INTERVAL_MS);
-  }
-
-  /**
-   * Re-subscribes every room, broadest kind first (campaigns, then
-   * settlements, then structures), each kind's rooms in parallel. A
-   * campaign's replay carries its settlements' and structures' events too, so
-   * by the time a narrower room replays, its subscriptions have had those
-   * events in order, and its own replay only brings duplicates (dropped).
-   */
-  async function resubscribeAll(conn: number): Promise<void> {
-    for (const kind of ["campaign", "settlement", "structure"] as const) {
-      if (conn !== connection || !socket.connected) return;
-      const batch = [...rooms.values()].filter((r) => r.kind === kind && r.subs.size > 0 && !r.joined && !r.joining);
-      await Promise.all(batch.map((r) => join(r)));
-    }
-  }
 
   socket.on("disconnect", (reason: string) => {
     connection += 1;
-    clearTimeout(refreshTimer);
-    refreshTimer = undefined;
-    for (const room of rooms.values()) {
-      room.joined = false;
-      room.joining = false;
-    }
-    if (closed || reason === "io client disconnect") {
-      setStatus("offline");
-    } else if (socket.active) {
-      setStatus("reconnecting");
-    } else {
-      // "io server disconnect": herald ended this Socket.IO session on purpose
-      // (the user's access was revoked, or the socket ignored the rate
-      // limit), so coming back would be wrong. Every cut herald makes for a
-      // client to recover closes the transport instead, and socket.io-client
-      // reconnects by itself. `client.connect()` tries again.
-      setStatus("offline");
-      reportError(new Error(`herald disconnected this socket (${reason})`));
-    }
+    refresher?.stop();
+    rooms.disconnected();
+    status.disconnected(reason, closed, socket.active);
   });
 
-  socket.on("connect_error", (err: Error) => {
-    if (socket.active) {
-      setStatus(everConnected ? "reconnecting" : "connecting");
-    } else {
-      // Refused by herald (e.g. "Unauthorized"): socket.io-client gives up.
-      setStatus("offline");
-      reportError(err);
-    }
-  });
-
-  socket.io.on("reconnect_attempt", () => setStatus("reconnecting"));
-  socket.io.on("reconnect_failed", () => setStatus("offline"));
+  socket.on("connect_error", (err: Error) => status.connectError(err, socket.active));
+  socket.io.on("reconnect_attempt", () => status.reconnectAttempt());
+  socket.io.on("reconnect_failed", () => status.reconnectFailed());
 
   for (const type of EVENT_TYPES) {
-    socket.on(type, (event: HeraldEvent) => dispatch(event as AnyHeraldEvent));
-  }
-
-  function dispatch(event: AnyHeraldEvent): void {
-    if (event === null || typeof event !== "object" || typeof event.payload !== "object") return;
-    const offset = typeof event.offset === "string" ? event.offset : undefined;
-    for (const key of targetRooms(event)) {
-      const room = rooms.get(key);
-      if (!room) continue;
-      if (offset !== undefined) {
-        // Everything of this room up to `lastOffset` was delivered; above it,
-        // `seen` catches an event that comes twice (the replays of two rooms
-        // of one campaign overlap after a reconnect).
-        if (room.lastOffset !== undefined && offset <= room.lastOffset) continue;
-        if (room.seen.has(offset)) continue;
-        room.seen.add(offset);
-        if (room.joined) advance(room);
-      }
-      for (const sub of [...room.subs]) {
-        if (!sub.active) continue;
-        if (offset !== undefined && (sub.lastOffset === undefined || offset > sub.lastOffset)) sub.lastOffset = offset;
-        const typed = sub.handlers[HANDLER_OF[event.type]] as ((e: AnyHeraldEvent) => void) | undefined;
-        try {
-          typed?.call(sub.handlers, event);
-          sub.handlers.onEvent?.(event);
-        } catch (err) {
-          reportError(err);
-        }
-      }
-    }
-  }
-
-  /**
-   * Once the room's subscribe is acked on this connection, every event of the
-   * room up to the highest offset seen has been delivered (herald replays
-   * with no gap, then sends live events in order), so that is the next `since`.
-   * Before the ack, events that arrive through other rooms' replays may run
-   * ahead of this room's own replay, so the watermark waits.
-   */
-  function advance(room: Room): void {
-    for (const o of room.seen) if (room.lastOffset === undefined || o > room.lastOffset) room.lastOffset = o;
-    room.seen.clear();
-  }
-
-  /** Sends the room's subscribe; resolves once its ack (or its failure) has been handled. */
-  function join(room: Room): Promise<void> {
-    let done!: () => void;
-    const handled = new Promise<void>((r) => (done = r));
-    const generation = ++room.generation;
-    const conn = connection;
-    room.joining = true;
-    const resubscribe = room.wasJoined;
-    const payload: Record<string, string> = { [`${room.kind}Id`]: room.id };
-    if (resubscribe && room.lastOffset !== undefined) payload.since = room.lastOffset;
-    socket.timeout(ackTimeoutMs).emit(`subscribe_${room.kind}`, payload, (err: Error | null, ack: SubscribeAck) => {
-      try {
-        onAck(err, ack);
-      } finally {
-        done();
-      }
-    });
-    return handled;
-
-    function onAck(err: Error | null, ack: SubscribeAck): void {
-      if (generation !== room.generation || conn !== connection || rooms.get(room.key) !== room) return;
-      room.joining = false;
-      if (err) {
-        // No ack: if the connection is gone, the next `connect` joins again.
-        if (!socket.connected) return;
-        const error = new HeraldSubscribeError(room.kind, room.id, `no ack within ${ackTimeoutMs} ms`);
-        for (const sub of room.subs) if (!sub.settled) sub.reject(error);
-        return;
-      }
-      if (!ack || ack.success !== true) {
-        const error = new HeraldSubscribeError(room.kind, room.id, ack && "error" in ack ? String(ack.error) : "no answer");
-        rooms.delete(room.key);
-        room.generation += 1;
-        for (const sub of room.subs) {
-          sub.active = false;
-          if (!sub.settled) sub.reject(error);
-          else
-            try {
-              sub.handlers.onError?.(error);
-            } catch (e) {
-              reportError(e);
-            }
-        }
-        room.subs.clear();
-        return;
-      }
-      room.joined = true;
-      room.wasJoined = true;
-      advance(room);
-      room.lastAck = ack;
-      for (const sub of [...room.subs]) {
-        if (!sub.active) continue;
-        if (!sub.settled) {
-          sub.resolve(ack);
-        } else if (resubscribe && ack.recovered !== true) {
-          try {
-            sub.handlers.onResync?.({
-              kind: room.kind,
-              id: room.id,
-              reason: ack.recovered === false ? "not-recovered" : "no-offset",
-            });
-          } catch (e) {
-            reportError(e);
-          }
-        }
-      }
-    }
-  }
-
-  function release(room: Room): void {
-    room.releaseTimer = undefined;
-    rooms.delete(room.key);
-    room.generation += 1;
-    const waiters = room.releaseWaiters.splice(0);
-    const done = () => waiters.forEach((w) => w());
-    if (!socket.connected) return done();
-    socket
-      .timeout(ackTimeoutMs)
-      .emit(`unsubscribe_${room.kind}`, { [`${room.kind}Id`]: room.id }, () => done());
+    socket.on(type, (event: HeraldEvent) => dispatch(event as AnyHeraldEvent, rooms.get, reportError));
   }
 
   function subscribe(kind: SubscriptionKind, id: string, handlers: SubscriptionHandlers = {}): Subscription {
     if (closed) throw new Error("herald-client: subscribe on a closed client");
-    const key = `${kind}:${id}`;
-    let room = rooms.get(key);
-    if (room?.releaseTimer !== undefined) {
-      // Re-subscribed before the deferred leave (e.g. React strict mode): keep the room.
-      clearTimeout(room.releaseTimer);
-      room.releaseTimer = undefined;
-      room.releaseWaiters.splice(0).forEach((w) => w());
-    }
-    const isNew = !room;
-    if (!room) {
-      room = {
-        key,
-        kind,
-        id,
-        subs: new Set(),
-        lastOffset: undefined,
-        seen: new Set(),
-        joined: false,
-        joining: false,
-        wasJoined: false,
-        lastAck: undefined,
-        generation: 0,
-        releaseTimer: undefined,
-        releaseWaiters: [],
-      };
-      rooms.set(key, room);
-    }
-    const theRoom = room;
-    let resolve!: (ack: SubscribeSuccess) => void;
-    let reject!: (err: Error) => void;
-    const ready = new Promise<SubscribeSuccess>((res, rej) => {
-      resolve = res;
-      reject = rej;
-    });
-    ready.catch(() => {}); // a caller that ignores `ready` gets no unhandled rejection
-    const sub: Sub = {
-      room: theRoom,
-      handlers,
-      lastOffset: undefined,
-      settled: false,
-      active: true,
-      resolve: (ack) => {
-        sub.settled = true;
-        resolve(ack);
-      },
-      reject: (err) => {
-        sub.settled = true;
-        reject(err);
-      },
-    };
-    theRoom.subs.add(sub);
-    if (theRoom.joined && theRoom.lastAck) sub.resolve({ success: true });
-    else if (isNew && socket.connected) void join(theRoom);
-
-    let unsubscribed: Promise<void> | undefined;
-    return {
-      kind,
-      id,
-      ready,
-      get lastOffset() {
-        return sub.lastOffset;
-      },
-      unsubscribe() {
-        if (unsubscribed) return unsubscribed;
-        sub.active = false;
-        if (!sub.settled) sub.reject(new HeraldSubscribeError(kind, id, "unsubscribed before the ack"));
-        if (!theRoom.subs.delete(sub) || rooms.get(key) !== theRoom) return (unsubscribed = Promise.resolve());
-        if (theRoom.subs.size > 0) return (unsubscribed = Promise.resolve());
-        unsubscribed = new Promise<void>((res) => theRoom.releaseWaiters.push(res));
-        // Deferred by one macrotask, so that an unmount + mount (React strict
-        // mode) keeps the room instead of leaving and joining it again.
-        if (theRoom.releaseTimer === undefined) theRoom.releaseTimer = setTimeout(() => release(theRoom), 0);
-        return unsubscribed;
-      },
-    };
+    return rooms.subscribe(kind, id, handlers);
   }
 
   return {
     socket,
     get status() {
-      return status;
+      return status.current;
     },
     subscribe,
     subscribeCampaign: (id, handlers) => subscribe("campaign", id, handlers),
     subscribeSettlement: (id, handlers) => subscribe("settlement", id, handlers),
     subscribeStructure: (id, handlers) => subscribe("structure", id, handlers),
-    onStatusChange(cb) {
-      statusListeners.add(cb);
-      return () => statusListeners.delete(cb);
-    },
-    onError(cb) {
-      errorListeners.add(cb);
-      return () => errorListeners.delete(cb);
-    },
+    onStatusChange: (cb) => status.onChange(cb),
+    onError: (cb) => errors.add(cb),
     connect() {
       if (closed || socket.connected) return;
-      setStatus(everConnected ? "reconnecting" : "connecting");
+      status.connectRequested();
       socket.connect();
     },
     close() {
       closed = true;
-      clearTimeout(refreshTimer);
-      refreshTimer = undefined;
-      for (const room of rooms.values()) {
-        clearTimeout(room.releaseTimer);
-        room.releaseWaiters.splice(0).forEach((w) => w());
-        for (const sub of room.subs) {
-          sub.active = false;
-          if (!sub.settled) sub.reject(new HeraldSubscribeError(room.kind, room.id, "client closed"));
-        }
-      }
-      rooms.clear();
+      refresher?.stop();
+      rooms.close();
       socket.close();
-      setStatus("offline");
+      status.closed();
     },
   };
 }
