@@ -32,7 +32,7 @@ use crate::demo::{self, DemoState};
 use crate::gateway::Gateway;
 use crate::health::{self, OpsState, Probe};
 use crate::listener::{self, ListenerSettings};
-use crate::log::{EventLog, MemoryLog, StreamLog};
+use crate::log::{EventLog, LogError, MemoryLog, StreamLog};
 use crate::publish::{self, PublishState};
 use crate::redis::{Redis, RedisError};
 use crate::revocation;
@@ -51,6 +51,8 @@ pub enum BuildError {
     Store(#[from] StoreError),
     #[error("redis")]
     Redis(#[from] RedisError),
+    #[error("{0}; give this deployment its own HERALD_REDIS_PREFIX (see the README's upgrade notes)")]
+    LogClaimed(String),
     #[error("invalid CORS origin {0:?}")]
     CorsOrigin(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -112,22 +114,27 @@ fn assemble(
     let demo = demo.map(|minter| {
         demo::router(Arc::new(DemoState { minter, delivery: delivery.clone(), counter: AtomicU64::new(0) }))
     });
+    if let Some(redis) = &redis {
+        let (redis, delivery) = (redis.clone(), delivery.clone());
+        probes.push((
+            "redis",
+            Arc::new(move || {
+                let answer = match (redis.is_healthy(), delivery.claim_problem()) {
+                    (false, _) => Err("redis is unreachable".to_owned()),
+                    // Another layout writes the same keys: the fleet is split.
+                    (true, Some(why)) => Err(why),
+                    (true, None) => Ok(()),
+                };
+                Box::pin(async move { answer })
+            }),
+        ));
+    }
     let publish_state = Arc::new(PublishState {
         token: publish_token,
         max_body_bytes: config.publish.max_body_bytes,
         delivery,
         metrics: metrics.clone(),
     });
-    if let Some(redis) = &redis {
-        let redis = redis.clone();
-        probes.push((
-            "redis",
-            Arc::new(move || {
-                let healthy = redis.is_healthy();
-                Box::pin(async move { if healthy { Ok(()) } else { Err("redis is unreachable".to_owned()) } })
-            }),
-        ));
-    }
     let ops = OpsState { metrics, probes };
     let mut router =
         publish::router(publish_state.clone()).merge(revocation::router(publish_state)).merge(health::router(ops));
@@ -284,18 +291,27 @@ impl Application {
         };
         let retention = config.retention();
 
-        // One instance keeps its log in memory; a fleet shares a Redis Stream.
+        // One instance keeps its log in memory; a fleet shares Redis Streams.
         let (log, redis): (Arc<dyn EventLog>, Option<Redis>) = match config.redis() {
             None => (Arc::new(MemoryLog::new(retention)), None),
             Some(settings) => {
                 let redis = Redis::connect(settings, parts.metrics.clone()).await?;
-                (Arc::new(StreamLog::new(redis.clone(), retention)), Some(redis))
+                (Arc::new(StreamLog::new(redis.clone(), retention, config.fleet.log_shards)), Some(redis))
             }
         };
+        // Another layout on the same keys would split the fleet in silence.
+        // (Unreachable: the control follower claims once it reaches Redis.)
+        if let Err(LogError::Claimed(why)) = log.claim().await {
+            return Err(BuildError::LogClaimed(why));
+        }
         let local = redis.is_none();
         let (layer, io) = builder.build_layer();
-        let delivery_log =
-            DeliveryLog { log, local, apply_wait: config.fleet.redis_timeout.max(Duration::from_secs(5)) };
+        let delivery_log = DeliveryLog {
+            log,
+            local,
+            apply_wait: config.fleet.redis_timeout.max(Duration::from_secs(5)),
+            linger: config.fleet.shard_linger,
+        };
         let delivery = Delivery::new(io.clone(), parts.metrics.clone(), transports, retention, delivery_log);
         delivery.on_revoke(gateway.revocation_handler(io.clone()));
         gateway.attach(&io, delivery.clone());

@@ -181,6 +181,11 @@ impl Redis {
         self.0.conn.clone()
     }
 
+    /// Whether it is a Redis Cluster.
+    pub(crate) fn is_cluster(&self) -> bool {
+        self.0.client.is_none()
+    }
+
     /// The prefix of herald's keys.
     pub(crate) fn prefix(&self) -> &str {
         &self.0.settings.prefix

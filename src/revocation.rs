@@ -8,10 +8,13 @@
 //!   token of that user issued at or before the revocation (`iat`; a token
 //!   without `iat` counts as issued before) is refused from then on, at the
 //!   handshake and at `refresh_token`.
-//! - A revocation is appended to the event log like an event, and every
-//!   instance applies it when its reader reaches it, so no event published
-//!   after the revocation's 202 reaches the user in those rooms. The 202
-//!   comes once this instance has applied it.
+//! - A revocation is appended to the event log: to the control stream,
+//!   which every instance follows (it forgets the cached membership, refuses
+//!   subscribes checked before, and stores and applies a user's revocation),
+//!   and to the shard of its campaign (every shard, for a user's), where the
+//!   instances that follow it apply it in order with the events: no event
+//!   published after the revocation's 202 reaches the user in those rooms.
+//!   The 202 comes once this instance has applied it.
 //! - A user revocation is kept in the membership store
 //!   (`herald_user_revocations`) for `HERALD_REVOCATION_TTL`, so it survives
 //!   restarts; every instance that applies one writes it there (a fleet on
@@ -32,7 +35,7 @@ use socketioxide::SocketIo;
 use socketioxide::adapter::Adapter;
 
 use crate::auth::UserId;
-use crate::delivery::RevocationHandler;
+use crate::delivery::{Part, RevocationHandler};
 use crate::events::InvalidEvent;
 use crate::gateway::{Gateway, user_room};
 use crate::publish::{PublishError, PublishState, read_checked_body};
@@ -84,7 +87,7 @@ async fn revoke<A: Adapter>(State(state): State<Arc<PublishState<A>>>, headers: 
         let revocation =
             Revocation { user_id: request.user_id, campaign_id: request.campaign_id, revoked_at: unix_now() };
         let json = serde_json::to_string(&revocation).map_err(|_| PublishError::Internal)?;
-        state.delivery.revoke(json).await?;
+        state.delivery.revoke(json, revocation.campaign_id.as_ref()).await?;
         tracing::info!(user = revocation.user_id.as_str(), campaign = ?revocation.campaign_id, "access revoked");
         Ok::<(), PublishError>(())
     }
@@ -99,28 +102,32 @@ async fn revoke<A: Adapter>(State(state): State<Arc<PublishState<A>>>, headers: 
 }
 
 impl<S: MembershipStore> Gateway<S> {
-    /// What this instance does with a revocation: the user's local sockets
-    /// leave the campaign's rooms and are told `access_revoked`, or, without a
-    /// campaign, the revocation is stored and the sockets are disconnected;
-    /// the cached membership is forgotten.
+    /// What this instance does with a revocation, by where it read it (see
+    /// [`Part`]). A campaign's: the membership is forgotten and the user's
+    /// sockets refuse subscribes checked before (every part); they leave the
+    /// campaign's rooms and are told `access_revoked` (the rooms part). A
+    /// user's: it is stored (the control part), and the user's sockets are
+    /// disconnected (every part).
     pub fn revocation_handler<A: Adapter>(self: &Arc<Self>, io: SocketIo<A>) -> RevocationHandler {
         let gw = self.clone();
-        Arc::new(move |json: String| {
+        Arc::new(move |json: String, part: Part| {
             let gw = gw.clone();
             let io = io.clone();
             Box::pin(async move {
                 match serde_json::from_str::<Revocation>(&json) {
-                    Ok(revocation) => gw.apply(&io, revocation).await,
+                    Ok(revocation) => gw.apply(&io, revocation, part).await,
                     Err(e) => tracing::warn!(error = %e, "event log: a revocation herald cannot read; skipped"),
                 }
             })
         })
     }
 
-    async fn apply<A: Adapter>(&self, io: &SocketIo<A>, revocation: Revocation) {
+    async fn apply<A: Adapter>(&self, io: &SocketIo<A>, revocation: Revocation, part: Part) {
         let user: Arc<str> = Arc::from(revocation.user_id.as_str());
         let Some(campaign) = revocation.campaign_id else {
-            if let Err(e) = self.access.revoke_user(&user, revocation.revoked_at).await {
+            if part != Part::Rooms
+                && let Err(e) = self.access.revoke_user(&user, revocation.revoked_at).await
+            {
                 tracing::error!(user = &*user, error = %crate::telemetry::error_chain(&*e), "cannot store a user revocation");
             }
             // After shutdown the namespace is gone, and so are the sockets.
@@ -142,6 +149,9 @@ impl<S: MembershipStore> Gateway<S> {
             let Some(session) = Session::of(&s) else { continue };
             // From here on, a subscribe checked before is refused at its join.
             session.note_revocation(&campaign);
+            if part == Part::Control {
+                continue;
+            }
             let mut left = 0;
             for room in Session::subscriptions(&s) {
                 // When the store cannot say, leave: the client may subscribe again.

@@ -117,6 +117,10 @@ pub struct Metrics {
     pub replay_log_events: Gauge,
     /// Bytes of event objects the in-memory replay log holds.
     pub replay_log_bytes: Gauge,
+    /// Log entries this instance read (every stream it follows).
+    pub fleet_entries_read: Counter,
+    /// Shards of the log this instance follows.
+    pub fleet_shards_followed: Gauge,
 }
 
 /// A fresh metric, registered under `name` (after the `herald_` prefix).
@@ -156,6 +160,16 @@ impl Metrics {
                 &mut r,
                 "replay_log_bytes",
                 "Bytes of event objects the in-memory replay log holds",
+            ),
+            fleet_entries_read: registered(
+                &mut r,
+                "fleet_entries_read",
+                "Log entries this instance read, from every stream it follows",
+            ),
+            fleet_shards_followed: registered(
+                &mut r,
+                "fleet_shards_followed",
+                "Shards of the log this instance follows",
             ),
             registry: r,
         })

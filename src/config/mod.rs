@@ -226,7 +226,8 @@ pub struct StoreSettings {
 /// A fleet of instances over one Redis.
 #[derive(Debug, Clone, Args)]
 pub struct FleetSettings {
-    /// Redis URL for running several instances. Unset: one instance, local adapter.
+    /// Redis URL for running several instances (`redis://…`, or `redis-cluster://host:port,…`).
+    /// Unset: one instance, with its event log in memory.
     #[arg(long, help_heading = "Fleet (Redis)", env = "HERALD_REDIS_URL")]
     pub redis_url: Option<String>,
 
@@ -237,6 +238,16 @@ pub struct FleetSettings {
     /// Longest a Redis operation (a publish) may block before it fails.
     #[arg(long, help_heading = "Fleet (Redis)", env = "HERALD_REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
+
+    /// Shards of the fleet's event log: each campaign's events go to one shard, and an instance
+    /// reads only the shards of the campaigns its sockets subscribe to. Every instance on a
+    /// prefix must have the same count; changing it needs a new HERALD_REDIS_PREFIX.
+    #[arg(long, help_heading = "Fleet (Redis)", env = "HERALD_LOG_SHARDS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub log_shards: u32,
+
+    /// How long an instance keeps reading a shard once none of its sockets is in a room of it.
+    #[arg(long, help_heading = "Fleet (Redis)", env = "HERALD_LOG_SHARD_LINGER", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shard_linger: Duration,
 }
 
 /// What the event log keeps for recovery.

@@ -1,5 +1,7 @@
-//! The event log of a single instance, in memory: bounded by the replay
-//! window, a count and bytes, trimmed on every append and on a timer.
+//! The event log of a single instance, in memory: one shard and no control
+//! stream (its one follower applies every revocation whole). Bounded by the
+//! replay window, a count and bytes: trimmed whenever it is used, and a
+//! reader uses it at least once per blocking read.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -8,7 +10,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use super::{
-    Entry, EventLog, Head, LogError, LogFuture, LogReader, Logged, NewEntry, Offset, Position, ReadFuture, Retention,
+    Appended, Entry, EventLog, Head, LogError, LogFuture, LogReader, Logged, NewEntry, Offset, Position, ReadFuture,
+    Retention, Stream,
 };
 
 struct Entries {
@@ -73,14 +76,17 @@ impl MemoryLog {
         MemoryLog(Arc::new(Shared { entries: Mutex::new(entries), appended: Notify::new() }))
     }
 
+    /// The entries, without those past the retention.
     fn entries(&self) -> MutexGuard<'_, Entries> {
-        self.0.entries.lock().unwrap_or_else(|e| e.into_inner())
+        let mut entries = self.0.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.trim();
+        entries
     }
 
-    fn append_now(&self, new: Vec<NewEntry>) -> (u64, Position) {
+    fn append_now(&self, new: Vec<(Stream, NewEntry)>) -> Appended {
         let mut log = self.entries();
         let epoch = log.epoch;
-        for entry in new {
+        for (_, entry) in new {
             let position = Position { major: log.next, minor: 0 };
             log.next += 1;
             let entry = match entry {
@@ -97,7 +103,7 @@ impl MemoryLog {
         let last = log.last();
         drop(log);
         self.0.appended.notify_waiters();
-        (epoch, last)
+        Appended { stream: Stream::Shard(0), epoch, last }
     }
 
     /// The entries after `after`, or a gap when some were trimmed first.
@@ -110,26 +116,44 @@ impl MemoryLog {
     }
 }
 
+/// Every stream is the one log: there is one shard, and no control stream.
 impl EventLog for MemoryLog {
-    fn append(&self, entries: Vec<NewEntry>) -> LogFuture<'_, (u64, Position)> {
-        let appended = self.append_now(entries);
-        Box::pin(async move { Ok(appended) })
+    fn shards(&self) -> u32 {
+        1
     }
 
-    fn head(&self) -> LogFuture<'_, Head> {
+    fn has_control(&self) -> bool {
+        false
+    }
+
+    fn atomic_across_streams(&self) -> bool {
+        true
+    }
+
+    fn append(&self, entries: Vec<(Stream, NewEntry)>) -> LogFuture<'_, Vec<Appended>> {
+        let appended = self.append_now(entries);
+        Box::pin(async move { Ok(vec![appended]) })
+    }
+
+    fn head(&self, _: Stream) -> LogFuture<'_, Head> {
         let log = self.entries();
         let head = Head { epoch: Some(log.epoch), last: log.last() };
         Box::pin(async move { Ok(head) })
     }
 
-    fn reader(&self) -> LogFuture<'_, Box<dyn LogReader>> {
+    fn reader(&self, _: Stream) -> LogFuture<'_, Box<dyn LogReader>> {
         let reader: Box<dyn LogReader> = Box::new(self.clone());
         Box::pin(async move { Ok(reader) })
     }
 
-    fn events_between(&self, epoch: u64, since: Offset, until: Position) -> LogFuture<'_, Option<Vec<Logged>>> {
-        let mut log = self.entries();
-        log.trim();
+    fn events_between(
+        &self,
+        _: Stream,
+        epoch: u64,
+        since: Offset,
+        until: Position,
+    ) -> LogFuture<'_, Option<Vec<Logged>>> {
+        let log = self.entries();
         let holds = since.epoch == epoch
             && epoch == log.epoch
             && since.minor == 0
@@ -148,9 +172,8 @@ impl EventLog for MemoryLog {
         Box::pin(async move { Ok(events) })
     }
 
-    fn trim(&self) -> LogFuture<'_, ()> {
-        self.entries().trim();
-        Box::pin(async move { Ok(()) })
+    fn claim(&self) -> LogFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
     }
 
     fn size(&self) -> Option<(usize, usize)> {
@@ -199,14 +222,16 @@ mod tests {
         Retention { window, max_events, max_bytes, max_replay: 64 }
     }
 
+    const ONE: Stream = Stream::Shard(0);
+
     async fn append(log: &MemoryLog, entry: NewEntry) -> Offset {
-        let (epoch, position) = log.append(vec![entry]).await.unwrap();
-        Offset::at(epoch, position).unwrap()
+        let appended = log.append(vec![(ONE, entry)]).await.unwrap();
+        Offset::at(appended[0].epoch, appended[0].last).unwrap()
     }
 
     async fn replay(log: &MemoryLog, room: &Room, since: Offset) -> Option<Vec<Offset>> {
-        let head = log.head().await.unwrap();
-        let events = log.events_between(head.epoch.unwrap(), since, head.last).await.unwrap()?;
+        let head = log.head(ONE).await.unwrap();
+        let events = log.events_between(ONE, head.epoch.unwrap(), since, head.last).await.unwrap()?;
         Some(events.into_iter().filter(|l| l.targets(room)).map(|l| l.offset).collect())
     }
 
@@ -250,9 +275,8 @@ mod tests {
         let reader = Box::new(log.clone());
         let (_, gap) = reader.read_after(offsets[0].epoch, Position::default(), Duration::ZERO).await;
         assert!(matches!(gap, Err(LogError::Gap)));
-        // Past the window, a trim with no append empties it.
+        // Past the window, it holds nothing, with no append.
         tokio::time::sleep(Duration::from_millis(80)).await;
-        log.trim().await.unwrap();
         assert_eq!(log.size(), Some((0, 0)));
     }
 
@@ -260,12 +284,12 @@ mod tests {
     async fn a_reader_waits_for_the_next_append() {
         let log = MemoryLog::new(retention(Duration::from_secs(60), 10, 1 << 20));
         let reader = Box::new(log.clone());
-        let head = log.head().await.unwrap();
+        let head = log.head(ONE).await.unwrap();
         let read = tokio::spawn(async move {
             reader.read_after(head.epoch.unwrap(), head.last, Duration::from_secs(5)).await.1.unwrap().len()
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
-        log.append(vec![NewEntry::Revocation("{}".into())]).await.unwrap();
+        log.append(vec![(ONE, NewEntry::Revocation("{}".into()))]).await.unwrap();
         assert_eq!(read.await.unwrap(), 1);
     }
 }

@@ -1,18 +1,27 @@
-//! The event log: the one ordered sequence every outgoing event and every
+//! The event log: the ordered sequences every outgoing event and every
 //! revocation goes through. It gives each event its offset, and keeps recent
 //! events (by time, by count and, in memory, by bytes) so that a client that
 //! reconnects can ask for what it missed.
 //!
-//! One interface, [`EventLog`] (append, read after a position, read what a
-//! replay needs, trim, the epoch), with two implementations:
+//! The log is made of [`Stream`]s: shards, each holding the events of the
+//! campaigns that hash to it ([`shard_of`]) in one order, and, in a fleet, a
+//! control stream that carries every revocation to every instance. Every
+//! event has a campaign, and every room belongs to one, so a room's events
+//! are all in one shard, in one order; events of campaigns in different
+//! shards have no order between them.
 //!
-//! - [`MemoryLog`]: one instance, in memory;
-//! - [`StreamLog`]: a fleet, a Redis Stream that every instance follows.
+//! One interface, [`EventLog`] (append, read a stream after a position, read
+//! what a replay needs, a stream's epoch and head), with two implementations:
 //!
-//! An offset is `EEEEEEEEEEEEE-TTTTTTTTTTTTT-SSSSSSSSSS`: the log's epoch (the
-//! millisecond it was created), then the position in it. Fixed width, so
-//! offsets compare as plain strings; a log created later (after a Redis
-//! restart lost the old one) has a later epoch, so offsets keep increasing.
+//! - [`MemoryLog`]: one instance, in memory, one shard and no control stream;
+//! - [`StreamLog`]: a fleet, one Redis Stream per shard plus the control
+//!   stream; an instance reads only the shards its sockets need.
+//!
+//! An offset is `EEEEEEEEEEEEE-TTTTTTTTTTTTT-SSSSSSSSSS`: its shard's epoch
+//! (the millisecond the shard's stream was created), then the position in it.
+//! Fixed width, so offsets compare as plain strings; a stream created later
+//! (after a Redis restart lost the old one) has a later epoch, so the offsets
+//! of a room keep increasing.
 
 mod memory;
 mod stream;
@@ -27,7 +36,33 @@ pub use memory::MemoryLog;
 pub use stream::StreamLog;
 
 use crate::events::EventKind;
-use crate::rooms::Room;
+use crate::rooms::{CampaignId, Room};
+
+/// One ordered sequence of the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Stream {
+    /// The events of the campaigns that hash to it, and the revocations
+    /// that concern them (numbered from 0).
+    Shard(u32),
+    /// Every revocation, for every instance (a fleet only).
+    Control,
+}
+
+impl fmt::Display for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Stream::Shard(k) => write!(f, "shard {k}"),
+            Stream::Control => f.write_str("control"),
+        }
+    }
+}
+
+/// The shard of `campaign` among `shards`: CRC-16 (XMODEM, as Redis Cluster
+/// hashes keys) of its id. Stable across versions and machines, so every
+/// instance puts a campaign in the same shard.
+pub fn shard_of(campaign: &CampaignId, shards: u32) -> u32 {
+    u32::from(crc16::State::<crc16::XMODEM>::calculate(campaign.as_str().as_bytes())) % shards.max(1)
+}
 
 /// A position within one epoch of the log: a Redis Stream id (`ms-seq`), or
 /// the memory log's counter (`n-0`).
@@ -167,30 +202,59 @@ pub enum LogError {
     /// Entries after the position asked for were dropped before they were read.
     #[error("entries were dropped before they were read")]
     Gap,
+    /// Another layout of the log (another shard count, an older version)
+    /// uses the same keys.
+    #[error("the event log's keys are taken: {0}")]
+    Claimed(String),
 }
 
 /// What an [`EventLog`] operation returns.
 pub type LogFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, LogError>> + Send + 'a>>;
 
-/// The event log. Entries are appended atomically (a batch, whole or not at
-/// all) and read back in one order by every reader.
+/// Where an append left one stream: its epoch and the last entry's position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub stream: Stream,
+    pub epoch: u64,
+    pub last: Position,
+}
+
+/// The event log. Each stream is read back in one order by every reader;
+/// entries past the retention are dropped as it goes.
 pub trait EventLog: Send + Sync + 'static {
-    /// Appends `entries` in one step; returns the epoch and the last
-    /// entry's position.
-    fn append(&self, entries: Vec<NewEntry>) -> LogFuture<'_, (u64, Position)>;
+    /// How many shards it has.
+    fn shards(&self) -> u32;
 
-    /// The log's epoch and last position.
-    fn head(&self) -> LogFuture<'_, Head>;
+    /// Whether it has a control stream (else its one shard carries everything).
+    fn has_control(&self) -> bool;
 
-    /// A reader that follows the log (a blocking read needs a connection of its own).
-    fn reader(&self) -> LogFuture<'_, Box<dyn LogReader>>;
+    /// Whether one append is atomic across streams (else only within one).
+    fn atomic_across_streams(&self) -> bool;
 
-    /// The events after `since` up to `until`, if the log still holds every
-    /// one of them (else `None`: trimmed, another epoch, or ahead).
-    fn events_between(&self, epoch: u64, since: Offset, until: Position) -> LogFuture<'_, Option<Vec<Logged>>>;
+    /// Appends `entries`, each to its stream, in one step (within one stream
+    /// always; across streams when [`EventLog::atomic_across_streams`]).
+    /// Returns where each stream it touched stands.
+    fn append(&self, entries: Vec<(Stream, NewEntry)>) -> LogFuture<'_, Vec<Appended>>;
 
-    /// Drops what is past the window (and, in memory, the count and bytes).
-    fn trim(&self) -> LogFuture<'_, ()>;
+    /// A stream's epoch and last position.
+    fn head(&self, stream: Stream) -> LogFuture<'_, Head>;
+
+    /// A reader that follows one stream (a blocking read needs a connection of its own).
+    fn reader(&self, stream: Stream) -> LogFuture<'_, Box<dyn LogReader>>;
+
+    /// The events of `stream` after `since` up to `until`, if it still holds
+    /// every one of them (else `None`: trimmed, another epoch, or ahead).
+    fn events_between(
+        &self,
+        stream: Stream,
+        epoch: u64,
+        since: Offset,
+        until: Position,
+    ) -> LogFuture<'_, Option<Vec<Logged>>>;
+
+    /// Makes sure no other layout of the log (another shard count, an older
+    /// version) shares its place; `LogError::Claimed` says which does.
+    fn claim(&self) -> LogFuture<'_, ()>;
 
     /// How many events and bytes of events it holds, when it knows cheaply
     /// (the in-memory log).
@@ -229,6 +293,17 @@ mod tests {
         assert_eq!(Offset::at(o.epoch, Position { major: MAX_13 + 1, minor: 0 }), None);
         assert_eq!(Position::from_stream_id("17-3"), Some(Position { major: 17, minor: 3 }));
         assert_eq!(Position { major: 17, minor: 3 }.stream_id(), "17-3");
+    }
+
+    #[test]
+    fn a_campaign_always_has_the_same_shard() {
+        let c = |s: &str| CampaignId::parse(s).unwrap();
+        // Pinned (CRC-16/XMODEM's check value is 0x31C3): every instance and every version must agree.
+        assert_eq!(shard_of(&c("123456789"), 65_536), 0x31C3);
+        assert_eq!(shard_of(&c("c1"), 64), 11);
+        assert_eq!(shard_of(&c("c1"), 1), 0);
+        let spread: std::collections::HashSet<u32> = (0..1000).map(|i| shard_of(&c(&format!("c{i}")), 64)).collect();
+        assert_eq!(spread.len(), 64);
     }
 
     #[test]

@@ -1,11 +1,24 @@
-//! The event log of a fleet: a Redis Stream that every instance follows.
+//! The event log of a fleet: Redis Streams, one per shard and one for
+//! control. An instance follows the control stream and only the shards its
+//! sockets need.
 //!
-//! A publish is one atomic append (a Lua script: all of a batch, or none of
-//! it). The stream is capped near `HERALD_REPLAY_MAX_EVENTS` entries on every
-//! append and trimmed by age every second. Its epoch is a key beside it,
-//! created with the first append after Redis lost the old log; both keys
-//! share one hash slot (`{prefix}`), so a Redis Cluster keeps them on one node.
+//! Keys, under the prefix `p`: shard `K`'s stream `{p:K}:log` and its epoch
+//! `{p:K}:epoch`; the control stream `{p:control}:log` and its epoch. The
+//! hash tag (`{p:K}`) keeps a stream and its epoch in one slot, and spreads
+//! the shards over a Redis Cluster's slots (so over its nodes).
+//!
+//! An append is one Lua script: all of it or none of it, across shards on a
+//! single Redis node, within one shard on a cluster (a script cannot span
+//! slots). It caps each stream near `HERALD_REPLAY_MAX_EVENTS` entries and
+//! drops entries older than the replay window. A stream's epoch is created
+//! with its first append after Redis lost the old one.
+//!
+//! `{p}:log` was the one stream of the versions before the sharded log; it
+//! now holds this log's layout (see [`EventLog::claim`]), so that an older
+//! instance on the same prefix fails loudly (its reads and appends hit a
+//! string, not a stream) instead of splitting the fleet in silence.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::redis::{Conn, Redis};
@@ -13,47 +26,77 @@ use crate::rooms::Room;
 use crate::telemetry::error_chain;
 
 use super::{
-    Entry, EventLog, Head, LogError, LogFuture, LogReader, Logged, NewEntry, Offset, Position, ReadFuture, Retention,
+    Appended, Entry, EventLog, Head, LogError, LogFuture, LogReader, Logged, NewEntry, Offset, Position, ReadFuture,
+    Retention, Stream,
 };
 
-/// Appends `ARGV[2..]` (triples: kind, rooms, content) to the stream
-/// `KEYS[1]`, capped near `ARGV[1]` entries, in one atomic step. Creates the
-/// log's epoch `KEYS[2]` (server time, ms) when missing. Returns the epoch and
-/// the id of the last entry appended.
+/// Appends entries to streams in one atomic step. `KEYS`: each stream
+/// touched and its epoch, in pairs. `ARGV[1]`: the cap (entries per stream);
+/// `ARGV[2]`: the window (ms); then quadruples: the pair (from 1), kind,
+/// rooms, content. Creates a missing epoch (server time, ms). Returns, per
+/// pair, its epoch and the id of its last entry appended.
 const APPEND: &str = r"
-local epoch = redis.call('GET', KEYS[2])
-if not epoch then
-  local t = redis.call('TIME')
-  epoch = string.format('%013d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-  redis.call('SET', KEYS[2], epoch)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local epochs, last = {}, {}
+for p = 1, #KEYS / 2 do
+  local epoch = redis.call('GET', KEYS[2 * p])
+  if not epoch then
+    epoch = string.format('%013d', now)
+    redis.call('SET', KEYS[2 * p], epoch)
+  end
+  epochs[p], last[p] = epoch, ''
 end
-local id = ''
-for i = 2, #ARGV, 3 do
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'k', ARGV[i], 'r', ARGV[i + 1], 'e', ARGV[i + 2])
+for i = 3, #ARGV, 4 do
+  local p = tonumber(ARGV[i])
+  last[p] = redis.call('XADD', KEYS[2 * p - 1], 'MAXLEN', '~', ARGV[1], '*',
+    'k', ARGV[i + 1], 'r', ARGV[i + 2], 'e', ARGV[i + 3])
 end
-return {epoch, id}
+local out = {}
+for p = 1, #KEYS / 2 do
+  redis.call('XTRIM', KEYS[2 * p - 1], 'MINID', '~', now - tonumber(ARGV[2]))
+  out[2 * p - 1], out[2 * p] = epochs[p], last[p]
+end
+return out
 ";
 
 /// The stream entry kind of a revocation.
 const REVOKE: &str = "@revoke";
 /// How many entries one read takes at most.
 const READ_BATCH: usize = 512;
+/// The longest blocking read a reader makes.
+const BLOCK_MAX: Duration = Duration::from_millis(1_000);
 
-/// The Redis Stream log.
+/// The Redis Streams log.
 pub struct StreamLog {
     redis: Redis,
     append: redis::Script,
     retention: Retention,
-    stream: String,
-    epoch: String,
+    shards: u32,
+    /// `{p}:log`: the layout, where older versions kept their one stream.
+    layout_key: String,
 }
 
 impl StreamLog {
-    /// The log under `redis`'s prefix.
-    pub fn new(redis: Redis, retention: Retention) -> StreamLog {
-        let prefix = redis.prefix();
-        let (stream, epoch) = (format!("{{{prefix}}}:log"), format!("{{{prefix}}}:epoch"));
-        StreamLog { redis, append: redis::Script::new(APPEND), retention, stream, epoch }
+    /// The log under `redis`'s prefix, in `shards` shards.
+    pub fn new(redis: Redis, retention: Retention, shards: u32) -> StreamLog {
+        let layout_key = format!("{{{}}}:log", redis.prefix());
+        StreamLog { redis, append: redis::Script::new(APPEND), retention, shards: shards.max(1), layout_key }
+    }
+
+    /// The keys of `stream`: the stream itself and its epoch.
+    fn keys(&self, stream: Stream) -> (String, String) {
+        let prefix = self.redis.prefix();
+        let tag = match stream {
+            Stream::Shard(k) => format!("{prefix}:{k}"),
+            Stream::Control => format!("{prefix}:control"),
+        };
+        (format!("{{{tag}}}:log"), format!("{{{tag}}}:epoch"))
+    }
+
+    /// What `{p}:log` holds for this layout.
+    fn layout(&self) -> String {
+        format!("herald sharded log, {} shards", self.shards)
     }
 
     /// Runs `fut` within the operation timeout; a failure counts.
@@ -69,6 +112,46 @@ impl StreamLog {
                 Err(LogError::Unavailable("timed out".into()))
             }
         }
+    }
+
+    /// One script call: `entries` to their streams, atomically.
+    async fn append_at_once(&self, entries: &[(Stream, NewEntry)]) -> Result<Vec<Appended>, LogError> {
+        let mut streams: Vec<Stream> = Vec::new();
+        let mut invocation = self.append.prepare_invoke();
+        invocation.arg(self.retention.max_events).arg(self.retention.window.as_millis() as u64);
+        for (stream, entry) in entries {
+            let pair = match streams.iter().position(|s| s == stream) {
+                Some(p) => p,
+                None => {
+                    let (log, epoch) = self.keys(*stream);
+                    invocation.key(log).key(epoch);
+                    streams.push(*stream);
+                    streams.len() - 1
+                }
+            };
+            invocation.arg(pair + 1);
+            match entry {
+                NewEntry::Event { kind, rooms, envelope } => {
+                    invocation.arg(kind.as_str()).arg(room_names(rooms)).arg(envelope)
+                }
+                NewEntry::Revocation(json) => invocation.arg(REVOKE).arg("").arg(json),
+            };
+        }
+        let mut conn = self.redis.conn();
+        let reply: Vec<String> = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        let unreadable = || LogError::Unavailable("an unreadable append reply".into());
+        if reply.len() != streams.len() * 2 {
+            return Err(unreadable());
+        }
+        streams
+            .iter()
+            .zip(reply.chunks(2))
+            .map(|(stream, pair)| {
+                let epoch = pair[0].parse().map_err(|_| unreadable())?;
+                let last = Position::from_stream_id(&pair[1]).ok_or_else(unreadable)?;
+                Ok(Appended { stream: *stream, epoch, last })
+            })
+            .collect()
     }
 }
 
@@ -94,66 +177,75 @@ fn decode(epoch: u64, entry: &redis::streams::StreamId) -> Option<(Position, Ent
 }
 
 impl EventLog for StreamLog {
-    fn append(&self, entries: Vec<NewEntry>) -> LogFuture<'_, (u64, Position)> {
+    fn shards(&self) -> u32 {
+        self.shards
+    }
+
+    fn has_control(&self) -> bool {
+        true
+    }
+
+    fn atomic_across_streams(&self) -> bool {
+        !self.redis.is_cluster()
+    }
+
+    fn append(&self, entries: Vec<(Stream, NewEntry)>) -> LogFuture<'_, Vec<Appended>> {
         Box::pin(async move {
             if !self.redis.is_healthy() {
                 return Err(LogError::Unavailable("redis is unreachable".into()));
             }
-            let mut invocation = self.append.key(&self.stream);
-            invocation.key(&self.epoch).arg(self.retention.max_events);
-            for entry in &entries {
-                match entry {
-                    NewEntry::Event { kind, rooms, envelope } => {
-                        invocation.arg(kind.as_str()).arg(room_names(rooms)).arg(envelope)
-                    }
-                    NewEntry::Revocation(json) => invocation.arg(REVOKE).arg("").arg(json),
-                };
+            if self.atomic_across_streams() {
+                return self.append_at_once(&entries).await;
             }
-            let mut conn = self.redis.conn();
-            let (epoch, id): (String, String) = self.bounded(invocation.invoke_async(&mut conn)).await?;
-            let epoch = epoch.parse().map_err(|_| LogError::Unavailable("an unreadable epoch".into()))?;
-            let last = Position::from_stream_id(&id).ok_or_else(|| LogError::Unavailable("an unreadable id".into()))?;
-            Ok((epoch, last))
+            // A cluster: one step per run of one stream, in order.
+            let mut appended: Vec<Appended> = Vec::new();
+            for run in entries.chunk_by(|a, b| a.0 == b.0) {
+                for done in self.append_at_once(run).await? {
+                    appended.retain(|a| a.stream != done.stream);
+                    appended.push(done);
+                }
+            }
+            Ok(appended)
         })
     }
 
-    fn head(&self) -> LogFuture<'_, Head> {
+    fn head(&self, stream: Stream) -> LogFuture<'_, Head> {
         Box::pin(async move {
+            let (log, epoch) = self.keys(stream);
             let mut conn = self.redis.conn();
-            let epoch: Option<String> = self.bounded(redis::cmd("GET").arg(&self.epoch).query_async(&mut conn)).await?;
+            let epoch: Option<String> = self.bounded(redis::cmd("GET").arg(&epoch).query_async(&mut conn)).await?;
             let last: redis::streams::StreamRangeReply = self
-                .bounded(
-                    redis::cmd("XREVRANGE")
-                        .arg(&self.stream)
-                        .arg("+")
-                        .arg("-")
-                        .arg("COUNT")
-                        .arg(1)
-                        .query_async(&mut conn),
-                )
+                .bounded(redis::cmd("XREVRANGE").arg(&log).arg("+").arg("-").arg("COUNT").arg(1).query_async(&mut conn))
                 .await?;
             let last = last.ids.first().and_then(|e| Position::from_stream_id(&e.id)).unwrap_or_default();
             Ok(Head { epoch: epoch.and_then(|e| e.parse().ok()), last })
         })
     }
 
-    fn reader(&self) -> LogFuture<'_, Box<dyn LogReader>> {
+    fn reader(&self, stream: Stream) -> LogFuture<'_, Box<dyn LogReader>> {
         Box::pin(async move {
             let conn = self.redis.dedicated(BLOCK_MAX).await.map_err(|e| LogError::Unavailable(error_chain(&e)))?;
-            let reader: Box<dyn LogReader> = Box::new(StreamReader { conn, stream: self.stream.clone() });
+            let reader: Box<dyn LogReader> = Box::new(StreamReader { conn, stream: self.keys(stream).0 });
             Ok(reader)
         })
     }
 
-    fn events_between(&self, epoch: u64, since: Offset, until: Position) -> LogFuture<'_, Option<Vec<Logged>>> {
+    fn events_between(
+        &self,
+        stream: Stream,
+        epoch: u64,
+        since: Offset,
+        until: Position,
+    ) -> LogFuture<'_, Option<Vec<Logged>>> {
         Box::pin(async move {
             if since.epoch != epoch || since.position() > until {
                 return Ok(None);
             }
+            let log = self.keys(stream).0;
             // Entries up to `max-deleted-entry-id` were trimmed.
             let mut conn = self.redis.conn();
-            let info: std::collections::HashMap<String, redis::Value> =
-                self.bounded(redis::cmd("XINFO").arg("STREAM").arg(&self.stream).query_async(&mut conn)).await?;
+            let info: HashMap<String, redis::Value> =
+                self.bounded(redis::cmd("XINFO").arg("STREAM").arg(&log).query_async(&mut conn)).await?;
             let trimmed = match info.get("max-deleted-entry-id") {
                 Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
                 Some(redis::Value::SimpleString(s)) => s.clone(),
@@ -166,7 +258,7 @@ impl EventLog for StreamLog {
             let range: redis::streams::StreamRangeReply = self
                 .bounded(
                     redis::cmd("XRANGE")
-                        .arg(&self.stream)
+                        .arg(&log)
                         .arg(format!("({}", since.position().stream_id()))
                         .arg(until.stream_id())
                         .query_async(&mut conn),
@@ -184,15 +276,35 @@ impl EventLog for StreamLog {
         })
     }
 
-    fn trim(&self) -> LogFuture<'_, ()> {
+    /// Claims the prefix for this layout, or says who holds it: an older
+    /// version's stream, or another shard count (the campaigns would be in
+    /// other shards). Done at start, and again by the control follower (a
+    /// Redis that restarted empty forgot the claim).
+    fn claim(&self) -> LogFuture<'_, ()> {
         Box::pin(async move {
             let mut conn = self.redis.conn();
-            let (secs, micros): (u64, u64) = self.bounded(redis::cmd("TIME").query_async(&mut conn)).await?;
-            let min_id = (secs * 1000 + micros / 1000).saturating_sub(self.retention.window.as_millis() as u64);
-            let _: i64 = self
-                .bounded(redis::cmd("XTRIM").arg(&self.stream).arg("MINID").arg("~").arg(min_id).query_async(&mut conn))
-                .await?;
-            Ok(())
+            let set = redis::cmd("SET").arg(&self.layout_key).arg(self.layout()).arg("NX").arg("GET").clone();
+            let held: Option<String> =
+                match tokio::time::timeout(self.redis.op_timeout(), set.query_async(&mut conn)).await {
+                    Ok(Ok(held)) => held,
+                    Ok(Err(e)) if e.code() == Some("WRONGTYPE") => {
+                        return Err(LogError::Claimed(format!(
+                            "{} is a stream: a herald older than the sharded log uses the prefix {:?}",
+                            self.layout_key,
+                            self.redis.prefix()
+                        )));
+                    }
+                    Ok(Err(e)) => return Err(LogError::Unavailable(error_chain(&e))),
+                    Err(_) => return Err(LogError::Unavailable("timed out".into())),
+                };
+            match held {
+                Some(layout) if layout != self.layout() => Err(LogError::Claimed(format!(
+                    "the prefix {:?} holds another layout ({layout:?}); this instance has {} shards",
+                    self.redis.prefix(),
+                    self.shards
+                ))),
+                _ => Ok(()),
+            }
         })
     }
 
@@ -201,10 +313,7 @@ impl EventLog for StreamLog {
     }
 }
 
-/// The longest blocking read a reader makes.
-const BLOCK_MAX: Duration = Duration::from_millis(1_000);
-
-/// Follows the stream on a connection of its own.
+/// Follows one stream on a connection of its own.
 struct StreamReader {
     conn: Conn,
     stream: String,

@@ -1,0 +1,297 @@
+//! Followers: one task per stream an instance reads. A follower applies
+//! every entry of its stream in order, and serves the joins of its shard's
+//! rooms between two entries.
+//!
+//! A shard is followed from the first join into one of its rooms (the
+//! follower starts at the stream's head, and that join is served there:
+//! replay, room, ack, then live events), and left once none of its rooms
+//! has had a local socket for the linger time. The in-memory log's one shard
+//! and the control stream are followed for the instance's whole life.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use socketioxide::adapter::Adapter;
+use tokio::sync::{mpsc, watch};
+
+use crate::log::{Entry, EventLog, LogError, Position, Stream};
+use crate::rooms::Room;
+use crate::telemetry::error_chain;
+
+use super::joins::{Join, batch_of};
+use super::{Inner, Part};
+
+/// How long one read of the log waits for new entries.
+const BLOCK: Duration = Duration::from_millis(1_000);
+/// How often a follower looks after itself: the in-memory log's gauges,
+/// its rooms (is any still in use?), the control stream's claim.
+const TICK: Duration = Duration::from_secs(1);
+/// How often the control follower checks that the log's keys are still its own.
+const CLAIM_EVERY: u32 = 10;
+/// The longest pause between two attempts to reach the log.
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
+
+/// What a follower reads, and what it does with it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Role {
+    pub stream: Stream,
+    /// Followed for the instance's life (else left when no room of it is in use).
+    pub permanent: bool,
+    /// Read from the stream's start (the instance's own log), else from its
+    /// head (a fleet's instance delivers what is published from now on).
+    pub from_start: bool,
+    /// Which part of a revocation it applies.
+    pub part: Part,
+}
+
+/// A stream being followed.
+pub(super) struct Following<A: Adapter> {
+    pub joins: mpsc::UnboundedSender<Join<A>>,
+    /// The position of the last entry the follower applied.
+    pub applied: watch::Receiver<Position>,
+}
+
+impl<A: Adapter> Inner<A> {
+    /// Starts following `role.stream` (the caller holds the followers' lock).
+    pub(super) fn start(self: &Arc<Self>, role: Role) -> Following<A> {
+        let (joins, join_rx) = mpsc::unbounded_channel();
+        let (applied_tx, applied) = watch::channel(Position::default());
+        if matches!(role.stream, Stream::Shard(_)) {
+            self.metrics.fleet_shards_followed.inc();
+        }
+        tracing::debug!(stream = %role.stream, "event log: following");
+        tokio::spawn(follow(Arc::downgrade(self), self.log.clone(), role, join_rx, applied_tx));
+        Following { joins, applied }
+    }
+
+    /// Hands a join to the follower of `stream`, starting it if needed.
+    /// Under the followers' lock, so that a follower that stops sees every
+    /// join sent to it. Gives the join back when the follower is gone.
+    pub(super) fn send_join(self: &Arc<Self>, stream: Stream, join: Join<A>) -> Result<(), Join<A>> {
+        let mut followers = self.followers();
+        let following = followers
+            .entry(stream)
+            .or_insert_with(|| self.start(Role { stream, permanent: false, from_start: false, part: Part::Rooms }));
+        following.joins.send(join).map_err(|e| e.0)
+    }
+
+    /// Whether the follower of `stream` stops: none of its `rooms` has had
+    /// a local socket for the linger time, and no join waits. Forgets the
+    /// rooms that have no local socket.
+    async fn may_stop(
+        &self,
+        stream: Stream,
+        rooms: &mut HashSet<Room>,
+        idle_since: &mut Option<Instant>,
+        joins: &mpsc::UnboundedReceiver<Join<A>>,
+    ) -> bool {
+        if let Some(ns) = self.io.of("/")
+            && let Ok(in_use) = ns.local().rooms().await
+        {
+            let in_use: HashSet<&str> = in_use.iter().map(|r| r.as_ref()).collect();
+            rooms.retain(|room| in_use.contains(room.to_string().as_str()));
+        }
+        if !rooms.is_empty() || !joins.is_empty() {
+            *idle_since = None;
+            return false;
+        }
+        if idle_since.get_or_insert_with(Instant::now).elapsed() < self.linger {
+            return false;
+        }
+        let mut followers = self.followers();
+        // A join sent since is served first.
+        if !joins.is_empty() {
+            return false;
+        }
+        followers.remove(&stream);
+        self.metrics.fleet_shards_followed.dec();
+        tracing::debug!(%stream, "event log: no local socket needs this shard any more; left");
+        true
+    }
+
+    /// Cuts the local sockets in `rooms` so that they recover (see
+    /// [`crate::session::Session::cut`]). Returns how many.
+    fn cut_rooms(&self, rooms: &HashSet<Room>) -> usize {
+        let Some(ns) = self.io.of("/") else { return 0 };
+        let names: Vec<String> = rooms.iter().map(ToString::to_string).collect();
+        if names.is_empty() {
+            return 0;
+        }
+        ns.local()
+            .to(names)
+            .sockets()
+            .into_iter()
+            .filter(|s| crate::session::Session::of(s).is_some_and(|session| session.cut(s, &self.transports)))
+            .count()
+    }
+
+    /// Checks the log's claim on its keys; `/readyz` fails while another
+    /// layout holds them.
+    async fn check_claim(&self) {
+        let problem = match self.log.claim().await {
+            Ok(()) => None,
+            Err(LogError::Claimed(why)) => Some(why),
+            // Unreachable: said elsewhere; checked again later.
+            Err(_) => return,
+        };
+        let mut held = self.claim_problem.lock().unwrap_or_else(|e| e.into_inner());
+        match (&*held, &problem) {
+            (None, Some(why)) => tracing::error!(
+                problem = %why,
+                "event log: another layout writes this Redis prefix; this fleet is split, not ready until it stops"
+            ),
+            (Some(_), None) => tracing::info!("event log: the prefix is this layout's again"),
+            _ => {}
+        }
+        *held = problem;
+    }
+}
+
+/// Follows one stream: applies every entry, in order, and serves the joins
+/// of its rooms between entries. Reconnects by itself. After a new epoch
+/// (Redis lost the stream), or when it served joins before it could ever
+/// read the stream, it cuts the sockets in its rooms (they recover) and
+/// reads the new stream from its start.
+async fn follow<A: Adapter>(
+    inner: Weak<Inner<A>>,
+    log: Arc<dyn EventLog>,
+    role: Role,
+    mut joins: mpsc::UnboundedReceiver<Join<A>>,
+    applied: watch::Sender<Position>,
+) {
+    let stream = role.stream;
+    let mut epoch: Option<u64> = None;
+    let mut last = Position::default();
+    let mut started = false;
+    // Joins were served before the stream could be read: its head was not known.
+    let mut blind = false;
+    let mut rooms: HashSet<Room> = HashSet::new();
+    let mut idle_since: Option<Instant> = None;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let Some(strong) = inner.upgrade() else { return };
+        let reached = async { Ok::<_, LogError>((log.reader(stream).await?, log.head(stream).await?)) }.await;
+        let (reader, head) = match reached {
+            Ok(reached) => reached,
+            Err(e) => {
+                tracing::debug!(%stream, error = %e, "event log: unreachable; retrying");
+                // Meanwhile, joins are served without a replay (the client refetches).
+                while let Ok(join) = joins.try_recv() {
+                    blind |= !started;
+                    rooms.extend(strong.serve_joins(stream, vec![join], None, last).await);
+                }
+                if !role.permanent && strong.may_stop(stream, &mut rooms, &mut idle_since, &joins).await {
+                    return;
+                }
+                drop(strong);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        if stream == Stream::Control {
+            strong.check_claim().await;
+        }
+        match (started, epoch, head.epoch) {
+            (false, _, _) => {
+                (started, epoch) = (true, head.epoch);
+                last = if role.from_start { Position::default() } else { head.last };
+                applied.send_replace(last);
+                if std::mem::take(&mut blind) {
+                    let cut = strong.cut_rooms(&rooms);
+                    tracing::info!(%stream, sockets = cut, "event log: reached; sockets that joined before are cut to recover");
+                }
+            }
+            (true, Some(old), Some(new)) if old == new => {}
+            // The stream is new: entries appended just before the old one was
+            // lost may never have been read, so every socket in its rooms may
+            // have a gap.
+            (true, _, _) => {
+                let cut = strong.cut_rooms(&rooms);
+                tracing::warn!(
+                    %stream,
+                    sockets = cut,
+                    "event log: a new epoch (Redis lost the stream); reading it from the start, \
+                     its rooms' sockets are cut to recover"
+                );
+                (epoch, last) = (head.epoch, Position::default());
+            }
+        }
+        drop(strong);
+        backoff = Duration::from_millis(50);
+
+        let mut read = reader.read_after(epoch.unwrap_or_default(), last, BLOCK);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks: u32 = 0;
+        let error = loop {
+            tokio::select! {
+                (reader, result) = &mut read => {
+                    let entries = match result {
+                        Ok(entries) => entries,
+                        Err(e) => break e,
+                    };
+                    let Some(strong) = inner.upgrade() else { return };
+                    strong.metrics.fleet_entries_read.inc_by(entries.len() as u64);
+                    if epoch.is_none() && !entries.is_empty() {
+                        // The first entry of a new stream created its epoch: learn it, then read again.
+                        epoch = log.head(stream).await.ok().and_then(|h| h.epoch);
+                    } else {
+                        for (position, entry) in entries {
+                            strong.apply(entry, role.part).await;
+                            last = position;
+                        }
+                        applied.send_replace(last);
+                        strong.count();
+                    }
+                    read = reader.read_after(epoch.unwrap_or_default(), last, BLOCK);
+                }
+                join = joins.recv() => {
+                    let Some(join) = join else { return };
+                    let Some(strong) = inner.upgrade() else { return };
+                    rooms.extend(strong.serve_joins(stream, batch_of(join, &mut joins), epoch, last).await);
+                }
+                _ = tick.tick() => {
+                    let Some(strong) = inner.upgrade() else { return };
+                    strong.count();
+                    ticks = ticks.wrapping_add(1);
+                    if stream == Stream::Control && ticks.is_multiple_of(CLAIM_EVERY) {
+                        strong.check_claim().await;
+                    }
+                    if !role.permanent && strong.may_stop(stream, &mut rooms, &mut idle_since, &joins).await {
+                        return;
+                    }
+                }
+            }
+        };
+        let Some(strong) = inner.upgrade() else { return };
+        if matches!(error, LogError::Gap) {
+            // Entries were dropped before they were read: as with a new stream.
+            let cut = strong.cut_rooms(&rooms);
+            tracing::warn!(%stream, sockets = cut, "event log: entries were dropped unread; sockets are cut to recover");
+            // Read on from the stream's head.
+            if let Ok(head) = log.head(stream).await {
+                last = head.last;
+                applied.send_replace(last);
+            }
+            continue;
+        }
+        strong.metrics.log_errors.inc();
+        tracing::warn!(%stream, error = %error_chain(&error), "event log: reading failed; reconnecting");
+    }
+}
+
+impl<A: Adapter> Inner<A> {
+    /// Applies one entry of the log.
+    async fn apply(&self, entry: Entry, part: Part) {
+        match entry {
+            Entry::Event(logged) => self.deliver(&logged).await,
+            Entry::Revocation(json) => match self.on_revoke.get() {
+                Some(handler) => handler(json, part).await,
+                None => tracing::warn!("a revocation arrived before the gateway was ready; ignored"),
+            },
+            Entry::Unreadable => tracing::warn!("event log: an entry herald cannot read; skipped"),
+        }
+    }
+}

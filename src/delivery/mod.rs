@@ -1,0 +1,357 @@
+//! Delivery: the one path every outgoing domain event takes. Validated
+//! [`Event`]s are appended to the event log ([`crate::log`]), each to the
+//! shard of its campaign, which gives it its offset. An instance follows
+//! (see [`follower`]) the shards its sockets need, and delivers each entry,
+//! in its shard's order, to the local sockets in its rooms. So a client gets
+//! each event once, whichever instance it is on, and an instance that lost
+//! Redis for a moment catches up from where it stopped.
+//!
+//! Every join is served by its shard's follower between two entries (see
+//! [`joins`]): the socket gets the room's logged events after its `since` (a
+//! replay), then joins the room and is acked, so between the replayed events
+//! and the live ones there is no gap, no duplicate, and the ack comes before
+//! any live event. A socket in several of an event's rooms gets one copy.
+//!
+//! A revocation goes to the control stream, which every instance follows
+//! (the membership cache, racing subscribes, a user's revocation), and to
+//! the shard of its campaign (every shard, for a user), where it is applied
+//! in order with the events: no event logged after it reaches the sockets
+//! it took out.
+//!
+//! A socket whose buffer is full when an event arrives (a slow consumer) is
+//! cut (see [`Session::cut`]) rather than left to miss it; so is every socket
+//! in a shard's rooms when that shard's stream was lost (a new epoch).
+
+mod follower;
+mod joins;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+use socketioxide::SocketIo;
+use socketioxide::adapter::Adapter;
+use socketioxide::extract::SocketRef;
+use socketioxide::{SendError, SocketError};
+use tokio::sync::{oneshot, watch};
+
+use crate::events::Event;
+use crate::log::{Appended, EventLog, Logged, NewEntry, Offset, Position, Retention, Stream, shard_of};
+use crate::rooms::{CampaignId, Room};
+use crate::session::{JoinRefused, Session, Ticket};
+use crate::telemetry::Metrics;
+use crate::transport::Transports;
+
+use follower::{Following, Role};
+use joins::Join;
+pub use joins::{JoinResult, Joined};
+
+/// Which part of a revocation an instance applies, by where it read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// From the control stream, on every instance: what must hold whatever
+    /// rooms the instance serves (forget the membership, refuse racing
+    /// subscribes; a user's revocation whole).
+    Control,
+    /// From the campaign's shard, in order with its events: the rooms.
+    Rooms,
+    /// Both: the in-memory log carries everything in its one stream.
+    Whole,
+}
+
+/// What an instance does with a revocation it reads from the log (its JSON).
+pub type RevocationHandler = Arc<dyn Fn(String, Part) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// An event could not be handed over.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// The event log (Redis) is unavailable. `accepted` events of the batch
+    /// were handed over before it failed.
+    #[error("the event log is unavailable")]
+    LogUnavailable { accepted: usize, reason: String },
+    /// The event could not be serialized (a bug, never the publisher's fault).
+    #[error("the event could not be encoded: {0}")]
+    Encode(String),
+}
+
+struct Inner<A: Adapter> {
+    io: SocketIo<A>,
+    metrics: Arc<Metrics>,
+    transports: Arc<Transports>,
+    retention: Retention,
+    log: Arc<dyn EventLog>,
+    /// One instance: a publish's 202 comes once its events were delivered.
+    delivered_before_accepted: bool,
+    /// Longest a revocation's 202 waits for this instance to apply it.
+    apply_wait: Duration,
+    /// How long a shard stays followed once none of its rooms is in use.
+    linger: Duration,
+    /// The streams followed, each by its follower.
+    followers: Mutex<HashMap<Stream, Following<A>>>,
+    on_revoke: OnceLock<RevocationHandler>,
+    /// Why the log's keys are not this instance's (another layout holds them).
+    claim_problem: Mutex<Option<String>>,
+}
+
+/// Delivers domain events to rooms, and replays them on request.
+pub struct Delivery<A: Adapter>(Arc<Inner<A>>);
+
+impl<A: Adapter> Clone for Delivery<A> {
+    fn clone(&self) -> Self {
+        Delivery(self.0.clone())
+    }
+}
+
+/// Where a [`Delivery`] reads and writes.
+pub struct DeliveryLog {
+    pub log: Arc<dyn EventLog>,
+    /// Whether the log is this instance's own (in memory): then a publish
+    /// answers once its events were delivered here.
+    pub local: bool,
+    /// Longest a revocation's 202 waits for this instance to apply it.
+    pub apply_wait: Duration,
+    /// How long a shard stays followed once none of its rooms is in use.
+    pub linger: Duration,
+}
+
+impl<A: Adapter> Delivery<A> {
+    /// Delivers what `log` holds to the sockets of `io`, and starts the
+    /// followers an instance always has. Slow consumers are cut through
+    /// `transports`.
+    pub fn new(
+        io: SocketIo<A>,
+        metrics: Arc<Metrics>,
+        transports: Arc<Transports>,
+        retention: Retention,
+        log: DeliveryLog,
+    ) -> Self {
+        let inner = Arc::new(Inner {
+            io,
+            metrics,
+            transports,
+            retention,
+            log: log.log.clone(),
+            delivered_before_accepted: log.local,
+            apply_wait: log.apply_wait,
+            linger: log.linger,
+            followers: Mutex::new(HashMap::new()),
+            on_revoke: OnceLock::new(),
+            claim_problem: Mutex::new(None),
+        });
+        let always = if log.log.has_control() {
+            Role { stream: Stream::Control, permanent: true, from_start: log.local, part: Part::Control }
+        } else {
+            Role { stream: Stream::Shard(0), permanent: true, from_start: log.local, part: Part::Whole }
+        };
+        let following = inner.start(always);
+        inner.followers().insert(always.stream, following);
+        Delivery(inner)
+    }
+
+    /// Logs every event, in order, each in its campaign's shard. Returns how
+    /// many were handed over. On a failure, says how many were: none when
+    /// the log appends across shards in one step (one Redis node, or one
+    /// campaign), else those of the shards appended before, a prefix of the
+    /// batch.
+    pub async fn publish(&self, events: &[Event]) -> Result<usize, DeliveryError> {
+        let shards = self.0.log.shards();
+        let mut entries = Vec::with_capacity(events.len());
+        for event in events {
+            let envelope = serde_json::to_string(&event.envelope).map_err(|e| DeliveryError::Encode(e.to_string()))?;
+            let stream = Stream::Shard(shard_of(event.payload.campaign_id(), shards));
+            entries.push((
+                stream,
+                NewEntry::Event { kind: event.kind(), rooms: Arc::from(event.rooms.clone()), envelope },
+            ));
+        }
+        let appended = self.append(entries).await?;
+        if self.0.delivered_before_accepted {
+            // Bounded: past it the events are logged, and will be delivered.
+            let _ = tokio::time::timeout(self.0.apply_wait, self.0.applied(&appended)).await;
+        }
+        for event in events {
+            self.0.metrics.events_published.get_or_create(&[("type", event.kind().as_str())]).inc();
+        }
+        Ok(events.len())
+    }
+
+    /// Appends in one step when the log can; else one stream's run at a
+    /// time, in order, counting the entries handed over before a failure.
+    async fn append(&self, entries: Vec<(Stream, NewEntry)>) -> Result<Vec<Appended>, DeliveryError> {
+        let log = &self.0.log;
+        if log.atomic_across_streams() {
+            return log
+                .append(entries)
+                .await
+                .map_err(|e| DeliveryError::LogUnavailable { accepted: 0, reason: e.to_string() });
+        }
+        let mut appended = Vec::new();
+        let mut accepted = 0;
+        let mut rest = entries.into_iter().peekable();
+        while let Some(first) = rest.next() {
+            let mut run = vec![first];
+            while let Some(next) = rest.next_if(|(stream, _)| *stream == run[0].0) {
+                run.push(next);
+            }
+            let n = run.len();
+            let done =
+                log.append(run).await.map_err(|e| DeliveryError::LogUnavailable { accepted, reason: e.to_string() })?;
+            appended.extend(done);
+            accepted += n;
+        }
+        Ok(appended)
+    }
+
+    /// Sets what every instance does with a revocation (once, at start-up).
+    pub fn on_revoke(&self, handler: RevocationHandler) {
+        let _ = self.0.on_revoke.set(handler);
+    }
+
+    /// Logs a revocation (its JSON) of `campaign`, or of the whole user
+    /// (`None`): to the control stream, and to the campaign's shard (every
+    /// shard, for a user), where every instance that follows it applies it
+    /// in order with the events, so no event logged after it reaches the
+    /// user's sockets in the revoked rooms. Returns once this instance has
+    /// applied it.
+    pub async fn revoke(&self, revocation: String, campaign: Option<&CampaignId>) -> Result<(), DeliveryError> {
+        let log = &self.0.log;
+        let mut entries = Vec::new();
+        if log.has_control() {
+            entries.push((Stream::Control, NewEntry::Revocation(revocation.clone())));
+        }
+        match campaign {
+            Some(campaign) => {
+                entries.push((Stream::Shard(shard_of(campaign, log.shards())), NewEntry::Revocation(revocation)))
+            }
+            None => {
+                entries.extend((0..log.shards()).map(|k| (Stream::Shard(k), NewEntry::Revocation(revocation.clone()))))
+            }
+        }
+        let appended = self.append(entries).await?;
+        match tokio::time::timeout(self.0.apply_wait, self.0.applied(&appended)).await {
+            Ok(()) => Ok(()),
+            // Logged: every instance will apply it; a retry is harmless.
+            Err(_) => Err(DeliveryError::LogUnavailable {
+                accepted: 0,
+                reason: "logged, but not applied by this instance in time".into(),
+            }),
+        }
+    }
+
+    /// Joins `socket` to `room` with the `ticket` of its membership check;
+    /// with `since`, first replays the room's events after it. Says whether
+    /// every missed event could be replayed (`None` without `since`), or why
+    /// the socket did not join. `joined` is fired on every path, as soon as
+    /// the socket is in the room and before any later event reaches it.
+    pub async fn join(
+        &self,
+        socket: &SocketRef<A>,
+        room: &Room,
+        since: Option<Offset>,
+        ticket: &Ticket,
+        joined: &Joined,
+    ) -> JoinResult {
+        let (reply, answer) = oneshot::channel();
+        let join = Join {
+            socket: socket.clone(),
+            room: room.clone(),
+            since,
+            ticket: ticket.clone(),
+            joined: joined.clone(),
+            reply,
+        };
+        let stream = Stream::Shard(shard_of(&ticket.campaign, self.0.log.shards()));
+        let answered = match self.0.send_join(stream, join) {
+            Ok(()) => answer.await.ok(),
+            Err(_) => None,
+        };
+        // Without an answer the follower is gone (shutting down).
+        answered.unwrap_or_else(|| {
+            joined.fire(Err(JoinRefused::Closed));
+            Err(JoinRefused::Closed)
+        })
+    }
+
+    /// Why this instance is not ready to serve the fleet: another layout of
+    /// the log (an older version, another shard count) uses its keys.
+    pub fn claim_problem(&self) -> Option<String> {
+        self.0.claim_problem.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl<A: Adapter> Inner<A> {
+    fn followers(&self) -> MutexGuard<'_, HashMap<Stream, Following<A>>> {
+        self.followers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resolves once this instance has applied every append it follows the
+    /// stream of (a stream it does not follow has no socket here to reach).
+    fn applied(&self, appended: &[Appended]) -> impl Future<Output = ()> + use<A> {
+        let waits: Vec<(watch::Receiver<Position>, Position)> = {
+            let followers = self.followers();
+            appended.iter().filter_map(|a| followers.get(&a.stream).map(|f| (f.applied.clone(), a.last))).collect()
+        };
+        async move {
+            for (mut applied, last) in waits {
+                let _ = applied.wait_for(|at| *at >= last).await;
+            }
+        }
+    }
+
+    /// Delivers one logged event to the local sockets in its rooms.
+    async fn deliver(&self, logged: &Logged) {
+        let Ok(raw) = RawValue::from_string(logged.json.to_string()) else {
+            tracing::error!(offset = %logged.offset, "a logged event is not valid JSON");
+            return;
+        };
+        // After shutdown the namespace is gone: nothing to deliver to.
+        let Some(ns) = self.io.of("/") else { return };
+        // One emit per socket rather than a broadcast: a broadcast's errors do
+        // not say which socket failed, and a socket that misses an event must
+        // not stay connected as if it had not.
+        let rooms: Vec<String> = logged.rooms.iter().map(ToString::to_string).collect();
+        for socket in ns.local().to(rooms).sockets() {
+            self.emit_to(&socket, logged, &raw);
+        }
+        // Lets the sockets' writers drain between the events of a burst.
+        tokio::task::yield_now().await;
+    }
+
+    /// Emits a logged event to one socket; returns whether it went into the
+    /// socket's buffer. A socket whose buffer is full is a slow consumer: it
+    /// is cut, and recovers.
+    fn emit_to(&self, socket: &SocketRef<A>, logged: &Logged, raw: &RawValue) -> bool {
+        match socket.emit(logged.kind.as_str(), raw) {
+            Ok(()) => true,
+            Err(SendError::Socket(SocketError::InternalChannelFull)) => {
+                if let Some(session) = Session::of(socket)
+                    && session.cut(socket, &self.transports)
+                {
+                    self.metrics.limits_hit.get_or_create(&[("limit", "slow_consumer")]).inc();
+                    tracing::info!(
+                        socket = session.number,
+                        "a socket's buffer is full; cutting it so that it recovers"
+                    );
+                }
+                false
+            }
+            // It is leaving: its disconnect handler cleans up.
+            Err(SendError::Socket(SocketError::Closed)) => false,
+            Err(e) => {
+                tracing::error!(error = %e, offset = %logged.offset, "cannot encode an event for a socket");
+                false
+            }
+        }
+    }
+
+    /// Shows what the in-memory log holds in the metrics.
+    fn count(&self) {
+        if let Some((events, bytes)) = self.log.size() {
+            self.metrics.replay_log_events.set(events as i64);
+            self.metrics.replay_log_bytes.set(bytes as i64);
+        }
+    }
+}
