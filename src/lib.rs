@@ -15,10 +15,11 @@
 //! - [`store`]: the membership and hierarchy store (SQLite or PostgreSQL).
 //! - [`access`]: who may join which room, with a short-lived cache.
 //! - [`events`]: the five domain event kinds, their validation and targeting.
-//! - [`log`]: the event log (in memory, or a Redis Stream a fleet shares):
-//!   offsets, retention, what recovery replays from.
+//! - [`log`]: the event log (in memory, or Redis Streams a fleet shares,
+//!   one per shard of campaigns): offsets, retention, what recovery replays from.
 //! - [`delivery`]: the one path every outgoing event takes, from the log to
-//!   the sockets in its rooms: fan-out, joins and replays, slow consumers.
+//!   the sockets in its rooms: the followers of the shards an instance needs,
+//!   fan-out, joins and replays, slow consumers.
 //! - [`redis`]: a fleet's Redis connection and its health.
 //! - [`gateway`]: the Socket.IO handlers (handshake, subscribe, unsubscribe).
 //! - [`session`]: a socket's own state, and the one place its rooms change.

@@ -233,11 +233,11 @@ async fn follow<A: Adapter>(
                         Err(e) => break e,
                     };
                     let Some(strong) = inner.upgrade() else { return };
-                    strong.metrics.fleet_entries_read.inc_by(entries.len() as u64);
                     if epoch.is_none() && !entries.is_empty() {
                         // The first entry of a new stream created its epoch: learn it, then read again.
                         epoch = log.head(stream).await.ok().and_then(|h| h.epoch);
                     } else {
+                        strong.metrics.fleet_entries_read.inc_by(entries.len() as u64);
                         for (position, entry) in entries {
                             strong.apply(entry, role.part).await;
                             last = position;

@@ -6,6 +6,7 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use herald::config::Config;
 use serde_json::{Value, json};
 
 use crate::client::Client;
@@ -58,6 +59,19 @@ impl Redis {
         panic!("redis-server did not answer on port {}", self.port);
     }
 
+    /// Stops it answering (SIGSTOP), keeping everything, or lets it go on (SIGCONT).
+    pub fn pause(&self, paused: bool) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let signal = if paused { "-STOP" } else { "-CONT" };
+        assert!(Command::new("kill").args([signal, &pid]).status().unwrap().success());
+    }
+
+    /// Runs a command with `redis-cli`; its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
     /// SIGKILL.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -73,21 +87,31 @@ impl Drop for Redis {
     }
 }
 
-async fn fleet(redis: &Redis, n: usize, prefix: &str) -> Vec<TestApp> {
+pub async fn fleet(redis: &Redis, n: usize, prefix: &str) -> Vec<TestApp> {
+    fleet_with(redis, n, prefix, |_| {}).await
+}
+
+/// `n` instances on `redis` under `prefix`, each with its own fixture
+/// database, after `tweak` has changed their config.
+pub async fn fleet_with(redis: &Redis, n: usize, prefix: &str, tweak: impl Fn(&mut Config)) -> Vec<TestApp> {
     let mut apps = Vec::new();
     for _ in 0..n {
-        let url = redis.url();
-        let prefix = prefix.to_owned();
         apps.push(
-            spawn_app_with(Backend::Sqlite, move |c| {
-                c.fleet.redis_url = Some(url);
-                c.fleet.redis_prefix = prefix;
-                c.fleet.redis_timeout = Duration::from_secs(1);
+            spawn_app_with(Backend::Sqlite, |c| {
+                in_fleet(c, &redis.url(), prefix);
+                tweak(c);
             })
             .await,
         );
     }
     apps
+}
+
+/// Puts `config` in the fleet on `url` under `prefix`.
+pub fn in_fleet(config: &mut Config, url: &str, prefix: &str) {
+    config.fleet.redis_url = Some(url.to_owned());
+    config.fleet.redis_prefix = prefix.to_owned();
+    config.fleet.redis_timeout = Duration::from_secs(1);
 }
 
 fn numbered(seq: usize) -> Value {
@@ -279,14 +303,14 @@ async fn cross_instance_delivery_cost_is_measured() {
 }
 
 /// A private three-master Redis Cluster.
-struct Cluster {
-    ports: Vec<u16>,
+pub struct Cluster {
+    pub ports: Vec<u16>,
     children: Vec<Child>,
     _dir: tempfile::TempDir,
 }
 
 impl Cluster {
-    async fn start() -> Option<Cluster> {
+    pub async fn start() -> Option<Cluster> {
         let _probe = Redis::start().await?;
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<u16> =
@@ -341,6 +365,14 @@ impl Cluster {
             }
         }
         Some(cluster)
+    }
+}
+
+impl Cluster {
+    /// The seed list, as `HERALD_REDIS_URL`.
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        format!("{}{}", herald::redis::CLUSTER_SCHEME, seeds.join(","))
     }
 }
 

@@ -103,14 +103,7 @@ async fn start_app(
     fixture: bool,
     tweak: impl FnOnce(&mut Config),
 ) -> TestApp {
-    let mut config = Config::defaults();
-    config.listen = "127.0.0.1:0".into();
-    config.auth.jwt_secret = Some(JWT_SECRET.into());
-    config.publish.publish_token = Some(PUBLISH_TOKEN.into());
-    config.store.database_url = database_url.clone();
-    config.store.database_migrate = true;
-    tweak(&mut config);
-    let app = Application::build(config).await.expect("the gateway builds");
+    let app = Application::build(test_config(&database_url, tweak)).await.expect("the gateway builds");
     let addr = app.local_addr().unwrap();
     if fixture {
         run_sql(&database_url, FIXTURE).await;
@@ -120,6 +113,19 @@ async fn start_app(
         let _ = stopped.await;
     }));
     TestApp { addr, http: reqwest::Client::new(), database_url, stop: Some(stop), task: Some(task), _dir: dir }
+}
+
+/// A test gateway's config on `database_url` (port 0, the test secrets,
+/// migrations), after `tweak`.
+pub fn test_config(database_url: &str, tweak: impl FnOnce(&mut Config)) -> Config {
+    let mut config = Config::defaults();
+    config.listen = "127.0.0.1:0".into();
+    config.auth.jwt_secret = Some(JWT_SECRET.into());
+    config.publish.publish_token = Some(PUBLISH_TOKEN.into());
+    config.store.database_url = database_url.to_owned();
+    config.store.database_migrate = true;
+    tweak(&mut config);
+    config
 }
 
 async fn fresh_postgres_schema() -> String {

@@ -17,5 +17,6 @@ mod proxy;
 mod publish;
 mod recovery;
 mod revocation;
+mod shards;
 mod store;
 mod subscriptions;
