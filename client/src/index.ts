@@ -183,8 +183,10 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
   const rooms = createRooms({ socket, ackTimeoutMs, connection: () => connection, reportError });
 
   socket.on("connect", () => {
-    status.connected();
+    // First the new connection's number: a listener that subscribes when the
+    // status turns `connected` joins on this connection, not the last one.
     const conn = ++connection;
+    status.connected();
     refresher?.connected(conn);
     void rooms.resubscribeAll(conn);
   });

@@ -134,6 +134,21 @@ describe('herald-client', () => {
     assert.equal(errors[0]?.message, 'Unauthorized');
   });
 
+  test('a subscribe made when the status turns connected is acked and gets events', { timeout: 10_000 }, async () => {
+    const c = client({ autoConnect: false });
+    const rec = recorder();
+    let sub;
+    c.onStatusChange((s) => {
+      if (s === 'connected' && !sub) sub = c.subscribeCampaign('c1', rec.handlers);
+    });
+    c.connect();
+    await waitUntil(() => sub !== undefined, 'the status turned connected');
+    assert.deepEqual(await sub.ready, { success: true });
+    const id = cid('on-connected');
+    await publish(ev.invalidated('c1', id));
+    await rec.waitFor(id);
+  });
+
   test('targetRooms follows the delivery table', () => {
     assert.deepEqual(targetRooms({ type: 'entity_updated', payload: { campaignId: 'c', entityType: 'campaign', entityId: 'c' } }), [
       'campaign:c',
