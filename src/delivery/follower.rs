@@ -76,22 +76,38 @@ impl<A: Adapter> Inner<A> {
         following.joins.send(join).map_err(|e| e.0)
     }
 
+    /// The names of the rooms that have a local socket, at most a tick old:
+    /// one listing serves every follower.
+    async fn rooms_in_use(&self) -> Option<Arc<HashSet<String>>> {
+        let fresh = |(at, _): &(Instant, _)| at.elapsed() < TICK / 2;
+        if let Some((_, rooms)) = self.in_use.lock().unwrap_or_else(|e| e.into_inner()).as_ref().filter(|l| fresh(l)) {
+            return Some(rooms.clone());
+        }
+        let listed = self.io.of("/")?.local().rooms().await.ok()?;
+        let rooms: Arc<HashSet<String>> = Arc::new(listed.into_iter().map(|r| r.into_owned()).collect());
+        *self.in_use.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), rooms.clone()));
+        Some(rooms)
+    }
+
+    /// Forgets the `rooms` (names) of a follower that have no local socket.
+    async fn prune(&self, rooms: &mut HashSet<String>) {
+        if rooms.is_empty() {
+            return;
+        }
+        if let Some(in_use) = self.rooms_in_use().await {
+            rooms.retain(|room| in_use.contains(room));
+        }
+    }
+
     /// Whether the follower of `stream` stops: none of its `rooms` has had
-    /// a local socket for the linger time, and no join waits. Forgets the
-    /// rooms that have no local socket.
+    /// a local socket for the linger time, and no join waits.
     async fn may_stop(
         &self,
         stream: Stream,
-        rooms: &mut HashSet<Room>,
+        rooms: &HashSet<String>,
         idle_since: &mut Option<Instant>,
         joins: &mpsc::UnboundedReceiver<Join<A>>,
     ) -> bool {
-        if let Some(ns) = self.io.of("/")
-            && let Ok(in_use) = ns.local().rooms().await
-        {
-            let in_use: HashSet<&str> = in_use.iter().map(|r| r.as_ref()).collect();
-            rooms.retain(|room| in_use.contains(room.to_string().as_str()));
-        }
         if !rooms.is_empty() || !joins.is_empty() {
             *idle_since = None;
             return false;
@@ -110,16 +126,15 @@ impl<A: Adapter> Inner<A> {
         true
     }
 
-    /// Cuts the local sockets in `rooms` so that they recover (see
+    /// Cuts the local sockets in `rooms` (names) so that they recover (see
     /// [`crate::session::Session::cut`]). Returns how many.
-    fn cut_rooms(&self, rooms: &HashSet<Room>) -> usize {
+    fn cut_rooms(&self, rooms: &HashSet<String>) -> usize {
         let Some(ns) = self.io.of("/") else { return 0 };
-        let names: Vec<String> = rooms.iter().map(ToString::to_string).collect();
-        if names.is_empty() {
+        if rooms.is_empty() {
             return 0;
         }
         ns.local()
-            .to(names)
+            .to(rooms.iter().cloned().collect::<Vec<_>>())
             .sockets()
             .into_iter()
             .filter(|s| crate::session::Session::of(s).is_some_and(|session| session.cut(s, &self.transports)))
@@ -166,7 +181,8 @@ async fn follow<A: Adapter>(
     let mut started = false;
     // Joins were served before the stream could be read: its head was not known.
     let mut blind = false;
-    let mut rooms: HashSet<Room> = HashSet::new();
+    // The names of the rooms it joined sockets to (pruned every tick).
+    let mut rooms: HashSet<String> = HashSet::new();
     let mut idle_since: Option<Instant> = None;
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -179,9 +195,10 @@ async fn follow<A: Adapter>(
                 // Meanwhile, joins are served without a replay (the client refetches).
                 while let Ok(join) = joins.try_recv() {
                     blind |= !started;
-                    rooms.extend(strong.serve_joins(stream, vec![join], None, last).await);
+                    rooms.extend(names(strong.serve_joins(stream, vec![join], None, last).await));
                 }
-                if !role.permanent && strong.may_stop(stream, &mut rooms, &mut idle_since, &joins).await {
+                strong.prune(&mut rooms).await;
+                if !role.permanent && strong.may_stop(stream, &rooms, &mut idle_since, &joins).await {
                     return;
                 }
                 drop(strong);
@@ -250,7 +267,7 @@ async fn follow<A: Adapter>(
                 join = joins.recv() => {
                     let Some(join) = join else { return };
                     let Some(strong) = inner.upgrade() else { return };
-                    rooms.extend(strong.serve_joins(stream, batch_of(join, &mut joins), epoch, last).await);
+                    rooms.extend(names(strong.serve_joins(stream, batch_of(join, &mut joins), epoch, last).await));
                 }
                 _ = tick.tick() => {
                     let Some(strong) = inner.upgrade() else { return };
@@ -259,7 +276,8 @@ async fn follow<A: Adapter>(
                     if stream == Stream::Control && ticks.is_multiple_of(CLAIM_EVERY) {
                         strong.check_claim().await;
                     }
-                    if !role.permanent && strong.may_stop(stream, &mut rooms, &mut idle_since, &joins).await {
+                    strong.prune(&mut rooms).await;
+                    if !role.permanent && strong.may_stop(stream, &rooms, &mut idle_since, &joins).await {
                         return;
                     }
                 }
@@ -280,6 +298,10 @@ async fn follow<A: Adapter>(
         strong.metrics.log_errors.inc();
         tracing::warn!(%stream, error = %error_chain(&error), "event log: reading failed; reconnecting");
     }
+}
+
+fn names(rooms: Vec<Room>) -> impl Iterator<Item = String> {
+    rooms.into_iter().map(|room| room.to_string())
 }
 
 impl<A: Adapter> Inner<A> {

@@ -94,6 +94,8 @@ struct Inner<A: Adapter> {
     on_revoke: OnceLock<RevocationHandler>,
     /// Why the log's keys are not this instance's (another layout holds them).
     claim_problem: Mutex<Option<String>>,
+    /// The names of the rooms with a local socket, and when they were listed.
+    in_use: Mutex<Option<(std::time::Instant, Arc<std::collections::HashSet<String>>)>>,
 }
 
 /// Delivers domain events to rooms, and replays them on request.
@@ -140,6 +142,7 @@ impl<A: Adapter> Delivery<A> {
             followers: Mutex::new(HashMap::new()),
             on_revoke: OnceLock::new(),
             claim_problem: Mutex::new(None),
+            in_use: Mutex::new(None),
         });
         let always = if log.log.has_control() {
             Role { stream: Stream::Control, permanent: true, from_start: log.local, part: Part::Control }
