@@ -11,10 +11,9 @@ import { after, before, describe, test } from 'node:test';
 import { ApolloClient, ApolloLink, InMemoryCache, gql } from '@apollo/client';
 import { Observable } from 'rxjs';
 
-import { createHeraldClient } from '../dist/index.js';
-import { bindToHerald, expectRefetches, more, once, refetched } from './bindings.js';
+import { bindToHerald, expectRefetches, expectResyncAfterRestart, more, once, refetched } from './bindings.js';
 import { createApolloInvalidator, heraldTypename } from '../dist/apollo.js';
-import { cid, ev, FAST_RECONNECT, heraldSetup, publishRaw, recorder, sleep, waitUntil } from './helpers.js';
+import { ev, heraldSetup, recorder, sleep, waitUntil } from './helpers.js';
 
 /** One query per object of the fixture (c1: s1 with st1, s3; c2), each watched, so active. */
 const QUERIES = {
@@ -154,45 +153,16 @@ describe('herald-client/apollo', () => {
   });
 
   test('herald restarted (recovered: false): the campaign room resyncs and its queries refetch once', async () => {
-    let restarting = await setup.start();
-    const port = restarting.port;
-    cleanup.push(() => restarting.stop());
     const cache = apolloCache();
     cleanup.push(() => cache.close());
     await waitUntil(() => Object.values(cache.fetches()).every((n) => n === 1), 'the first fetches');
     await cache.settled();
-    const c = createHeraldClient({ url: restarting.url, token: () => setup.token('alice'), ...FAST_RECONNECT });
-    cleanup.push(() => c.close());
-    const resyncs = [];
-    const invalidator = createApolloInvalidator(cache.client, {
-      resyncTargets: (info, defaults) => {
-        resyncs.push(info);
-        return defaults;
-      },
-    });
-    const rec = recorder();
-    const sub = c.subscribeCampaign('c1', invalidator);
-    await Promise.all([sub.ready, c.subscribeCampaign('c1', rec.handlers).ready]);
-
-    // An event first, so that the re-subscribe has a `since` (an offset of the old process).
-    const first = cid('first');
-    await publishRaw(restarting, setup.publishToken, ev.entity('c1', 'fence', first, first));
-    await rec.waitFor(first);
-    assert.ok(sub.lastOffset);
-    await cache.settled();
-
-    const before = cache.fetches();
-    await restarting.stop();
-    await waitUntil(() => c.status === 'reconnecting', 'status reconnecting');
-    restarting = await setup.start({ port });
-    await waitUntil(() => rec.resyncs.length === 1, 'onResync');
-    assert.deepEqual(rec.resyncs, [{ kind: 'campaign', id: 'c1', reason: 'not-recovered' }]);
-    assert.deepEqual(resyncs, rec.resyncs);
-    const fence = cid('fence');
-    await publishRaw(restarting, setup.publishToken, ev.entity('c1', 'fence', fence, fence));
-    await rec.waitFor(fence);
-    await cache.settled();
-    assert.deepEqual(refetched(before, cache.fetches()), once('c1', 's1', 's3', 'st1'));
-    assert.equal(rec.resyncs.length, 1);
+    await expectResyncAfterRestart({ setup, cleanup }, cache, (onResync) =>
+      createApolloInvalidator(cache.client, {
+        resyncTargets: (info, defaults) => {
+          onResync(info);
+          return defaults;
+        },
+      }), once('c1', 's1', 's3', 'st1'));
   });
 });

@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 
 import { createHeraldClient } from '../dist/index.js';
-import { cid, ev, publishRaw, recorder } from './helpers.js';
+import { cid, ev, FAST_RECONNECT, publishRaw, recorder, waitUntil } from './helpers.js';
 
 /** The refetches between two `fetches()`: `{ name: count }` for every count that changed. */
 export function refetched(before, after) {
@@ -59,4 +59,44 @@ export async function expectRefetches(bound, cases) {
     await bound.publish(event(cid(name.replace(/\W+/g, '-'))));
     assert.deepEqual(refetched(before, bound.fetches()), expected, name);
   }
+}
+
+/**
+ * herald restarts under a client whose campaign c1 is bound to `cache` by
+ * `invalidator(onResync)` (an invalidator whose resync option calls
+ * `onResync(info)` and keeps the defaults): the re-subscribe is answered
+ * `recovered: false`, the room resyncs once, and exactly `expected`
+ * refetches, once.
+ */
+export async function expectResyncAfterRestart({ setup, cleanup }, cache, invalidator, expected) {
+  let restarting = await setup.start();
+  const port = restarting.port;
+  cleanup.push(() => restarting.stop());
+  const c = createHeraldClient({ url: restarting.url, token: () => setup.token('alice'), ...FAST_RECONNECT });
+  cleanup.push(() => c.close());
+  const resyncs = [];
+  const rec = recorder();
+  const sub = c.subscribeCampaign('c1', invalidator((info) => resyncs.push(info)));
+  await Promise.all([sub.ready, c.subscribeCampaign('c1', rec.handlers).ready]);
+
+  // An event first, so that the re-subscribe has a `since` (an offset of the old process).
+  const first = cid('first');
+  await publishRaw(restarting, setup.publishToken, ev.entity('c1', 'fence', first, first));
+  await rec.waitFor(first);
+  assert.ok(sub.lastOffset);
+  await cache.settled();
+
+  const before = cache.fetches();
+  await restarting.stop();
+  await waitUntil(() => c.status === 'reconnecting', 'status reconnecting');
+  restarting = await setup.start({ port });
+  await waitUntil(() => rec.resyncs.length === 1, 'onResync');
+  assert.deepEqual(rec.resyncs, [{ kind: 'campaign', id: 'c1', reason: 'not-recovered' }]);
+  assert.deepEqual(resyncs, rec.resyncs);
+  const fence = cid('fence');
+  await publishRaw(restarting, setup.publishToken, ev.entity('c1', 'fence', fence, fence));
+  await rec.waitFor(fence);
+  await cache.settled();
+  assert.deepEqual(refetched(before, cache.fetches()), expected);
+  assert.equal(rec.resyncs.length, 1);
 }

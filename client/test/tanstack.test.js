@@ -9,10 +9,9 @@ import { after, before, describe, test } from 'node:test';
 
 import { QueryClient, QueryObserver, hashKey } from '@tanstack/query-core';
 
-import { createHeraldClient } from '../dist/index.js';
-import { bindToHerald, expectRefetches, more, once, refetched } from './bindings.js';
+import { bindToHerald, expectRefetches, expectResyncAfterRestart, more, once, refetched } from './bindings.js';
 import { createQueryInvalidator, heraldQueryKeys } from '../dist/tanstack.js';
-import { cid, ev, FAST_RECONNECT, heraldSetup, publishRaw, recorder, sleep, waitUntil } from './helpers.js';
+import { cid, ev, heraldSetup, recorder, sleep, waitUntil } from './helpers.js';
 
 /** The fixture's queries (c1: s1 with st1, s3; c2), each observed, so active. */
 const KEYS = {
@@ -165,44 +164,15 @@ describe('herald-client/tanstack', () => {
   });
 
   test('herald restarted (recovered: false): the campaign room resyncs and its queries refetch once', async () => {
-    let restarting = await setup.start();
-    const port = restarting.port;
-    cleanup.push(() => restarting.stop());
     const cache = queryCache();
     cleanup.push(() => cache.close());
     await cache.settled();
-    const c = createHeraldClient({ url: restarting.url, token: () => setup.token('alice'), ...FAST_RECONNECT });
-    cleanup.push(() => c.close());
-    const resyncs = [];
-    const invalidator = createQueryInvalidator(cache.queryClient, {
-      resyncQueries: (info, defaults) => {
-        resyncs.push(info);
-        return defaults;
-      },
-    });
-    const rec = recorder();
-    const sub = c.subscribeCampaign('c1', invalidator);
-    await Promise.all([sub.ready, c.subscribeCampaign('c1', rec.handlers).ready]);
-
-    // An event first, so that the re-subscribe has a `since` (an offset of the old process).
-    const first = cid('first');
-    await publishRaw(restarting, setup.publishToken, ev.entity('c1', 'fence', first, first));
-    await rec.waitFor(first);
-    assert.ok(sub.lastOffset);
-    await cache.settled();
-
-    const before = cache.fetches();
-    await restarting.stop();
-    await waitUntil(() => c.status === 'reconnecting', 'status reconnecting');
-    restarting = await setup.start({ port });
-    await waitUntil(() => rec.resyncs.length === 1, 'onResync');
-    assert.deepEqual(rec.resyncs, [{ kind: 'campaign', id: 'c1', reason: 'not-recovered' }]);
-    assert.deepEqual(resyncs, rec.resyncs);
-    const fence = cid('fence');
-    await publishRaw(restarting, setup.publishToken, ev.entity('c1', 'fence', fence, fence));
-    await rec.waitFor(fence);
-    await cache.settled();
-    assert.deepEqual(refetched(before, cache.fetches()), once('c1', 'c1Summary', 's1', 's3', 'st1', 'n1'));
-    assert.equal(rec.resyncs.length, 1);
+    await expectResyncAfterRestart({ setup, cleanup }, cache, (onResync) =>
+      createQueryInvalidator(cache.queryClient, {
+        resyncQueries: (info, defaults) => {
+          onResync(info);
+          return defaults;
+        },
+      }), once('c1', 'c1Summary', 's1', 's3', 'st1', 'n1'));
   });
 });
