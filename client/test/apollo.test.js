@@ -85,12 +85,7 @@ describe('herald-client/apollo', () => {
     await setup.stopAll();
   });
 
-  /**
-   * A herald client with the invalidator on campaign c1 and settlement s1,
-   * and a recorder on c1. `publish(events)` publishes, then a fence event
-   * (an entity no query shows), and resolves once the fence has arrived
-   * and the refetches have settled.
-   */
+  /** The fixture's Apollo cache, fetched, bound to herald with `invalidatorOptions` (see `bindToHerald`). */
   async function bound(invalidatorOptions) {
     const cache = apolloCache();
     cleanup.push(() => cache.close());

@@ -69,12 +69,7 @@ describe('herald-client/tanstack', () => {
     await setup.stopAll();
   });
 
-  /**
-   * A herald client with the invalidator on campaign c1 and settlement s1,
-   * and a recorder on c1. `publish(events)` publishes, then a fence event
-   * (an entity no query shows), and resolves once the fence has arrived
-   * and the refetches have settled.
-   */
+  /** The fixture's query cache, fetched, bound to herald with `invalidatorOptions` (see `bindToHerald`). */
   async function bound(invalidatorOptions) {
     const cache = queryCache();
     cleanup.push(() => cache.close());
