@@ -119,6 +119,68 @@ function redisRestartSuite(transports, perInstance) {
 redisRestartSuite(['websocket'], 60);
 redisRestartSuite(['polling'], 10);
 
+/**
+ * Token expiry: each client's first token expires 2 s after it connects
+ * (no leeway), its `auth` function hands a fresh one on every reconnect.
+ * herald cuts the transport at the expiry; the client comes back by itself,
+ * re-subscribes with `since`, and gets what was published meanwhile, once.
+ */
+function tokenExpirySuite(transports, count) {
+  describe(`token expiry: stock ${transports.join('+')} clients whose auth hands a fresh token come back by themselves`, { timeout: 60_000 }, () => {
+    let h;
+    const clients = [];
+
+    before(async () => {
+      h = await startHerald({ env: { HERALD_JWT_LEEWAY: '0s' } });
+      for (let i = 0; i < count; i += 1) {
+        let first = true;
+        const auth = (cb) => {
+          cb({ token: h.token('alice', { expiresIn: first ? 2 : 3600 }) });
+          first = false;
+        };
+        clients.push(recipeClient(h.url, { auth, rooms: [['campaign', 'c1']], transports }));
+      }
+      await waitUntil(() => clients.every((c) => c.acks.length === 1), 10_000, () => 'every client subscribed');
+    });
+
+    after(async () => {
+      for (const c of clients) c.socket.close();
+      await h?.stop();
+    });
+
+    it('every client is cut at its expiry, is back with recovered: true, and misses nothing', async (t) => {
+      // Published all along, across the cuts.
+      let seq = 0;
+      const until = Date.now() + 5_000;
+      while (Date.now() < until) {
+        await h.publish(numbered('expiry', seq));
+        seq += 1;
+        await sleep(50);
+      }
+      const back = (c) => c.acks.some((a) => a.since !== undefined);
+      await waitUntil(() => clients.every(back), 10_000, () => `${clients.filter((c) => !back(c)).length} clients to come back`);
+      await waitUntil(() => clients.every((c) => countsOf(c, 'expiry').size === seq), 5_000, () => 'every event everywhere');
+      const latencies = [];
+      for (const [i, c] of clients.entries()) {
+        assert.deepEqual(c.disconnects.map((d) => d.reason).filter((r) => !TRANSPORT_REASONS.includes(r)), [], `client ${i}`);
+        assert.equal(c.disconnects.length, 1, `client ${i}: cut once`);
+        const again = c.acks.find((a) => a.since !== undefined);
+        assert.deepEqual(again.ack, { success: true, recovered: true }, `client ${i}`);
+        for (const [s, n] of countsOf(c, 'expiry')) assert.equal(n, 1, `client ${i}: event ${s} once`);
+        latencies.push(again.at - c.disconnects[0].at);
+      }
+      latencies.sort((a, b) => a - b);
+      t.diagnostic(
+        `${clients.length} stock ${transports.join('+')} clients, token-expiry cut to recovered:true ack: ` +
+          `p50 ${percentile(latencies, 50)} ms, p99 ${percentile(latencies, 99)} ms, max ${latencies.at(-1)} ms`,
+      );
+    });
+  });
+}
+
+tokenExpirySuite(['websocket'], 100);
+tokenExpirySuite(['polling'], 10);
+
 describe('a stock client behind a proxy that stops reading', { timeout: 60_000 }, () => {
   let h;
   let proxy;
