@@ -8,7 +8,7 @@
 //! has had a local socket for the linger time. The in-memory log's one shard
 //! and the control stream are followed for the instance's whole life.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -76,26 +76,28 @@ impl<A: Adapter> Inner<A> {
         following.joins.send(join).map_err(|e| e.0)
     }
 
-    /// The names of the rooms that have a local socket, at most a tick old:
-    /// one listing serves every follower.
-    async fn rooms_in_use(&self) -> Option<Arc<HashSet<String>>> {
-        let fresh = |(at, _): &(Instant, _)| at.elapsed() < TICK / 2;
-        if let Some((_, rooms)) = self.in_use.lock().unwrap_or_else(|e| e.into_inner()).as_ref().filter(|l| fresh(l)) {
-            return Some(rooms.clone());
+    /// The names of the rooms that have a local socket, and when they were
+    /// listed (at most half a tick ago): one listing serves every follower.
+    async fn rooms_in_use(&self) -> Option<(Instant, Arc<HashSet<String>>)> {
+        let fresh = |(at, _): &&(Instant, _)| at.elapsed() < TICK / 2;
+        if let Some(listing) = self.in_use.lock().unwrap_or_else(|e| e.into_inner()).as_ref().filter(fresh) {
+            return Some(listing.clone());
         }
+        let at = Instant::now();
         let listed = self.io.of("/")?.local().rooms().await.ok()?;
-        let rooms: Arc<HashSet<String>> = Arc::new(listed.into_iter().map(|r| r.into_owned()).collect());
-        *self.in_use.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), rooms.clone()));
-        Some(rooms)
+        let listing = (at, Arc::new(listed.into_iter().map(|r| r.into_owned()).collect()));
+        *self.in_use.lock().unwrap_or_else(|e| e.into_inner()) = Some(listing.clone());
+        Some(listing)
     }
 
-    /// Forgets the `rooms` (names) of a follower that have no local socket.
-    async fn prune(&self, rooms: &mut HashSet<String>) {
+    /// Forgets the `rooms` of a follower that have no local socket. A room
+    /// joined after the listing was taken is kept: the listing cannot know it.
+    async fn prune(&self, rooms: &mut Joined) {
         if rooms.is_empty() {
             return;
         }
-        if let Some(in_use) = self.rooms_in_use().await {
-            rooms.retain(|room| in_use.contains(room));
+        if let Some((listed_at, in_use)) = self.rooms_in_use().await {
+            rooms.retain(|room, joined_at| *joined_at >= listed_at || in_use.contains(room));
         }
     }
 
@@ -104,7 +106,7 @@ impl<A: Adapter> Inner<A> {
     async fn may_stop(
         &self,
         stream: Stream,
-        rooms: &HashSet<String>,
+        rooms: &Joined,
         idle_since: &mut Option<Instant>,
         joins: &mpsc::UnboundedReceiver<Join<A>>,
     ) -> bool {
@@ -128,13 +130,13 @@ impl<A: Adapter> Inner<A> {
 
     /// Cuts the local sockets in `rooms` (names) so that they recover (see
     /// [`crate::session::Session::cut`]). Returns how many.
-    fn cut_rooms(&self, rooms: &HashSet<String>) -> usize {
+    fn cut_rooms(&self, rooms: &Joined) -> usize {
         let Some(ns) = self.io.of("/") else { return 0 };
         if rooms.is_empty() {
             return 0;
         }
         ns.local()
-            .to(rooms.iter().cloned().collect::<Vec<_>>())
+            .to(rooms.keys().cloned().collect::<Vec<_>>())
             .sockets()
             .into_iter()
             .filter(|s| crate::session::Session::of(s).is_some_and(|session| session.cut(s, &self.transports)))
@@ -181,8 +183,8 @@ async fn follow<A: Adapter>(
     let mut started = false;
     // Joins were served before the stream could be read: its head was not known.
     let mut blind = false;
-    // The names of the rooms it joined sockets to (pruned every tick).
-    let mut rooms: HashSet<String> = HashSet::new();
+    // The rooms it joined sockets to (pruned every tick).
+    let mut rooms = Joined::new();
     let mut idle_since: Option<Instant> = None;
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -195,7 +197,7 @@ async fn follow<A: Adapter>(
                 // Meanwhile, joins are served without a replay (the client refetches).
                 while let Ok(join) = joins.try_recv() {
                     blind |= !started;
-                    rooms.extend(names(strong.serve_joins(stream, vec![join], None, last).await));
+                    rooms.extend(joined(strong.serve_joins(stream, vec![join], None, last).await));
                 }
                 strong.prune(&mut rooms).await;
                 if !role.permanent && strong.may_stop(stream, &rooms, &mut idle_since, &joins).await {
@@ -267,7 +269,7 @@ async fn follow<A: Adapter>(
                 join = joins.recv() => {
                     let Some(join) = join else { return };
                     let Some(strong) = inner.upgrade() else { return };
-                    rooms.extend(names(strong.serve_joins(stream, batch_of(join, &mut joins), epoch, last).await));
+                    rooms.extend(joined(strong.serve_joins(stream, batch_of(join, &mut joins), epoch, last).await));
                 }
                 _ = tick.tick() => {
                     let Some(strong) = inner.upgrade() else { return };
@@ -300,8 +302,12 @@ async fn follow<A: Adapter>(
     }
 }
 
-fn names(rooms: Vec<Room>) -> impl Iterator<Item = String> {
-    rooms.into_iter().map(|room| room.to_string())
+/// The rooms a follower joined sockets to, by name, with when it last did.
+type Joined = HashMap<String, Instant>;
+
+fn joined(rooms: Vec<Room>) -> impl Iterator<Item = (String, Instant)> {
+    let now = Instant::now();
+    rooms.into_iter().map(move |room| (room.to_string(), now))
 }
 
 impl<A: Adapter> Inner<A> {
