@@ -1,7 +1,8 @@
 //! The Redis connection of a fleet: one shared, reconnecting connection (to
 //! a single node, or to a Redis Cluster given as
 //! `redis-cluster://host:port,host:port`), dedicated connections for the
-//! event log's blocking reads, and whether Redis answers.
+//! event log's blocking reads (on a cluster, to the one node that serves the
+//! stream), and whether Redis answers.
 //!
 //! Health is a `PING` every half second on the shared connection: `/readyz`
 //! reports it, and while Redis does not answer a publish is refused at once
@@ -31,6 +32,8 @@ pub enum RedisError {
     Redis(#[from] redis::RedisError),
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("no Redis Cluster node serves slot {0}")]
+    NoNodeForSlot(u16),
 }
 
 /// Where the fleet's Redis is, and how long one operation may take.
@@ -196,30 +199,69 @@ impl Redis {
         self.0.settings.op_timeout
     }
 
-    /// A new connection of its own, for blocking reads, whose replies may
-    /// take up to `block` more than the operation timeout.
-    pub(crate) async fn dedicated(&self, block: Duration) -> redis::RedisResult<Conn> {
+    /// A new connection of its own for blocking reads of `key`, whose
+    /// replies may take up to `block` more than the operation timeout. On a
+    /// cluster it goes to the node that serves `key`'s slot now, and to no
+    /// other: when the slot moves, reads there fail (`MOVED`) and the reader
+    /// asks for a new connection.
+    pub(crate) async fn dedicated(&self, key: &str, block: Duration) -> Result<Conn, RedisError> {
         let timeout = self.op_timeout();
-        let response_timeout = timeout + block;
-        match &self.0.client {
-            Some(client) => {
-                let config = redis::AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(timeout))
-                    .set_response_timeout(Some(response_timeout));
-                Ok(Conn::Plain(client.get_multiplexed_async_connection_with_config(&config).await?))
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout + block));
+        let client = match &self.0.client {
+            Some(client) => client.clone(),
+            None => redis::Client::open(format!("redis://{}", self.node_of(key).await?))?,
+        };
+        Ok(Conn::Plain(client.get_multiplexed_async_connection_with_config(&config).await?))
+    }
+
+    /// `host:port` of the cluster node that serves `key`'s slot.
+    async fn node_of(&self, key: &str) -> Result<String, RedisError> {
+        let slot = slot_of(key);
+        let mut conn = self.conn();
+        let ranges: Vec<redis::Value> = self.bounded(redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut conn)).await?;
+        let owner = ranges.iter().find_map(|range| {
+            let redis::Value::Array(fields) = range else { return None };
+            let (Some(redis::Value::Int(first)), Some(redis::Value::Int(last)), Some(redis::Value::Array(master))) =
+                (fields.first(), fields.get(1), fields.get(2))
+            else {
+                return None;
+            };
+            if !(*first..=*last).contains(&i64::from(slot)) {
+                return None;
             }
-            None => {
-                let nodes = self.0.settings.url.strip_prefix(CLUSTER_SCHEME).unwrap_or_default();
-                let client = cluster_client(nodes, timeout, response_timeout)?;
-                Ok(Conn::Cluster(client.get_async_connection().await?))
+            match (master.first(), master.get(1)) {
+                (Some(redis::Value::BulkString(host)), Some(redis::Value::Int(port))) => {
+                    Some(format!("{}:{port}", String::from_utf8_lossy(host)))
+                }
+                _ => None,
             }
-        }
+        });
+        owner.ok_or(RedisError::NoNodeForSlot(slot))
+    }
+
+    /// `fut`, failing after the operation timeout.
+    async fn bounded<T>(&self, fut: impl Future<Output = redis::RedisResult<T>>) -> Result<T, RedisError> {
+        let timeout = self.op_timeout();
+        Ok(tokio::time::timeout(timeout, fut).await.map_err(|_| RedisError::Timeout(timeout))??)
     }
 
     /// Stops pinging.
     pub fn shutdown(&self) {
         let _ = self.0.stop.send(true);
     }
+}
+
+/// A key's Redis Cluster slot: CRC-16/XMODEM of its hash tag (the part
+/// between the first `{` and the next `}`, when not empty), else of the key.
+fn slot_of(key: &str) -> u16 {
+    let tagged = key
+        .split_once('{')
+        .and_then(|(_, rest)| rest.split_once('}'))
+        .map(|(tag, _)| tag)
+        .filter(|tag| !tag.is_empty());
+    crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(key).as_bytes()) % 16384
 }
 
 /// Pings Redis every [`PING_EVERY`] until stopped.
@@ -233,5 +275,25 @@ async fn watch_health(inner: std::sync::Weak<Inner>, mut stopped: watch::Receive
         }
         let Some(inner) = inner.upgrade() else { return };
         Redis(inner).ping().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slot_of;
+
+    #[test]
+    fn a_key_s_slot_is_the_one_redis_computes() {
+        // Each as `CLUSTER KEYSLOT` answers on Redis 7.
+        for (key, slot) in [
+            ("foo", 12182),
+            ("{user1000}.following", 3443),
+            ("{herald:17}:log", 6470),
+            ("{herald:control}:epoch", 12023),
+            ("{}foo", 9500),
+            ("a{}{b}", 15033),
+        ] {
+            assert_eq!(slot_of(key), slot, "{key}");
+        }
     }
 }

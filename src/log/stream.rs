@@ -224,8 +224,10 @@ impl EventLog for StreamLog {
 
     fn reader(&self, stream: Stream) -> LogFuture<'_, Box<dyn LogReader>> {
         Box::pin(async move {
-            let conn = self.redis.dedicated(BLOCK_MAX).await.map_err(|e| LogError::Unavailable(error_chain(&e)))?;
-            let reader: Box<dyn LogReader> = Box::new(StreamReader { conn, stream: self.keys(stream).0 });
+            let key = self.keys(stream).0;
+            let conn =
+                self.redis.dedicated(&key, BLOCK_MAX).await.map_err(|e| LogError::Unavailable(error_chain(&e)))?;
+            let reader: Box<dyn LogReader> = Box::new(StreamReader { conn, stream: key });
             Ok(reader)
         })
     }

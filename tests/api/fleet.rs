@@ -369,6 +369,30 @@ impl Cluster {
 }
 
 impl Cluster {
+    fn cli(&self, node: usize, args: &[&str]) -> String {
+        let out = Command::new("redis-cli").args(["-p", &self.ports[node].to_string()]).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Moves the slot of `key` (which exists) to the next master, keys and all, as a resharding does.
+    pub fn move_slot_of(&self, key: &str) {
+        let slot = self.cli(0, &["CLUSTER", "KEYSLOT", key]);
+        let ids: Vec<String> = (0..3).map(|n| self.cli(n, &["CLUSTER", "MYID"])).collect();
+        let from =
+            (0..3).find(|&n| self.cli(n, &["CLUSTER", "COUNTKEYSINSLOT", &slot]) != "0").expect("the key's node");
+        let to = (from + 1) % 3;
+        assert_eq!(self.cli(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &ids[from]]), "OK");
+        assert_eq!(self.cli(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &ids[to]]), "OK");
+        let keys = self.cli(from, &["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
+        let port = self.ports[to].to_string();
+        let mut migrate = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+        migrate.extend(keys.lines());
+        assert_eq!(self.cli(from, &migrate), "OK");
+        for n in 0..3 {
+            assert_eq!(self.cli(n, &["CLUSTER", "SETSLOT", &slot, "NODE", &ids[to]]), "OK");
+        }
+    }
+
     /// The seed list, as `HERALD_REDIS_URL`.
     pub fn url(&self) -> String {
         let seeds: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();

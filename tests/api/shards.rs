@@ -1,7 +1,8 @@
 //! The sharded fleet log: an instance reads only the shards its sockets
 //! need, a socket joining a shard its instance did not follow loses nothing
 //! and gets nothing twice, every followed shard resumes after Redis comes
-//! back, and another layout cannot share a prefix in silence. Each test
+//! back, a shard whose cluster slot moves is read from its new node, and
+//! another layout cannot share a prefix in silence. Each test
 //! starts its own `redis-server` (or cluster).
 
 use std::time::{Duration, Instant};
@@ -310,4 +311,23 @@ async fn on_a_cluster_a_batch_over_several_shards_and_a_user_revocation_reach_ev
         assert!(c.closed_within(Duration::from_secs(3)).await, "{campaign}: still connected");
         assert!(c.got_disconnect_packet(), "{campaign}: a final disconnect");
     }
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_shard_whose_slot_moves_is_read_from_its_new_node() {
+    let Some(cluster) = Cluster::start().await else { return };
+    let url = cluster.url();
+    let app = spawn_app_with(Backend::Sqlite, move |c| in_fleet(c, &url, "herald-moved")).await;
+    let mut client = app.connect("alice").await;
+    assert_eq!(client.subscribe("campaign", "c1").await["success"], true);
+    publish_accepted(&app, &numbered("c1", 0)).await;
+    assert_eq!(seqs(&drain(&mut client, Duration::from_millis(500)).await), [0]);
+    // The instance reads c1's shard on the one node that serves it; the slot moves away.
+    cluster.move_slot_of(&format!("{{herald-moved:{}}}:log", shard("c1")));
+    for seq in 1..=5 {
+        publish_accepted(&app, &numbered("c1", seq)).await;
+    }
+    let after = drain(&mut client, Duration::from_secs(3)).await;
+    assert_eq!(seqs(&after), [1, 2, 3, 4, 5], "read from the shard's new node, nothing lost or twice");
+    assert!(!client.closed_within(Duration::from_millis(100)).await, "the socket stays connected");
 }
