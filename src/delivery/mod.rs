@@ -304,19 +304,25 @@ impl<A: Adapter> Inner<A> {
         }
     }
 
-    /// Delivers one logged event to the local sockets in its rooms.
+    /// Delivers one logged event to the local sockets in its rooms. An event
+    /// no local socket wants (another campaign of a shard this instance
+    /// follows) costs only the look-up.
     async fn deliver(&self, logged: &Logged) {
+        // After shutdown the namespace is gone: nothing to deliver to.
+        let Some(ns) = self.io.of("/") else { return };
+        let rooms: Vec<String> = logged.rooms.iter().map(ToString::to_string).collect();
+        let sockets = ns.local().to(rooms).sockets();
+        if sockets.is_empty() {
+            return;
+        }
         let Ok(raw) = RawValue::from_string(logged.json.to_string()) else {
             tracing::error!(offset = %logged.offset, "a logged event is not valid JSON");
             return;
         };
-        // After shutdown the namespace is gone: nothing to deliver to.
-        let Some(ns) = self.io.of("/") else { return };
         // One emit per socket rather than a broadcast: a broadcast's errors do
         // not say which socket failed, and a socket that misses an event must
         // not stay connected as if it had not.
-        let rooms: Vec<String> = logged.rooms.iter().map(ToString::to_string).collect();
-        for socket in ns.local().to(rooms).sockets() {
+        for socket in sockets {
             self.emit_to(&socket, logged, &raw);
         }
         // Lets the sockets' writers drain between the events of a burst.
