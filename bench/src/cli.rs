@@ -13,7 +13,7 @@ use crate::servers::Kind;
 #[derive(Parser, Debug)]
 #[command(name = "herald-bench", version)]
 pub struct Cli {
-    /// Scenarios to run: `all` or a comma-separated list of 1..5.
+    /// Scenarios to run: `all` or a comma-separated list of 1..6.
     #[arg(long, default_value = "all")]
     pub scenario: String,
     /// Servers to run against, comma-separated: herald,node,floor [default: all three; herald with --smoke].
@@ -40,9 +40,25 @@ pub struct Cli {
     /// A ramp step passes when its p99 latency is below this (and nothing was lost).
     #[arg(long, default_value_t = 100.0)]
     pub p99_limit_ms: f64,
-    /// Campaigns in scenario 3 (clients are spread evenly over them).
+    /// Campaigns in scenarios 3 and 6 (clients are spread evenly over them).
     #[arg(long, default_value_t = 100)]
     pub campaigns: u32,
+    /// Scenario 6: numbers of herald instances, comma-separated [default: 1,2,4; 2 with --smoke].
+    #[arg(long)]
+    pub fleet_instances: Option<String>,
+    /// Scenario 6: log shard counts, comma-separated; 1 is one stream, the design before the
+    /// sharded log [default: 64,1; 64 with --smoke].
+    #[arg(long)]
+    pub fleet_shards: Option<String>,
+    /// Scenario 6: clients over all the instances [default: 10000; 200 with --smoke].
+    #[arg(long)]
+    pub fleet_clients: Option<u32>,
+    /// Scenario 6: events per second of the mix, over every campaign [default: 100; 50 with --smoke].
+    #[arg(long)]
+    pub fleet_rate: Option<f64>,
+    /// Scenario 6: seconds of each phase [default: 10; 2 with --smoke].
+    #[arg(long)]
+    pub fleet_phase: Option<f64>,
     /// Tiny run for CI: 200 clients, 2-3 s per scenario, herald only; exits non-zero on any loss,
     /// duplicate, protocol error, failed connection or failed publish. Never a timed assertion.
     #[arg(long)]
@@ -96,6 +112,7 @@ pub struct Cfg {
     pub ramp_rates: Vec<f64>,
     pub p99_limit_ms: f64,
     pub campaigns: u32,
+    pub fleet: FleetCfg,
     pub smoke: bool,
     pub settle: Duration,
     pub quiet: Duration,
@@ -104,16 +121,30 @@ pub struct Cfg {
     pub read_buffer: usize,
 }
 
+/// Scenario 6's settings.
+pub struct FleetCfg {
+    pub instances: Vec<usize>,
+    pub shards: Vec<u32>,
+    pub clients: u32,
+    pub rate: f64,
+    pub phase_s: f64,
+}
+
+fn list<T: std::str::FromStr>(what: &str, given: &Option<String>, default: &str) -> Result<Vec<T>> {
+    let s = given.as_deref().unwrap_or(default);
+    s.split(',').map(|x| x.trim().parse::<T>().map_err(|_| anyhow::anyhow!("bad {what} {x:?}"))).collect()
+}
+
 pub fn resolve(cli: &Cli) -> Result<Cfg> {
     let smoke = cli.smoke;
     let scenarios: Vec<u8> = if cli.scenario.trim() == "all" {
-        vec![1, 2, 3, 4, 5]
+        vec![1, 2, 3, 4, 5, 6]
     } else {
         let mut v = Vec::new();
         for s in cli.scenario.split(',') {
             let n: u8 = s.trim().parse().with_context(|| format!("bad scenario {s:?}"))?;
-            if !(1..=5).contains(&n) {
-                bail!("scenario {n} does not exist (1..5)");
+            if !(1..=6).contains(&n) {
+                bail!("scenario {n} does not exist (1..6)");
             }
             v.push(n);
         }
@@ -139,6 +170,21 @@ pub fn resolve(cli: &Cli) -> Result<Cfg> {
     if !ramp_rates.iter().all(|r| rate_check(*r)) || cli.rate.is_some_and(|r| !rate_check(r)) {
         bail!("rates must be positive");
     }
+    let fleet = FleetCfg {
+        instances: list("instance count", &cli.fleet_instances, if smoke { "2" } else { "1,2,4" })?,
+        shards: list("shard count", &cli.fleet_shards, if smoke { "64" } else { "64,1" })?,
+        clients: cli.fleet_clients.unwrap_or(if smoke { 200 } else { 10_000 }),
+        rate: cli.fleet_rate.unwrap_or(if smoke { 50.0 } else { 100.0 }),
+        phase_s: cli.fleet_phase.unwrap_or(if smoke { 2.0 } else { 10.0 }),
+    };
+    if fleet.instances.iter().any(|n| !(1..=16).contains(n))
+        || fleet.shards.iter().any(|s| !(1..=1024).contains(s))
+        || fleet.clients == 0
+        || !rate_check(fleet.rate)
+        || !rate_check(fleet.phase_s)
+    {
+        bail!("scenario 6 needs 1..16 instances, 1..1024 shards, clients, and a positive rate and phase");
+    }
     let cfg = Cfg {
         scenarios,
         servers,
@@ -151,6 +197,7 @@ pub fn resolve(cli: &Cli) -> Result<Cfg> {
         ramp_rates,
         p99_limit_ms: cli.p99_limit_ms,
         campaigns: cli.campaigns.max(1),
+        fleet,
         smoke,
         settle: if smoke { Duration::from_millis(200) } else { Duration::from_secs(1) },
         quiet: if smoke { Duration::from_secs(2) } else { Duration::from_secs(10) },

@@ -1,7 +1,8 @@
 //! The publisher: `POST /v1/events` at a fixed rate from a few keep-alive connections.
 //!
-//! Event `i` of a phase is due at `t0 + i / rate`, goes to campaign `campaigns[i % C]` with
-//! sequence number `base[c] + i / C`, and carries `sentAtNs` (taken just before the request is
+//! Event `i` of a phase is due at `t0 + i / rate`, goes to campaign `campaigns[i % C]` through
+//! the instance `route[c]` (instance 0 unless a scenario routes by campaign) with sequence
+//! number `base[c] + i / C`, and carries `sentAtNs` (taken just before the request is
 //! written) and `seq` in `entityData`, which herald passes through unchanged. Worker `w` sends
 //! the events `i ≡ w (mod workers)`, so up to `workers` requests are in flight; a late event is
 //! sent at once and its lateness is reported (`max_publish_lag_ms`).
@@ -33,6 +34,8 @@ impl Publisher {
 pub struct PhasePlan<'a> {
     pub campaigns: &'a [u32],
     pub base: &'a [u64],
+    /// Per campaign number: the index of the publisher its events go through.
+    pub route: &'a [usize],
     pub rate: f64,
     pub duration: Duration,
     pub workers: usize,
@@ -62,7 +65,7 @@ struct Counters {
 
 /// Publishes one phase; `accepted[c]` gets the seqs the server answered 202 for.
 pub async fn publish_phase(
-    p: &Arc<Publisher>,
+    publishers: &[Arc<Publisher>],
     accepted: &Arc<Vec<Mutex<SeqSet>>>,
     plan: PhasePlan<'_>,
 ) -> PhaseOutcome {
@@ -88,17 +91,19 @@ pub async fn publish_phase(
     let interval_ns = 1e9 / plan.rate;
     let campaigns: Arc<Vec<u32>> = Arc::new(plan.campaigns.to_vec());
     let base: Arc<Vec<u64>> = Arc::new(plan.base.to_vec());
+    let route: Arc<Vec<Arc<Publisher>>> = Arc::new(plan.route.iter().map(|&k| publishers[k].clone()).collect());
     let workers = plan.workers.max(1) as u64;
     let mut handles = Vec::new();
     for w in 0..workers.min(n) {
-        let (p, accepted, counters, campaigns, base) =
-            (p.clone(), accepted.clone(), counters.clone(), campaigns.clone(), base.clone());
+        let (route, accepted, counters, campaigns, base) =
+            (route.clone(), accepted.clone(), counters.clone(), campaigns.clone(), base.clone());
         handles.push(tokio::spawn(async move {
             let mut i = w;
             while i < n {
                 let due = t0 + Duration::from_nanos((i as f64 * interval_ns) as u64);
                 tokio::time::sleep_until(due).await;
                 let c = campaigns[(i % ncamp) as usize];
+                let p = &route[c as usize];
                 let seq = base[c as usize] + i / ncamp;
                 let sent = now_ns();
                 let lag = sent.saturating_sub(t0_ns + (i as f64 * interval_ns) as u64);

@@ -9,6 +9,7 @@
 //! - `cli`: the flags (`Cli`) and the settings they resolve to (`Cfg`).
 //! - `run`: one run: the environment and fixtures, every scenario on every server, the output.
 //! - `scenarios`: scenarios 1-5 and the checks on what they measured (`--smoke`).
+//! - `fleet`: scenario 6, herald's fleet on a Redis Cluster, and what it measures.
 //! - `results`: what they measured, as types, and the JSON document.
 //! - `session`: the servers and clients of one scenario: start, connect, traffic, stop.
 //! - `servers`: starting and stopping herald, the Node reference, the floor and Redis; fixtures.
@@ -18,6 +19,7 @@
 //! - `report`: the human-readable tables.
 
 mod cli;
+mod fleet;
 mod load;
 mod proto;
 mod report;

@@ -321,5 +321,90 @@ pub fn print_tables(cfg: &Cfg, results: &BTreeMap<&str, ServerResults>) {
         t.print();
         summary.print();
     }
+    if want(6) {
+        fleet_tables(cfg, servers);
+    }
     println!();
+}
+
+fn fleet_tables(cfg: &Cfg, servers: &[(String, &ServerResults)]) {
+    let f = &cfg.fleet;
+    let mut t = Table::new(
+        format!(
+            "Scenario 6: herald instances on a 3-master Redis Cluster, {} clients over {} campaigns (campaign c \
+             on instance c mod n), {} ev/s over every campaign, {} s phases; per instance",
+            f.clients, cfg.campaigns, f.rate, f.phase_s
+        ),
+        &[
+            "shards",
+            "instances",
+            "instance",
+            "shards followed",
+            "entries read",
+            "events needed",
+            "read/needed",
+            "deliveries",
+            "µs CPU/deliv",
+            "idle CPU%",
+            "unwanted CPU%",
+        ],
+    );
+    let mut sum = Table::new(
+        "Scenario 6: per run (targets: read/needed within 2, unwanted CPU under 5%, Redis nodes within 2x)".into(),
+        &[
+            "shards",
+            "instances",
+            "read/needed max",
+            "unwanted CPU% max",
+            "Redis commands/s per node",
+            "busiest/idlest",
+            "p50 ms",
+            "p99 ms",
+            "lost",
+            "dup",
+        ],
+    );
+    for (name, r) in servers {
+        let v = match entry(r, |s| &s.s6) {
+            None => continue,
+            Some(Err(s)) => {
+                sum.rows.push(vec![format!("{name}: {s}")]);
+                continue;
+            }
+            Some(Ok(v)) => v,
+        };
+        for run in &v.runs {
+            for (k, i) in run.per_instance.iter().enumerate() {
+                t.rows.push(vec![
+                    int(run.shards),
+                    int(run.instances),
+                    int(k),
+                    i.shards_followed.map(int).unwrap_or_else(|| "-".into()),
+                    i.entries_read.map(int).unwrap_or_else(|| "-".into()),
+                    int(i.events_needed),
+                    fixed(i.read_over_needed, 2),
+                    int(i.deliveries),
+                    fixed(i.cpu_us_per_delivery, 2),
+                    fixed(i.idle_cpu_pct, 2),
+                    fixed(i.unwanted_cpu_pct, 1),
+                ]);
+            }
+            let nodes: Vec<String> = run.redis_nodes.iter().map(|n| fixed(n.commands_per_s, 0)).collect();
+            let phases = std::iter::once(&run.mix).chain(&run.others);
+            sum.rows.push(vec![
+                int(run.shards),
+                int(run.instances),
+                fixed(run.read_over_needed_max, 2),
+                fixed(run.unwanted_cpu_pct_max, 1),
+                nodes.join(" / "),
+                fixed(run.node_commands_max_over_min, 2),
+                fixed(run.mix.latency_ms.p50_ms, 2),
+                fixed(run.mix.latency_ms.p99_ms, 2),
+                int(phases.clone().map(|p| p.lost).sum::<u64>()),
+                int(phases.map(|p| p.duplicates).sum::<u64>()),
+            ]);
+        }
+    }
+    t.print();
+    sum.print();
 }

@@ -1,5 +1,5 @@
 //! What a run measures, as types: the setup of a scenario's clients (`Setup`), one traffic phase
-//! (`Traffic`), each scenario's result, and the JSON document a run prints (`Document`). The
+//! (`Traffic`), each scenario's result (scenario 6's, `Fleet`, is beside it in `fleet`), and the JSON document a run prints (`Document`). The
 //! field names are the JSON's (bench/README.md): the document is serialized once, at the edge
 //! (the last stdout line, `--json-out`). A figure that could not be read is `None` (`null`).
 
@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::fleet::Fleet;
 use crate::stats::Latency;
 
 pub fn round1(x: f64) -> f64 {
@@ -182,6 +183,8 @@ pub struct Scenarios {
     pub s4: Option<Outcome<Scenario4>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub s5: Option<Outcome<Ramp>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s6: Option<Outcome<Fleet>>,
 }
 
 /// The setup and the traffic phases of one scenario that ran, for the checks.
@@ -209,6 +212,10 @@ impl Scenarios {
         }
         if let Some(v) = self.s5.as_ref().and_then(Outcome::done) {
             out.push(Measured { key: "s5", setup: &v.setup, traffic: v.steps.iter().map(|s| &s.traffic).collect() });
+        }
+        for r in self.s6.as_ref().and_then(Outcome::done).map(|f| f.runs.as_slice()).unwrap_or_default() {
+            let traffic = std::iter::once(&r.mix).chain(&r.others).collect();
+            out.push(Measured { key: "s6", setup: &r.setup, traffic });
         }
         out
     }

@@ -15,7 +15,7 @@ use crate::{report, scenarios};
 pub async fn run(cli: Cli) -> Result<bool> {
     let cfg = resolve(&cli)?;
     let nofile = raise_nofile();
-    let need = cfg.clients.max(cfg.ramp_clients) as u64 + 200;
+    let need = cfg.clients.max(cfg.ramp_clients).max(cfg.fleet.clients) as u64 + 200;
     if nofile < need {
         eprintln!("WARNING: open-files limit {nofile} is below the {need} this run needs (raise `ulimit -Hn`)");
     }
@@ -56,7 +56,7 @@ pub async fn run(cli: Cli) -> Result<bool> {
         pin,
         max_connections: 25_000,
     };
-    let users = cfg.clients.max(cfg.ramp_clients);
+    let users = cfg.clients.max(cfg.ramp_clients).max(cfg.fleet.clients);
     let rows = servers::membership_rows(users, cfg.campaigns);
     servers::write_fixture_db(&env.db_path, &rows).await?;
     servers::write_fixture_json(&env.fixture_json, &rows)?;

@@ -1,10 +1,11 @@
-//! The scenarios (1 and 2 share their clients; 3, 4 and 5), the chosen ones run against one
+//! The scenarios (1 and 2 share their clients; 3, 4 and 5; 6 is in `fleet`), the chosen ones run against one
 //! server (`on_server`), and the checks on what they measured (`check`). Each scenario starts
 //! its own session, so it begins on freshly started servers.
 
 use anyhow::Result;
 
 use crate::cli::Cfg;
+use crate::fleet;
 use crate::results::{
     Measured, Outcome, Ramp, Scenario1, Scenario4, Scenarios, Step, Traffic, TrafficScenario, compact,
 };
@@ -43,6 +44,13 @@ pub async fn on_server(b: &Bench, kind: Kind, failures: &mut Vec<String>) -> Sce
     }
     if want(5) {
         res.s5 = Some(outcome(failures, name, "s5", scenario_5(b, kind).await));
+    }
+    if want(6) {
+        res.s6 = Some(if kind == Kind::Herald {
+            outcome(failures, name, "s6", fleet::scenario_6(b).await)
+        } else {
+            Outcome::NotApplicable { na: "scenario 6 measures herald's sharded event log".into() }
+        });
     }
     res
 }

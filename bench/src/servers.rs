@@ -151,7 +151,14 @@ fn spawn(env: &Env, name: &str, program: &Path, args: &[&str], vars: &[(&str, St
 }
 
 /// Starts one instance of `kind` on a free port and waits until `/readyz` answers 200.
-pub async fn start(env: &Env, kind: Kind, label: &str, redis_url: Option<&str>) -> Result<Instance> {
+/// `herald_vars` are extra settings for herald (the other servers have none).
+pub async fn start(
+    env: &Env,
+    kind: Kind,
+    label: &str,
+    redis_url: Option<&str>,
+    herald_vars: &[(&'static str, String)],
+) -> Result<Instance> {
     let port = free_port()?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let name = format!("{}-{label}", kind.name());
@@ -171,6 +178,7 @@ pub async fn start(env: &Env, kind: Kind, label: &str, redis_url: Option<&str>) 
             if let Some(r) = redis_url {
                 vars.push(("HERALD_REDIS_URL", r.to_string()));
             }
+            vars.extend(herald_vars.iter().cloned());
             spawn(env, &name, &env.herald_bin, &[], &vars, &env.tmp)?
         }
         Kind::Node => {
@@ -233,28 +241,138 @@ impl Redis {
     }
 }
 
-/// A private redis-server on a free port (never the shared 6379), no persistence.
-pub async fn start_redis(env: &Env) -> Result<Redis> {
+/// A private redis-server on a free port (never the shared 6379), no persistence; `extra` are
+/// more of its flags.
+pub async fn start_redis(env: &Env, extra: &[&str]) -> Result<Redis> {
     let port = free_port()?;
     let redis = which(&env.redis_bin).with_context(|| format!("{} not found in PATH", env.redis_bin))?;
     let ps = port.to_string();
-    let args = ["--port", ps.as_str(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+    let mut args = vec!["--port", ps.as_str(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+    args.extend_from_slice(extra);
     let proc = spawn(env, &format!("redis-{port}"), &redis, &args, &[], &env.tmp)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while tokio::time::Instant::now() < deadline {
-        if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await
-            && s.write_all(b"PING\r\n").await.is_ok()
-        {
-            let mut buf = [0u8; 16];
-            if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await
-                && buf[..n].starts_with(b"+PONG")
-            {
-                return Ok(Redis { proc, port });
-            }
+        if command(port, &["PING"]).await.is_ok_and(|r| r == "PONG") {
+            return Ok(Redis { proc, port });
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     bail!("redis-server not ready; its log:\n{}", proc.log_tail())
+}
+
+/// A private Redis Cluster of three masters on loopback (no replicas), each node pinned like the
+/// servers, its slots split evenly by `redis-cli --cluster create`.
+pub struct Cluster {
+    pub nodes: Vec<Redis>,
+}
+
+impl Cluster {
+    /// The seed list, as herald's `HERALD_REDIS_URL`.
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        format!("redis-cluster://{}", seeds.join(","))
+    }
+
+    pub async fn stop(self) {
+        for n in self.nodes {
+            n.proc.stop().await;
+        }
+    }
+}
+
+pub async fn start_cluster(env: &Env) -> Result<Cluster> {
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let dir = env.tmp.join(format!("cluster-node-{}", nodes.len()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let dir = dir.display().to_string();
+        let flags = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--dir", dir.as_str()];
+        match start_redis(env, &flags).await {
+            Ok(n) => nodes.push(n),
+            Err(e) => {
+                Cluster { nodes }.stop().await;
+                return Err(e);
+            }
+        }
+    }
+    let cluster = Cluster { nodes };
+    if let Err(e) = form(&cluster).await {
+        cluster.stop().await;
+        return Err(e);
+    }
+    Ok(cluster)
+}
+
+async fn form(cluster: &Cluster) -> Result<()> {
+    let cli = which("redis-cli").context("redis-cli not found in PATH (it comes with redis-server)")?;
+    let mut create = Command::new(cli);
+    create.args(["--cluster", "create"]);
+    for n in &cluster.nodes {
+        create.arg(format!("127.0.0.1:{}", n.port));
+    }
+    let out = create.args(["--cluster-replicas", "0", "--cluster-yes"]).stdin(Stdio::null()).output().await?;
+    if !out.status.success() {
+        bail!("redis-cli --cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    for n in &cluster.nodes {
+        while !command(n.port, &["CLUSTER", "INFO"]).await.is_ok_and(|i| i.contains("cluster_state:ok")) {
+            if tokio::time::Instant::now() > deadline {
+                bail!("the Redis Cluster never reported cluster_state:ok");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Sends one command to the Redis on `port` and returns its reply as text (a simple string, a
+/// bulk string or an integer; an error reply is an error).
+pub async fn command(port: u16, args: &[&str]) -> Result<String> {
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(req.as_bytes()).await?;
+        let mut buf = Vec::new();
+        loop {
+            let mut chunk = [0u8; 8192];
+            let n = s.read(&mut chunk).await?;
+            if n == 0 {
+                bail!("redis closed the connection");
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(reply) = parse_reply(&buf)? {
+                return Ok(reply);
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), io).await.context("redis did not answer in 5 s")?
+}
+
+/// One complete RESP reply in `buf`, or `None` while it is incomplete.
+fn parse_reply(buf: &[u8]) -> Result<Option<String>> {
+    let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
+    let head = String::from_utf8_lossy(&buf[1..eol]).into_owned();
+    match buf.first() {
+        Some(b'+' | b':') => Ok(Some(head)),
+        Some(b'-') => bail!("redis: {head}"),
+        Some(b'$') => {
+            let len: usize = head.parse().context("bad bulk length")?;
+            let body = &buf[eol + 2..];
+            Ok((body.len() >= len).then(|| String::from_utf8_lossy(&body[..len]).into_owned()))
+        }
+        _ => bail!("unexpected reply from redis"),
+    }
+}
+
+/// `field` of `INFO <section>` as a number.
+pub async fn info_number(port: u16, section: &str, field: &str) -> Option<f64> {
+    let info = command(port, &["INFO", section]).await.ok()?;
+    info.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')?.trim().parse().ok())
 }
 
 pub fn which(prog: &str) -> Option<PathBuf> {

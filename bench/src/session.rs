@@ -1,4 +1,5 @@
-//! A session: the servers of one scenario (one instance, or two behind a private Redis) and
+//! A session: the servers of one scenario (one instance, several behind a private Redis, or
+//! herald instances on a private Redis Cluster) and
 //! the clients connected to them. `connect` sets the clients up and measures the setup,
 //! `traffic` runs one publish phase and its drain and measures what arrived, `stop` ends it all.
 
@@ -27,30 +28,76 @@ pub struct Bench {
 pub struct Session<'a> {
     b: &'a Bench,
     instances: Vec<Instance>,
-    redis: Option<Redis>,
+    redis: Vec<Redis>,
     shared: Arc<Shared>,
     ccfg: Arc<ClientCfg>,
     clients: Vec<Arc<Client>>,
     handles: Vec<JoinHandle<()>>,
     accepted: Arc<Vec<Mutex<SeqSet>>>,
     next_seq: Vec<u64>,
-    publisher: Arc<Publisher>,
+    /// One per instance; `route[c]` is the one campaign `c`'s events go through.
+    publishers: Vec<Arc<Publisher>>,
+    route: Vec<usize>,
+    /// The seq ranges `[lo, hi)` per campaign of the last traffic phase.
+    last_range: Option<(Vec<u64>, Vec<u64>)>,
+}
+
+/// Where a session's instances share their events.
+enum Backplane {
+    None,
+    Redis,
+    Cluster { shards: u32 },
 }
 
 impl<'a> Session<'a> {
+    /// One instance of `kind`, or `n_instances` over a private Redis.
     pub async fn start(b: &'a Bench, kind: Kind, n_instances: usize, campaigns: u32) -> Result<Session<'a>> {
-        let mut redis = None;
+        let backplane = if n_instances > 1 { Backplane::Redis } else { Backplane::None };
+        Self::launch(b, kind, n_instances, campaigns, backplane).await
+    }
+
+    /// `n_instances` of herald over a private three-master Redis Cluster, with `shards` log shards.
+    pub async fn start_on_cluster(
+        b: &'a Bench,
+        n_instances: usize,
+        campaigns: u32,
+        shards: u32,
+    ) -> Result<Session<'a>> {
+        Self::launch(b, Kind::Herald, n_instances, campaigns, Backplane::Cluster { shards }).await
+    }
+
+    async fn launch(
+        b: &'a Bench,
+        kind: Kind,
+        n_instances: usize,
+        campaigns: u32,
+        backplane: Backplane,
+    ) -> Result<Session<'a>> {
+        let mut redis = Vec::new();
         let mut instances = Vec::new();
         let started: Result<()> = async {
-            if n_instances > 1 {
-                let r = servers::start_redis(&b.env).await?;
-                let url = r.url();
-                redis = Some(r);
-                for k in 0..n_instances {
-                    instances.push(servers::start(&b.env, kind, &format!("fleet{k}"), Some(&url)).await?);
+            let (url, vars) = match backplane {
+                Backplane::None => (None, vec![]),
+                Backplane::Redis => {
+                    let r = servers::start_redis(&b.env, &[]).await?;
+                    let url = r.url();
+                    redis.push(r);
+                    (Some(url), vec![])
                 }
-            } else {
-                instances.push(servers::start(&b.env, kind, "solo", None).await?);
+                Backplane::Cluster { shards } => {
+                    let c = servers::start_cluster(&b.env).await?;
+                    let url = c.url();
+                    redis = c.nodes;
+                    // Engine.IO pings (all of a session's clients connect within a second, so
+                    // theirs come in bursts) would land in one phase and not the next: rarer
+                    // than any phase, they leave only the events' work to compare.
+                    let vars = vec![("HERALD_LOG_SHARDS", shards.to_string()), ("HERALD_PING_INTERVAL", "600s".into())];
+                    (Some(url), vars)
+                }
+            };
+            for k in 0..n_instances {
+                let label = if url.is_some() { format!("fleet{k}") } else { "solo".to_string() };
+                instances.push(servers::start(&b.env, kind, &label, url.as_deref(), &vars).await?);
             }
             Ok(())
         }
@@ -59,7 +106,7 @@ impl<'a> Session<'a> {
             for i in instances {
                 i.proc.stop().await;
             }
-            if let Some(r) = redis {
+            for r in redis {
                 r.proc.stop().await;
             }
             return Err(e);
@@ -77,7 +124,10 @@ impl<'a> Session<'a> {
             sem: Arc::new(Semaphore::new(b.cfg.connect_concurrency)),
             shared: shared.clone(),
         });
-        let publisher = Arc::new(Publisher::new(&instances[0].base_url(), &b.env.publish_token, b.cfg.publishers)?);
+        let publishers = instances
+            .iter()
+            .map(|i| Publisher::new(&i.base_url(), &b.env.publish_token, b.cfg.publishers).map(Arc::new))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Session {
             b,
             instances,
@@ -88,8 +138,47 @@ impl<'a> Session<'a> {
             handles: Vec::new(),
             accepted: Arc::new((0..campaigns).map(|_| Mutex::new(SeqSet::default())).collect()),
             next_seq: vec![0; campaigns as usize],
-            publisher,
+            publishers,
+            route: vec![0; campaigns as usize],
+            last_range: None,
         })
+    }
+
+    /// From now on, campaign `c`'s events are published through instance `owner(c)` (instance 0
+    /// until this is called).
+    pub fn publish_through(&mut self, owner: impl Fn(u32) -> usize) {
+        for (c, r) in self.route.iter_mut().enumerate() {
+            *r = owner(c as u32);
+        }
+    }
+
+    pub fn instances(&self) -> &[Instance] {
+        &self.instances
+    }
+
+    /// The private Redis nodes (none, one, or a cluster's three).
+    pub fn redis_nodes(&self) -> &[Redis] {
+        &self.redis
+    }
+
+    /// Per instance, for the last traffic phase: (deliveries to its clients, events its clients
+    /// needed: the accepted events of every campaign one of them subscribed to, once each).
+    pub fn last_phase_by_instance(&self) -> Vec<(u64, u64)> {
+        let mut out = vec![(0, 0); self.instances.len()];
+        let Some((lo, hi)) = &self.last_range else { return out };
+        let mut wanted = vec![std::collections::BTreeSet::new(); self.instances.len()];
+        for c in self.clients.iter().filter(|c| c.subscribed.load(Relaxed)) {
+            let (k, ci) = (c.group as usize, c.campaign as usize);
+            out[k].0 += c.seen.lock().unwrap_or_else(|e| e.into_inner()).count_in(lo[ci], hi[ci]);
+            wanted[k].insert(ci);
+        }
+        for (k, set) in wanted.iter().enumerate() {
+            out[k].1 = set
+                .iter()
+                .map(|&ci| self.accepted[ci].lock().unwrap_or_else(|e| e.into_inner()).count_in(lo[ci], hi[ci]))
+                .sum();
+        }
+        out
     }
 
     fn pids(&self) -> Vec<u32> {
@@ -153,7 +242,7 @@ impl<'a> Session<'a> {
     pub async fn traffic(&mut self, rate: f64, secs: f64, campaigns: &[u32]) -> Traffic {
         let sh = self.shared.clone();
         let pids = self.pids();
-        let redis_pid = self.redis.as_ref().map(|r| r.proc.pid);
+        let redis_pids: Vec<u32> = self.redis.iter().map(|r| r.proc.pid).collect();
         let subs: Vec<Arc<Client>> = self.clients.iter().filter(|c| c.subscribed.load(Relaxed)).cloned().collect();
         sh.reset_histograms();
         let (d0, dup0, perr0, disc0) = (
@@ -163,16 +252,17 @@ impl<'a> Session<'a> {
             sh.disconnects.load(Relaxed),
         );
         let cpu0 = sum_cpu_s(&pids);
-        let rcpu0 = redis_pid.and_then(stats::proc_cpu_s);
+        let rcpu0 = (!redis_pids.is_empty()).then(|| sum_cpu_s(&redis_pids)).flatten();
         let gen0 = self_cpu_s();
         let plan = PhasePlan {
             campaigns,
             base: &self.next_seq,
+            route: &self.route,
             rate,
             duration: Duration::from_secs_f64(secs),
             workers: self.b.cfg.publishers,
         };
-        let out = publish_phase(&self.publisher, &self.accepted, plan).await;
+        let out = publish_phase(&self.publishers, &self.accepted, plan).await;
         let publish_wall_s = (out.end_ns - out.t0_ns) as f64 / 1e9;
         for &c in campaigns {
             self.next_seq[c as usize] = out.hi[c as usize];
@@ -209,7 +299,7 @@ impl<'a> Session<'a> {
         let end_ns = now_ns();
         let gen1 = self_cpu_s();
         let cpu1 = sum_cpu_s(&pids);
-        let rcpu1 = redis_pid.and_then(stats::proc_cpu_s);
+        let rcpu1 = (!redis_pids.is_empty()).then(|| sum_cpu_s(&redis_pids)).flatten();
         let deliveries = sh.deliveries.load(Relaxed) - d0;
         let lost: u64 = subs
             .iter()
@@ -234,6 +324,7 @@ impl<'a> Session<'a> {
         tokio::time::sleep(self.b.cfg.settle).await;
         let rss_after = sum_rss_kib(&pids);
         let first_perr = sh.first_protocol_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        self.last_range = Some((out.lo, out.hi));
         Traffic {
             target_events_per_s: rate,
             duration_s: secs,
@@ -280,7 +371,7 @@ impl<'a> Session<'a> {
         for h in self.handles {
             let _ = h.await;
         }
-        if let Some(r) = self.redis {
+        for r in self.redis {
             r.proc.stop().await;
         }
     }

@@ -188,6 +188,19 @@ pub fn proc_cpu_s(pid: u32) -> Option<f64> {
     Some((ut + st) as f64 / clk_tck())
 }
 
+/// Time on CPU of a process's live threads, in seconds, with nanosecond resolution (the sum of
+/// `/proc/<pid>/task/*/schedstat`), for phases too short for clock ticks. A thread that exits
+/// between two readings takes its time with it: use it for long-lived threads (a runtime's).
+pub fn proc_cpu_fine_s(pid: u32) -> Option<f64> {
+    let mut ns: u64 = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let path = task.ok()?.path().join("schedstat");
+        let Ok(s) = std::fs::read_to_string(path) else { continue };
+        ns += s.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(ns as f64 / 1e9)
+}
+
 /// VmRSS of a process, in KiB.
 pub fn proc_rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -239,5 +252,17 @@ mod tests {
         assert_eq!(seen.missing_from(&exp, 10, 10), 0);
         assert_eq!(exp.count_in(0, 1000), 200);
         assert_eq!(exp.count_in(64, 128), 64);
+    }
+
+    #[test]
+    fn fine_cpu_time_grows_with_work() {
+        let pid = std::process::id();
+        let before = proc_cpu_fine_s(pid).unwrap();
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < std::time::Duration::from_millis(30) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        assert!(proc_cpu_fine_s(pid).unwrap() - before >= 0.01, "{x}");
     }
 }
