@@ -20,7 +20,8 @@
 //! - [`delivery`]: the one path every outgoing event takes, from the log to
 //!   the sockets in its rooms: the followers of the shards an instance needs,
 //!   fan-out, joins and replays, slow consumers.
-//! - [`redis`]: a fleet's Redis connection and its health.
+//! - [`redis`]: a fleet's Redis connections (one shared; one per followed
+//!   stream, on a cluster to the node that serves it) and their health.
 //! - [`gateway`]: the Socket.IO handlers (handshake, subscribe, unsubscribe).
 //! - [`session`]: a socket's own state, and the one place its rooms change.
 //! - [`transport`]: a socket's transport below Socket.IO: the requests
