@@ -211,34 +211,22 @@ impl Redis {
             .set_response_timeout(Some(timeout + block));
         let client = match &self.0.client {
             Some(client) => client.clone(),
-            None => redis::Client::open(format!("redis://{}", self.node_of(key).await?))?,
+            None => {
+                let mut conn = self.conn();
+                let slots: Vec<redis::Value> =
+                    self.bounded(redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut conn)).await?;
+                match owner(&slots, slot_of(key))? {
+                    Some(node) => redis::Client::open(format!("redis://{node}"))?,
+                    // The node does not say where it is: a cluster connection finds it.
+                    None => {
+                        let nodes = self.0.settings.url.strip_prefix(CLUSTER_SCHEME).unwrap_or_default();
+                        let client = cluster_client(nodes, timeout, timeout + block)?;
+                        return Ok(Conn::Cluster(client.get_async_connection().await?));
+                    }
+                }
+            }
         };
         Ok(Conn::Plain(client.get_multiplexed_async_connection_with_config(&config).await?))
-    }
-
-    /// `host:port` of the cluster node that serves `key`'s slot.
-    async fn node_of(&self, key: &str) -> Result<String, RedisError> {
-        let slot = slot_of(key);
-        let mut conn = self.conn();
-        let ranges: Vec<redis::Value> = self.bounded(redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut conn)).await?;
-        let owner = ranges.iter().find_map(|range| {
-            let redis::Value::Array(fields) = range else { return None };
-            let (Some(redis::Value::Int(first)), Some(redis::Value::Int(last)), Some(redis::Value::Array(master))) =
-                (fields.first(), fields.get(1), fields.get(2))
-            else {
-                return None;
-            };
-            if !(*first..=*last).contains(&i64::from(slot)) {
-                return None;
-            }
-            match (master.first(), master.get(1)) {
-                (Some(redis::Value::BulkString(host)), Some(redis::Value::Int(port))) => {
-                    Some(format!("{}:{port}", String::from_utf8_lossy(host)))
-                }
-                _ => None,
-            }
-        });
-        owner.ok_or(RedisError::NoNodeForSlot(slot))
     }
 
     /// `fut`, failing after the operation timeout.
@@ -251,6 +239,31 @@ impl Redis {
     pub fn shutdown(&self) {
         let _ = self.0.stop.send(true);
     }
+}
+
+/// The address (`host:port`) of the master that serves `slot`, from a
+/// `CLUSTER SLOTS` reply; `None` when that master does not know its own
+/// endpoint (`""` or `"?"`).
+fn owner(slots: &[redis::Value], slot: u16) -> Result<Option<String>, RedisError> {
+    use redis::Value::{Array, BulkString, Int};
+    for range in slots {
+        let Array(fields) = range else { continue };
+        let (Some(Int(first)), Some(Int(last)), Some(Array(master))) = (fields.first(), fields.get(1), fields.get(2))
+        else {
+            continue;
+        };
+        if !(*first..=*last).contains(&i64::from(slot)) {
+            continue;
+        }
+        let (Some(BulkString(host)), Some(Int(port))) = (master.first(), master.get(1)) else { continue };
+        let host = String::from_utf8_lossy(host);
+        return Ok(match host.as_ref() {
+            "" | "?" => None,
+            h if h.contains(':') => Some(format!("[{h}]:{port}")),
+            h => Some(format!("{h}:{port}")),
+        });
+    }
+    Err(RedisError::NoNodeForSlot(slot))
 }
 
 /// A key's Redis Cluster slot: CRC-16/XMODEM of its hash tag (the part
@@ -280,7 +293,26 @@ async fn watch_health(inner: std::sync::Weak<Inner>, mut stopped: watch::Receive
 
 #[cfg(test)]
 mod tests {
-    use super::slot_of;
+    use redis::Value::{Array, BulkString, Int};
+
+    use super::{owner, slot_of};
+
+    #[test]
+    fn a_slot_s_owner_is_read_from_cluster_slots() {
+        let range = |first: i64, last: i64, host: &str, port: i64| {
+            Array(vec![
+                Int(first),
+                Int(last),
+                Array(vec![BulkString(host.into()), Int(port), BulkString(b"id".into())]),
+            ])
+        };
+        let slots =
+            [range(0, 5460, "10.0.0.1", 7000), range(5461, 10922, "fe80::1", 7001), range(10923, 16383, "?", 7002)];
+        assert_eq!(owner(&slots, 0).unwrap().as_deref(), Some("10.0.0.1:7000"));
+        assert_eq!(owner(&slots, 6470).unwrap().as_deref(), Some("[fe80::1]:7001"));
+        assert_eq!(owner(&slots, 16383).unwrap(), None, "an unknown endpoint");
+        assert!(owner(&slots[..1], 9000).is_err(), "no master serves it");
+    }
 
     #[test]
     fn a_key_s_slot_is_the_one_redis_computes() {
