@@ -25,7 +25,8 @@ pub struct Limits {
     #[arg(long, env = "HERALD_CLIENT_EVENT_BURST", default_value_t = 200.0)]
     pub client_event_burst: f64,
 
-    /// Rate-limited events in a row after which the socket is disconnected.
+    /// Strikes after which the socket is disconnected: each rate-limited event
+    /// adds one, each admitted event takes one away.
     #[arg(long, env = "HERALD_RATE_LIMIT_STRIKES", default_value_t = 100)]
     pub rate_limit_strikes: u32,
 }
@@ -37,7 +38,10 @@ pub struct TokenBucket {
     rate: f64,
     burst: f64,
     last: Instant,
-    /// Consecutive refusals.
+    /// Refusals not yet made up for by admitted events: each refusal adds
+    /// one, each admission takes one away. Counting only refusals in a row
+    /// would let a flood that the server reads slower than `strikes` per
+    /// token go on for ever (each refilled token reset the count).
     strikes: u32,
 }
 
@@ -45,7 +49,7 @@ pub struct TokenBucket {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
     Allowed,
-    /// Refused; the count of refusals in a row.
+    /// Refused; the strikes so far.
     Refused(u32),
 }
 
@@ -66,7 +70,7 @@ impl TokenBucket {
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            self.strikes = 0;
+            self.strikes = self.strikes.saturating_sub(1);
             Admission::Allowed
         } else {
             self.strikes = self.strikes.saturating_add(1);
@@ -89,14 +93,46 @@ mod tests {
         }
         assert_eq!(b.admit_at(start), Admission::Refused(1));
         assert_eq!(b.admit_at(start), Admission::Refused(2));
-        // Half a second refills one token at 2/s.
+        // Half a second refills one token at 2/s; an admission takes a strike away.
         assert_eq!(b.admit_at(start + Duration::from_millis(500)), Admission::Allowed);
-        assert_eq!(b.admit_at(start + Duration::from_millis(500)), Admission::Refused(1));
+        assert_eq!(b.admit_at(start + Duration::from_millis(500)), Admission::Refused(2));
         // Never more than the burst.
         let later = start + Duration::from_secs(60);
         for _ in 0..3 {
             assert_eq!(b.admit_at(later), Admission::Allowed);
         }
         assert_eq!(b.admit_at(later), Admission::Refused(1));
+    }
+
+    #[test]
+    fn a_flood_read_slowly_still_strikes_out() {
+        // 20/s: a token every 50 ms. The server reads the flood at 1,000 events/s,
+        // so only 50 refusals fall between two tokens: it must still add up.
+        let start = Instant::now();
+        let mut b = TokenBucket::new(20.0, 200.0);
+        b.last = start;
+        let mut struck = None;
+        for i in 0..5_000u64 {
+            if let Admission::Refused(n) = b.admit_at(start + Duration::from_millis(i)) {
+                struck = struck.or((n == 100).then_some(i));
+            }
+        }
+        let at = struck.expect("the flood reached 100 strikes");
+        assert!(at < 500, "within half a second of the burst: {at} ms");
+    }
+
+    #[test]
+    fn a_socket_at_under_twice_the_rate_is_limited_but_never_struck_out() {
+        // 30 events/s against 20/s for a minute: a third refused, never 100 strikes.
+        let start = Instant::now();
+        let mut b = TokenBucket::new(20.0, 200.0);
+        b.last = start;
+        let mut most = 0;
+        for i in 0..1_800u64 {
+            if let Admission::Refused(n) = b.admit_at(start + Duration::from_micros(i * 33_333)) {
+                most = most.max(n);
+            }
+        }
+        assert!(most > 0 && most < 100, "{most}");
     }
 }
