@@ -133,13 +133,14 @@ impl<S: MembershipStore> Gateway<S> {
             // After shutdown the namespace is gone, and so are the sockets.
             let Some(ns) = io.of("/") else { return };
             for s in ns.local().to(user_room(&user)).sockets() {
-                let number = Session::of(&s).map(|session| {
-                    session.close(&s);
-                    session.number
-                });
-                tracing::info!(user = &*user, socket = number, "access revoked: disconnecting");
                 // Final (a DISCONNECT packet): coming back would be wrong.
-                let _ = s.disconnect();
+                let Some(session) = Session::of(&s) else {
+                    let _ = s.disconnect();
+                    continue;
+                };
+                if session.end(&s, &self.transports) {
+                    tracing::info!(user = &*user, socket = session.number, "access revoked: disconnecting");
+                }
             }
             return;
         };

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use socketioxide::SocketError;
 use socketioxide::adapter::Adapter;
 use socketioxide::extract::SocketRef;
 
@@ -203,6 +204,21 @@ impl Session {
             self.leave_locked(&mut rooms, socket, &room);
         }
         rooms.coverage = HashMap::new();
+        true
+    }
+
+    /// Ends a socket for good (a user revocation, repeated rate-limit abuse)
+    /// with a DISCONNECT packet, which the stock client takes as final. When
+    /// its buffer is full that packet cannot be queued, and socketioxide then
+    /// leaves the socket open: its transport is cut instead, so the
+    /// connection ends either way. False when it was already closed or cut.
+    pub fn end<A: Adapter>(&self, socket: &SocketRef<A>, transports: &Arc<Transports>) -> bool {
+        if !self.close(socket) {
+            return false;
+        }
+        if let Err(SocketError::InternalChannelFull) = socket.clone().disconnect() {
+            transports.cut(socket);
+        }
         true
     }
 

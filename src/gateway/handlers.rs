@@ -31,16 +31,14 @@ impl<S: MembershipStore> Gateway<S> {
             Admission::Allowed => Ok(()),
             Admission::Refused(strikes) => {
                 self.limit_hit("event_rate");
-                if strikes == self.limits.rate_limit_strikes {
+                // Final (a DISCONNECT packet): coming back would be wrong.
+                if strikes >= self.limits.rate_limit_strikes && session.end(s, &self.transports) {
                     self.limit_hit("event_rate_disconnect");
                     tracing::info!(
                         socket = session.number,
                         strikes,
                         "disconnecting a socket that ignores the rate limit"
                     );
-                    // Final (a DISCONNECT packet): coming back would be wrong.
-                    session.close(s);
-                    let _ = s.clone().disconnect();
                 }
                 Err(Refusal::RateLimited)
             }

@@ -75,7 +75,7 @@ pub struct Gateway<S> {
     verifier: Verifier,
     pub(crate) access: Access<S>,
     metrics: Arc<Metrics>,
-    transports: Arc<Transports>,
+    pub(crate) transports: Arc<Transports>,
     limits: Limits,
     /// Clock leeway added to a token's `exp` before its socket is cut.
     token_leeway: Duration,
