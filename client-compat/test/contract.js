@@ -1,6 +1,8 @@
 'use strict';
 // The contract suite (shared/contract.md §1), run once per transport by
 // websocket.test.js and polling.test.js. Each run starts its own herald.
+// (Over 500 lines: the contract's 51 cases stay in one list, so that both
+// transports run exactly the same ones.)
 
 const { describe, it, before, after } = require('node:test');
 const assert = require('node:assert/strict');

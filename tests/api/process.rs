@@ -1,6 +1,9 @@
 //! The `herald` binary as a separate process: what it logs (never a secret),
 //! and how it holds up under hostile input (it stays up, with bounded memory,
 //! and a well-behaved client keeps getting its events).
+//!
+//! (Over 500 lines: each test drives a whole process, and the abuse test,
+//! seven kinds of attacker at once, is a third of the file.)
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -4,7 +4,10 @@
 //!
 //! The edge cases, on one instance (the in-memory log) and on two over
 //! Redis; the drop tests, with many clients through cuts and restarts, are in
-//! `drop.rs`.
+//! `drop/`.
+//!
+//! (About 600 lines: fifteen edge cases of one promise, each its own test,
+//! sharing the helpers at the top.)
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
