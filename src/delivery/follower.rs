@@ -27,6 +27,10 @@ const BLOCK: Duration = Duration::from_millis(1_000);
 /// How often a follower looks after itself: the in-memory log's gauges,
 /// its rooms (is any still in use?), the control stream's claim.
 const TICK: Duration = Duration::from_secs(1);
+/// The oldest listing of the rooms in use that a follower prunes with: a
+/// listing is a pass over every local socket and its rooms, and a shard is
+/// left at most this much later than its linger.
+const LISTING_MAX_AGE: Duration = Duration::from_secs(5);
 /// How often the control follower checks that the log's keys are still its own.
 const CLAIM_EVERY: u32 = 10;
 /// The longest pause between two attempts to reach the log.
@@ -77,9 +81,12 @@ impl<A: Adapter> Inner<A> {
     }
 
     /// The names of the rooms that have a local socket, and when they were
-    /// listed (at most half a tick ago): one listing serves every follower.
+    /// listed: one listing serves every follower. Listing goes over every
+    /// socket, so it is taken at most every [`LISTING_MAX_AGE`] (sooner with
+    /// a short linger).
     async fn rooms_in_use(&self) -> Option<(Instant, Arc<HashSet<String>>)> {
-        let fresh = |(at, _): &&(Instant, _)| at.elapsed() < TICK / 2;
+        let max_age = (self.linger / 2).min(LISTING_MAX_AGE);
+        let fresh = |(at, _): &&(Instant, _)| at.elapsed() < max_age;
         if let Some(listing) = self.in_use.lock().unwrap_or_else(|e| e.into_inner()).as_ref().filter(fresh) {
             return Some(listing.clone());
         }
