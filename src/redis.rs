@@ -230,7 +230,7 @@ impl Redis {
     }
 
     /// `fut`, failing after the operation timeout.
-    async fn bounded<T>(&self, fut: impl Future<Output = redis::RedisResult<T>>) -> Result<T, RedisError> {
+    pub(crate) async fn bounded<T>(&self, fut: impl Future<Output = redis::RedisResult<T>>) -> Result<T, RedisError> {
         let timeout = self.op_timeout();
         Ok(tokio::time::timeout(timeout, fut).await.map_err(|_| RedisError::Timeout(timeout))??)
     }

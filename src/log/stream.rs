@@ -101,17 +101,10 @@ impl StreamLog {
 
     /// Runs `fut` within the operation timeout; a failure counts.
     async fn bounded<T>(&self, fut: impl Future<Output = redis::RedisResult<T>>) -> Result<T, LogError> {
-        match tokio::time::timeout(self.redis.op_timeout(), fut).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => {
-                self.redis.failed();
-                Err(LogError::Unavailable(error_chain(&e)))
-            }
-            Err(_) => {
-                self.redis.failed();
-                Err(LogError::Unavailable("timed out".into()))
-            }
-        }
+        self.redis.bounded(fut).await.map_err(|e| {
+            self.redis.failed();
+            LogError::Unavailable(error_chain(&e))
+        })
     }
 
     /// One script call: `entries` to their streams, atomically.
