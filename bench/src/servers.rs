@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use sqlx::Connection;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -327,46 +326,19 @@ async fn form(cluster: &Cluster) -> Result<()> {
     Ok(())
 }
 
-/// Sends one command to the Redis on `port` and returns its reply as text (a simple string, a
-/// bulk string or an integer; an error reply is an error).
+/// Sends one command to the Redis on `port` and returns its reply as text (an error reply is
+/// an error), within 5 s.
 pub async fn command(port: u16, args: &[&str]) -> Result<String> {
-    let mut req = format!("*{}\r\n", args.len());
-    for a in args {
-        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+    let mut cmd = redis::cmd(args.first().context("a command")?);
+    for a in &args[1..] {
+        cmd.arg(*a);
     }
     let io = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        s.write_all(req.as_bytes()).await?;
-        let mut buf = Vec::new();
-        loop {
-            let mut chunk = [0u8; 8192];
-            let n = s.read(&mut chunk).await?;
-            if n == 0 {
-                bail!("redis closed the connection");
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            if let Some(reply) = parse_reply(&buf)? {
-                return Ok(reply);
-            }
-        }
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        cmd.query_async::<String>(&mut conn).await
     };
-    tokio::time::timeout(Duration::from_secs(5), io).await.context("redis did not answer in 5 s")?
-}
-
-/// One complete RESP reply in `buf`, or `None` while it is incomplete.
-fn parse_reply(buf: &[u8]) -> Result<Option<String>> {
-    let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
-    let head = String::from_utf8_lossy(&buf[1..eol]).into_owned();
-    match buf.first() {
-        Some(b'+' | b':') => Ok(Some(head)),
-        Some(b'-') => bail!("redis: {head}"),
-        Some(b'$') => {
-            let len: usize = head.parse().context("bad bulk length")?;
-            let body = &buf[eol + 2..];
-            Ok((body.len() >= len).then(|| String::from_utf8_lossy(&body[..len]).into_owned()))
-        }
-        _ => bail!("unexpected reply from redis"),
-    }
+    Ok(tokio::time::timeout(Duration::from_secs(5), io).await.context("redis did not answer in 5 s")??)
 }
 
 /// `field` of `INFO <section>` as a number.
