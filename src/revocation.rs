@@ -154,7 +154,7 @@ impl<S: MembershipStore> Gateway<S> {
                 continue;
             }
             let mut left = 0;
-            for room in Session::subscriptions(&s) {
+            for room in session.subscriptions() {
                 // When the store cannot say, leave: the client may subscribe again.
                 let belongs = self.access.campaign_of(&room).await.map_or(true, |c| c.as_ref() == Some(&campaign));
                 if belongs && session.leave(&s, &room) {

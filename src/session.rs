@@ -2,16 +2,20 @@
 //!
 //! Every join and leave of a subscription room goes through the socket's
 //! [`Session`], under one lock, and moves the `herald_subscriptions` gauge
-//! with it, so the gauge is the sum of what every socket is in, whichever
-//! path (a subscribe, a replay, a revocation, a cut, a disconnect) changed it.
-//! A session that was cut (to recover) or is gone takes no new room, and a
-//! subscribe whose membership was checked before a revocation of its campaign
-//! is refused at the join, so that no socket is in a room its user lost.
+//! with it. The session keeps its own list of the rooms it joined (not the
+//! adapter's, which socketioxide may clear first when a socket closes twice),
+//! so the gauge is the sum of what every socket is in, whichever path (a
+//! subscribe, a replay, a revocation, a cut, a disconnect) changed it. A
+//! session that was cut (to recover) or is gone takes no new room, the
+//! subscription cap is checked at the join itself (concurrent subscribes
+//! cannot pass it together), and a subscribe whose membership was checked
+//! before a revocation of its campaign is refused at the join, so that no
+//! socket is in a room its user lost.
 //!
 //! The session id is a credential (with it, anyone can take over a polling
 //! session), so it is never logged: a per-process socket number is.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -46,6 +50,10 @@ pub struct SessionState {
     pub bucket: Mutex<TokenBucket>,
     /// Set once the connect handler has run (see the gateway's ready gate).
     pub ready: AtomicBool,
+    /// Set once the socket is gone and its state released (see [`Session::release`]).
+    released: AtomicBool,
+    /// Most subscription rooms it may be in.
+    max_rooms: usize,
     rooms: Mutex<Rooms>,
     metrics: Arc<Metrics>,
 }
@@ -57,12 +65,12 @@ struct Rooms {
     /// How many campaign revocations were applied to this socket.
     revocations: u64,
     /// The latest ones: (number, campaign).
-    revoked: Vec<(u64, CampaignId)>,
-    /// For each room the socket is in, the offset after which it has every
-    /// event of that room (from a replay, or from live delivery since it
-    /// joined). A replay for another room skips what the socket already got
-    /// through one of these, so overlapping rooms never deliver an event twice.
-    coverage: HashMap<String, Offset>,
+    revoked: VecDeque<(u64, CampaignId)>,
+    /// The subscription rooms the socket is in, each with the offset after
+    /// which it has every event of that room (from a replay), if known. A
+    /// replay for another room skips what the socket already got through one
+    /// of these, so overlapping rooms never deliver an event twice.
+    joined: HashMap<Room, Option<Offset>>,
 }
 
 impl std::ops::Deref for Session {
@@ -88,20 +96,36 @@ pub enum JoinRefused {
     Closed,
     /// Its campaign was revoked for this user after the membership check.
     Revoked,
+    /// The socket is in as many rooms as it may be.
+    TooManyRooms,
 }
 
 impl Session {
-    /// A new session for a socket whose token lets it live until `deadline`.
-    pub fn new(deadline: u64, timer: TimerId, bucket: TokenBucket, metrics: Arc<Metrics>) -> Session {
+    /// A new session for a socket whose token lets it live until `deadline`,
+    /// in at most `max_rooms` subscription rooms.
+    pub fn new(deadline: u64, timer: TimerId, bucket: TokenBucket, max_rooms: usize, metrics: Arc<Metrics>) -> Session {
         Session(Arc::new(SessionState {
             number: SOCKET_NUMBERS.fetch_add(1, Ordering::Relaxed),
             deadline: AtomicU64::new(deadline),
             timer,
             bucket: Mutex::new(bucket),
             ready: AtomicBool::new(false),
+            released: AtomicBool::new(false),
+            max_rooms,
             rooms: Mutex::new(Rooms::default()),
             metrics,
         }))
+    }
+
+    /// Marks the socket gone; true only the first time, for whoever must
+    /// release what it held (its connection count, its timer, its rooms).
+    pub fn release(&self) -> bool {
+        !self.released.swap(true, Ordering::SeqCst)
+    }
+
+    /// Whether the socket is gone and its state released.
+    pub fn released(&self) -> bool {
+        self.released.load(Ordering::SeqCst)
     }
 
     /// The session of `socket` (every authenticated socket has one).
@@ -129,7 +153,10 @@ impl Session {
     }
 
     /// Joins `room`, recording that the socket has every event of it after
-    /// `covered_from` (`None`: from now on).
+    /// `covered_from` (`None`: from now on). Refused when the socket is cut
+    /// or gone (socketioxide may have removed it already), when the room's
+    /// campaign was revoked since the membership check, and when the socket
+    /// is in as many rooms as it may be.
     pub fn join<A: Adapter>(
         &self,
         socket: &SocketRef<A>,
@@ -138,7 +165,7 @@ impl Session {
         covered_from: Option<Offset>,
     ) -> Result<(), JoinRefused> {
         let mut rooms = self.rooms();
-        if rooms.closed {
+        if rooms.closed || !socket.connected() {
             return Err(JoinRefused::Closed);
         }
         let oldest = rooms.revocations - rooms.revoked.len() as u64;
@@ -146,15 +173,15 @@ impl Session {
         if revoked_since || ticket.revocations < oldest {
             return Err(JoinRefused::Revoked);
         }
-        let name = room.to_string();
-        if !socket.rooms().iter().any(|r| *r == name) {
-            socket.join(name.clone());
+        let fresh = !rooms.joined.contains_key(room);
+        if fresh && rooms.joined.len() >= self.max_rooms {
+            return Err(JoinRefused::TooManyRooms);
+        }
+        rooms.joined.insert(room.clone(), covered_from);
+        if fresh {
+            socket.join(room.to_string());
             self.gauge(room, 1);
         }
-        match covered_from {
-            Some(offset) => rooms.coverage.insert(name, offset),
-            None => rooms.coverage.remove(&name),
-        };
         Ok(())
     }
 
@@ -165,12 +192,10 @@ impl Session {
     }
 
     fn leave_locked<A: Adapter>(&self, rooms: &mut Rooms, socket: &SocketRef<A>, room: &Room) -> bool {
-        let name = room.to_string();
-        rooms.coverage.remove(&name);
-        if !socket.rooms().iter().any(|r| *r == name) {
+        if rooms.joined.remove(room).is_none() {
             return false;
         }
-        socket.leave(name);
+        socket.leave(room.to_string());
         self.gauge(room, -1);
         true
     }
@@ -181,15 +206,21 @@ impl Session {
         let mut rooms = self.rooms();
         rooms.revocations += 1;
         let n = rooms.revocations;
-        rooms.revoked.push((n, campaign.clone()));
+        rooms.revoked.push_back((n, campaign.clone()));
         if rooms.revoked.len() > REMEMBERED_REVOCATIONS {
-            rooms.revoked.remove(0);
+            rooms.revoked.pop_front();
         }
     }
 
     /// The subscription rooms the socket is in.
-    pub fn subscriptions<A: Adapter>(socket: &SocketRef<A>) -> Vec<Room> {
-        socket.rooms().iter().filter_map(|r| Room::parse(r)).collect()
+    pub fn subscriptions(&self) -> Vec<Room> {
+        self.rooms().joined.keys().cloned().collect()
+    }
+
+    /// Whether the socket is in `room`, and in how many rooms it is.
+    pub fn subscribed(&self, room: &Room) -> (bool, usize) {
+        let rooms = self.rooms();
+        (rooms.joined.contains_key(room), rooms.joined.len())
     }
 
     /// Leaves every subscription room and takes no new one; false when that
@@ -200,10 +231,10 @@ impl Session {
             return false;
         }
         rooms.closed = true;
-        for room in Self::subscriptions(socket) {
-            self.leave_locked(&mut rooms, socket, &room);
+        for (room, _) in std::mem::take(&mut rooms.joined) {
+            socket.leave(room.to_string());
+            self.gauge(&room, -1);
         }
-        rooms.coverage = HashMap::new();
         true
     }
 
@@ -237,13 +268,11 @@ impl Session {
     /// The events of a replay for `room` that the socket did not already get
     /// through another room it is in (overlapping rooms never deliver an
     /// event twice).
-    pub fn missed<'a, A: Adapter>(&self, socket: &SocketRef<A>, events: &'a [Logged], room: &Room) -> Vec<&'a Logged> {
-        let joined = socket.rooms();
+    pub fn missed<'a>(&self, events: &'a [Logged], room: &Room) -> Vec<&'a Logged> {
         let rooms = self.rooms();
         let already_sent = |logged: &Logged| {
             logged.rooms.iter().filter(|r| *r != room).any(|other| {
-                let name = other.to_string();
-                joined.iter().any(|j| *j == name) && rooms.coverage.get(&name).is_some_and(|from| logged.offset > *from)
+                rooms.joined.get(other).is_some_and(|covered| covered.is_some_and(|from| logged.offset > from))
             })
         };
         events.iter().filter(|logged| !already_sent(logged)).collect()

@@ -83,7 +83,7 @@ impl<A: Adapter> Inner<A> {
     ) -> Result<bool, JoinRefused> {
         let events: Vec<Logged> =
             events.iter().filter(|l| l.offset > since && l.targets(&join.room)).cloned().collect();
-        let missed = session.missed(&join.socket, &events, &join.room);
+        let missed = session.missed(&events, &join.room);
         if missed.len() > self.retention.max_replay {
             // More than the socket's buffer can take at once: the client refetches.
             session.join(&join.socket, &join.room, &join.ticket, head)?;

@@ -148,9 +148,9 @@ impl<S: MembershipStore> Gateway<S> {
                 return Err(Refusal::Internal);
             }
         };
-        let subscriptions = Session::subscriptions(s);
-        let already = subscriptions.contains(&room);
-        if !already && subscriptions.len() >= self.limits.max_subscriptions {
+        // Checked again at the join (concurrent subscribes); this spares the store a lookup.
+        let (already, subscriptions) = session.subscribed(&room);
+        if !already && subscriptions >= self.limits.max_subscriptions {
             self.limit_hit("subscriptions");
             return Err(Refusal::TooManySubscriptions);
         }
@@ -162,14 +162,13 @@ impl<S: MembershipStore> Gateway<S> {
             }
         });
         let ticket = session.ticket(campaign, revocations);
-        let recovered = delivery.join(s, &room, since, &ticket, &joined).await.map_err(join_refusal)?;
-        tracing::info!(
-            user = &*user.id,
-            room = %room,
-            subscriptions = subscriptions.len() + usize::from(!already),
-            ?recovered,
-            "subscribed"
-        );
+        let recovered = delivery.join(s, &room, since, &ticket, &joined).await.map_err(|why| {
+            if why == JoinRefused::TooManyRooms {
+                self.limit_hit("subscriptions");
+            }
+            join_refusal(why)
+        })?;
+        tracing::info!(user = &*user.id, room = %room, subscriptions = session.subscribed(&room).1, ?recovered, "subscribed");
         Ok(recovered)
     }
 
@@ -194,5 +193,6 @@ fn join_refusal(why: JoinRefused) -> Refusal {
         // Gone while the store answered, or cut meanwhile.
         JoinRefused::Closed => Refusal::Internal,
         JoinRefused::Revoked => Refusal::Unauthorized,
+        JoinRefused::TooManyRooms => Refusal::TooManySubscriptions,
     }
 }

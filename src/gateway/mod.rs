@@ -121,9 +121,9 @@ impl<S: MembershipStore> Gateway<S> {
     ) -> A::InitRes {
         let on_connect = {
             let gw = self.clone();
-            move |s: SocketRef<A>| {
+            move |s: SocketRef<A>, io: SocketIo<A>| {
                 let gw = gw.clone();
-                async move { gw.connected(&s) }
+                async move { gw.connected(&s, &io) }
             }
         };
         let authenticate = {
@@ -172,6 +172,7 @@ impl<S: MembershipStore> Gateway<S> {
             user.expires_at.saturating_add(self.token_leeway.as_secs()),
             self.expiry.next_id(),
             TokenBucket::new(self.limits.client_event_rate, self.limits.client_event_burst),
+            self.limits.max_subscriptions,
             self.metrics.clone(),
         ));
         // Every socket of a user is in the user's room, so a revocation finds them.
@@ -182,7 +183,7 @@ impl<S: MembershipStore> Gateway<S> {
     }
 
     /// Waits until the socket's connect handler has run; false if it did not
-    /// within [`READY_WAIT`].
+    /// within [`READY_WAIT`], or the socket is gone.
     async fn ready<A: Adapter>(&self, s: &SocketRef<A>) -> bool {
         let Some(session) = Session::of(s) else { return false };
         if session.ready.load(Ordering::SeqCst) {
@@ -190,10 +191,13 @@ impl<S: MembershipStore> Gateway<S> {
         }
         let give_up = tokio::time::Instant::now() + READY_WAIT;
         loop {
-            // Registered before the flag is read again, so a wake in between is not missed.
+            // Registered before the flags are read again, so a wake in between is not missed.
             let notified = self.sockets_ready.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            if session.released() {
+                return false;
+            }
             if session.ready.load(Ordering::SeqCst) {
                 return true;
             }
@@ -217,50 +221,78 @@ impl<S: MembershipStore> Gateway<S> {
     }
 
     /// Cuts the socket when its token expires (plus the leeway), unless a
-    /// refresh moved the deadline meanwhile.
-    fn watch_expiry<A: Adapter>(&self, s: &SocketRef<A>) {
-        let Some(session) = Session::of(s) else { return };
+    /// refresh moved the deadline meanwhile. Disarmed when it is released.
+    fn watch_expiry<A: Adapter>(&self, s: &SocketRef<A>, session: &Session) {
         let deadline = session.deadline.load(Ordering::SeqCst);
         let entry =
             ExpiringSocket { socket: s.clone(), metrics: self.metrics.clone(), transports: self.transports.clone() };
         self.expiry.arm(session.timer, deadline, Box::new(entry));
-        // It may have gone before it was armed: its disconnect handler found nothing to disarm.
-        if !s.connected() {
-            self.expiry.disarm(session.timer);
-        }
     }
 
-    fn connected<A: Adapter>(self: &Arc<Self>, s: &SocketRef<A>) {
+    /// The connect handler. socketioxide runs it in a task of its own once
+    /// the CONNECT packet is queued, so the socket may be gone by then: a
+    /// socket closed before its disconnect handler was registered never runs
+    /// that handler (and one closed twice may have left the namespace before
+    /// it runs). So the socket is counted and armed first, the handler
+    /// registered next, and then, if the socket has already left the
+    /// namespace, released here; [`Session::release`] makes sure that
+    /// happens once, whoever gets there first.
+    fn connected<A: Adapter>(self: &Arc<Self>, s: &SocketRef<A>, io: &SocketIo<A>) {
+        let Some(session) = Session::of(s) else { return };
         self.metrics.connections.inc();
-        let user = s.extensions.get::<User>().map(|u| u.id);
-        tracing::info!(
-            user = user.as_deref().unwrap_or("?"),
-            socket = Session::of(s).map(|session| session.number),
-            transport = ?s.transport_type(),
-            "connected"
-        );
+        self.watch_expiry(s, &session);
         let gw = self.clone();
         s.on_disconnect(move |s: SocketRef<A>, reason: DisconnectReason| {
             let gw = gw.clone();
-            async move { gw.disconnected(&s, reason) }
+            async move { gw.disconnected(&s, Some(reason)) }
         });
-        self.watch_expiry(s);
-        if let Some(session) = Session::of(s) {
-            session.ready.store(true, Ordering::SeqCst);
-            self.sockets_ready.notify_waiters();
+        if !s.connected() || io.get_socket(s.id).is_none() {
+            self.disconnected(s, None);
+            return;
         }
+        let user = s.extensions.get::<User>().map(|u| u.id);
+        tracing::info!(
+            user = user.as_deref().unwrap_or("?"),
+            socket = session.number,
+            transport = ?s.transport_type(),
+            "connected"
+        );
+        session.ready.store(true, Ordering::SeqCst);
+        self.sockets_ready.notify_waiters();
     }
 
-    fn disconnected<A: Adapter>(&self, s: &SocketRef<A>, reason: DisconnectReason) {
+    /// Releases what a gone socket held: its count, its timer, its rooms.
+    /// Runs once per socket (from its disconnect handler, or from its
+    /// connect handler when it was gone before that handler was registered).
+    fn disconnected<A: Adapter>(&self, s: &SocketRef<A>, reason: Option<DisconnectReason>) {
+        let Some(session) = Session::of(s) else { return };
+        if !session.release() {
+            return;
+        }
         self.metrics.connections.dec();
-        let rooms = Session::subscriptions(s).len();
-        let number = Session::of(s).map(|session| {
-            self.expiry.disarm(session.timer);
-            session.close(s);
-            session.number
-        });
+        self.expiry.disarm(session.timer);
+        let rooms = session.subscriptions().len();
+        session.close(s);
+        // Subscribes waiting for the ready gate give up at once.
+        self.sockets_ready.notify_waiters();
         let user = s.extensions.get::<User>().map(|u| u.id);
-        tracing::info!(user = user.as_deref().unwrap_or("?"), socket = number, ?reason, rooms, "disconnected");
+        match reason {
+            Some(reason) => {
+                tracing::info!(
+                    user = user.as_deref().unwrap_or("?"),
+                    socket = session.number,
+                    ?reason,
+                    rooms,
+                    "disconnected"
+                )
+            }
+            None => tracing::info!(
+                user = user.as_deref().unwrap_or("?"),
+                socket = session.number,
+                rooms,
+                "gone before its connect handler ran"
+            ),
+        }
     }
 }
 

@@ -226,7 +226,7 @@ impl Client {
         event: &str,
         data: Value,
         wait: Duration,
-    ) -> impl std::future::Future<Output = Option<Value>> + Send + 'static {
+    ) -> impl std::future::Future<Output = Option<Value>> + Send + 'static + use<> {
         let id = self.next_ack;
         self.next_ack += 1;
         let (tx, rx) = oneshot::channel();

@@ -28,6 +28,38 @@ async fn a_socket_has_a_subscription_cap() {
     assert_eq!(metric(&m, r#"herald_limits_hit_total{limit="subscriptions"}"#), 1.0);
 }
 
+/// Subscribes sent together, without waiting for their acks, cannot pass
+/// the cap together: it is checked at the join.
+#[tokio::test]
+async fn subscribes_sent_at_once_cannot_pass_the_cap_together() {
+    let app = spawn_app_with(Backend::Sqlite, |c| c.limits.max_subscriptions = 2).await;
+    let settlements: Vec<String> = (0..20).map(|i| format!("s-many-{i}")).collect();
+    let rows: Vec<String> = settlements.iter().map(|s| format!("('{s}', 'c1')")).collect();
+    run_sql(&app.database_url, &format!("INSERT INTO settlements (id, campaign_id) VALUES {};", rows.join(", "))).await;
+    let mut alice = app.connect("alice").await;
+    let acks: Vec<_> = settlements
+        .iter()
+        .map(|id| alice.emit_in_flight("subscribe_settlement", json!({ "settlementId": id }), Duration::from_secs(5)))
+        .collect();
+    let mut joined = 0;
+    for ack in acks {
+        let ack = ack.await.expect("an ack");
+        if ack["success"] == true {
+            joined += 1;
+        } else {
+            assert_eq!(ack, refused("Too many subscriptions"));
+        }
+    }
+    assert_eq!(joined, 2);
+    let m = app.metrics().await;
+    let gauge: f64 = ["campaign", "settlement", "structure"]
+        .iter()
+        .map(|k| metric(&m, &format!(r#"herald_subscriptions{{kind="{k}"}}"#)))
+        .sum();
+    assert_eq!(gauge, 2.0);
+    assert_eq!(metric(&m, r#"herald_limits_hit_total{limit="subscriptions"}"#), 18.0);
+}
+
 #[tokio::test]
 async fn a_socket_over_its_event_rate_is_refused_then_disconnected() {
     let app = spawn_rate_limited_app(5).await;

@@ -1,12 +1,14 @@
 //! Integration tests: a real gateway on port 0, real clients over real
 //! sockets, a real database. One test binary; each test has its own app.
 
+mod binary;
 mod client;
 mod helpers;
 
 mod auth;
 mod cuts;
 mod drop;
+mod exhaustion;
 mod fleet;
 mod jwks;
 mod limits;

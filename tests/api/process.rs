@@ -5,140 +5,17 @@
 //! (Over 500 lines: each test drives a whole process, and the abuse test,
 //! seven kinds of attacker at once, is a third of the file.)
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::Header;
 use rand::Rng;
-use serde_json::{Value, json};
+use serde_json::json;
 
+use crate::binary::Process;
 use crate::client::Client;
 use crate::helpers::*;
-
-/// The herald binary, running with the fixture in a SQLite file.
-struct Process {
-    child: Child,
-    addr: SocketAddr,
-    /// Everything it wrote to stdout and stderr.
-    output: Arc<Mutex<String>>,
-    http: reqwest::Client,
-    _dir: tempfile::TempDir,
-}
-
-impl Process {
-    async fn start(env: &[(&str, &str)]) -> Process {
-        Process::start_with(env, None).await
-    }
-
-    /// Starts it with these soft and hard limits on open files.
-    async fn start_with_file_limit(env: &[(&str, &str)], soft: u64, hard: u64) -> Process {
-        Process::start_with(env, Some((soft, hard))).await
-    }
-
-    async fn start_with(env: &[(&str, &str)], file_limit: Option<(u64, u64)>) -> Process {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("herald.db").display());
-        // Creates the schema, then the fixture.
-        let store = herald::store::SqlStore::connect(&url, 1, true).await.expect("the store opens");
-        store.close().await;
-        run_sql(&url, FIXTURE).await;
-        let mut command = match file_limit {
-            None => Command::new(env!("CARGO_BIN_EXE_herald")),
-            Some((soft, hard)) => {
-                let mut sh = Command::new("sh");
-                sh.arg("-c")
-                    .arg(format!("ulimit -Sn {soft} && ulimit -Hn {hard} && exec \"$0\""))
-                    .arg(env!("CARGO_BIN_EXE_herald"));
-                sh
-            }
-        };
-        let mut child = command
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HERALD_LISTEN", "127.0.0.1:0")
-            .env("HERALD_DATABASE_URL", &url)
-            .env("HERALD_JWT_SECRET", JWT_SECRET)
-            .env("HERALD_PUBLISH_TOKEN", PUBLISH_TOKEN)
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the herald binary starts");
-        let output = Arc::new(Mutex::new(String::new()));
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        for pipe in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let output = output.clone();
-            let addr_tx = addr_tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    if let Some(addr) = line.strip_prefix("herald listening on http://") {
-                        let _ = addr_tx.send(addr.trim().to_owned());
-                    }
-                    let mut output = output.lock().unwrap();
-                    output.push_str(&line);
-                    output.push('\n');
-                }
-            });
-        }
-        let addr = match addr_rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(addr) => addr.parse().expect("an address"),
-            Err(_) => {
-                let _ = child.kill();
-                panic!("herald did not start:\n{}", output.lock().unwrap());
-            }
-        };
-        Process { child, addr, output, http: reqwest::Client::new(), _dir: dir }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    async fn publish_with(&self, token: &str, body: &Value) -> u16 {
-        let response = self.http.post(self.url("/v1/events")).bearer_auth(token).json(body).send().await.unwrap();
-        response.status().as_u16()
-    }
-
-    /// Resident memory, in KiB.
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    }
-
-    /// User plus system CPU time so far, in seconds.
-    fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the command name, which is in parentheses.
-        let fields: Vec<&str> =
-            stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        // utime and stime are fields 14 and 15; `fields` starts at field 3.
-        (ticks(11) + ticks(12)) / 100.0
-    }
-
-    fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Fails when any 8-character window of a secret is in `text`. A JWT's
 /// header is public (and shared by every token), so only its payload and
@@ -242,61 +119,6 @@ async fn no_secret_and_no_session_id_reaches_the_logs_and_no_line_can_be_forged(
 /// descriptors: with more of them than its (lowered) limit allows, the
 /// listener keeps going, and a real client connects once they are gone.
 /// herald raises its soft limit to the hard one at start, and says so.
-#[tokio::test]
-async fn idle_connections_cannot_lock_clients_out() {
-    let app = Process::start_with_file_limit(&[("HERALD_HEADER_TIMEOUT", "1s")], 32, 96).await;
-    assert!(
-        app.output.lock().unwrap().contains("open file limit raised before=32 after=96"),
-        "{}",
-        app.output.lock().unwrap()
-    );
-    // One idle connection: how long it lives.
-    let mut idle = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-    let opened = Instant::now();
-    let mut byte = [0u8; 1];
-    let read = tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read(&mut idle, &mut byte)).await;
-    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "closed by the server: {read:?}");
-    let lived = opened.elapsed();
-    assert!(lived < Duration::from_secs(3), "an idle connection lived {lived:?}");
-
-    // Twice the limit, half of them with half a request line.
-    let mut hoard = Vec::new();
-    for i in 0..192 {
-        let Ok(Ok(mut s)) =
-            tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(app.addr)).await
-        else {
-            continue;
-        };
-        if i % 2 == 0 {
-            let _ = tokio::io::AsyncWriteExt::write_all(&mut s, b"GET /socket.io/?EIO=4&transp").await;
-        }
-        hoard.push(s);
-    }
-    let started = Instant::now();
-    let mut c = loop {
-        match Client::connect(app.addr, Some(json!({"token": token("alice")})), "").await {
-            Ok(c) => break c,
-            Err(e) => assert!(started.elapsed() < Duration::from_secs(15), "a real client is locked out: {e:?}"),
-        }
-    };
-    println!(
-        "idle connections: one lived {lived:?} (HERALD_HEADER_TIMEOUT=1s); with {} held against a limit of 96, \
-         a real client connected after {:?}",
-        hoard.len(),
-        started.elapsed()
-    );
-    assert_eq!(c.subscribe("campaign", "c1").await["success"], true);
-    let health = app.http.get(app.url("/healthz")).send().await.unwrap();
-    assert_eq!(health.status(), 200);
-    let accept_failures = app.output.lock().unwrap().matches("accept failed").count();
-    let took = started.elapsed().as_secs() + 2;
-    assert!(
-        accept_failures as u64 <= took,
-        "{accept_failures} accept failure lines in {took} s: logged at most once a second"
-    );
-    drop(hoard);
-}
-
 /// The in-memory replay log is bounded by bytes: 150 publishes of 1 MiB
 /// events leave the process's memory within the default bound (32 MiB) plus
 /// some slack, rather than growing by all of them.
