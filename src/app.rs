@@ -33,6 +33,7 @@ use crate::gateway::Gateway;
 use crate::health::{self, OpsState, Probe};
 use crate::listener::{self, ListenerSettings};
 use crate::log::{EventLog, LogError, MemoryLog, StreamLog};
+use crate::pending::PendingSessions;
 use crate::publish::{self, PublishState};
 use crate::redis::{Redis, RedisError};
 use crate::revocation;
@@ -155,11 +156,15 @@ fn assemble(
             })
         });
     }
-    let prepare = transports.clone();
-    let socket_io = ServiceBuilder::new()
-        .map_request(move |request| prepare.prepare(request))
-        .map_response(|response: Response<_>| response.map(Body::new))
-        .service(engine);
+    let socket_io = tower::service_fn(move |request: Request<Body>| {
+        let (transports, engine) = (transports.clone(), engine.clone());
+        async move {
+            match transports.prepare(request) {
+                Ok(request) => engine.oneshot(request).await.map(|response| response.map(Body::new)),
+                Err(refused) => Ok(refused),
+            }
+        }
+    });
     let http = Steer::new(
         [BoxCloneService::new(socket_io), BoxCloneService::new(router)],
         |request: &Request<Body>, _: &[_]| usize::from(!request.uri().path().starts_with(SOCKET_IO_PATH)),
@@ -255,6 +260,7 @@ impl Application {
         }
 
         let metrics = Metrics::new();
+        let listener_metrics = metrics.clone();
         let builder = SocketIo::builder()
             .max_payload(config.connections.max_message_bytes)
             .ws_max_message_size(config.connections.max_message_bytes as usize)
@@ -269,7 +275,11 @@ impl Application {
         let access =
             Access::new(Arc::new(store.clone()), config.store.membership_cache_ttl, config.store.revocation_ttl);
         let jwks_probe = verifier.probe();
-        let transports = Transports::new();
+        let transports = Transports::new(PendingSessions::new(
+            config.connections.max_pending_sessions,
+            config.connections.max_pending_per_address,
+            metrics.clone(),
+        ));
         let gateway =
             Gateway::new(verifier, access, metrics.clone(), transports.clone(), config.limits, config.auth.jwt_leeway);
         let store_probe: Probe = {
@@ -323,7 +333,12 @@ impl Application {
         Ok(Application {
             listener,
             service,
-            listener_settings: ListenerSettings { header_timeout: config.connections.header_timeout },
+            listener_settings: ListenerSettings {
+                header_timeout: config.connections.header_timeout,
+                body_timeout: config.connections.body_timeout,
+                max_control_backlog: config.connections.max_control_backlog,
+                metrics: listener_metrics,
+            },
             closer,
             store,
             grace: config.shutdown_grace,

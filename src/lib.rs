@@ -26,7 +26,10 @@
 //! - [`session`]: a socket's own state, and the one place its rooms change.
 //! - [`transport`]: a socket's transport below Socket.IO: the requests
 //!   socketioxide gets, and cutting a connection so that the client comes back.
-//! - [`listener`]: the accept loop: `TCP_NODELAY`, bounded request heads, cuttable connections.
+//! - [`listener`]: the accept loop: `TCP_NODELAY`, bounded request heads and
+//!   bodies, bounded control-frame replies, cuttable connections.
+//! - [`pending`]: Engine.IO sessions that have not sent CONNECT yet, bounded
+//!   per address and in all.
 //! - [`publish`]: the HTTP publish API for backends.
 //! - [`revocation`]: revoking a user's access (the HTTP route, the log entry,
 //!   applying it on every instance, remembering user revocations).
@@ -52,6 +55,7 @@ pub mod jwks;
 pub mod limits;
 pub mod listener;
 pub mod log;
+pub mod pending;
 pub mod publish;
 pub mod redis;
 pub mod revocation;

@@ -13,6 +13,15 @@
 //!   listener never stops, and the pending connections wait in the kernel's
 //!   queue until a descriptor is free. The binary raises its soft limit on
 //!   open files to the hard limit at start ([`raise_open_file_limit`]).
+//! - A request body must be complete within the body timeout, counted from
+//!   the end of its head: a body sent a byte at a time cannot hold a
+//!   connection (and its descriptor) for longer. Past it the request fails
+//!   and the connection is closed.
+//! - A WebSocket peer's control frames (pings) oblige replies (pongs) that
+//!   tungstenite queues without bound, outside the socket's packet buffer.
+//!   Bytes of those replies the peer leaves unread are counted (each ping
+//!   adds its pong, each write takes away what it wrote), and past a bound
+//!   the connection is reset.
 //! - Each request carries its connection's [`Connection`] in its extensions.
 //!   Cutting it ends what the connection reads at once, and fails its writes
 //!   after a grace period (a peer that reads nothing cannot hold it open).
@@ -29,6 +38,7 @@
 
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,12 +46,15 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::http;
+use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+
+use crate::telemetry::Metrics;
 
 /// How long an accept waits after the process ran out of file descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
@@ -60,6 +73,8 @@ const RESET: u8 = 2;
 const CLOSE_PACKET_FRAME: [u8; 7] = [0x81, 0x81, 0, 0, 0, 0, b'1'];
 
 struct ConnectionState {
+    /// The peer's address.
+    peer: IpAddr,
     state: AtomicU8,
     /// Set when the connection becomes a WebSocket (the upgrade request arrived).
     websocket: AtomicBool,
@@ -74,8 +89,9 @@ struct ConnectionState {
 pub struct Connection(Arc<ConnectionState>);
 
 impl Connection {
-    fn new() -> Connection {
+    fn new(peer: IpAddr) -> Connection {
         Connection(Arc::new(ConnectionState {
+            peer,
             state: AtomicU8::new(OPEN),
             websocket: AtomicBool::new(false),
             read: AtomicWaker::new(),
@@ -103,11 +119,21 @@ impl Connection {
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
             if let Some(state) = state.upgrade() {
-                state.state.store(RESET, Ordering::SeqCst);
-                state.read.wake();
-                state.write.wake();
+                Connection(state).reset();
             }
         });
+    }
+
+    /// Ends the connection at once: reads and writes fail, and it is reset.
+    fn reset(&self) {
+        self.0.state.store(RESET, Ordering::SeqCst);
+        self.0.read.wake();
+        self.0.write.wake();
+    }
+
+    /// The peer's address.
+    pub fn peer(&self) -> IpAddr {
+        self.0.peer
     }
 
     /// Runs `f` when the connection's stream is dropped (replacing an earlier `f`).
@@ -132,6 +158,9 @@ struct Frames {
     left: u64,
     /// Inside a message sent in several frames (no other data frame fits in).
     fragmented: bool,
+    /// Bytes of the replies that the pings read so far oblige (a pong
+    /// echoes its ping's payload), not yet taken by [`Frames::take_owed`].
+    owed: u64,
 }
 
 impl Frames {
@@ -144,6 +173,11 @@ impl Frames {
     /// where only header bytes are counted, one at a time).
     fn left_in_frame(&self) -> u64 {
         if self.read == 0 && self.left == 0 { 0 } else { self.left.max(1) }
+    }
+
+    /// Takes the bytes of replies owed since the last call.
+    fn take_owed(&mut self) -> u64 {
+        std::mem::take(&mut self.owed)
     }
 
     fn feed(&mut self, mut bytes: &[u8]) {
@@ -179,6 +213,10 @@ impl Frames {
             if opcode < 0x8 {
                 self.fragmented = !fin;
             }
+            if opcode == 0x9 {
+                // A pong: a 2-byte header (payloads are at most 125 bytes) and the payload.
+                self.owed += 2 + len;
+            }
             self.read = 0;
             self.left = len;
         }
@@ -194,6 +232,13 @@ struct CuttableStream {
     frames: Option<Frames>,
     /// How much of [`CLOSE_PACKET_FRAME`] was read, once the cut began it.
     close_sent: Option<usize>,
+    /// Bytes of replies to the peer's control frames that may still wait
+    /// to be written (each ping adds its pong; each write takes away what
+    /// it wrote, whatever it was).
+    unread_replies: u64,
+    /// The most `unread_replies` may reach.
+    max_unread_replies: u64,
+    metrics: Arc<Metrics>,
 }
 
 impl CuttableStream {
@@ -221,6 +266,27 @@ impl CuttableStream {
             return Poll::Ready(Err(self.reset_error()));
         }
         write(Pin::new(&mut self.inner), cx)
+    }
+
+    /// A write took `written` bytes out of what waits to be written.
+    fn wrote(&mut self, written: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = written {
+            self.unread_replies = self.unread_replies.saturating_sub(*n as u64);
+        }
+    }
+
+    /// Adds the replies the frames just read oblige; resets a connection
+    /// whose peer leaves more of them unread than the bound.
+    fn owe(&mut self, replies: u64) {
+        self.unread_replies = self.unread_replies.saturating_add(replies);
+        if self.unread_replies > self.max_unread_replies && self.state() != RESET {
+            self.connection.reset();
+            self.metrics.limits_hit.get_or_create(&[("limit", "control_backlog")]).inc();
+            tracing::info!(
+                unread = self.unread_replies,
+                "a WebSocket peer sends control frames without reading the replies; connection reset"
+            );
+        }
     }
 }
 
@@ -280,6 +346,10 @@ impl AsyncRead for CuttableStream {
                 std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
                 if let Some(frames) = this.frames.as_mut() {
                     frames.feed(&buf.filled()[before..]);
+                    let owed = frames.take_owed();
+                    if owed > 0 {
+                        this.owe(owed);
+                    }
                 }
                 Poll::Ready(Ok(()))
             }
@@ -291,7 +361,10 @@ impl AsyncRead for CuttableStream {
 
 impl AsyncWrite for CuttableStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        self.get_mut().poll_writable(cx, |s, cx| s.poll_write(cx, buf))
+        let this = self.get_mut();
+        let written = this.poll_writable(cx, |s, cx| s.poll_write(cx, buf));
+        this.wrote(&written);
+        written
     }
 
     fn poll_write_vectored(
@@ -299,7 +372,10 @@ impl AsyncWrite for CuttableStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().poll_writable(cx, |s, cx| s.poll_write_vectored(cx, bufs))
+        let this = self.get_mut();
+        let written = this.poll_writable(cx, |s, cx| s.poll_write_vectored(cx, bufs));
+        this.wrote(&written);
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -325,18 +401,79 @@ pub fn raise_open_file_limit() -> io::Result<(u64, u64)> {
 }
 
 /// How connections are bounded.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct ListenerSettings {
     /// Longest a request head may take to arrive (also the longest a
     /// kept-alive connection may sit idle between two requests).
     pub header_timeout: Duration,
+    /// Longest a request body may take to arrive, from the end of its head.
+    pub body_timeout: Duration,
+    /// Most bytes of replies to a WebSocket peer's control frames that may
+    /// wait for the peer to read them.
+    pub max_control_backlog: u64,
+    /// Where the limits hit are counted.
+    pub metrics: Arc<Metrics>,
 }
 
-/// Inserts the connection into every request, then calls `S`.
+/// Inserts the connection into every request, bounds the time its body
+/// may take, then calls `S`.
 #[derive(Clone)]
 struct WithConnection<S> {
     inner: S,
     connection: Connection,
+    body_timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+/// A request body that fails once its deadline passes, and then closes its
+/// connection (what it still sends is not read).
+struct TimedBody {
+    inner: axum::body::Body,
+    deadline: tokio::time::Instant,
+    /// Armed the first time the body has to wait.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    connection: Connection,
+    metrics: Arc<Metrics>,
+}
+
+/// A request body did not arrive within the body timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive in time")]
+pub struct BodyTimedOut;
+
+impl http_body::Body for TimedBody {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) if tokio::time::Instant::now() < this.deadline => {
+                return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+            }
+            Poll::Ready(_) => {}
+            Poll::Pending => {
+                let deadline = this.deadline;
+                let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                std::task::ready!(timer.as_mut().poll(cx));
+            }
+        }
+        this.metrics.limits_hit.get_or_create(&[("limit", "body_timeout")]).inc();
+        tracing::info!("a request body did not arrive within the body timeout; closing its connection");
+        this.connection.cut(Duration::from_secs(2));
+        Poll::Ready(Some(Err(Box::new(BodyTimedOut))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 impl<S, B> tower::Service<http::Request<B>> for WithConnection<S>
@@ -354,7 +491,19 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let mut request = request.map(axum::body::Body::new);
+        let mut request = request.map(|body| {
+            let inner = axum::body::Body::new(body);
+            if http_body::Body::is_end_stream(&inner) {
+                return inner;
+            }
+            axum::body::Body::new(TimedBody {
+                inner,
+                deadline: tokio::time::Instant::now() + self.body_timeout,
+                timer: None,
+                connection: self.connection.clone(),
+                metrics: self.metrics.clone(),
+            })
+        });
         request.extensions_mut().insert(self.connection.clone());
         self.inner.call(request)
     }
@@ -386,8 +535,8 @@ pub async fn serve<S, B>(
             accepted = listener.accept() => accepted,
             () = &mut shutdown => break,
         };
-        let stream = match accepted {
-            Ok((stream, _peer)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 if last_logged.is_none_or(|at| at.elapsed() >= ACCEPT_LOG_EVERY) {
                     tracing::warn!(error = %e, "accept failed; retrying");
@@ -399,16 +548,24 @@ pub async fn serve<S, B>(
             }
         };
         let _ = stream.set_nodelay(true);
-        let connection = Connection::new();
+        let connection = Connection::new(peer.ip());
         let stream = CuttableStream {
             inner: stream,
             connection: connection.clone(),
             lingers: false,
             frames: None,
             close_sent: None,
+            unread_replies: 0,
+            max_unread_replies: settings.max_control_backlog,
+            metrics: settings.metrics.clone(),
         };
         let io = TokioIo::new(stream);
-        let service = TowerToHyperService::new(WithConnection { inner: service.clone(), connection });
+        let service = TowerToHyperService::new(WithConnection {
+            inner: service.clone(),
+            connection,
+            body_timeout: settings.body_timeout,
+            metrics: settings.metrics.clone(),
+        });
         let conn = http.serve_connection(io, service).with_upgrades();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {

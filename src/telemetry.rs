@@ -99,6 +99,8 @@ pub struct Metrics {
     registry: Registry,
     /// Connected Socket.IO clients.
     pub connections: Gauge,
+    /// Engine.IO sessions that have not sent their Socket.IO CONNECT yet.
+    pub pending_sessions: Gauge,
     /// Current room subscriptions, by kind.
     pub subscriptions: Family<Labels1, Gauge>,
     /// Events appended to the event log, by type.
@@ -148,6 +150,11 @@ impl Metrics {
         );
         Arc::new(Metrics {
             connections: registered(&mut r, "connections", "Connected Socket.IO clients"),
+            pending_sessions: registered(
+                &mut r,
+                "pending_sessions",
+                "Engine.IO sessions that have not sent their Socket.IO CONNECT yet",
+            ),
             subscriptions: registered(&mut r, "subscriptions", "Current room subscriptions by kind"),
             events_published: registered(&mut r, "events_published", "Events appended to the event log by type"),
             auth_failures: registered(&mut r, "auth_failures", "Rejected handshakes by reason"),

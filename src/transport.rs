@@ -33,13 +33,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{HeaderValue, Request, header};
+use axum::http::{HeaderValue, Request, Response, StatusCode, header};
 use socketioxide::adapter::Adapter;
 use socketioxide::extract::SocketRef;
 use socketioxide::socket::Sid;
 use socketioxide::{ProtocolVersion, TransportType};
 
 use crate::listener::Connection;
+use crate::pending::{PendingRefused, PendingSessions};
 
 /// Where the Socket.IO endpoint is served.
 pub const SOCKET_IO_PATH: &str = "/socket.io";
@@ -65,18 +66,19 @@ struct WebSocketConnection(Connection);
 type EngineCall = Box<dyn Fn(Request<Body>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// The transports herald can cut: the connections of upgraded sockets, and
-/// the Socket.IO service to end polling sessions with.
-#[derive(Default)]
+/// the Socket.IO service to end polling sessions with; and the sessions
+/// that have not connected yet.
 pub struct Transports {
     /// The WebSocket connection of each socket that upgraded from
     /// long-polling, by session id (its handshake request was a poll).
     upgrades: Mutex<HashMap<Sid, Connection>>,
     engine: OnceLock<EngineCall>,
+    pending: PendingSessions,
 }
 
 impl Transports {
-    pub fn new() -> Arc<Transports> {
-        Arc::new(Transports::default())
+    pub fn new(pending: PendingSessions) -> Arc<Transports> {
+        Arc::new(Transports { upgrades: Mutex::default(), engine: OnceLock::new(), pending })
     }
 
     /// Sets the Socket.IO service that polling sessions are ended through
@@ -90,34 +92,40 @@ impl Transports {
 
     /// Prepares a request for socketioxide: a Socket.IO request keeps only
     /// what it needs, and its connection is remembered where a cut finds it.
-    pub fn prepare(self: &Arc<Self>, mut request: Request<Body>) -> Request<Body> {
+    /// A handshake (a request without a session id) opens a session that
+    /// counts as pending until its socket connects; past the bounds it is
+    /// answered here (429 for its address, 503 in all), and socketioxide
+    /// never sees it.
+    pub fn prepare(self: &Arc<Self>, mut request: Request<Body>) -> Result<Request<Body>, Response<Body>> {
         let connection = request.extensions_mut().remove::<Connection>();
         if !request.uri().path().starts_with(SOCKET_IO_PATH) {
-            return request;
+            return Ok(request);
         }
-        let request = detach_from_read_buffer(request);
-        let Some(connection) = connection else { return request };
+        let mut request = detach_from_read_buffer(request);
+        let Some(connection) = connection else { return Ok(request) };
         let (mut websocket, mut sid) = (false, None);
         for (key, value) in form_urlencoded::parse(request.uri().query().unwrap_or_default().as_bytes()) {
             match &*key {
                 "transport" => websocket = value == "websocket",
-                "sid" => sid = value.parse::<Sid>().ok(),
+                "sid" => sid = Some(value.parse::<Sid>().ok()),
                 _ => {}
             }
+        }
+        if sid.is_none() {
+            let session = self.pending.admit(connection.peer()).map_err(refused_handshake)?;
+            request.extensions_mut().insert(session);
         }
         if websocket {
             connection.upgrading_to_websocket();
         }
         match (websocket, sid) {
-            (true, Some(sid)) => self.register_upgrade(sid, connection),
+            (true, Some(Some(sid))) => self.register_upgrade(sid, connection),
             (true, None) => {
-                let mut request = request;
                 request.extensions_mut().insert(WebSocketConnection(connection));
-                return request;
             }
-            (false, _) => {}
+            _ => {}
         }
-        request
+        Ok(request)
     }
 
     /// Remembers the WebSocket connection a polling session upgrades over,
@@ -178,6 +186,20 @@ impl Transports {
             tokio::spawn(call(close_request(socket.id, socket.protocol())));
         }
     }
+}
+
+/// The answer to a handshake past the bounds on sessions not yet connected.
+fn refused_handshake(why: PendingRefused) -> Response<Body> {
+    let (status, text) = match why {
+        PendingRefused::Address => {
+            (StatusCode::TOO_MANY_REQUESTS, "too many sessions from this address wait for their CONNECT")
+        }
+        PendingRefused::Total => (StatusCode::SERVICE_UNAVAILABLE, "too many sessions wait for their CONNECT"),
+    };
+    tracing::info!(status = status.as_u16(), "handshake refused: {text}");
+    let mut response = Response::new(Body::from(text));
+    *response.status_mut() = status;
+    response
 }
 
 /// The Engine.IO `close` packet, posted on a polling session as its client would.

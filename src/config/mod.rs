@@ -298,6 +298,26 @@ pub struct ConnectionSettings {
     /// Largest inbound Socket.IO message (WebSocket message or polling body), in bytes.
     #[arg(long, env = "HERALD_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_message_bytes: u64,
+
+    /// Longest a request body (a long-polling POST, a publish) may take to arrive, from the end
+    /// of its head. Past it, the request fails and its connection is closed.
+    #[arg(long, env = "HERALD_BODY_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub body_timeout: Duration,
+
+    /// Most Engine.IO sessions that have not sent their Socket.IO CONNECT yet, in all; past it,
+    /// new handshakes are answered 503.
+    #[arg(long, env = "HERALD_MAX_PENDING_SESSIONS", default_value_t = 2_000)]
+    pub max_pending_sessions: usize,
+
+    /// Most such sessions opened from one address (behind a proxy: the proxy's); past it, new
+    /// handshakes from that address are answered 429.
+    #[arg(long, env = "HERALD_MAX_PENDING_PER_ADDRESS", default_value_t = 256)]
+    pub max_pending_per_address: usize,
+
+    /// Bytes of replies to a peer's WebSocket control frames (pongs) that may wait for the peer to
+    /// read them; past it, the connection is reset.
+    #[arg(long, env = "HERALD_MAX_CONTROL_BACKLOG", default_value_t = 64 * 1024)]
+    pub max_control_backlog: u64,
 }
 
 /// A configuration that cannot work.

@@ -31,6 +31,7 @@ use crate::auth::{User, Verifier, find_token};
 use crate::delivery::Delivery;
 use crate::expiry::{Expiring, Expiry};
 use crate::limits::{Limits, TokenBucket};
+use crate::pending::PendingSession;
 use crate::session::Session;
 use crate::store::MembershipStore;
 use crate::telemetry::Metrics;
@@ -239,6 +240,9 @@ impl<S: MembershipStore> Gateway<S> {
     /// happens once, whoever gets there first.
     fn connected<A: Adapter>(self: &Arc<Self>, s: &SocketRef<A>, io: &SocketIo<A>) {
         let Some(session) = Session::of(s) else { return };
+        if let Some(pending) = s.req_parts().extensions.get::<PendingSession>() {
+            pending.settle();
+        }
         self.metrics.connections.inc();
         self.watch_expiry(s, &session);
         let gw = self.clone();

@@ -306,3 +306,207 @@ async fn a_storm_of_handshakes_cut_anywhere_leaves_nothing_behind() {
     }
     assert_eq!(settled_gauges(&app, Duration::from_secs(10)).await, (0.0, 0.0));
 }
+
+/// A WebSocket upgrade (no Socket.IO CONNECT, no token) on a socket with a
+/// small receive buffer that it never reads.
+async fn unread_websocket(addr: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut tcp = socket.connect(addr).await.unwrap();
+    let request = format!(
+        "GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut head = [0u8; 512];
+    let n = tcp.read(&mut head).await.unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 101"), "upgraded");
+    tcp
+}
+
+/// Four peers that upgrade to WebSocket without a token and send 125-byte
+/// pings without reading a byte: each pong herald owes waits for the peer,
+/// so each connection is reset once 64 KiB of them wait (and the kernel's
+/// send buffer is full), and the process's memory stays flat (before the
+/// bound, one such peer took a release build from 36 to 400 MB in 6.6 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_flood_that_reads_nothing_is_reset_and_holds_no_memory() {
+    let app = Process::start(&[]).await;
+    let before = app.rss_kib();
+    let mut ping = vec![0x89, 0x80 | 125, 0, 0, 0, 0];
+    ping.extend_from_slice(&[b'x'; 125]);
+    let batch = ping.repeat(1_000);
+    let floods: Vec<_> = (0..4)
+        .map(|_| {
+            let batch = batch.clone();
+            let addr = app.addr;
+            tokio::spawn(async move {
+                let mut tcp = unread_websocket(addr).await;
+                let (started, mut sent) = (Instant::now(), 0u64);
+                while started.elapsed() < Duration::from_secs(20) {
+                    match tokio::time::timeout(Duration::from_secs(5), tcp.write_all(&batch)).await {
+                        Ok(Ok(())) => sent += 1_000,
+                        Ok(Err(_)) => return (sent, Some(started.elapsed())),
+                        // herald stopped reading, yet holds the connection.
+                        Err(_) => break,
+                    }
+                }
+                (sent, None)
+            })
+        })
+        .collect();
+    let mut peak = before;
+    let mut outcomes = Vec::new();
+    for flood in floods {
+        while !flood.is_finished() {
+            peak = peak.max(app.rss_kib());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        outcomes.push(flood.await.unwrap());
+    }
+    println!("ping floods (pings sent, reset after): {outcomes:?}; RSS {before} KiB before, {peak} KiB at peak");
+    for (sent, reset) in &outcomes {
+        assert!(reset.is_some(), "a flood of {sent} pings was never reset");
+    }
+    assert!(peak < before + 32 * 1024, "RSS grew from {before} to {peak} KiB");
+    let m = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(metric(&m, r#"herald_limits_hit_total{limit="control_backlog"}"#), 4.0);
+    // Other clients never noticed.
+    let mut c = Client::connect(app.addr, Some(json!({"token": token("alice")})), "").await.expect("connects");
+    assert_eq!(c.subscribe("campaign", "c1").await["success"], true);
+}
+
+/// Opens an Engine.IO long-polling session (no token needed); its id.
+async fn polling_session(app: &Process) -> Option<String> {
+    let open = app
+        .http
+        .get(app.url("/socket.io/?EIO=4&transport=polling"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    if open.status() != 200 {
+        return None;
+    }
+    let text = open.text().await.ok()?;
+    Some(text.split("\"sid\":\"").nth(1)?.split('"').next()?.to_owned())
+}
+
+/// Without a token: long-polling POSTs whose bodies never end (a byte a
+/// second of 60,000 announced), more of them than the process may open
+/// files, and a flood of sessions that never send CONNECT. A slow body
+/// lives as long as the body timeout; sessions past the bound per address
+/// are refused with 429; and meanwhile a real client connects and
+/// `/healthz` answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_bodies_and_a_session_flood_cannot_lock_clients_out() {
+    let app = Process::start_with_file_limit(
+        &[("HERALD_BODY_TIMEOUT", "1s"), ("HERALD_MAX_PENDING_PER_ADDRESS", "50"), ("HERALD_CONNECT_TIMEOUT", "2s")],
+        64,
+        64,
+    )
+    .await;
+    // One slow body: how long it lives.
+    let sid = polling_session(&app).await.expect("a session");
+    let mut slow = TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n\
+         Content-Length: 60000\r\n\r\n4"
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let opened = Instant::now();
+    let mut lived = None;
+    while opened.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut probe = [0u8; 256];
+        match tokio::time::timeout(Duration::from_millis(10), slow.read(&mut probe)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                lived = Some(opened.elapsed());
+                break;
+            }
+            // The answer to the failed request, then the end.
+            Ok(Ok(_)) | Err(_) => {}
+        }
+        if slow.write_all(b"x").await.is_err() {
+            lived = Some(opened.elapsed());
+            break;
+        }
+    }
+    let lived = lived.expect("the slow body was cut");
+    assert!(lived < Duration::from_secs(3), "a slow body lived {lived:?} (HERALD_BODY_TIMEOUT=1s)");
+
+    // Twice the open-file limit of slow bodies, and a session flood, all at once.
+    let attack_until = Instant::now() + Duration::from_secs(4);
+    let slow_bodies = {
+        let addr = app.addr;
+        let sids: Vec<String> = {
+            let mut sids = Vec::new();
+            for _ in 0..40 {
+                sids.extend(polling_session(&app).await);
+            }
+            sids
+        };
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            let mut opened = 0;
+            while Instant::now() < attack_until {
+                if let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+                {
+                    let sid = &sids[opened % sids.len()];
+                    let head = format!(
+                        "POST /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: x\r\n\
+                         Content-Type: text/plain\r\nContent-Length: 60000\r\n\r\n4"
+                    );
+                    let _ = s.write_all(head.as_bytes()).await;
+                    held.push(s);
+                    opened += 1;
+                }
+                // A byte a round on each; the ones herald closed are let go.
+                held.retain(|s| match s.try_write(b"x") {
+                    Ok(_) => true,
+                    Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+                });
+            }
+            opened
+        })
+    };
+    let mut statuses = std::collections::BTreeMap::new();
+    while Instant::now() < attack_until {
+        let handshake = app.http.get(app.url("/socket.io/?EIO=4&transport=polling")).timeout(Duration::from_secs(1));
+        let status = match handshake.send().await {
+            Ok(r) => r.status().as_u16(),
+            Err(_) => 0,
+        };
+        *statuses.entry(status).or_insert(0) += 1;
+    }
+    let started = Instant::now();
+    let mut c = loop {
+        match Client::connect(app.addr, Some(json!({"token": token("alice")})), "").await {
+            Ok(c) => break c,
+            Err(e) => assert!(started.elapsed() < Duration::from_secs(15), "a real client is locked out: {e:?}"),
+        }
+    };
+    assert_eq!(c.subscribe("campaign", "c1").await["success"], true);
+    let health = app.http.get(app.url("/healthz")).timeout(Duration::from_secs(5)).send().await;
+    assert_eq!(health.map(|h| h.status().as_u16()).ok(), Some(200));
+    let opened = slow_bodies.await.unwrap();
+    println!(
+        "slow bodies: one lived {lived:?} (HERALD_BODY_TIMEOUT=1s); session flood answers {statuses:?}; \
+         {opened} slow bodies opened against 64 open files; a real client connected {:?} after the attack",
+        started.elapsed()
+    );
+    assert!(opened > 64, "more slow bodies than open files: {opened}");
+    assert!(statuses.get(&429).copied().unwrap_or(0) > 0, "the flood hit the bound per address: {statuses:?}");
+    let m = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metric(&m, r#"herald_limits_hit_total{limit="body_timeout"}"#) >= 1.0);
+    // Once the sessions that never connected time out, none is pending.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        if metric(&m, "herald_pending_sessions") == 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sessions still pending: {}", metric(&m, "herald_pending_sessions"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
