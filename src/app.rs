@@ -39,7 +39,7 @@ use crate::redis::{Redis, RedisError};
 use crate::revocation;
 use crate::store::{DEMO_USER, MembershipStore, SqlStore, StoreError};
 use crate::telemetry::Metrics;
-use crate::transport::{SOCKET_IO_PATH, Transports};
+use crate::transport::{self, SOCKET_IO_PATH, Transports};
 
 /// The gateway could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -161,7 +161,7 @@ fn assemble(
         async move {
             match transports.prepare(request) {
                 Ok(request) => engine.oneshot(request).await.map(|response| response.map(Body::new)),
-                Err(refused) => Ok(refused),
+                Err(refused) => Ok(transport::refused_handshake(refused)),
             }
         }
     });

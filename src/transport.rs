@@ -94,9 +94,9 @@ impl Transports {
     /// what it needs, and its connection is remembered where a cut finds it.
     /// A handshake (a request without a session id) opens a session that
     /// counts as pending until its socket connects; past the bounds it is
-    /// answered here (429 for its address, 503 in all), and socketioxide
-    /// never sees it.
-    pub fn prepare(self: &Arc<Self>, mut request: Request<Body>) -> Result<Request<Body>, Response<Body>> {
+    /// refused (answered with [`refused_handshake`]), and socketioxide never
+    /// sees it.
+    pub fn prepare(self: &Arc<Self>, mut request: Request<Body>) -> Result<Request<Body>, PendingRefused> {
         let connection = request.extensions_mut().remove::<Connection>();
         if !request.uri().path().starts_with(SOCKET_IO_PATH) {
             return Ok(request);
@@ -112,7 +112,7 @@ impl Transports {
             }
         }
         if sid.is_none() {
-            let session = self.pending.admit(connection.peer()).map_err(refused_handshake)?;
+            let session = self.pending.admit(connection.peer())?;
             request.extensions_mut().insert(session);
         }
         if websocket {
@@ -188,8 +188,9 @@ impl Transports {
     }
 }
 
-/// The answer to a handshake past the bounds on sessions not yet connected.
-fn refused_handshake(why: PendingRefused) -> Response<Body> {
+/// The answer to a handshake past the bounds on sessions not yet connected:
+/// 429 for its address, 503 in all.
+pub fn refused_handshake(why: PendingRefused) -> Response<Body> {
     let (status, text) = match why {
         PendingRefused::Address => {
             (StatusCode::TOO_MANY_REQUESTS, "too many sessions from this address wait for their CONNECT")
