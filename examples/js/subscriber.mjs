@@ -43,7 +43,8 @@ socket.on("connect", async () => {
     try {
       const ack = await socket.timeout(10_000).emitWithAck(`subscribe_${kind}`, { [`${kind}Id`]: id, ...(since && { since }) });
       console.log(`subscribed ${kind}:${id} since=${since ?? "-"} ${JSON.stringify(ack)}`);
-      if (ack.success && ack.recovered === false) console.log(`refetch ${kind}:${id}: herald could not replay`);
+      // Anything but recovered: true (the first subscribe, recovered: false, no offset yet): load the state.
+      if (ack.success && ack.recovered !== true) console.log(`refetch ${kind}:${id}`);
     } catch (err) {
       console.log(`subscribe ${kind}:${id} failed: ${err.message}`); // the next connect tries again
     }
