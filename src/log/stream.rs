@@ -16,9 +16,10 @@
 //! of those it appends, in the same step. It caps each stream, and each
 //! shard's keys, near `HERALD_REPLAY_MAX_EVENTS` entries and drops entries
 //! older than the replay window (keys older than their window). Each event
-//! carries the control stream's head (read just before the append) as its
-//! `after` mark. A stream's epoch is created when it is first appended to
-//! or looked at after Redis lost the old one.
+//! carries the control stream's head as its `after` mark. A stream's epoch is created when it is first appended to
+//! or looked at after Redis lost the old one. On one node the control
+//! stream's head is read in the append's own step; on a cluster (another
+//! slot) just before it.
 //!
 //! An append that fails with Redis' own error, or while Redis is known to be
 //! down, appended nothing; one that timed out, or whose connection broke,
@@ -41,43 +42,79 @@ use super::{
     ReadFuture, Retention, Stream, mark,
 };
 
-/// Appends entries to streams in one atomic step. `KEYS`: each stream
-/// touched, its epoch and its keys, in triples. `ARGV[1]`: the cap (entries
-/// per stream, keys per shard); `ARGV[2]`: the window (ms); `ARGV[3]`: the
-/// key window (ms); then sextuples: the triple (from 1), kind, rooms,
-/// content, key (`''`: none), `after` mark. Creates a missing epoch (server
-/// time, ms). An entry whose key is in its triple's keys is not appended.
-/// Returns, per triple, its epoch and the id of its last entry appended
-/// (`''`: none), then how many entries were not.
-const APPEND: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local cap = tonumber(ARGV[1])
-local epochs, last = {}, {}
-for p = 1, #KEYS / 3 do
-  local epoch = redis.call('GET', KEYS[3 * p - 1])
+/// What both scripts share: the server's time (ms), a stream's epoch
+/// (created at that time when missing) and its last entry's id.
+macro_rules! lua_prelude {
+    () => {
+        r"
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function epoch_of(key, now)
+  local epoch = redis.call('GET', key)
   if not epoch then
     epoch = string.format('%013d', now)
-    redis.call('SET', KEYS[3 * p - 1], epoch)
+    redis.call('SET', key, epoch)
   end
-  epochs[p], last[p] = epoch, ''
+  return epoch
+end
+local function last_of(key)
+  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if last[1] then
+    return last[1][1]
+  end
+  return '0-0'
+end
+"
+    };
+}
+
+/// Appends entries to streams in one atomic step. `KEYS`: each stream
+/// touched, its epoch and its keys, in triples; then, when `ARGV[4]` is
+/// empty, the control stream and its epoch, whose head marks the events
+/// (else `ARGV[4]` is the mark). `ARGV[1]`: the cap (entries per stream,
+/// keys per shard); `ARGV[2]`: the window (ms); `ARGV[3]`: the key window
+/// (ms); then quintuples: the triple (from 1), kind, rooms, content, key
+/// (`''`: none). An event whose key is in its triple's keys is not
+/// appended. Returns, per triple, its epoch and the id of its last entry
+/// appended (`''`: none), then how many events were not.
+const APPEND: &str = concat!(
+    lua_prelude!(),
+    r"
+local now = now_ms()
+local cap = tonumber(ARGV[1])
+local n = math.floor(#KEYS / 3)
+local mark = ARGV[4]
+if mark == '' then
+  local epoch = epoch_of(KEYS[#KEYS], now)
+  local ms, seq = string.match(last_of(KEYS[#KEYS - 1]), '(%d+)-(%d+)')
+  mark = string.format('%013d-%013d-%010d', tonumber(epoch), tonumber(ms), tonumber(seq))
+end
+local epochs, last = {}, {}
+for p = 1, n do
+  epochs[p], last[p] = epoch_of(KEYS[3 * p - 1], now), ''
   redis.call('ZREMRANGEBYSCORE', KEYS[3 * p], '-inf', now - tonumber(ARGV[3]))
 end
 local duplicates = 0
-for i = 4, #ARGV, 6 do
+for i = 5, #ARGV, 5 do
   local p, key = tonumber(ARGV[i]), ARGV[i + 4]
   if key ~= '' and redis.call('ZSCORE', KEYS[3 * p], key) then
     duplicates = duplicates + 1
   else
+    local c = mark
+    if ARGV[i + 1] == '@revoke' then
+      c = ''
+    end
     last[p] = redis.call('XADD', KEYS[3 * p - 2], 'MAXLEN', '~', cap, '*',
-      'k', ARGV[i + 1], 'r', ARGV[i + 2], 'e', ARGV[i + 3], 'c', ARGV[i + 5])
+      'k', ARGV[i + 1], 'r', ARGV[i + 2], 'e', ARGV[i + 3], 'c', c)
     if key ~= '' then
       redis.call('ZADD', KEYS[3 * p], now, key)
     end
   end
 end
 local out = {}
-for p = 1, #KEYS / 3 do
+for p = 1, n do
   redis.call('XTRIM', KEYS[3 * p - 2], 'MINID', '~', now - tonumber(ARGV[2]))
   local over = redis.call('ZCARD', KEYS[3 * p]) - cap
   if over > 0 then
@@ -87,23 +124,12 @@ for p = 1, #KEYS / 3 do
 end
 out[#out + 1] = tostring(duplicates)
 return out
-";
+"
+);
 
 /// A stream's head: its epoch (created, at server time, when missing) and
 /// the id of its last entry (`0-0`: none). `KEYS`: the stream, its epoch.
-const HEAD: &str = r"
-local epoch = redis.call('GET', KEYS[2])
-if not epoch then
-  local t = redis.call('TIME')
-  epoch = string.format('%013d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-  redis.call('SET', KEYS[2], epoch)
-end
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-if last[1] then
-  return {epoch, last[1][1]}
-end
-return {epoch, '0-0'}
-";
+const HEAD: &str = concat!(lua_prelude!(), "return {epoch_of(KEYS[2], now_ms()), last_of(KEYS[1])}\n");
 
 /// The stream entry kind of a revocation.
 const REVOKE: &str = "@revoke";
@@ -164,14 +190,16 @@ impl StreamLog {
     }
 
     /// One script call: `entries` to their streams, atomically, events
-    /// marked `after`.
-    async fn append_at_once(&self, entries: &[(Stream, NewEntry)], after: &str) -> Result<Appends, LogError> {
+    /// marked `after` (`None`: with the control stream's head, read in the
+    /// same step, which needs its keys in the same slot: one Redis node).
+    async fn append_at_once(&self, entries: &[(Stream, NewEntry)], after: Option<Offset>) -> Result<Appends, LogError> {
         let mut streams: Vec<Stream> = Vec::new();
         let mut invocation = self.append.prepare_invoke();
         invocation
             .arg(self.retention.max_events)
             .arg(self.retention.window.as_millis() as u64)
-            .arg(self.retention.keys_window.as_millis() as u64);
+            .arg(self.retention.keys_window.as_millis() as u64)
+            .arg(after.map(|mark| mark.to_string()).unwrap_or_default());
         for (stream, entry) in entries {
             let triple = match streams.iter().position(|s| s == stream) {
                 Some(p) => p,
@@ -188,10 +216,13 @@ impl StreamLog {
                     .arg(kind.as_str())
                     .arg(room_names(rooms))
                     .arg(envelope)
-                    .arg(key.as_deref().unwrap_or_default())
-                    .arg(after),
-                NewEntry::Revocation(json) => invocation.arg(REVOKE).arg("").arg(json).arg("").arg(""),
+                    .arg(key.as_deref().unwrap_or_default()),
+                NewEntry::Revocation(json) => invocation.arg(REVOKE).arg("").arg(json).arg(""),
             };
+        }
+        if after.is_none() {
+            let (log, epoch, _) = self.keys(Stream::Control);
+            invocation.key(log).key(epoch);
         }
         let mut conn = self.redis.conn();
         let reply: Vec<String> = match self.redis.bounded(invocation.invoke_async(&mut conn)).await {
@@ -284,21 +315,18 @@ impl EventLog for StreamLog {
             if !self.redis.is_healthy() {
                 return Err(LogError::Unavailable("redis is unreachable".into()));
             }
-            // Read before the append (a failure here appended nothing): any
-            // revocation appended before this publish began is at or before it.
-            let after = if entries.iter().any(|(_, e)| matches!(e, NewEntry::Event { .. })) {
-                let control = self.head(Stream::Control).await?;
-                mark(control.epoch, control.last).to_string()
-            } else {
-                String::new()
-            };
             if self.atomic_across_streams() {
-                return self.append_at_once(&entries, &after).await;
+                return self.append_at_once(&entries, None).await;
             }
-            // A cluster: one step per run of one stream, in order.
+            // A cluster: the control stream is in another slot, so its head
+            // is read first (a failure here appended nothing): any revocation
+            // appended before this publish began is at or before it.
+            let control = self.head(Stream::Control).await?;
+            let after = Some(mark(control.epoch, control.last));
+            // One step per run of one stream, in order.
             let mut done = Appends::default();
             for run in entries.chunk_by(|a, b| a.0 == b.0) {
-                let run = self.append_at_once(run, &after).await?;
+                let run = self.append_at_once(run, after).await?;
                 done.duplicates += run.duplicates;
                 for appended in run.streams {
                     done.streams.retain(|a| a.stream != appended.stream);

@@ -8,6 +8,7 @@ mod auth;
 mod cuts;
 mod drop;
 mod fleet;
+mod idempotency;
 mod jwks;
 mod limits;
 mod operations;

@@ -20,17 +20,17 @@ use crate::client::Client;
 use crate::helpers::*;
 
 /// The herald binary, running with the fixture in a SQLite file.
-struct Process {
+pub(crate) struct Process {
     child: Child,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// Everything it wrote to stdout and stderr.
     output: Arc<Mutex<String>>,
-    http: reqwest::Client,
+    pub(crate) http: reqwest::Client,
     _dir: tempfile::TempDir,
 }
 
 impl Process {
-    async fn start(env: &[(&str, &str)]) -> Process {
+    pub(crate) async fn start(env: &[(&str, &str)]) -> Process {
         Process::start_with(env, None).await
     }
 
@@ -97,8 +97,13 @@ impl Process {
         Process { child, addr, output, http: reqwest::Client::new(), _dir: dir }
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// What it logged so far.
+    pub(crate) fn logs(&self) -> String {
+        self.output.lock().unwrap().clone()
     }
 
     async fn publish_with(&self, token: &str, body: &Value) -> u16 {

@@ -18,12 +18,12 @@ use crate::helpers::*;
 
 const SHARDS: u32 = 64;
 
-fn shard(campaign: &str) -> u32 {
+pub(crate) fn shard(campaign: &str) -> u32 {
     shard_of(&CampaignId::parse(campaign).expect("an id"), SHARDS)
 }
 
 /// `n` campaigns (`k…`) in shards of their own, none shared with c1's or c2's.
-fn campaigns_in_new_shards(n: usize) -> Vec<String> {
+pub(crate) fn campaigns_in_new_shards(n: usize) -> Vec<String> {
     let mut taken = vec![shard("c1"), shard("c2")];
     let mut found = Vec::new();
     for i in 0.. {
@@ -40,7 +40,7 @@ fn campaigns_in_new_shards(n: usize) -> Vec<String> {
 }
 
 /// Makes `user` a member of `campaigns` in `app`'s store.
-async fn add_member(app: &TestApp, user: &str, campaigns: &[String]) {
+pub(crate) async fn add_member(app: &TestApp, user: &str, campaigns: &[String]) {
     let rows: Vec<String> = campaigns.iter().map(|c| format!("('{c}', '{user}')")).collect();
     run_sql(
         &app.database_url,
