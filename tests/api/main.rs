@@ -18,6 +18,7 @@ mod proxy;
 mod publish;
 mod recovery;
 mod revocation;
+mod revocation_flood;
 mod shards;
 mod store;
 mod subscriptions;
