@@ -321,8 +321,13 @@ impl EventLog for StreamLog {
             // A cluster: the control stream is in another slot, so its head
             // is read first (a failure here appended nothing): any revocation
             // appended before this publish began is at or before it.
-            let control = self.head(Stream::Control).await?;
-            let after = Some(mark(control.epoch, control.last));
+            let after = Some(if entries.iter().any(|(_, e)| matches!(e, NewEntry::Event { .. })) {
+                let control = self.head(Stream::Control).await?;
+                mark(control.epoch, control.last)
+            } else {
+                // Nothing to mark (revocations are not).
+                mark(0, Position::default())
+            });
             // One step per run of one stream, in order.
             let mut done = Appends::default();
             for run in entries.chunk_by(|a, b| a.0 == b.0) {
