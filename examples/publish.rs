@@ -1,5 +1,6 @@
 //! Publishing events from a Rust backend with reqwest: one event, a batch,
-//! the 400 that names the invalid field, and 503 retried with backoff.
+//! the 400 that names the invalid field, and 503, 504 and network errors
+//! retried with backoff, each event under its idempotency key.
 //!
 //! ```sh
 //! HERALD_URL=http://localhost:3000 HERALD_PUBLISH_TOKEN=… cargo run --example publish
@@ -9,7 +10,10 @@
 //! and handed over; `400 {"error": "<path>: <what>"}` when one is not, and then
 //! nothing of the batch was published; `503 {"error", "accepted": k}` when a
 //! fleet's Redis is unavailable: the first `k` events were handed over, the
-//! rest may be sent again. 401, 413 and 415 mean the request itself is wrong:
+//! rest may be sent again; `504 {"error", "accepted": k, "unknown": u}` when
+//! Redis did not answer in time: the next `u` events may still be stored, so
+//! they are sent again only under their idempotency key (herald stores an
+//! event once per key). 401, 413 and 415 mean the request itself is wrong:
 //! never retry a 4xx. The events go to `demo-campaign`, the campaign of a
 //! zero-config herald. Exits non-zero when an answer is not the contract's.
 
@@ -40,23 +44,31 @@ impl Publisher {
         Ok((response.status().as_u16(), response.json().await.unwrap_or(Value::Null)))
     }
 
-    /// Publishes one event or an array, retrying a 503 with exponential
-    /// backoff and jitter, and resending only what herald did not accept.
-    /// Returns how many events herald accepted. A network error is returned
-    /// as it is: herald may have received the request, and a retry could
-    /// deliver its events twice.
+    /// Publishes one event or an array, each under an idempotency key (a
+    /// random one, unless it has its own), retrying a 503, a 504 and a
+    /// network error with exponential backoff and jitter, and resending only
+    /// what herald did not accept: the keys make resending an event whose
+    /// outcome was unknown safe. Returns how many events herald accepted.
     async fn publish(&self, mut body: Value) -> anyhow::Result<u64> {
+        match &mut body {
+            Value::Array(events) => events.iter_mut().for_each(with_key),
+            event => with_key(event),
+        }
         let (mut accepted, mut delay) = (0, Duration::from_millis(200));
         for attempt in 1..=ATTEMPTS {
-            let (status, answer) = self.post(&body).await?;
+            let (status, answer) = match self.post(&body).await {
+                Ok(answered) => answered,
+                // herald may have received it: the keys make the retry safe.
+                Err(e) => (0, json!({ "error": e.to_string() })),
+            };
             let handed_over = answer["accepted"].as_u64().unwrap_or(0);
             accepted += handed_over;
             match status {
                 202 => return Ok(accepted),
-                503 => {}
+                0 | 503 | 504 => {}
                 _ => bail!("herald answered {status} {answer}"),
             }
-            // 503: the first `handed_over` events went through; keep the rest.
+            // The first `handed_over` events went through; keep the rest.
             match &mut body {
                 Value::Array(events) => {
                     events.drain(..(handed_over as usize).min(events.len()));
@@ -69,12 +81,19 @@ impl Publisher {
             }
             if attempt < ATTEMPTS {
                 let wait = delay + Duration::from_millis(rand::random_range(0..=delay.as_millis() as u64 / 2));
-                println!("503 {}: retrying in {} ms", answer["error"], wait.as_millis());
+                println!("{status} {}: retrying in {} ms", answer["error"], wait.as_millis());
                 tokio::time::sleep(wait).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
         bail!("herald was still unavailable after {ATTEMPTS} attempts")
+    }
+}
+
+/// Gives `event` an idempotency key, unless it has one.
+fn with_key(event: &mut Value) {
+    if let Value::Object(fields) = event {
+        fields.entry("idempotencyKey").or_insert_with(|| json!(format!("{:032x}", rand::random::<u128>())));
     }
 }
 

@@ -99,14 +99,19 @@ impl<S: MembershipStore> Access<S> {
         })
     }
 
-    /// Records that `user`'s access was revoked `at`: in this instance's
-    /// cache at once, and in the store.
-    pub async fn revoke_user(&self, user: &Arc<str>, at: u64) -> Result<(), AccessError> {
+    /// Records in the store that `user`'s access was revoked `at` (and
+    /// forgets the revocations older than the retention).
+    pub async fn remember_user_revocation(&self, user: &Arc<str>, at: u64) -> Result<(), AccessError> {
+        let forget_before = unix_now().saturating_sub(self.revocation_ttl.as_secs());
+        self.store.revoke_user(user, at, forget_before).await.map_err(Arc::new)
+    }
+
+    /// Records in this instance's cache that `user`'s access was revoked
+    /// `at` (the store has it: see [`Access::remember_user_revocation`]).
+    pub async fn note_user_revocation(&self, user: &Arc<str>, at: u64) {
         self.forget_user(user);
         let latest = self.revoked_users.get(user).await.flatten().map_or(at, |known| known.max(at));
         self.revoked_users.insert(user.clone(), Some(latest)).await;
-        let forget_before = unix_now().saturating_sub(self.revocation_ttl.as_secs());
-        self.store.revoke_user(user, at, forget_before).await.map_err(Arc::new)
     }
 
     /// The store behind the cache.

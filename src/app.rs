@@ -323,7 +323,7 @@ impl Application {
             linger: config.fleet.shard_linger,
         };
         let delivery = Delivery::new(io.clone(), parts.metrics.clone(), transports, retention, delivery_log);
-        delivery.on_revoke(gateway.revocation_handler(io.clone()));
+        delivery.on_revoke(gateway.revocations(io.clone()));
         gateway.attach(&io, delivery.clone());
         let (service, closer) = assemble(io, layer, delivery, parts, redis)?;
 

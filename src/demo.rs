@@ -122,7 +122,7 @@ async fn publish_demo<A: Adapter>(State(state): State<Arc<DemoState<A>>>, body: 
         }
     };
     match state.delivery.publish(std::slice::from_ref(&event)).await {
-        Ok(accepted) => (StatusCode::ACCEPTED, Json(json!({ "accepted": accepted }))).into_response(),
+        Ok(published) => (StatusCode::ACCEPTED, Json(json!({ "accepted": published.accepted }))).into_response(),
         Err(e) => PublishError::from(e).into_response(),
     }
 }

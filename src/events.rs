@@ -16,6 +16,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use ts_rs::TS;
 
+use crate::idempotency::IdempotencyKey;
 use crate::rooms::{CampaignId, EntityId, Room, SettlementId, StructureId};
 
 /// The kinds of domain event, named as on the wire (`type`).
@@ -298,7 +299,7 @@ impl Payload {
 }
 
 /// The event object clients receive, exactly as published (plus a timestamp
-/// when the publisher left it out).
+/// when the publisher left it out, and without its idempotency key).
 #[derive(Debug, Clone, Serialize)]
 pub struct Envelope {
     #[serde(rename = "type")]
@@ -318,6 +319,8 @@ pub struct Event {
     pub payload: Payload,
     /// Where it goes.
     pub rooms: Vec<Room>,
+    /// Its idempotency key (never delivered to clients).
+    pub key: Option<IdempotencyKey>,
 }
 
 impl Event {
@@ -349,6 +352,8 @@ struct Incoming {
     payload: Value,
     #[serde(default, deserialize_with = "present")]
     metadata: Option<Value>,
+    #[serde(default, rename = "idempotencyKey", deserialize_with = "present")]
+    idempotency_key: Option<IdempotencyKey>,
 }
 
 /// Joins a path prefix and a field.
@@ -434,6 +439,7 @@ pub fn parse_event(value: &Value, at: &str) -> Result<Event, InvalidEvent> {
         },
         payload,
         rooms,
+        key: incoming.idempotency_key,
     })
 }
 

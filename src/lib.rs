@@ -15,8 +15,10 @@
 //! - [`store`]: the membership and hierarchy store (SQLite or PostgreSQL).
 //! - [`access`]: who may join which room, with a short-lived cache.
 //! - [`events`]: the five domain event kinds, their validation and targeting.
+//! - [`idempotency`]: idempotency keys, and the keys an in-memory log has seen.
 //! - [`log`]: the event log (in memory, or Redis Streams a fleet shares,
-//!   one per shard of campaigns): offsets, retention, what recovery replays from.
+//!   one per shard of campaigns, and a control stream for revocations):
+//!   offsets, retention, idempotent appends, what recovery replays from.
 //! - [`delivery`]: the one path every outgoing event takes, from the log to
 //!   the sockets in its rooms: the followers of the shards an instance needs,
 //!   fan-out, joins and replays, slow consumers.
@@ -51,6 +53,7 @@ pub mod events;
 pub mod expiry;
 pub mod gateway;
 pub mod health;
+pub mod idempotency;
 pub mod jwks;
 pub mod limits;
 pub mod listener;

@@ -81,7 +81,7 @@ struct ConnectionState {
     read: AtomicWaker,
     write: AtomicWaker,
     /// Run once, when the connection's stream is dropped.
-    on_close: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    on_close: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
 }
 
 /// One accepted TCP connection, as the requests it carries see it.
@@ -96,7 +96,7 @@ impl Connection {
             websocket: AtomicBool::new(false),
             read: AtomicWaker::new(),
             write: AtomicWaker::new(),
-            on_close: Mutex::new(None),
+            on_close: Mutex::new(Vec::new()),
         }))
     }
 
@@ -136,9 +136,9 @@ impl Connection {
         self.0.peer
     }
 
-    /// Runs `f` when the connection's stream is dropped (replacing an earlier `f`).
+    /// Runs `f` when the connection's stream is dropped.
     pub fn on_close(&self, f: impl FnOnce() + Send + 'static) {
-        *self.0.on_close.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+        self.0.on_close.lock().unwrap_or_else(|e| e.into_inner()).push(Box::new(f));
     }
 
     /// Whether both are the same connection.
@@ -292,8 +292,8 @@ impl CuttableStream {
 
 impl Drop for CuttableStream {
     fn drop(&mut self) {
-        let on_close = self.connection.0.on_close.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(f) = on_close {
+        let on_close = std::mem::take(&mut *self.connection.0.on_close.lock().unwrap_or_else(|e| e.into_inner()));
+        for f in on_close {
             f();
         }
     }

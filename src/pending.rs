@@ -7,7 +7,10 @@
 //! first), and a handshake past either bound is refused before
 //! socketioxide sees it. The count is a guard kept in the handshake
 //! request's extensions, which engineioxide keeps as long as the session
-//! lives: the session's end releases it whatever path ends it.
+//! lives: the session's end releases it whatever path ends it (a session
+//! opened as a WebSocket also when its connection closes; a long-polling
+//! session whose CONNECT was refused at the latest at the connect timeout,
+//! when socketioxide lets go of it).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -108,7 +111,7 @@ impl Drop for Guard {
 pub struct PendingSession(Arc<Guard>);
 
 impl PendingSession {
-    /// The session's socket connected: it no longer counts.
+    /// The session's socket connected, or its connection closed: it no longer counts.
     pub fn settle(&self) {
         if !self.0.settled.swap(true, Ordering::SeqCst) {
             self.0.shared.release(self.0.peer);

@@ -1,8 +1,14 @@
 //! The publish API: `POST /v1/events`, how backends hand events to the gateway.
 //!
 //! Checks run in the contract's order: the token (401), the content type
-//! (415), the size (413), then the events (400). A batch is validated whole
-//! before anything of it is delivered.
+//! (415), the size (413), then the events and the `Idempotency-Key` header
+//! (400). A batch is validated whole before anything of it is delivered.
+//!
+//! What a failure says a backend may do: `503` (the log is unavailable)
+//! names the events handed over before it (`accepted`), and none after them
+//! was; `504` (the log did not answer in time) adds `unknown`, the events
+//! after those that may or may not have been handed over: only an
+//! idempotency key makes their retry safe.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,8 +25,9 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use socketioxide::adapter::Adapter;
 
-use crate::delivery::{Delivery, DeliveryError};
-use crate::events::{self, InvalidEvent};
+use crate::delivery::{Delivery, DeliveryError, Published};
+use crate::events::{self, Event, InvalidEvent};
+use crate::idempotency::{self, IdempotencyKey};
 use crate::telemetry::Metrics;
 
 /// Why a publish was refused.
@@ -38,6 +45,10 @@ pub enum PublishError {
     Invalid(#[from] InvalidEvent),
     #[error("the event log is unavailable; nothing more was published")]
     Unavailable { accepted: usize },
+    #[error("the event log did not answer in time; the unknown events may still be published")]
+    Unknown { accepted: usize, unknown: usize },
+    #[error("the membership store is unavailable; nothing was revoked")]
+    StoreUnavailable,
     #[error("internal error")]
     Internal,
 }
@@ -49,21 +60,31 @@ impl PublishError {
             PublishError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             PublishError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             PublishError::BadBody | PublishError::Invalid(_) => StatusCode::BAD_REQUEST,
-            PublishError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            PublishError::Unavailable { .. } | PublishError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            PublishError::Unknown { .. } => StatusCode::GATEWAY_TIMEOUT,
             PublishError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
 
 /// The one mapping of a delivery failure to the HTTP answer (and its log
-/// line): the log unavailable is a 503 that says how much was handed over;
-/// an event herald could not encode is its own bug, a 500.
+/// line): the log unavailable is a 503 that says how much was handed over,
+/// the log silent a 504 that also says how much may have been; an event
+/// herald could not encode is its own bug, a 500.
 impl From<DeliveryError> for PublishError {
     fn from(e: DeliveryError) -> Self {
         match e {
             DeliveryError::LogUnavailable { accepted, reason } => {
                 tracing::warn!(accepted, error = %reason, "the event log is unavailable");
                 PublishError::Unavailable { accepted }
+            }
+            DeliveryError::Unknown { accepted, unknown, reason } => {
+                tracing::warn!(accepted, unknown, error = %reason, "the event log did not answer in time");
+                PublishError::Unknown { accepted, unknown }
+            }
+            DeliveryError::Store(reason) => {
+                tracing::warn!(error = %reason, "the membership store is unavailable");
+                PublishError::StoreUnavailable
             }
             DeliveryError::Encode(reason) => {
                 tracing::error!(error = %reason, "an event could not be encoded");
@@ -79,6 +100,9 @@ impl IntoResponse for PublishError {
         let body = match &self {
             PublishError::Unavailable { accepted } => {
                 json!({ "error": self.to_string(), "accepted": accepted })
+            }
+            PublishError::Unknown { accepted, unknown } => {
+                json!({ "error": self.to_string(), "accepted": accepted, "unknown": unknown })
             }
             _ => json!({ "error": self.to_string() }),
         };
@@ -129,7 +153,12 @@ async fn publish<A: Adapter>(State(state): State<Arc<PublishState<A>>>, headers:
     };
     state.metrics.publish_requests.get_or_create(&[("status", status_label(status))]).inc();
     match result {
-        Ok(accepted) => (StatusCode::ACCEPTED, Json(json!({ "accepted": accepted }))).into_response(),
+        Ok(Published { accepted, duplicates: 0 }) => {
+            (StatusCode::ACCEPTED, Json(json!({ "accepted": accepted }))).into_response()
+        }
+        Ok(Published { accepted, duplicates }) => {
+            (StatusCode::ACCEPTED, Json(json!({ "accepted": accepted, "duplicates": duplicates }))).into_response()
+        }
         Err(e) => {
             tracing::info!(status = status.as_u16(), error = %e, "publish refused");
             e.into_response()
@@ -145,6 +174,7 @@ fn status_label(status: StatusCode) -> &'static str {
         413 => "413",
         415 => "415",
         503 => "503",
+        504 => "504",
         _ => "500",
     }
 }
@@ -223,17 +253,47 @@ pub(crate) async fn read_checked_body<A: Adapter>(
     read_body(body, limit, true).await
 }
 
-async fn handle<A: Adapter>(state: &PublishState<A>, headers: &HeaderMap, body: Body) -> Result<usize, PublishError> {
+/// Gives a body that is one event object the key of the `Idempotency-Key`
+/// header, if any: a batch takes a key per event instead (a retry may
+/// resend only part of it), and the header may not contradict the event.
+fn key_from_header(headers: &HeaderMap, body: &[u8], events: &mut [Event]) -> Result<(), InvalidEvent> {
+    let mut values = headers.get_all(idempotency::HEADER).iter();
+    let Some(value) = values.next() else { return Ok(()) };
+    let refused = |message: String| InvalidEvent { path: "Idempotency-Key".into(), message };
+    if values.next().is_some() {
+        return Err(refused("given more than once".into()));
+    }
+    let key = IdempotencyKey::from_header(value.as_bytes()).map_err(|e| refused(e.to_string()))?;
+    let one_object = body.trim_ascii_start().first() == Some(&b'{');
+    match events {
+        [event] if one_object => match &event.key {
+            Some(own) if *own != key => Err(refused("differs from the event's idempotencyKey".into())),
+            _ => {
+                event.key = Some(key);
+                Ok(())
+            }
+        },
+        _ => Err(refused("only for a body that is one event: give each event of a batch its idempotencyKey".into())),
+    }
+}
+
+async fn handle<A: Adapter>(
+    state: &PublishState<A>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Published, PublishError> {
     let bytes = read_checked_body(state, headers, body).await?;
-    let events = events::parse_body(&bytes)?;
-    let accepted = state.delivery.publish(&events).await?;
+    let mut events = events::parse_body(&bytes)?;
+    key_from_header(headers, &bytes, &mut events)?;
+    let published = state.delivery.publish(&events).await?;
     let mut rooms: Vec<String> = events.iter().flat_map(|e| e.rooms.iter().map(ToString::to_string)).collect();
     rooms.dedup();
     tracing::info!(
-        events = accepted,
+        events = published.accepted,
+        duplicates = published.duplicates,
         types = ?events.iter().map(|e| e.kind().as_str()).collect::<Vec<_>>(),
         rooms = ?rooms,
         "published"
     );
-    Ok(accepted)
+    Ok(published)
 }

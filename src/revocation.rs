@@ -8,17 +8,20 @@
 //!   token of that user issued at or before the revocation (`iat`; a token
 //!   without `iat` counts as issued before) is refused from then on, at the
 //!   handshake and at `refresh_token`.
-//! - A revocation is appended to the event log: to the control stream,
-//!   which every instance follows (it forgets the cached membership, refuses
-//!   subscribes checked before, and stores and applies a user's revocation),
-//!   and to the shard of its campaign (every shard, for a user's), where the
-//!   instances that follow it apply it in order with the events: no event
-//!   published after the revocation's 202 reaches the user in those rooms.
-//!   The 202 comes once this instance has applied it.
+//! - A revocation is appended to the event log's control stream, which
+//!   every instance follows and applies whole (it forgets the cached
+//!   membership, refuses subscribes checked before, takes the user's sockets
+//!   out of the rooms, or disconnects them): one entry, whatever the shard
+//!   count. An event is delivered only once the instance has applied the
+//!   control stream up to where it stood when the event was appended (see
+//!   [`crate::log`]), so no event published after the revocation's 202
+//!   reaches the user in those rooms. The 202 comes once this instance has
+//!   applied it.
 //! - A user revocation is kept in the membership store
 //!   (`herald_user_revocations`) for `HERALD_REVOCATION_TTL`, so it survives
-//!   restarts; every instance that applies one writes it there (a fleet on
-//!   one database writes the same row).
+//!   restarts: the instance that receives it writes it there before logging
+//!   it (one row per user; expired rows go as new ones come, by an index),
+//!   and every instance keeps it in its cache when it applies it.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -35,7 +38,7 @@ use socketioxide::SocketIo;
 use socketioxide::adapter::Adapter;
 
 use crate::auth::UserId;
-use crate::delivery::{Part, RevocationHandler};
+use crate::delivery::{RevocationFuture, Revocations};
 use crate::events::InvalidEvent;
 use crate::gateway::{Gateway, user_room};
 use crate::publish::{PublishError, PublishState, read_checked_body};
@@ -87,7 +90,7 @@ async fn revoke<A: Adapter>(State(state): State<Arc<PublishState<A>>>, headers: 
         let revocation =
             Revocation { user_id: request.user_id, campaign_id: request.campaign_id, revoked_at: unix_now() };
         let json = serde_json::to_string(&revocation).map_err(|_| PublishError::Internal)?;
-        state.delivery.revoke(json, revocation.campaign_id.as_ref()).await?;
+        state.delivery.revoke(json).await?;
         tracing::info!(user = revocation.user_id.as_str(), campaign = ?revocation.campaign_id, "access revoked");
         Ok::<(), PublishError>(())
     }
@@ -101,35 +104,56 @@ async fn revoke<A: Adapter>(State(state): State<Arc<PublishState<A>>>, headers: 
     }
 }
 
-impl<S: MembershipStore> Gateway<S> {
-    /// What this instance does with a revocation, by where it read it (see
-    /// [`Part`]). A campaign's: the membership is forgotten and the user's
-    /// sockets refuse subscribes checked before (every part); they leave the
-    /// campaign's rooms and are told `access_revoked` (the rooms part). A
-    /// user's: it is stored (the control part), and the user's sockets are
-    /// disconnected (every part).
-    pub fn revocation_handler<A: Adapter>(self: &Arc<Self>, io: SocketIo<A>) -> RevocationHandler {
-        let gw = self.clone();
-        Arc::new(move |json: String, part: Part| {
-            let gw = gw.clone();
-            let io = io.clone();
-            Box::pin(async move {
-                match serde_json::from_str::<Revocation>(&json) {
-                    Ok(revocation) => gw.apply(&io, revocation, part).await,
-                    Err(e) => tracing::warn!(error = %e, "event log: a revocation herald cannot read; skipped"),
-                }
-            })
+/// What every instance does with revocations: the gateway's, over its sockets.
+struct Handler<S, A: Adapter> {
+    gateway: Arc<Gateway<S>>,
+    io: SocketIo<A>,
+}
+
+impl<S: MembershipStore, A: Adapter> Revocations for Handler<S, A> {
+    /// A user's revocation is stored before it is logged.
+    fn remember<'a>(&'a self, json: &'a str) -> RevocationFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let revocation: Revocation = serde_json::from_str(json).map_err(|e| e.to_string())?;
+            if revocation.campaign_id.is_some() {
+                return Ok(());
+            }
+            let user: Arc<str> = Arc::from(revocation.user_id.as_str());
+            self.gateway
+                .access
+                .remember_user_revocation(&user, revocation.revoked_at)
+                .await
+                .map_err(|e| crate::telemetry::error_chain(&*e))
         })
     }
 
-    async fn apply<A: Adapter>(&self, io: &SocketIo<A>, revocation: Revocation, part: Part) {
+    fn apply(&self, json: String) -> RevocationFuture<'_, ()> {
+        Box::pin(async move {
+            match serde_json::from_str::<Revocation>(&json) {
+                Ok(revocation) => self.gateway.apply(&self.io, revocation).await,
+                Err(e) => tracing::warn!(error = %e, "event log: a revocation herald cannot read; skipped"),
+            }
+        })
+    }
+}
+
+impl<S: MembershipStore> Gateway<S> {
+    /// What this instance does with revocations (see [`Revocations`]): a
+    /// user's is stored before it is logged; every instance applies each
+    /// one when it reads it from the control stream.
+    pub fn revocations<A: Adapter>(self: &Arc<Self>, io: SocketIo<A>) -> Arc<dyn Revocations> {
+        Arc::new(Handler { gateway: self.clone(), io })
+    }
+
+    /// A campaign's revocation: the membership is forgotten, the user's
+    /// sockets refuse subscribes checked before, leave the campaign's rooms
+    /// and are told `access_revoked`. A user's: this instance's cache
+    /// refuses the user's older tokens, and the user's sockets are
+    /// disconnected.
+    async fn apply<A: Adapter>(&self, io: &SocketIo<A>, revocation: Revocation) {
         let user: Arc<str> = Arc::from(revocation.user_id.as_str());
         let Some(campaign) = revocation.campaign_id else {
-            if part != Part::Rooms
-                && let Err(e) = self.access.revoke_user(&user, revocation.revoked_at).await
-            {
-                tracing::error!(user = &*user, error = %crate::telemetry::error_chain(&*e), "cannot store a user revocation");
-            }
+            self.access.note_user_revocation(&user, revocation.revoked_at).await;
             // After shutdown the namespace is gone, and so are the sockets.
             let Some(ns) = io.of("/") else { return };
             for s in ns.local().to(user_room(&user)).sockets() {
@@ -150,9 +174,6 @@ impl<S: MembershipStore> Gateway<S> {
             let Some(session) = Session::of(&s) else { continue };
             // From here on, a subscribe checked before is refused at its join.
             session.note_revocation(&campaign);
-            if part == Part::Control {
-                continue;
-            }
             let mut left = 0;
             for room in session.subscriptions() {
                 // When the store cannot say, leave: the client may subscribe again.

@@ -113,6 +113,13 @@ impl Transports {
         }
         if sid.is_none() {
             let session = self.pending.admit(connection.peer())?;
+            if websocket {
+                // The session is this connection: it stops counting when the connection
+                // closes, even if its handshake request is still held (socketioxide keeps a
+                // session whose CONNECT was refused until the connect timeout).
+                let session = session.clone();
+                connection.on_close(move || session.settle());
+            }
             request.extensions_mut().insert(session);
         }
         if websocket {

@@ -259,6 +259,13 @@ async function startRedis({ port } = {}) {
         await exited;
       }
     },
+    /** Stops it answering (SIGSTOP), keeping everything, until `resume()` (SIGCONT). */
+    pause() {
+      child.kill('SIGSTOP');
+    },
+    resume() {
+      child.kill('SIGCONT');
+    },
     async restart() {
       await redis.kill();
       await launch();

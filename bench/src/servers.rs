@@ -369,9 +369,10 @@ pub fn membership_rows(users: u32, campaigns: u32) -> Vec<(String, String)> {
 
 /// herald's SQLite schema: its own migrations, in order (a test checks that these are all of
 /// them). herald runs them again when it starts; they create only what is missing.
-const MIGRATIONS: [(&str, &str); 2] = [
+const MIGRATIONS: [(&str, &str); 3] = [
     ("0001_membership.sql", include_str!("../../migrations/sqlite/0001_membership.sql")),
     ("0002_user_revocations.sql", include_str!("../../migrations/sqlite/0002_user_revocations.sql")),
+    ("0003_user_revocations_by_time.sql", include_str!("../../migrations/sqlite/0003_user_revocations_by_time.sql")),
 ];
 
 /// herald's SQLite store: the tables from herald's migrations, then one `campaign_members` row

@@ -43,6 +43,12 @@ export interface PublishedEvent<T extends EventType = EventType> {
   timestamp?: string;
   payload: PayloadMap[T];
   metadata?: EventMetadata;
+  /**
+   * Names this event for herald: published again with the same key (in its
+   * campaign) within `HERALD_IDEMPOTENCY_WINDOW`, it is stored and delivered
+   * once. 1 to 255 visible ASCII characters, no `"` or `\`. Never delivered.
+   */
+  idempotencyKey?: string;
 }
 
 /** An event as a client receives it: always a timestamp and an offset. */

@@ -1,5 +1,9 @@
 // herald-client/publisher: typed publishing for Node backends, over
-// `POST /v1/events` (global fetch, Node 18+). No socket.io-client needed.
+// `POST /v1/events` (global fetch and crypto: Node 20+, as the package
+// requires). No socket.io-client needed.
+// Every event gets an idempotency key (unless it has one, or keys are off),
+// so that a retry after an unknown outcome (a 504, a network error) is
+// stored and delivered once.
 
 import type {
   AnyPublishedEvent,
@@ -28,7 +32,14 @@ export interface HeraldPublisherOptions {
   batchWindowMs?: number;
   /** Largest batch; a full batch is sent at once (default 500). */
   maxBatch?: number;
-  /** Retries after a 503 or a network error (default 5); never after a 4xx. */
+  /**
+   * Give every event without an `idempotencyKey` a random one (a UUID), kept
+   * across its retries, so that herald stores and delivers it once (default
+   * true). Without keys, a retry after a 504 or a network error may deliver
+   * an event twice.
+   */
+  idempotencyKeys?: boolean;
+  /** Retries after a 503, a 504 or a network error (default 5); never after a 4xx. */
   retries?: number;
   /** First retry delay, doubled each time, with jitter (default 100 ms). */
   retryDelayMs?: number;
@@ -43,6 +54,8 @@ export interface HeraldPublisherOptions {
 export interface PublishResult {
   /** Events herald accepted in the request(s) that carried this event. */
   accepted: number;
+  /** Of those, events herald had already stored under their key (a retry's). */
+  duplicates: number;
 }
 
 /**
@@ -90,7 +103,7 @@ export function errorPath(error: string): string | undefined {
   const i = error.indexOf(": ");
   if (i <= 0) return undefined;
   const path = error.slice(0, i);
-  return /^[A-Za-z0-9_.[\]]+$/.test(path) ? path : undefined;
+  return /^[A-Za-z0-9_.[\]-]+$/.test(path) ? path : undefined;
 }
 
 interface Pending {
@@ -107,6 +120,7 @@ export function createHeraldPublisher(options: HeraldPublisherOptions): HeraldPu
     token,
     batchWindowMs = 0,
     maxBatch = 500,
+    idempotencyKeys = true,
     retries = 5,
     retryDelayMs = 100,
     maxRetryDelayMs = 5000,
@@ -119,9 +133,18 @@ export function createHeraldPublisher(options: HeraldPublisherOptions): HeraldPu
   let closed = false;
   const inFlight = new Set<Promise<void>>();
 
+  /** The event with a key of its own, when keys are on and it has none. */
+  function keyed(event: AnyPublishedEvent): AnyPublishedEvent {
+    if (!idempotencyKeys || event.idempotencyKey !== undefined) return event;
+    // A random UUID (v4), from the global Web Crypto (Node 19 and later).
+    return { ...event, idempotencyKey: globalThis.crypto.randomUUID() };
+  }
+
   async function post(events: AnyPublishedEvent | AnyPublishedEvent[]): Promise<PublishResult> {
-    let body: AnyPublishedEvent | AnyPublishedEvent[] = events;
+    // Keyed once, before the first attempt: every retry carries the same keys.
+    let body: AnyPublishedEvent | AnyPublishedEvent[] = Array.isArray(events) ? events.map(keyed) : keyed(events);
     let acceptedSoFar = 0;
+    let duplicatesSoFar = 0;
     for (let attempt = 1; ; attempt += 1) {
       const retry = async (err: HeraldPublishError) => {
         if (attempt > retries) throw err;
@@ -153,10 +176,15 @@ export function createHeraldPublisher(options: HeraldPublisherOptions): HeraldPu
       } catch {
         // not JSON: keep the text
       }
-      const obj = (parsed && typeof parsed === "object" ? parsed : {}) as { accepted?: unknown; error?: unknown };
+      const obj = (parsed && typeof parsed === "object" ? parsed : {}) as {
+        accepted?: unknown;
+        duplicates?: unknown;
+        error?: unknown;
+      };
+      const accepted = typeof obj.accepted === "number" ? obj.accepted : 0;
       if (res.ok) {
-        const accepted = typeof obj.accepted === "number" ? obj.accepted : 0;
-        return { accepted: acceptedSoFar + accepted };
+        const duplicates = typeof obj.duplicates === "number" ? obj.duplicates : 0;
+        return { accepted: acceptedSoFar + accepted, duplicates: duplicatesSoFar + duplicates };
       }
       const serverError = typeof obj.error === "string" ? obj.error : undefined;
       const path = serverError === undefined ? undefined : errorPath(serverError);
@@ -167,16 +195,16 @@ export function createHeraldPublisher(options: HeraldPublisherOptions): HeraldPu
         body: parsed,
         attempts: attempt,
       });
-      if (res.status !== 503) throw err;
-      // 503: `accepted` events were handed over before the failure (0 when
-      // Redis was known to be down); resend only the rest.
-      const accepted = typeof obj.accepted === "number" ? obj.accepted : 0;
+      if (res.status !== 503 && res.status !== 504) throw err;
+      // 503: the first `accepted` events were handed over, none after them.
+      // 504: the first `accepted` were, the next `unknown` may have been (their
+      // keys make resending them safe), none after. Resend from `accepted` on.
       if (accepted > 0 && Array.isArray(body)) {
         acceptedSoFar += accepted;
         body = body.slice(accepted);
-        if (body.length === 0) return { accepted: acceptedSoFar };
+        if (body.length === 0) return { accepted: acceptedSoFar, duplicates: duplicatesSoFar };
       } else if (accepted > 0) {
-        return { accepted: acceptedSoFar + accepted };
+        return { accepted: acceptedSoFar + accepted, duplicates: duplicatesSoFar };
       }
       await retry(err);
     }

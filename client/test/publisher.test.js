@@ -1,13 +1,17 @@
 // herald-client/publisher against the real herald: typed publishes arrive at a
 // client, batching sends one POST, a 400 carries the error path and is not
-// retried, a 503 (herald's Redis down) and a network error are retried.
+// retried, a 503 (herald's Redis down), a 504 (Redis paused: the outcome is
+// unknown) and a network error are retried, each event with its own key, so
+// that it is delivered once.
 
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 
 import { createHeraldClient } from '../dist/index.js';
 import { createHeraldPublisher, errorPath, HeraldPublishError } from '../dist/publisher.js';
-import { cid, heraldSetup, recorder, startProxy, startRedis, waitUntil } from './helpers.js';
+import { cid, heraldSetup, recorder, sleep, startProxy, startRedis, waitUntil } from './helpers.js';
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
 
 /** A fetch that records the status (or the network error) of every request. */
 function countingFetch() {
@@ -69,9 +73,11 @@ describe('publisher', () => {
         { correlationId: ids[4] },
       ),
     ]);
-    assert.deepEqual(results, Array(5).fill({ accepted: 5 }));
+    assert.deepEqual(results, Array(5).fill({ accepted: 5, duplicates: 0 }));
     assert.equal(f.calls.length, 1, 'one POST for the batch');
     assert.equal(f.calls[0].body.length, 5);
+    const keys = f.calls[0].body.map((e) => e.idempotencyKey);
+    assert.ok(keys.every((k) => UUID.test(k)) && new Set(keys).size === 5, `a key of its own per event: ${keys}`);
     await camp.waitFor(ids[4]);
     assert.deepEqual(camp.correlations(), ids);
     assert.deepEqual(
@@ -89,9 +95,23 @@ describe('publisher', () => {
     const one = cid('single');
     assert.deepEqual(
       await single.settlementUpdated({ campaignId: 'c1', settlementId: 's3', operation: 'update' }, { correlationId: one }),
-      { accepted: 1 },
+      { accepted: 1, duplicates: 0 },
     );
     await camp.waitFor(one);
+
+    // An event's own key is kept; sent again under it, it is not delivered again.
+    const own = cid('own-key');
+    const event = { type: 'state_invalidated', payload: { campaignId: 'c1', scope: 'campaign' }, metadata: { correlationId: own }, idempotencyKey: own };
+    assert.deepEqual(await single.publish(event), { accepted: 1, duplicates: 0 });
+    assert.deepEqual(await single.publish(event), { accepted: 1, duplicates: 1 });
+    const after = cid('after-own-key');
+    await single.stateInvalidated({ campaignId: 'c1', scope: 'campaign' }, { correlationId: after });
+    await camp.waitFor(after);
+    assert.equal(camp.count(own), 1, 'delivered once');
+    // Without keys, nothing is added.
+    const bare = createHeraldPublisher({ url: herald.url, token: setup.publishToken, idempotencyKeys: false, fetch: f });
+    await bare.stateInvalidated({ campaignId: 'c1', scope: 'campaign' });
+    assert.equal(f.calls.at(-1).body.idempotencyKey, undefined);
     await herald.stop();
   });
 
@@ -141,6 +161,7 @@ describe('publisher', () => {
     assert.equal(f.calls.length, 4);
 
     assert.equal(errorPath('body: expected an object or an array'), 'body');
+    assert.equal(errorPath('Idempotency-Key: given more than once'), 'Idempotency-Key');
     assert.equal(errorPath('Redis unavailable'), undefined);
     await herald.stop();
   });
@@ -168,10 +189,11 @@ describe('publisher', () => {
     const published = pub.settlementUpdated({ campaignId: 'c1', settlementId: 's1', operation: 'update' }, { correlationId: id });
     await waitUntil(() => f.calls.filter((c) => c.status === 503).length >= 2, 'two 503 answers', 10_000);
     await redis.restart();
-    assert.deepEqual(await published, { accepted: 1 });
+    assert.deepEqual(await published, { accepted: 1, duplicates: 0 });
     const statuses = f.calls.slice(1).map((c) => c.status);
     assert.equal(statuses.at(-1), 202);
-    assert.ok(statuses.slice(0, -1).every((s) => s === 503), `only 503s before the 202: ${statuses}`);
+    // A 504 when herald asked the dying Redis (the outcome unknown; Redis came back empty).
+    assert.ok(statuses.slice(0, -1).every((s) => s === 503 || s === 504), `only 503s and 504s before the 202: ${statuses}`);
     // Redis came back empty, so herald cut the subscriber's connection
     // (it cannot know what the lost log held): the client came back by
     // itself, was told its offset is from the lost log (a resync), and gets
@@ -179,9 +201,39 @@ describe('publisher', () => {
     await waitUntil(() => camp.resyncs.length === 1, 'the subscriber to come back and resync', 10_000);
     assert.deepEqual(camp.resyncs, [{ kind: 'campaign', id: 'c1', reason: 'not-recovered' }]);
     const next = cid('after-restart');
-    assert.deepEqual(await pub.settlementUpdated({ campaignId: 'c1', settlementId: 's1', operation: 'update' }, { correlationId: next }), { accepted: 1 });
+    assert.deepEqual(await pub.settlementUpdated({ campaignId: 'c1', settlementId: 's1', operation: 'update' }, { correlationId: next }), { accepted: 1, duplicates: 0 });
     await camp.waitFor(next, 'the event published after the restart', 10_000);
     assert.equal(camp.count(next), 1, 'delivered once');
+    await herald.stop();
+  });
+
+  test('a publish whose outcome is unknown (504: Redis paused) is retried with its key and delivered once', async () => {
+    const redis = await startRedis();
+    cleanup.push(() => redis.stop());
+    const herald = await setup.start({ env: { HERALD_REDIS_URL: redis.url, HERALD_REDIS_TIMEOUT: '500ms' } });
+    const camp = await subscribedClient(herald, { reconnectionDelay: 100, reconnectionDelayMax: 200 });
+    const f = countingFetch();
+    const pub = createHeraldPublisher({ url: herald.url, token: setup.publishToken, fetch: f, retries: 60, retryDelayMs: 50, maxRetryDelayMs: 200 });
+    const warm = cid('warm');
+    await pub.stateInvalidated({ campaignId: 'c1', scope: 'campaign' }, { correlationId: warm });
+    await camp.waitFor(warm);
+
+    redis.pause();
+    const id = cid('paused');
+    const published = pub.settlementUpdated({ campaignId: 'c1', settlementId: 's1', operation: 'update' }, { correlationId: id });
+    await waitUntil(() => f.calls.some((c) => c.status === 504), 'a 504', 10_000);
+    await sleep(500);
+    redis.resume();
+    const result = await published;
+    assert.equal(result.accepted, 1);
+    const attempts = f.calls.slice(1);
+    assert.equal(new Set(attempts.map((c) => c.body.idempotencyKey)).size, 1, 'every attempt carries the same key');
+    const next = cid('after-pause');
+    await pub.stateInvalidated({ campaignId: 'c1', scope: 'campaign' }, { correlationId: next });
+    await camp.waitFor(next, 'the event published after the pause', 10_000);
+    assert.equal(camp.count(id), 1, `delivered once (${attempts.map((c) => c.status)}; duplicates ${result.duplicates})`);
+    // A pause loses nothing: the subscriber was not cut, and did not resync.
+    assert.deepEqual(camp.resyncs, []);
     await herald.stop();
   });
 
@@ -195,9 +247,12 @@ describe('publisher', () => {
     const published = pub.stateInvalidated({ campaignId: 'c1', scope: 'campaign' });
     await waitUntil(() => f.calls.length >= 2, 'two failed attempts');
     proxy.unblock();
-    assert.deepEqual(await published, { accepted: 1 });
+    assert.deepEqual(await published, { accepted: 1, duplicates: 0 });
     assert.equal(f.calls.at(-1).status, 202);
     assert.ok(f.calls.slice(0, -1).every((c) => c.status === 'network'));
+    const keys = new Set(f.calls.map((c) => c.body.idempotencyKey));
+    assert.equal(keys.size, 1, 'every attempt carries the same key');
+    assert.ok(UUID.test([...keys][0]));
 
     // Without retries left, the network error surfaces, with no status.
     proxy.block();

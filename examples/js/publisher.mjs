@@ -1,7 +1,8 @@
 // A Node backend publishing with herald-client/publisher: typed helpers per
 // event kind over `POST /v1/events`, calls within `batchWindowMs` sent as one
-// batch, 503s and network errors retried with backoff (never a 4xx), and a
-// refusal as a HeraldPublishError that names the invalid field.
+// batch, 503s, 504s and network errors retried with backoff (never a 4xx),
+// each event under its own idempotency key (so a retry is delivered once),
+// and a refusal as a HeraldPublishError that names the invalid field.
 //
 //   HERALD_URL=http://localhost:3000 HERALD_PUBLISH_TOKEN=… node publisher.mjs
 //

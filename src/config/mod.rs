@@ -192,6 +192,11 @@ pub struct PublishSettings {
     #[arg(long, help_heading = "Publish API", env = "HERALD_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// How long an event's idempotency key is remembered: an event published again with the
+    /// same key (and campaign) within it is stored and delivered once.
+    #[arg(long, help_heading = "Publish API", env = "HERALD_IDEMPOTENCY_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub idempotency_window: Duration,
+
     /// The publish token, from HERALD_PUBLISH_TOKEN or the token file.
     #[arg(skip)]
     pub publish_token: Option<SecretString>,
@@ -438,6 +443,7 @@ impl Config {
             max_events: self.replay.max_events,
             max_bytes: self.replay.max_bytes,
             max_replay: (self.connections.socket_buffer / 2).max(1),
+            keys_window: self.publish.idempotency_window,
         }
     }
 

@@ -1,12 +1,18 @@
 //! Followers: one task per stream an instance reads. A follower applies
 //! every entry of its stream in order, and serves the joins of its shard's
-//! rooms between two entries.
+//! rooms between two entries. An event is applied only once the control
+//! stream is, up to the event's `after` mark (joins are served meanwhile).
 //!
 //! A shard is followed from the first join into one of its rooms (the
 //! follower starts at the stream's head, and that join is served there:
 //! replay, room, ack, then live events), and left once none of its rooms
-//! has had a local socket for the linger time. The in-memory log's one shard
-//! and the control stream are followed for the instance's whole life.
+//! has had a local socket for the linger time. The control stream is
+//! followed for the instance's whole life.
+//!
+//! A stream's epoch is known from the first time its follower reaches it
+//! (looking at a stream makes its epoch). A follower that reconnects (Redis
+//! paused, restarted, or a connection broke) and finds the same epoch reads
+//! on where it stopped; another epoch means Redis lost the stream.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
@@ -15,12 +21,12 @@ use std::time::{Duration, Instant};
 use socketioxide::adapter::Adapter;
 use tokio::sync::{mpsc, watch};
 
-use crate::log::{Entry, EventLog, LogError, Position, Stream};
+use crate::log::{Entry, EventLog, LogError, Offset, Position, Stream, mark};
 use crate::rooms::Room;
 use crate::telemetry::error_chain;
 
+use super::Inner;
 use super::joins::{Join, batch_of};
-use super::{Inner, Part};
 
 /// How long one read of the log waits for new entries.
 const BLOCK: Duration = Duration::from_millis(1_000);
@@ -45,22 +51,30 @@ pub(super) struct Role {
     /// Read from the stream's start (the instance's own log), else from its
     /// head (a fleet's instance delivers what is published from now on).
     pub from_start: bool,
-    /// Which part of a revocation it applies.
-    pub part: Part,
 }
 
 /// A stream being followed.
 pub(super) struct Following<A: Adapter> {
     pub joins: mpsc::UnboundedSender<Join<A>>,
-    /// The position of the last entry the follower applied.
-    pub applied: watch::Receiver<Position>,
+    /// Where the follower has applied the stream up to (its epoch and the
+    /// last entry's position).
+    pub applied: watch::Receiver<Offset>,
 }
+
+/// Nothing applied yet.
+const NOTHING: Offset = Offset { epoch: 0, major: 0, minor: 0 };
 
 impl<A: Adapter> Inner<A> {
     /// Starts following `role.stream` (the caller holds the followers' lock).
-    pub(super) fn start(self: &Arc<Self>, role: Role) -> Following<A> {
+    fn start(self: &Arc<Self>, role: Role) -> Following<A> {
+        self.start_with(role, watch::channel(NOTHING).0)
+    }
+
+    /// Starts following `role.stream`, saying where it has applied it up to
+    /// on `applied_tx` (the caller holds the followers' lock).
+    pub(super) fn start_with(self: &Arc<Self>, role: Role, applied_tx: watch::Sender<Offset>) -> Following<A> {
         let (joins, join_rx) = mpsc::unbounded_channel();
-        let (applied_tx, applied) = watch::channel(Position::default());
+        let applied = applied_tx.subscribe();
         if matches!(role.stream, Stream::Shard(_)) {
             self.metrics.fleet_shards_followed.inc();
         }
@@ -74,9 +88,8 @@ impl<A: Adapter> Inner<A> {
     /// join sent to it. Gives the join back when the follower is gone.
     pub(super) fn send_join(self: &Arc<Self>, stream: Stream, join: Join<A>) -> Result<(), Join<A>> {
         let mut followers = self.followers();
-        let following = followers
-            .entry(stream)
-            .or_insert_with(|| self.start(Role { stream, permanent: false, from_start: false, part: Part::Rooms }));
+        let following =
+            followers.entry(stream).or_insert_with(|| self.start(Role { stream, permanent: false, from_start: false }));
         following.joins.send(join).map_err(|e| e.0)
     }
 
@@ -182,12 +195,12 @@ async fn follow<A: Adapter>(
     log: Arc<dyn EventLog>,
     role: Role,
     mut joins: mpsc::UnboundedReceiver<Join<A>>,
-    applied: watch::Sender<Position>,
+    applied: watch::Sender<Offset>,
 ) {
     let stream = role.stream;
+    // The stream's epoch, once reached.
     let mut epoch: Option<u64> = None;
     let mut last = Position::default();
-    let mut started = false;
     // Joins were served before the stream could be read: its head was not known.
     let mut blind = false;
     // The rooms it joined sockets to (pruned every tick).
@@ -203,7 +216,7 @@ async fn follow<A: Adapter>(
                 tracing::debug!(%stream, error = %e, "event log: unreachable; retrying");
                 // Meanwhile, joins are served without a replay (the client refetches).
                 while let Ok(join) = joins.try_recv() {
-                    blind |= !started;
+                    blind |= epoch.is_none();
                     rooms.extend(joined(strong.serve_joins(stream, vec![join], None, last).await));
                 }
                 strong.prune(&mut rooms).await;
@@ -219,21 +232,21 @@ async fn follow<A: Adapter>(
         if stream == Stream::Control {
             strong.check_claim().await;
         }
-        match (started, epoch, head.epoch) {
-            (false, _, _) => {
-                (started, epoch) = (true, head.epoch);
+        match epoch {
+            None => {
                 last = if role.from_start { Position::default() } else { head.last };
-                applied.send_replace(last);
+                applied.send_replace(mark(head.epoch, last));
                 if std::mem::take(&mut blind) {
                     let cut = strong.cut_rooms(&rooms);
                     tracing::info!(%stream, sockets = cut, "event log: reached; sockets that joined before are cut to recover");
                 }
             }
-            (true, Some(old), Some(new)) if old == new => {}
+            // Reached again (Redis was paused, or a connection broke): read on.
+            Some(known) if known == head.epoch => {}
             // The stream is new: entries appended just before the old one was
             // lost may never have been read, so every socket in its rooms may
             // have a gap.
-            (true, _, _) => {
+            Some(_) => {
                 let cut = strong.cut_rooms(&rooms);
                 tracing::warn!(
                     %stream,
@@ -241,13 +254,16 @@ async fn follow<A: Adapter>(
                     "event log: a new epoch (Redis lost the stream); reading it from the start, \
                      its rooms' sockets are cut to recover"
                 );
-                (epoch, last) = (head.epoch, Position::default());
+                last = Position::default();
+                applied.send_replace(mark(head.epoch, last));
             }
         }
+        let current = head.epoch;
+        epoch = Some(current);
         drop(strong);
         backoff = Duration::from_millis(50);
 
-        let mut read = reader.read_after(epoch.unwrap_or_default(), last, BLOCK);
+        let mut read = reader.read_after(current, last, BLOCK);
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks: u32 = 0;
@@ -258,20 +274,30 @@ async fn follow<A: Adapter>(
                         Ok(entries) => entries,
                         Err(e) => break e,
                     };
-                    let Some(strong) = inner.upgrade() else { return };
-                    if epoch.is_none() && !entries.is_empty() {
-                        // The first entry of a new stream created its epoch: learn it, then read again.
-                        epoch = log.head(stream).await.ok().and_then(|h| h.epoch);
-                    } else {
+                    if let Some(strong) = inner.upgrade() {
                         strong.metrics.fleet_entries_read.inc_by(entries.len() as u64);
-                        for (position, entry) in entries {
-                            strong.apply(entry, role.part).await;
-                            last = position;
-                        }
-                        applied.send_replace(last);
-                        strong.count();
                     }
-                    read = reader.read_after(epoch.unwrap_or_default(), last, BLOCK);
+                    for (position, entry) in entries {
+                        let Some(strong) = inner.upgrade() else { return };
+                        if let Entry::Event { after: Some(after), .. } = &entry
+                            && *strong.control.borrow() < *after
+                        {
+                            // A revocation logged before this event is not applied here yet.
+                            drop(strong);
+                            applied.send_replace(mark(current, last));
+                            let at = Place { stream, epoch: current, last };
+                            if !control_reached(&inner, *after, at, &mut joins, &mut rooms).await {
+                                return;
+                            }
+                        }
+                        let Some(strong) = inner.upgrade() else { return };
+                        strong.apply(entry, stream).await;
+                        last = position;
+                    }
+                    applied.send_replace(mark(current, last));
+                    let Some(strong) = inner.upgrade() else { return };
+                    strong.count();
+                    read = reader.read_after(current, last, BLOCK);
                 }
                 join = joins.recv() => {
                     let Some(join) = join else { return };
@@ -300,12 +326,45 @@ async fn follow<A: Adapter>(
             // Read on from the stream's head.
             if let Ok(head) = log.head(stream).await {
                 last = head.last;
-                applied.send_replace(last);
+                applied.send_replace(mark(head.epoch, last));
             }
             continue;
         }
         strong.metrics.log_errors.inc();
         tracing::warn!(%stream, error = %error_chain(&error), "event log: reading failed; reconnecting");
+    }
+}
+
+/// Where a follower stands: its stream, the stream's epoch, and the last
+/// entry it applied.
+#[derive(Clone, Copy)]
+struct Place {
+    stream: Stream,
+    epoch: u64,
+    last: Position,
+}
+
+/// Waits until this instance has applied the control stream up to `after`,
+/// serving the joins that arrive meanwhile where the follower stands (the
+/// entry that waits comes after it). False when the instance is gone.
+async fn control_reached<A: Adapter>(
+    inner: &Weak<Inner<A>>,
+    after: Offset,
+    at: Place,
+    joins: &mut mpsc::UnboundedReceiver<Join<A>>,
+    rooms: &mut Joined,
+) -> bool {
+    let Some(mut control) = inner.upgrade().map(|strong| strong.control.clone()) else { return false };
+    loop {
+        tokio::select! {
+            // Without its sender, the control follower (so the instance) is gone.
+            reached = async { control.wait_for(|applied| *applied >= after).await.is_ok() } => return reached,
+            join = joins.recv() => {
+                let (Some(join), Some(strong)) = (join, inner.upgrade()) else { return false };
+                let batch = batch_of(join, joins);
+                rooms.extend(joined(strong.serve_joins(at.stream, batch, Some(at.epoch), at.last).await));
+            }
+        }
     }
 }
 
@@ -318,14 +377,16 @@ fn joined(rooms: Vec<Room>) -> impl Iterator<Item = (String, Instant)> {
 }
 
 impl<A: Adapter> Inner<A> {
-    /// Applies one entry of the log.
-    async fn apply(&self, entry: Entry, part: Part) {
+    /// Applies one entry of `stream`.
+    async fn apply(&self, entry: Entry, stream: Stream) {
         match entry {
-            Entry::Event(logged) => self.deliver(&logged).await,
-            Entry::Revocation(json) => match self.on_revoke.get() {
-                Some(handler) => handler(json, part).await,
+            Entry::Event { logged, .. } => self.deliver(&logged).await,
+            Entry::Revocation(json) if stream == Stream::Control => match self.on_revoke.get() {
+                Some(revocations) => revocations.apply(json).await,
                 None => tracing::warn!("a revocation arrived before the gateway was ready; ignored"),
             },
+            // Written to a shard by the first layout of the log: never applied from there.
+            Entry::Revocation(_) => {}
             Entry::Unreadable => tracing::warn!("event log: an entry herald cannot read; skipped"),
         }
     }

@@ -13,10 +13,12 @@
 //! any live event. A socket in several of an event's rooms gets one copy.
 //!
 //! A revocation goes to the control stream, which every instance follows
-//! (the membership cache, racing subscribes, a user's revocation), and to
-//! the shard of its campaign (every shard, for a user), where it is applied
-//! in order with the events: no event logged after it reaches the sockets
-//! it took out.
+//! and applies whole (the membership cache, racing subscribes, the rooms, a
+//! user's sockets). It takes no room in any shard: an event carries the
+//! control stream's head when it was appended, and a follower delivers it
+//! only once this instance has applied the control stream up to there
+//! (serving joins meanwhile), so no event logged after a revocation reaches
+//! the sockets it took out.
 //!
 //! A socket whose buffer is full when an event arrives (a slow consumer) is
 //! cut (see [`Session::cut`]) rather than left to miss it; so is every socket
@@ -39,8 +41,8 @@ use socketioxide::{SendError, SocketError};
 use tokio::sync::{oneshot, watch};
 
 use crate::events::Event;
-use crate::log::{Appended, EventLog, Logged, NewEntry, Offset, Position, Retention, Stream, shard_of};
-use crate::rooms::{CampaignId, Room};
+use crate::log::{Appended, Appends, EventLog, LogError, Logged, NewEntry, Offset, Retention, Stream, mark, shard_of};
+use crate::rooms::Room;
 use crate::session::{JoinRefused, Session, Ticket};
 use crate::telemetry::Metrics;
 use crate::transport::Transports;
@@ -49,29 +51,44 @@ use follower::{Following, Role};
 use joins::Join;
 pub use joins::{JoinResult, Joined};
 
-/// Which part of a revocation an instance applies, by where it read it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Part {
-    /// From the control stream, on every instance: what must hold whatever
-    /// rooms the instance serves (forget the membership, refuse racing
-    /// subscribes; a user's revocation whole).
-    Control,
-    /// From the campaign's shard, in order with its events: the rooms.
-    Rooms,
-    /// Both: the in-memory log carries everything in its one stream.
-    Whole,
+/// A future of the revocation hooks.
+pub type RevocationFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What an instance does with revocations (set once, at start-up). The log
+/// carries their JSON, which delivery does not read.
+pub trait Revocations: Send + Sync + 'static {
+    /// On the instance that logs it, before it is logged: what must outlive
+    /// the log (a user's revocation, in the store). When it fails, nothing
+    /// is logged.
+    fn remember<'a>(&'a self, json: &'a str) -> RevocationFuture<'a, Result<(), String>>;
+
+    /// On every instance, in the control stream's order.
+    fn apply(&self, json: String) -> RevocationFuture<'_, ()>;
 }
 
-/// What an instance does with a revocation it reads from the log (its JSON).
-pub type RevocationHandler = Arc<dyn Fn(String, Part) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+/// What a publish did: how many events were handed over (now, or within
+/// the window under the same key), and how many of those were duplicates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    pub accepted: usize,
+    pub duplicates: usize,
+}
 
 /// An event could not be handed over.
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
     /// The event log (Redis) is unavailable. `accepted` events of the batch
-    /// were handed over before it failed.
+    /// were handed over before it failed; none of the others was.
     #[error("the event log is unavailable")]
     LogUnavailable { accepted: usize, reason: String },
+    /// The event log did not answer in time: after the first `accepted`
+    /// events of the batch (handed over), the next `unknown` may or may not
+    /// have been (Redis may still append them); none of the others was.
+    #[error("the event log did not answer in time")]
+    Unknown { accepted: usize, unknown: usize, reason: String },
+    /// A revocation could not be remembered (the store failed): nothing was logged.
+    #[error("the store is unavailable")]
+    Store(String),
     /// The event could not be serialized (a bug, never the publisher's fault).
     #[error("the event could not be encoded: {0}")]
     Encode(String),
@@ -91,7 +108,9 @@ struct Inner<A: Adapter> {
     linger: Duration,
     /// The streams followed, each by its follower.
     followers: Mutex<HashMap<Stream, Following<A>>>,
-    on_revoke: OnceLock<RevocationHandler>,
+    /// Where this instance has applied the control stream up to.
+    control: watch::Receiver<Offset>,
+    on_revoke: OnceLock<Arc<dyn Revocations>>,
     /// Why the log's keys are not this instance's (another layout holds them).
     claim_problem: Mutex<Option<String>>,
     /// The names of the rooms with a local socket, and when they were listed.
@@ -130,6 +149,7 @@ impl<A: Adapter> Delivery<A> {
         retention: Retention,
         log: DeliveryLog,
     ) -> Self {
+        let (control_tx, control) = watch::channel(Offset { epoch: 0, major: 0, minor: 0 });
         let inner = Arc::new(Inner {
             io,
             metrics,
@@ -140,58 +160,63 @@ impl<A: Adapter> Delivery<A> {
             apply_wait: log.apply_wait,
             linger: log.linger,
             followers: Mutex::new(HashMap::new()),
+            control,
             on_revoke: OnceLock::new(),
             claim_problem: Mutex::new(None),
             in_use: Mutex::new(None),
         });
-        let always = if log.log.has_control() {
-            Role { stream: Stream::Control, permanent: true, from_start: log.local, part: Part::Control }
-        } else {
-            Role { stream: Stream::Shard(0), permanent: true, from_start: log.local, part: Part::Whole }
-        };
-        let following = inner.start(always);
+        let always = Role { stream: Stream::Control, permanent: true, from_start: log.local };
+        let following = inner.start_with(always, control_tx);
         inner.followers().insert(always.stream, following);
         Delivery(inner)
     }
 
-    /// Logs every event, in order, each in its campaign's shard. Returns how
-    /// many were handed over. On a failure, says how many were: none when
-    /// the log appends across shards in one step (one Redis node, or one
-    /// campaign), else those of the shards appended before, a prefix of the
-    /// batch.
-    pub async fn publish(&self, events: &[Event]) -> Result<usize, DeliveryError> {
+    /// Logs every event, in order, each in its campaign's shard, except
+    /// those whose idempotency key the log stored within the window. Every
+    /// event is handed over (now or before); on a failure, says which were,
+    /// which may have been, and which were not (see [`DeliveryError`]): all
+    /// or nothing when the log appends across shards in one step (one Redis
+    /// node, or one campaign), else a run of one shard at a time.
+    pub async fn publish(&self, events: &[Event]) -> Result<Published, DeliveryError> {
         let shards = self.0.log.shards();
         let mut entries = Vec::with_capacity(events.len());
         for event in events {
             let envelope = serde_json::to_string(&event.envelope).map_err(|e| DeliveryError::Encode(e.to_string()))?;
-            let stream = Stream::Shard(shard_of(event.payload.campaign_id(), shards));
+            let campaign = event.payload.campaign_id();
             entries.push((
-                stream,
-                NewEntry::Event { kind: event.kind(), rooms: Arc::from(event.rooms.clone()), envelope },
+                Stream::Shard(shard_of(campaign, shards)),
+                NewEntry::Event {
+                    kind: event.kind(),
+                    rooms: Arc::from(event.rooms.clone()),
+                    envelope,
+                    key: event.key.as_ref().map(|key| key.scoped(campaign)),
+                },
             ));
         }
-        let appended = self.append(entries).await?;
+        let appends = self.append(entries).await?;
         if self.0.delivered_before_accepted {
             // Bounded: past it the events are logged, and will be delivered.
-            let _ = tokio::time::timeout(self.0.apply_wait, self.0.applied(&appended)).await;
+            let _ = tokio::time::timeout(self.0.apply_wait, self.0.applied(&appends.streams)).await;
         }
         for event in events {
             self.0.metrics.events_published.get_or_create(&[("type", event.kind().as_str())]).inc();
         }
-        Ok(events.len())
+        Ok(Published { accepted: events.len(), duplicates: appends.duplicates })
     }
 
     /// Appends in one step when the log can; else one stream's run at a
     /// time, in order, counting the entries handed over before a failure.
-    async fn append(&self, entries: Vec<(Stream, NewEntry)>) -> Result<Vec<Appended>, DeliveryError> {
+    async fn append(&self, entries: Vec<(Stream, NewEntry)>) -> Result<Appends, DeliveryError> {
         let log = &self.0.log;
+        let failed = |accepted: usize, unknown: usize, e: LogError| match e {
+            LogError::Unknown(reason) => DeliveryError::Unknown { accepted, unknown, reason },
+            e => DeliveryError::LogUnavailable { accepted, reason: e.to_string() },
+        };
         if log.atomic_across_streams() {
-            return log
-                .append(entries)
-                .await
-                .map_err(|e| DeliveryError::LogUnavailable { accepted: 0, reason: e.to_string() });
+            let n = entries.len();
+            return log.append(entries).await.map_err(|e| failed(0, n, e));
         }
-        let mut appended = Vec::new();
+        let mut done = Appends::default();
         let mut accepted = 0;
         let mut rest = entries.into_iter().peekable();
         while let Some(first) = rest.next() {
@@ -200,45 +225,34 @@ impl<A: Adapter> Delivery<A> {
                 run.push(next);
             }
             let n = run.len();
-            let done =
-                log.append(run).await.map_err(|e| DeliveryError::LogUnavailable { accepted, reason: e.to_string() })?;
-            appended.extend(done);
+            let appends = log.append(run).await.map_err(|e| failed(accepted, n, e))?;
+            done.streams.extend(appends.streams);
+            done.duplicates += appends.duplicates;
             accepted += n;
         }
-        Ok(appended)
+        Ok(done)
     }
 
-    /// Sets what every instance does with a revocation (once, at start-up).
-    pub fn on_revoke(&self, handler: RevocationHandler) {
-        let _ = self.0.on_revoke.set(handler);
+    /// Sets what every instance does with revocations (once, at start-up).
+    pub fn on_revoke(&self, revocations: Arc<dyn Revocations>) {
+        let _ = self.0.on_revoke.set(revocations);
     }
 
-    /// Logs a revocation (its JSON) of `campaign`, or of the whole user
-    /// (`None`): to the control stream, and to the campaign's shard (every
-    /// shard, for a user), where every instance that follows it applies it
-    /// in order with the events, so no event logged after it reaches the
-    /// user's sockets in the revoked rooms. Returns once this instance has
-    /// applied it.
-    pub async fn revoke(&self, revocation: String, campaign: Option<&CampaignId>) -> Result<(), DeliveryError> {
-        let log = &self.0.log;
-        let mut entries = Vec::new();
-        if log.has_control() {
-            entries.push((Stream::Control, NewEntry::Revocation(revocation.clone())));
+    /// Remembers a revocation (its JSON; see [`Revocations::remember`]),
+    /// then logs it to the control stream, which every instance applies in
+    /// order, and before any event logged after it. Returns once this
+    /// instance has applied it.
+    pub async fn revoke(&self, revocation: String) -> Result<(), DeliveryError> {
+        if let Some(revocations) = self.0.on_revoke.get() {
+            revocations.remember(&revocation).await.map_err(DeliveryError::Store)?;
         }
-        match campaign {
-            Some(campaign) => {
-                entries.push((Stream::Shard(shard_of(campaign, log.shards())), NewEntry::Revocation(revocation)))
-            }
-            None => {
-                entries.extend((0..log.shards()).map(|k| (Stream::Shard(k), NewEntry::Revocation(revocation.clone()))))
-            }
-        }
-        let appended = self.append(entries).await?;
-        match tokio::time::timeout(self.0.apply_wait, self.0.applied(&appended)).await {
+        let appends = self.append(vec![(Stream::Control, NewEntry::Revocation(revocation))]).await?;
+        match tokio::time::timeout(self.0.apply_wait, self.0.applied(&appends.streams)).await {
             Ok(()) => Ok(()),
             // Logged: every instance will apply it; a retry is harmless.
-            Err(_) => Err(DeliveryError::LogUnavailable {
+            Err(_) => Err(DeliveryError::Unknown {
                 accepted: 0,
+                unknown: 1,
                 reason: "logged, but not applied by this instance in time".into(),
             }),
         }
@@ -293,9 +307,12 @@ impl<A: Adapter> Inner<A> {
     /// Resolves once this instance has applied every append it follows the
     /// stream of (a stream it does not follow has no socket here to reach).
     fn applied(&self, appended: &[Appended]) -> impl Future<Output = ()> + use<A> {
-        let waits: Vec<(watch::Receiver<Position>, Position)> = {
+        let waits: Vec<(watch::Receiver<Offset>, Offset)> = {
             let followers = self.followers();
-            appended.iter().filter_map(|a| followers.get(&a.stream).map(|f| (f.applied.clone(), a.last))).collect()
+            appended
+                .iter()
+                .filter_map(|a| followers.get(&a.stream).map(|f| (f.applied.clone(), mark(a.epoch, a.last))))
+                .collect()
         };
         async move {
             for (mut applied, last) in waits {

@@ -4,16 +4,26 @@
 //! reconnects can ask for what it missed.
 //!
 //! The log is made of [`Stream`]s: shards, each holding the events of the
-//! campaigns that hash to it ([`shard_of`]) in one order, and, in a fleet, a
-//! control stream that carries every revocation to every instance. Every
-//! event has a campaign, and every room belongs to one, so a room's events
-//! are all in one shard, in one order; events of campaigns in different
-//! shards have no order between them.
+//! campaigns that hash to it ([`shard_of`]) in one order, and a control
+//! stream that carries every revocation to every instance. Every event has a
+//! campaign, and every room belongs to one, so a room's events are all in
+//! one shard, in one order; events of campaigns in different shards have no
+//! order between them.
+//!
+//! Revocations are never in a shard, so they cannot push events out of its
+//! replay history. Each event carries instead the control stream's head
+//! when it was appended (its `after` mark): an instance delivers it only
+//! once it has applied the control stream up to there, so no event appended
+//! after a revocation reaches the sockets that revocation took out.
+//!
+//! An append may carry an idempotency key per event: the log stores an
+//! event whose key it has seen within the window once (see
+//! [`crate::idempotency`]), in the same atomic step as the append.
 //!
 //! One interface, [`EventLog`] (append, read a stream after a position, read
 //! what a replay needs, a stream's epoch and head), with two implementations:
 //!
-//! - [`MemoryLog`]: one instance, in memory, one shard and no control stream;
+//! - [`MemoryLog`]: one instance, in memory, one shard;
 //! - [`StreamLog`]: a fleet, one Redis Stream per shard plus the control
 //!   stream; an instance reads only the shards its sockets need.
 //!
@@ -41,10 +51,9 @@ use crate::rooms::{CampaignId, Room};
 /// One ordered sequence of the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Stream {
-    /// The events of the campaigns that hash to it, and the revocations
-    /// that concern them (numbered from 0).
+    /// The events of the campaigns that hash to it (numbered from 0).
     Shard(u32),
-    /// Every revocation, for every instance (a fleet only).
+    /// Every revocation, for every instance.
     Control,
 }
 
@@ -85,10 +94,11 @@ impl Position {
     }
 }
 
-/// Where an event is in the log, as clients see it.
+/// Where an event is in the log, as clients see it; also (see [`mark`]) a
+/// position in the control stream: an event's `after` mark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Offset {
-    /// When the log was created (ms since the epoch).
+    /// When the stream was created (ms since the epoch).
     pub epoch: u64,
     /// Redis Stream id's milliseconds, or the memory log's counter.
     pub major: u64,
@@ -130,16 +140,20 @@ impl fmt::Display for Offset {
     }
 }
 
-/// How long, how many and how many bytes of events the log keeps.
+/// How long, how many and how many bytes of events the log keeps, and how
+/// long it remembers idempotency keys.
 #[derive(Debug, Clone, Copy)]
 pub struct Retention {
     pub window: Duration,
+    /// Most entries per stream; also most idempotency keys per shard.
     pub max_events: usize,
     /// Most bytes of event objects the in-memory log keeps.
     pub max_bytes: usize,
     /// Most events one replay sends to one socket (half its buffer, so that
     /// the replay and the ack fit); a longer gap answers `recovered: false`.
     pub max_replay: usize,
+    /// How long an idempotency key is remembered.
+    pub keys_window: Duration,
 }
 
 /// One logged event, as every instance delivers it.
@@ -168,37 +182,47 @@ impl Logged {
     }
 }
 
-/// What is appended: an event (its kind, rooms and published envelope), or
-/// a revocation (its JSON: the log does not read it).
+/// What is appended: an event (its kind, rooms, published envelope and
+/// idempotency key scoped to its campaign) to a shard, or a revocation (its
+/// JSON: the log does not read it) to the control stream.
 #[derive(Debug, Clone)]
 pub enum NewEntry {
-    Event { kind: EventKind, rooms: Arc<[Room]>, envelope: String },
+    Event { kind: EventKind, rooms: Arc<[Room]>, envelope: String, key: Option<Arc<str>> },
     Revocation(String),
 }
 
 /// What is read back.
 #[derive(Debug, Clone)]
 pub enum Entry {
-    Event(Logged),
+    /// An event, to be delivered once the control stream is applied up to
+    /// `after` (`None`: no condition).
+    Event {
+        logged: Logged,
+        after: Option<Offset>,
+    },
     Revocation(String),
     /// Written by another version of herald: skipped.
     Unreadable,
 }
 
-/// Where the log stands: its epoch (`None`: nothing appended yet since
-/// Redis started) and its last position.
+/// Where a stream stands: its epoch (made by the first look at a stream
+/// that has none) and its last position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Head {
-    pub epoch: Option<u64>,
+    pub epoch: u64,
     pub last: Position,
 }
 
 /// The log could not be reached, or lost entries.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
-    /// Redis failed, or did not answer in time.
+    /// Redis failed, or was known to be down: nothing was appended.
     #[error("the event log is unavailable: {0}")]
     Unavailable(String),
+    /// An append did not complete in time (or its connection broke): Redis
+    /// may still carry it out.
+    #[error("the event log did not answer: {0}")]
+    Unknown(String),
     /// Entries after the position asked for were dropped before they were read.
     #[error("entries were dropped before they were read")]
     Gap,
@@ -219,24 +243,36 @@ pub struct Appended {
     pub last: Position,
 }
 
+/// What one append did: where it left each stream it wrote to, and how many
+/// events it did not store because their key was seen within the window.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Appends {
+    pub streams: Vec<Appended>,
+    pub duplicates: usize,
+}
+
+/// The mark of a stream's position: an offset (no fixed width needed).
+pub fn mark(epoch: u64, position: Position) -> Offset {
+    Offset { epoch, major: position.major, minor: position.minor }
+}
+
 /// The event log. Each stream is read back in one order by every reader;
 /// entries past the retention are dropped as it goes.
 pub trait EventLog: Send + Sync + 'static {
     /// How many shards it has.
     fn shards(&self) -> u32;
 
-    /// Whether it has a control stream (else its one shard carries everything).
-    fn has_control(&self) -> bool;
-
     /// Whether one append is atomic across streams (else only within one).
     fn atomic_across_streams(&self) -> bool;
 
     /// Appends `entries`, each to its stream, in one step (within one stream
-    /// always; across streams when [`EventLog::atomic_across_streams`]).
-    /// Returns where each stream it touched stands.
-    fn append(&self, entries: Vec<(Stream, NewEntry)>) -> LogFuture<'_, Vec<Appended>>;
+    /// always; across streams when [`EventLog::atomic_across_streams`]),
+    /// except the events whose key it has seen within the window; each event
+    /// is marked with the control stream's head. Returns where each stream
+    /// it wrote to stands. [`LogError::Unknown`]: the append may still happen.
+    fn append(&self, entries: Vec<(Stream, NewEntry)>) -> LogFuture<'_, Appends>;
 
-    /// A stream's epoch and last position.
+    /// A stream's epoch (made now if it has none) and last position.
     fn head(&self, stream: Stream) -> LogFuture<'_, Head>;
 
     /// A reader that follows one stream (a blocking read needs a connection of its own).
@@ -310,6 +346,7 @@ mod tests {
     fn the_offset_is_the_last_field_of_the_event_object() {
         let o = Offset { epoch: 1, major: 2, minor: 0 };
         let l = Logged::new(o, EventKind::StateInvalidated, Arc::from(vec![]), r#"{"type":"state_invalidated"}"#);
+        assert!(mark(2, Position { major: 1, minor: 0 }) > mark(1, Position { major: 9, minor: 9 }), "epoch first");
         let v: serde_json::Value = serde_json::from_str(&l.json).unwrap();
         assert_eq!(v["offset"], o.to_string());
     }

@@ -2,16 +2,28 @@
 //! control. An instance follows the control stream and only the shards its
 //! sockets need.
 //!
-//! Keys, under the prefix `p`: shard `K`'s stream `{p:K}:log` and its epoch
-//! `{p:K}:epoch`; the control stream `{p:control}:log` and its epoch. The
-//! hash tag (`{p:K}`) keeps a stream and its epoch in one slot, and spreads
-//! the shards over a Redis Cluster's slots (so over its nodes).
+//! Keys, under the prefix `p`: shard `K`'s stream `{p:K}:log`, its epoch
+//! `{p:K}:epoch` and the idempotency keys of its events `{p:K}:keys` (a
+//! sorted set: `<campaign> <key>` scored by when it was stored); the control
+//! stream `{p:control}:log` and its epoch. The hash tag (`{p:K}`) keeps a
+//! stream, its epoch and its keys in one slot, and spreads the shards over a
+//! Redis Cluster's slots (so over its nodes).
 //!
 //! An append is one Lua script: all of it or none of it, across shards on a
 //! single Redis node, within one shard on a cluster (a script cannot span
-//! slots). It caps each stream near `HERALD_REPLAY_MAX_EVENTS` entries and
-//! drops entries older than the replay window. A stream's epoch is created
-//! with its first append after Redis lost the old one.
+//! slots, which is why a shard's keys share its slot). It skips the events
+//! whose key the shard stored within the key window, and records the keys
+//! of those it appends, in the same step. It caps each stream, and each
+//! shard's keys, near `HERALD_REPLAY_MAX_EVENTS` entries and drops entries
+//! older than the replay window (keys older than their window). Each event
+//! carries the control stream's head as its `after` mark. A stream's epoch is created when it is first appended to
+//! or looked at after Redis lost the old one. On one node the control
+//! stream's head is read in the append's own step; on a cluster (another
+//! slot) just before it.
+//!
+//! An append that fails with Redis' own error, or while Redis is known to be
+//! down, appended nothing; one that timed out, or whose connection broke,
+//! has an unknown outcome ([`LogError::Unknown`]): Redis may still run it.
 //!
 //! `{p}:log` was the one stream of the versions before the sharded log; it
 //! now holds this log's layout (see [`EventLog::claim`]), so that an older
@@ -21,44 +33,103 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::redis::{Conn, Redis};
+use crate::redis::{Conn, Redis, RedisError};
 use crate::rooms::Room;
 use crate::telemetry::error_chain;
 
 use super::{
-    Appended, Entry, EventLog, Head, LogError, LogFuture, LogReader, Logged, NewEntry, Offset, Position, ReadFuture,
-    Retention, Stream,
+    Appended, Appends, Entry, EventLog, Head, LogError, LogFuture, LogReader, Logged, NewEntry, Offset, Position,
+    ReadFuture, Retention, Stream, mark,
 };
 
-/// Appends entries to streams in one atomic step. `KEYS`: each stream
-/// touched and its epoch, in pairs. `ARGV[1]`: the cap (entries per stream);
-/// `ARGV[2]`: the window (ms); then quadruples: the pair (from 1), kind,
-/// rooms, content. Creates a missing epoch (server time, ms). Returns, per
-/// pair, its epoch and the id of its last entry appended.
-const APPEND: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local epochs, last = {}, {}
-for p = 1, #KEYS / 2 do
-  local epoch = redis.call('GET', KEYS[2 * p])
+/// What both scripts share: the server's time (ms), a stream's epoch
+/// (created at that time when missing) and its last entry's id.
+macro_rules! lua_prelude {
+    () => {
+        r"
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function epoch_of(key, now)
+  local epoch = redis.call('GET', key)
   if not epoch then
     epoch = string.format('%013d', now)
-    redis.call('SET', KEYS[2 * p], epoch)
+    redis.call('SET', key, epoch)
   end
-  epochs[p], last[p] = epoch, ''
+  return epoch
 end
-for i = 3, #ARGV, 4 do
-  local p = tonumber(ARGV[i])
-  last[p] = redis.call('XADD', KEYS[2 * p - 1], 'MAXLEN', '~', ARGV[1], '*',
-    'k', ARGV[i + 1], 'r', ARGV[i + 2], 'e', ARGV[i + 3])
+local function last_of(key)
+  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if last[1] then
+    return last[1][1]
+  end
+  return '0-0'
+end
+"
+    };
+}
+
+/// Appends entries to streams in one atomic step. `KEYS`: each stream
+/// touched, its epoch and its keys, in triples; then, when `ARGV[4]` is
+/// empty, the control stream and its epoch, whose head marks the events
+/// (else `ARGV[4]` is the mark). `ARGV[1]`: the cap (entries per stream,
+/// keys per shard); `ARGV[2]`: the window (ms); `ARGV[3]`: the key window
+/// (ms); then quintuples: the triple (from 1), kind, rooms, content, key
+/// (`''`: none). An event whose key is in its triple's keys is not
+/// appended. Returns, per triple, its epoch and the id of its last entry
+/// appended (`''`: none), then how many events were not.
+const APPEND: &str = concat!(
+    lua_prelude!(),
+    r"
+local now = now_ms()
+local cap = tonumber(ARGV[1])
+local n = math.floor(#KEYS / 3)
+local mark = ARGV[4]
+if mark == '' then
+  local epoch = epoch_of(KEYS[#KEYS], now)
+  local ms, seq = string.match(last_of(KEYS[#KEYS - 1]), '(%d+)-(%d+)')
+  mark = string.format('%013d-%013d-%010d', tonumber(epoch), tonumber(ms), tonumber(seq))
+end
+local epochs, last = {}, {}
+for p = 1, n do
+  epochs[p], last[p] = epoch_of(KEYS[3 * p - 1], now), ''
+  redis.call('ZREMRANGEBYSCORE', KEYS[3 * p], '-inf', now - tonumber(ARGV[3]))
+end
+local duplicates = 0
+for i = 5, #ARGV, 5 do
+  local p, key = tonumber(ARGV[i]), ARGV[i + 4]
+  if key ~= '' and redis.call('ZSCORE', KEYS[3 * p], key) then
+    duplicates = duplicates + 1
+  else
+    local c = mark
+    if ARGV[i + 1] == '@revoke' then
+      c = ''
+    end
+    last[p] = redis.call('XADD', KEYS[3 * p - 2], 'MAXLEN', '~', cap, '*',
+      'k', ARGV[i + 1], 'r', ARGV[i + 2], 'e', ARGV[i + 3], 'c', c)
+    if key ~= '' then
+      redis.call('ZADD', KEYS[3 * p], now, key)
+    end
+  end
 end
 local out = {}
-for p = 1, #KEYS / 2 do
-  redis.call('XTRIM', KEYS[2 * p - 1], 'MINID', '~', now - tonumber(ARGV[2]))
+for p = 1, n do
+  redis.call('XTRIM', KEYS[3 * p - 2], 'MINID', '~', now - tonumber(ARGV[2]))
+  local over = redis.call('ZCARD', KEYS[3 * p]) - cap
+  if over > 0 then
+    redis.call('ZREMRANGEBYRANK', KEYS[3 * p], 0, over - 1)
+  end
   out[2 * p - 1], out[2 * p] = epochs[p], last[p]
 end
+out[#out + 1] = tostring(duplicates)
 return out
-";
+"
+);
+
+/// A stream's head: its epoch (created, at server time, when missing) and
+/// the id of its last entry (`0-0`: none). `KEYS`: the stream, its epoch.
+const HEAD: &str = concat!(lua_prelude!(), "return {epoch_of(KEYS[2], now_ms()), last_of(KEYS[1])}\n");
 
 /// The stream entry kind of a revocation.
 const REVOKE: &str = "@revoke";
@@ -71,6 +142,7 @@ const BLOCK_MAX: Duration = Duration::from_millis(1_000);
 pub struct StreamLog {
     redis: Redis,
     append: redis::Script,
+    head: redis::Script,
     retention: Retention,
     shards: u32,
     /// `{p}:log`: the layout, where older versions kept their one stream.
@@ -81,22 +153,32 @@ impl StreamLog {
     /// The log under `redis`'s prefix, in `shards` shards.
     pub fn new(redis: Redis, retention: Retention, shards: u32) -> StreamLog {
         let layout_key = format!("{{{}}}:log", redis.prefix());
-        StreamLog { redis, append: redis::Script::new(APPEND), retention, shards: shards.max(1), layout_key }
+        StreamLog {
+            redis,
+            append: redis::Script::new(APPEND),
+            head: redis::Script::new(HEAD),
+            retention,
+            shards: shards.max(1),
+            layout_key,
+        }
     }
 
-    /// The keys of `stream`: the stream itself and its epoch.
-    fn keys(&self, stream: Stream) -> (String, String) {
+    /// The keys of `stream`: the stream itself, its epoch and its events'
+    /// idempotency keys.
+    fn keys(&self, stream: Stream) -> (String, String, String) {
         let prefix = self.redis.prefix();
         let tag = match stream {
             Stream::Shard(k) => format!("{prefix}:{k}"),
             Stream::Control => format!("{prefix}:control"),
         };
-        (format!("{{{tag}}}:log"), format!("{{{tag}}}:epoch"))
+        (format!("{{{tag}}}:log"), format!("{{{tag}}}:epoch"), format!("{{{tag}}}:keys"))
     }
 
-    /// What `{p}:log` holds for this layout.
+    /// What `{p}:log` holds for this layout. Version 2: revocations only in
+    /// the control stream, events marked with its head (an instance of the
+    /// first layout would miss the revocations' rooms part).
     fn layout(&self) -> String {
-        format!("herald sharded log, {} shards", self.shards)
+        format!("herald sharded log 2, {} shards", self.shards)
     }
 
     /// Runs `fut` within the operation timeout; a failure counts.
@@ -107,44 +189,93 @@ impl StreamLog {
         })
     }
 
-    /// One script call: `entries` to their streams, atomically.
-    async fn append_at_once(&self, entries: &[(Stream, NewEntry)]) -> Result<Vec<Appended>, LogError> {
+    /// One script call: `entries` to their streams, atomically, events
+    /// marked `after` (`None`: with the control stream's head, read in the
+    /// same step, which needs its keys in the same slot: one Redis node).
+    async fn append_at_once(&self, entries: &[(Stream, NewEntry)], after: Option<Offset>) -> Result<Appends, LogError> {
         let mut streams: Vec<Stream> = Vec::new();
         let mut invocation = self.append.prepare_invoke();
-        invocation.arg(self.retention.max_events).arg(self.retention.window.as_millis() as u64);
+        invocation
+            .arg(self.retention.max_events)
+            .arg(self.retention.window.as_millis() as u64)
+            .arg(self.retention.keys_window.as_millis() as u64)
+            .arg(after.map(|mark| mark.to_string()).unwrap_or_default());
         for (stream, entry) in entries {
-            let pair = match streams.iter().position(|s| s == stream) {
+            let triple = match streams.iter().position(|s| s == stream) {
                 Some(p) => p,
                 None => {
-                    let (log, epoch) = self.keys(*stream);
-                    invocation.key(log).key(epoch);
+                    let (log, epoch, keys) = self.keys(*stream);
+                    invocation.key(log).key(epoch).key(keys);
                     streams.push(*stream);
                     streams.len() - 1
                 }
             };
-            invocation.arg(pair + 1);
+            invocation.arg(triple + 1);
             match entry {
-                NewEntry::Event { kind, rooms, envelope } => {
-                    invocation.arg(kind.as_str()).arg(room_names(rooms)).arg(envelope)
-                }
-                NewEntry::Revocation(json) => invocation.arg(REVOKE).arg("").arg(json),
+                NewEntry::Event { kind, rooms, envelope, key } => invocation
+                    .arg(kind.as_str())
+                    .arg(room_names(rooms))
+                    .arg(envelope)
+                    .arg(key.as_deref().unwrap_or_default()),
+                NewEntry::Revocation(json) => invocation.arg(REVOKE).arg("").arg(json).arg(""),
             };
         }
+        if after.is_none() {
+            let (log, epoch, _) = self.keys(Stream::Control);
+            invocation.key(log).key(epoch);
+        }
         let mut conn = self.redis.conn();
-        let reply: Vec<String> = self.bounded(invocation.invoke_async(&mut conn)).await?;
-        let unreadable = || LogError::Unavailable("an unreadable append reply".into());
-        if reply.len() != streams.len() * 2 {
+        let reply: Vec<String> = match self.redis.bounded(invocation.invoke_async(&mut conn)).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                self.redis.failed();
+                return Err(if not_run(&e) {
+                    LogError::Unavailable(error_chain(&e))
+                } else {
+                    LogError::Unknown(error_chain(&e))
+                });
+            }
+        };
+        // It ran: a reply herald cannot read does not undo it.
+        let unreadable = || LogError::Unknown("an unreadable append reply".into());
+        let (duplicates, pairs) = reply.split_last().ok_or_else(unreadable)?;
+        if pairs.len() != streams.len() * 2 {
             return Err(unreadable());
         }
-        streams
-            .iter()
-            .zip(reply.chunks(2))
-            .map(|(stream, pair)| {
-                let epoch = pair[0].parse().map_err(|_| unreadable())?;
-                let last = Position::from_stream_id(&pair[1]).ok_or_else(unreadable)?;
-                Ok(Appended { stream: *stream, epoch, last })
-            })
-            .collect()
+        let mut appends = Appends { streams: Vec::new(), duplicates: duplicates.parse().map_err(|_| unreadable())? };
+        for (stream, pair) in streams.iter().zip(pairs.chunks(2)) {
+            // Every entry of this stream was a duplicate.
+            if pair[1].is_empty() {
+                continue;
+            }
+            let epoch = pair[0].parse().map_err(|_| unreadable())?;
+            let last = Position::from_stream_id(&pair[1]).ok_or_else(unreadable)?;
+            appends.streams.push(Appended { stream: *stream, epoch, last });
+        }
+        Ok(appends)
+    }
+}
+
+/// Whether a failed call surely did not run: Redis answered with an error,
+/// or the connection was refused or never made. Anything else (a timeout, a
+/// connection that broke) may have run.
+fn not_run(error: &RedisError) -> bool {
+    use redis::ErrorKind;
+    match error {
+        RedisError::Redis(e) => {
+            e.is_connection_refusal()
+                || matches!(
+                    e.kind(),
+                    ErrorKind::Server(_)
+                        | ErrorKind::Extension
+                        | ErrorKind::AuthenticationFailed
+                        | ErrorKind::InvalidClientConfig
+                        | ErrorKind::Client
+                        | ErrorKind::ClusterConnectionNotFound
+                )
+        }
+        RedisError::NoNodeForSlot(_) => true,
+        RedisError::Timeout(_) => false,
     }
 }
 
@@ -164,7 +295,8 @@ fn decode(epoch: u64, entry: &redis::streams::StreamId) -> Option<(Position, Ent
         let kind = serde_json::from_value(serde_json::Value::String(kind)).ok()?;
         let rooms: Vec<Room> = text("r")?.split(' ').filter_map(Room::parse).collect();
         let offset = Offset::at(epoch, position)?;
-        Some(Entry::Event(Logged::new(offset, kind, rooms.into(), &text("e")?)))
+        let after = text("c").and_then(|mark| Offset::parse(&mark));
+        Some(Entry::Event { logged: Logged::new(offset, kind, rooms.into(), &text("e")?), after })
     })();
     Some((position, decoded.unwrap_or(Entry::Unreadable)))
 }
@@ -174,44 +306,53 @@ impl EventLog for StreamLog {
         self.shards
     }
 
-    fn has_control(&self) -> bool {
-        true
-    }
-
     fn atomic_across_streams(&self) -> bool {
         !self.redis.is_cluster()
     }
 
-    fn append(&self, entries: Vec<(Stream, NewEntry)>) -> LogFuture<'_, Vec<Appended>> {
+    fn append(&self, entries: Vec<(Stream, NewEntry)>) -> LogFuture<'_, Appends> {
         Box::pin(async move {
             if !self.redis.is_healthy() {
                 return Err(LogError::Unavailable("redis is unreachable".into()));
             }
             if self.atomic_across_streams() {
-                return self.append_at_once(&entries).await;
+                return self.append_at_once(&entries, None).await;
             }
-            // A cluster: one step per run of one stream, in order.
-            let mut appended: Vec<Appended> = Vec::new();
+            // A cluster: the control stream is in another slot, so its head
+            // is read first (a failure here appended nothing): any revocation
+            // appended before this publish began is at or before it.
+            let after = Some(if entries.iter().any(|(_, e)| matches!(e, NewEntry::Event { .. })) {
+                let control = self.head(Stream::Control).await?;
+                mark(control.epoch, control.last)
+            } else {
+                // Nothing to mark (revocations are not).
+                mark(0, Position::default())
+            });
+            // One step per run of one stream, in order.
+            let mut done = Appends::default();
             for run in entries.chunk_by(|a, b| a.0 == b.0) {
-                for done in self.append_at_once(run).await? {
-                    appended.retain(|a| a.stream != done.stream);
-                    appended.push(done);
+                let run = self.append_at_once(run, after).await?;
+                done.duplicates += run.duplicates;
+                for appended in run.streams {
+                    done.streams.retain(|a| a.stream != appended.stream);
+                    done.streams.push(appended);
                 }
             }
-            Ok(appended)
+            Ok(done)
         })
     }
 
     fn head(&self, stream: Stream) -> LogFuture<'_, Head> {
         Box::pin(async move {
-            let (log, epoch) = self.keys(stream);
+            let (log, epoch, _) = self.keys(stream);
             let mut conn = self.redis.conn();
-            let epoch: Option<String> = self.bounded(redis::cmd("GET").arg(&epoch).query_async(&mut conn)).await?;
-            let last: redis::streams::StreamRangeReply = self
-                .bounded(redis::cmd("XREVRANGE").arg(&log).arg("+").arg("-").arg("COUNT").arg(1).query_async(&mut conn))
-                .await?;
-            let last = last.ids.first().and_then(|e| Position::from_stream_id(&e.id)).unwrap_or_default();
-            Ok(Head { epoch: epoch.and_then(|e| e.parse().ok()), last })
+            let (epoch, last): (String, String) =
+                self.bounded(self.head.key(log).key(epoch).invoke_async(&mut conn)).await?;
+            let unreadable = || LogError::Unavailable("an unreadable head".into());
+            Ok(Head {
+                epoch: epoch.parse().map_err(|_| unreadable())?,
+                last: Position::from_stream_id(&last).ok_or_else(unreadable)?,
+            })
         })
     }
 
@@ -263,7 +404,7 @@ impl EventLog for StreamLog {
                 .ids
                 .iter()
                 .filter_map(|entry| match decode(epoch, entry)? {
-                    (_, Entry::Event(logged)) => Some(logged),
+                    (_, Entry::Event { logged, .. }) => Some(logged),
                     _ => None,
                 })
                 .collect();

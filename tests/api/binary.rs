@@ -93,6 +93,11 @@ impl Process {
         format!("http://{}{path}", self.addr)
     }
 
+    /// What it logged so far.
+    pub fn logs(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
     pub async fn publish_with(&self, token: &str, body: &Value) -> u16 {
         let response = self.http.post(self.url("/v1/events")).bearer_auth(token).json(body).send().await.unwrap();
         response.status().as_u16()

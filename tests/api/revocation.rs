@@ -155,10 +155,11 @@ async fn a_revoked_user_cannot_come_back_with_an_older_token_on_any_instance_or_
             c.fleet.redis_prefix = "herald-user-revocation".into();
         }
     };
-    let a = spawn_app_with(Backend::Sqlite, config(redis.url())).await;
-    // b's database outlives b, which restarts on it.
+    // The fleet's one database (the instance that takes the revocation
+    // stores it) outlives b, which restarts on it.
     let dir = tempfile::tempdir().unwrap();
     let database = format!("sqlite://{}", dir.path().join("herald.db").display());
+    let a = spawn_app_on(&database, config(redis.url())).await;
     let b = spawn_app_on(&database, config(redis.url())).await;
     run_sql(&database, FIXTURE).await;
     let before = token_issued("alice", Some(now() - 10));

@@ -18,12 +18,12 @@ use crate::helpers::*;
 
 const SHARDS: u32 = 64;
 
-fn shard(campaign: &str) -> u32 {
+pub(crate) fn shard(campaign: &str) -> u32 {
     shard_of(&CampaignId::parse(campaign).expect("an id"), SHARDS)
 }
 
 /// `n` campaigns (`k…`) in shards of their own, none shared with c1's or c2's.
-fn campaigns_in_new_shards(n: usize) -> Vec<String> {
+pub(crate) fn campaigns_in_new_shards(n: usize) -> Vec<String> {
     let mut taken = vec![shard("c1"), shard("c2")];
     let mut found = Vec::new();
     for i in 0.. {
@@ -40,7 +40,7 @@ fn campaigns_in_new_shards(n: usize) -> Vec<String> {
 }
 
 /// Makes `user` a member of `campaigns` in `app`'s store.
-async fn add_member(app: &TestApp, user: &str, campaigns: &[String]) {
+pub(crate) async fn add_member(app: &TestApp, user: &str, campaigns: &[String]) {
     let rows: Vec<String> = campaigns.iter().map(|c| format!("('{c}', '{user}')")).collect();
     run_sql(
         &app.database_url,
@@ -253,6 +253,10 @@ async fn another_layout_on_the_same_prefix_is_refused_at_start_and_seen_at_run_t
     let app = fleet_with(&redis, 1, "herald-layout", |_| {}).await.pop().unwrap();
     let refused = build("herald-layout", 8).await.err().expect("refused").to_string();
     assert!(refused.contains("another layout"), "{refused}");
+    // The first sharded layout (revocations in every shard) on the prefix.
+    redis.cli(&["SET", "{herald-v1}:log", "herald sharded log, 64 shards"]);
+    let refused = build("herald-v1", 64).await.err().expect("refused").to_string();
+    assert!(refused.contains("another layout"), "{refused}");
 
     // At run time: Redis forgot the claim and an older instance wrote its stream.
     redis.cli(&["DEL", "{herald-layout}:log"]);
@@ -270,7 +274,7 @@ async fn another_layout_on_the_same_prefix_is_refused_at_start_and_seen_at_run_t
         assert!(gone.elapsed() < Duration::from_secs(12), "readyz never came back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(redis.cli(&["GET", "{herald-layout}:log"]), "herald sharded log, 64 shards");
+    assert_eq!(redis.cli(&["GET", "{herald-layout}:log"]), "herald sharded log 2, 64 shards");
 }
 
 #[tokio::test]
@@ -297,7 +301,7 @@ async fn on_a_cluster_a_batch_over_several_shards_and_a_user_revocation_reach_ev
         let expected: Vec<u64> = (0..9).filter(|seq| seq % 3 == i as u64).collect();
         assert_eq!(seqs(&drain(c, Duration::from_millis(500)).await), expected, "{campaign}");
     }
-    // A user's revocation goes to every shard: every socket of hers, on both instances, is disconnected.
+    // A user's revocation (one entry, in the control stream): every socket of hers, on both instances, is disconnected.
     let revoked = apps[1]
         .http
         .post(apps[1].url("/v1/access/revoke"))

@@ -60,10 +60,11 @@ async fn postgres_without_migrations_needs_the_relations() {
     let err = herald::telemetry::error_chain(&err);
     assert!(err.contains("campaign_members"), "{err}");
     // Views over the application's own tables are enough, with the table
-    // herald writes (its migration, as the README says).
+    // herald writes and its index (its migrations, as the README says).
     sqlx::raw_sql(&format!(
-        "SET search_path = {schema}; {}",
-        include_str!("../../migrations/postgres/0002_user_revocations.sql")
+        "SET search_path = {schema}; {} {}",
+        include_str!("../../migrations/postgres/0002_user_revocations.sql"),
+        include_str!("../../migrations/postgres/0003_user_revocations_by_time.sql")
     ))
     .execute(&pool)
     .await
