@@ -10,8 +10,11 @@
 //! An append is one Lua script: all of it or none of it, across shards on a
 //! single Redis node, within one shard on a cluster (a script cannot span
 //! slots). It caps each stream near `HERALD_REPLAY_MAX_EVENTS` entries and
-//! drops entries older than the replay window. A stream's epoch is created
-//! with its first append after Redis lost the old one.
+//! drops entries older than the replay window. A stream and its epoch are
+//! made together, by the first append after Redis lost either (a restart
+//! without persistence, a deletion, an eviction): a new, later epoch on an
+//! empty stream. Each entry carries its epoch, so a reader notices a stream
+//! made anew under it ([`LogError::NewEpoch`]).
 //!
 //! `{p}:log` was the one stream of the versions before the sharded log; it
 //! now holds this log's layout (see [`EventLog::claim`]), so that an older
@@ -33,16 +36,22 @@ use super::{
 /// Appends entries to streams in one atomic step. `KEYS`: each stream
 /// touched and its epoch, in pairs. `ARGV[1]`: the cap (entries per stream);
 /// `ARGV[2]`: the window (ms); then quadruples: the pair (from 1), kind,
-/// rooms, content. Creates a missing epoch (server time, ms). Returns, per
-/// pair, its epoch and the id of its last entry appended.
+/// rooms, content. When the epoch or the stream is missing (Redis lost it),
+/// starts a new epoch (server time, ms, later than the lost one) on an empty
+/// stream. Each entry carries its epoch (field `epoch`: a stream stores a
+/// field name once). Returns, per pair, its epoch and the id of its last
+/// entry appended.
 const APPEND: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local epochs, last = {}, {}
 for p = 1, #KEYS / 2 do
   local epoch = redis.call('GET', KEYS[2 * p])
-  if not epoch then
-    epoch = string.format('%013d', now)
+  if not epoch or redis.call('EXISTS', KEYS[2 * p - 1]) == 0 then
+    local fresh = now
+    if epoch and tonumber(epoch) >= fresh then fresh = tonumber(epoch) + 1 end
+    epoch = string.format('%013d', fresh)
+    redis.call('DEL', KEYS[2 * p - 1])
     redis.call('SET', KEYS[2 * p], epoch)
   end
   epochs[p], last[p] = epoch, ''
@@ -50,7 +59,7 @@ end
 for i = 3, #ARGV, 4 do
   local p = tonumber(ARGV[i])
   last[p] = redis.call('XADD', KEYS[2 * p - 1], 'MAXLEN', '~', ARGV[1], '*',
-    'k', ARGV[i + 1], 'r', ARGV[i + 2], 'e', ARGV[i + 3])
+    'k', ARGV[i + 1], 'r', ARGV[i + 2], 'e', ARGV[i + 3], 'epoch', epochs[p])
 end
 local out = {}
 for p = 1, #KEYS / 2 do
@@ -150,6 +159,12 @@ impl StreamLog {
 
 fn room_names(rooms: &[Room]) -> String {
     rooms.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ")
+}
+
+/// Whether `entry` was appended in another epoch than `epoch` (0: not known
+/// yet). Entries of versions before the field are taken as of `epoch`.
+fn of_another_epoch(epoch: u64, entry: &redis::streams::StreamId) -> bool {
+    epoch != 0 && entry.get::<u64>("epoch").is_some_and(|e| e != epoch)
 }
 
 /// A stream entry, as this version reads it.
@@ -259,6 +274,9 @@ impl EventLog for StreamLog {
                         .query_async(&mut conn),
                 )
                 .await?;
+            if range.ids.iter().any(|entry| of_another_epoch(epoch, entry)) {
+                return Ok(None);
+            }
             let events = range
                 .ids
                 .iter()
@@ -323,12 +341,12 @@ impl LogReader for StreamReader {
             let reply: redis::RedisResult<Option<redis::streams::StreamReadReply>> =
                 redis::AsyncCommands::xread_options(&mut self.conn, &[&self.stream], &[&after.stream_id()], &options)
                     .await;
-            let read = reply.map_err(|e| LogError::Unavailable(error_chain(&e))).map(|reply| {
-                let mut entries = Vec::new();
-                for stream in reply.map(|r| r.keys).unwrap_or_default() {
-                    entries.extend(stream.ids.iter().filter_map(|entry| decode(epoch, entry)));
+            let read = reply.map_err(|e| LogError::Unavailable(error_chain(&e))).and_then(|reply| {
+                let ids: Vec<_> = reply.map(|r| r.keys).unwrap_or_default().into_iter().flat_map(|s| s.ids).collect();
+                if ids.iter().any(|entry| of_another_epoch(epoch, entry)) {
+                    return Err(LogError::NewEpoch);
                 }
-                entries
+                Ok(ids.iter().filter_map(|entry| decode(epoch, entry)).collect())
             });
             (self as Box<dyn LogReader>, read)
         })
