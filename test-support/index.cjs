@@ -213,10 +213,13 @@ function redisServerExists() {
 
 /**
  * A private, throwaway redis-server on a free port (never the shared one on
- * 6379): no persistence, loopback only. `kill(signal)` (SIGKILL by default),
- * `restart()` on the same port (empty), `stop()` for good.
+ * 6379), loopback only: no persistence, or with `appendonly` an append-only
+ * file (fsync every second) in its directory, as deploy/compose.yaml runs it.
+ * `kill(signal)` (SIGKILL by default), `restart()` on the same port and
+ * directory (empty without `appendonly`, with its data with it), `stop()` for
+ * good, `command(...args)` (redis-cli).
  */
-async function startRedis({ port } = {}) {
+async function startRedis({ port, appendonly = false } = {}) {
   port = port ?? (await freePort());
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'herald-redis-'));
   const output = { text: '' };
@@ -226,7 +229,8 @@ async function startRedis({ port } = {}) {
   async function launch() {
     exitInfo = null;
     let spawnError = null;
-    const args = ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', dir];
+    const persistence = appendonly ? ['--appendonly', 'yes', '--appendfsync', 'everysec'] : ['--appendonly', 'no'];
+    const args = ['--port', String(port), '--bind', '127.0.0.1', '--save', '', ...persistence, '--dir', dir];
     child = trackChild(spawn(REDIS_SERVER_BIN, args, { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] }));
     child.stdout.on('data', (d) => (output.text += d));
     child.stderr.on('data', (d) => (output.text += d));
@@ -269,6 +273,16 @@ async function startRedis({ port } = {}) {
     async restart() {
       await redis.kill();
       await launch();
+    },
+    /** Starts it again after `kill()` (same port and directory). */
+    async start() {
+      if (!redis.running) await launch();
+    },
+    /** Runs one command with redis-cli; resolves with its output. */
+    command(...args) {
+      const r = spawnSync('redis-cli', ['-p', String(port), ...args], { encoding: 'utf8' });
+      if (r.status !== 0) throw new Error(`redis-cli ${args.join(' ')}: ${r.stderr || r.error}`);
+      return r.stdout.trim();
     },
     async stop() {
       await redis.kill();

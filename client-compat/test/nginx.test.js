@@ -305,7 +305,7 @@ if (missing && inCI()) {
       closeAll();
     });
 
-    it('proxies /v1/events (herald answers; nginx answers an oversized body with 413 JSON), /healthz, /readyz, /metrics; 404 elsewhere', async () => {
+    it('proxies /v1/events and /v1/access/revoke (herald answers; nginx answers an oversized body with 413 JSON), /healthz; /readyz and /metrics from loopback only; 404 elsewhere', async () => {
       const run = `api-${++runCounter}`;
       const socket = await connectViaNginx('alice', { transports: ['websocket'] });
       const counter = seqCounter(socket, run);
@@ -338,14 +338,52 @@ if (missing && inCI()) {
         assert.deepEqual(await big.json(), { error: 'body over 1048576 bytes' });
       }
 
-      for (const p of ['/healthz', '/readyz']) {
-        const res = await fetch(`${nginx.url}${p}`);
-        assert.equal(res.status, 200, `${p} through nginx`);
-        await res.arrayBuffer();
+      // The revocation API is routed too (herald's 401 and 400, not nginx's 404), with the same body limit.
+      const revoke = (body, token = fleet.publishToken) =>
+        fetch(`${nginx.url}/v1/access/revoke`, {
+          method: 'POST',
+          headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+          body,
+        });
+      const revokeUnauthorized = await revoke('{}', 'wrong-token');
+      assert.equal(revokeUnauthorized.status, 401);
+      await revokeUnauthorized.arrayBuffer();
+      const revokeInvalid = await revoke('{}');
+      assert.equal(revokeInvalid.status, 400);
+      assert.equal(typeof (await revokeInvalid.json()).error, 'string');
+      const revokeBig = await revoke(JSON.stringify({ userId: 'x'.repeat(1.5 * 1024 * 1024) }));
+      assert.equal(revokeBig.status, 413);
+      assert.deepEqual(await revokeBig.json(), { error: 'body over 1048576 bytes' });
+
+      // A polling POST over HERALD_MAX_MESSAGE_BYTES (64 KiB) is refused by nginx, not cut by herald.
+      const open = await (await fetch(`${nginx.url}/socket.io/?EIO=4&transport=polling`)).text();
+      const { sid } = JSON.parse(open.slice(1));
+      const hugePoll = await fetch(`${nginx.url}/socket.io/?EIO=4&transport=polling&sid=${sid}`, { method: 'POST', body: `4${'x'.repeat(100 * 1024)}` });
+      assert.equal(hugePoll.status, 413);
+      await hugePoll.arrayBuffer();
+      assert.doesNotMatch(nginx.output, /upstream prematurely closed|Broken pipe|temporarily disabled/);
+
+      const health = await fetch(`${nginx.url}/healthz`);
+      assert.equal(health.status, 200, '/healthz through nginx');
+      await health.arrayBuffer();
+      // /readyz (it names the failing dependency) and /metrics only from nginx's own loopback (127.0.0.1), not
+      // from any other address, private ones included (behind a userland proxy every client has one).
+      const elsewhere = new http.Agent({ localAddress: '127.0.0.10' });
+      const getFrom = (p, agent) =>
+        new Promise((resolve, reject) => {
+          http.get(`${nginx.url}${p}`, { agent }, (res) => {
+            let body = '';
+            res.on('data', (d) => (body += d)).on('end', () => resolve({ status: res.statusCode, body }));
+          }).on('error', reject);
+        });
+      for (const p of ['/readyz', '/metrics']) {
+        assert.equal((await getFrom(p, elsewhere)).status, 403, `${p} from another address`);
       }
-      const metrics = await fetch(`${nginx.url}/metrics`);
+      elsewhere.destroy();
+      assert.equal((await getFrom('/readyz')).status, 200, '/readyz from 127.0.0.1');
+      const metrics = await getFrom('/metrics');
       assert.equal(metrics.status, 200);
-      assert.match(await metrics.text(), /^herald_connections /m);
+      assert.match(metrics.body, /^herald_connections /m);
       const other = await fetch(`${nginx.url}/`);
       assert.equal(other.status, 404);
       await other.arrayBuffer();

@@ -41,6 +41,9 @@ const LISTING_MAX_AGE: Duration = Duration::from_secs(5);
 const CLAIM_EVERY: u32 = 10;
 /// The longest pause between two attempts to reach the log.
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
+/// How long a join with `since` waits for an unreachable log (a Redis
+/// restart) before it is served without a replay (`recovered: false`).
+const REPLAY_WAIT: Duration = Duration::from_secs(5);
 
 /// What a follower reads, and what it does with it.
 #[derive(Debug, Clone, Copy)]
@@ -186,10 +189,12 @@ impl<A: Adapter> Inner<A> {
 }
 
 /// Follows one stream: applies every entry, in order, and serves the joins
-/// of its rooms between entries. Reconnects by itself. After a new epoch
-/// (Redis lost the stream), or when it served joins before it could ever
-/// read the stream, it cuts the sockets in its rooms (they recover) and
-/// reads the new stream from its start.
+/// of its rooms between entries. Reconnects by itself; while the log is
+/// unreachable, a join with `since` waits for it (up to [`REPLAY_WAIT`]) so
+/// that it can be replayed. After a new epoch (Redis lost the stream), or
+/// when it served joins before it could ever read the stream, it cuts the
+/// sockets in its rooms (they recover) and reads the new stream from its
+/// start.
 async fn follow<A: Adapter>(
     inner: Weak<Inner<A>>,
     log: Arc<dyn EventLog>,
@@ -206,6 +211,8 @@ async fn follow<A: Adapter>(
     // The rooms it joined sockets to (pruned every tick).
     let mut rooms = Joined::new();
     let mut idle_since: Option<Instant> = None;
+    // Joins with `since` that wait for the log to come back, and since when.
+    let mut held: Vec<(Instant, Join<A>)> = Vec::new();
     let mut backoff = Duration::from_millis(50);
     loop {
         let Some(strong) = inner.upgrade() else { return };
@@ -214,13 +221,21 @@ async fn follow<A: Adapter>(
             Ok(reached) => reached,
             Err(e) => {
                 tracing::debug!(%stream, error = %e, "event log: unreachable; retrying");
-                // Meanwhile, joins are served without a replay (the client refetches).
+                // Meanwhile, joins are served without a replay (the client
+                // refetches); one with `since` first waits a while for the log.
                 while let Ok(join) = joins.try_recv() {
+                    held.push((Instant::now(), join));
+                }
+                let (due, waiting) =
+                    held.into_iter().partition(|(at, join)| join.since.is_none() || at.elapsed() >= REPLAY_WAIT);
+                held = waiting;
+                for (_, join) in due {
                     blind |= epoch.is_none();
                     rooms.extend(joined(strong.serve_joins(stream, vec![join], None, last).await));
                 }
                 strong.prune(&mut rooms).await;
-                if !role.permanent && strong.may_stop(stream, &rooms, &mut idle_since, &joins).await {
+                if held.is_empty() && !role.permanent && strong.may_stop(stream, &rooms, &mut idle_since, &joins).await
+                {
                     return;
                 }
                 drop(strong);
@@ -260,6 +275,10 @@ async fn follow<A: Adapter>(
         }
         let current = head.epoch;
         epoch = Some(current);
+        if !held.is_empty() {
+            let batch = held.drain(..).map(|(_, join)| join).collect();
+            rooms.extend(joined(strong.serve_joins(stream, batch, epoch, last).await));
+        }
         drop(strong);
         backoff = Duration::from_millis(50);
 

@@ -226,6 +226,10 @@ pub enum LogError {
     /// Entries after the position asked for were dropped before they were read.
     #[error("entries were dropped before they were read")]
     Gap,
+    /// The stream being read was made anew under the reader (Redis lost it:
+    /// deleted, evicted, or restarted empty): its entries are of a new epoch.
+    #[error("the stream was made anew (a new epoch)")]
+    NewEpoch,
     /// Another layout of the log (another shard count, an older version)
     /// uses the same keys.
     #[error("the event log's keys are taken: {0}")]

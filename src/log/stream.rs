@@ -16,10 +16,16 @@
 //! of those it appends, in the same step. It caps each stream, and each
 //! shard's keys, near `HERALD_REPLAY_MAX_EVENTS` entries and drops entries
 //! older than the replay window (keys older than their window). Each event
-//! carries the control stream's head as its `after` mark. A stream's epoch is created when it is first appended to
-//! or looked at after Redis lost the old one. On one node the control
-//! stream's head is read in the append's own step; on a cluster (another
-//! slot) just before it.
+//! carries the control stream's head as its `after` mark. On one node the
+//! control stream's head is read in the append's own step; on a cluster
+//! (another slot) just before it.
+//!
+//! A stream and its epoch are made together (an empty stream), when it is
+//! first appended to or looked at after Redis lost either (a restart without
+//! persistence, a deletion, an eviction): a new, later epoch, and the
+//! shard's idempotency keys forgotten with the events they kept out. Each
+//! entry carries its epoch, so a reader notices a stream made anew under it
+//! ([`LogError::NewEpoch`]).
 //!
 //! An append that fails with Redis' own error, or while Redis is known to be
 //! down, appended nothing; one that timed out, or whose connection broke,
@@ -42,8 +48,11 @@ use super::{
     ReadFuture, Retention, Stream, mark,
 };
 
-/// What both scripts share: the server's time (ms), a stream's epoch
-/// (created at that time when missing) and its last entry's id.
+/// What both scripts share: the server's time (ms), a stream's epoch and
+/// its last entry's id. When the epoch or the stream is missing (Redis lost
+/// it), both are made anew: a new epoch (server time, later than the lost
+/// one) on an empty stream (an entry added and trimmed at once), and the
+/// idempotency keys (`keys`, when given) of the lost events forgotten.
 macro_rules! lua_prelude {
     () => {
         r"
@@ -51,11 +60,21 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local function epoch_of(key, now)
+local function epoch_of(log, key, now, keys)
   local epoch = redis.call('GET', key)
-  if not epoch then
-    epoch = string.format('%013d', now)
-    redis.call('SET', key, epoch)
+  if epoch and redis.call('EXISTS', log) == 1 then
+    return epoch
+  end
+  local fresh = now
+  if epoch and tonumber(epoch) >= fresh then
+    fresh = tonumber(epoch) + 1
+  end
+  epoch = string.format('%013d', fresh)
+  redis.call('DEL', log)
+  redis.call('XADD', log, 'MAXLEN', '0', '*', 'k', '@epoch')
+  redis.call('SET', key, epoch)
+  if keys then
+    redis.call('DEL', keys)
   end
   return epoch
 end
@@ -87,13 +106,13 @@ local cap = tonumber(ARGV[1])
 local n = math.floor(#KEYS / 3)
 local mark = ARGV[4]
 if mark == '' then
-  local epoch = epoch_of(KEYS[#KEYS], now)
+  local epoch = epoch_of(KEYS[#KEYS - 1], KEYS[#KEYS], now)
   local ms, seq = string.match(last_of(KEYS[#KEYS - 1]), '(%d+)-(%d+)')
   mark = string.format('%013d-%013d-%010d', tonumber(epoch), tonumber(ms), tonumber(seq))
 end
 local epochs, last = {}, {}
 for p = 1, n do
-  epochs[p], last[p] = epoch_of(KEYS[3 * p - 1], now), ''
+  epochs[p], last[p] = epoch_of(KEYS[3 * p - 2], KEYS[3 * p - 1], now, KEYS[3 * p]), ''
   redis.call('ZREMRANGEBYSCORE', KEYS[3 * p], '-inf', now - tonumber(ARGV[3]))
 end
 local duplicates = 0
@@ -107,7 +126,7 @@ for i = 5, #ARGV, 5 do
       c = ''
     end
     last[p] = redis.call('XADD', KEYS[3 * p - 2], 'MAXLEN', '~', cap, '*',
-      'k', ARGV[i + 1], 'r', ARGV[i + 2], 'e', ARGV[i + 3], 'c', c)
+      'k', ARGV[i + 1], 'r', ARGV[i + 2], 'e', ARGV[i + 3], 'c', c, 'epoch', epochs[p])
     if key ~= '' then
       redis.call('ZADD', KEYS[3 * p], now, key)
     end
@@ -127,9 +146,10 @@ return out
 "
 );
 
-/// A stream's head: its epoch (created, at server time, when missing) and
-/// the id of its last entry (`0-0`: none). `KEYS`: the stream, its epoch.
-const HEAD: &str = concat!(lua_prelude!(), "return {epoch_of(KEYS[2], now_ms()), last_of(KEYS[1])}\n");
+/// A stream's head: its epoch (the stream made anew when lost) and the id
+/// of its last entry (`0-0`: none). `KEYS`: the stream, its epoch, its keys.
+const HEAD: &str =
+    concat!(lua_prelude!(), "return {epoch_of(KEYS[1], KEYS[2], now_ms(), KEYS[3]), last_of(KEYS[1])}\n");
 
 /// The stream entry kind of a revocation.
 const REVOKE: &str = "@revoke";
@@ -283,6 +303,12 @@ fn room_names(rooms: &[Room]) -> String {
     rooms.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ")
 }
 
+/// Whether `entry` was appended in another epoch than `epoch` (0: not known
+/// yet). Entries of versions before the field are taken as of `epoch`.
+fn of_another_epoch(epoch: u64, entry: &redis::streams::StreamId) -> bool {
+    epoch != 0 && entry.get::<u64>("epoch").is_some_and(|e| e != epoch)
+}
+
 /// A stream entry, as this version reads it.
 fn decode(epoch: u64, entry: &redis::streams::StreamId) -> Option<(Position, Entry)> {
     let position = Position::from_stream_id(&entry.id)?;
@@ -344,10 +370,10 @@ impl EventLog for StreamLog {
 
     fn head(&self, stream: Stream) -> LogFuture<'_, Head> {
         Box::pin(async move {
-            let (log, epoch, _) = self.keys(stream);
+            let (log, epoch, keys) = self.keys(stream);
             let mut conn = self.redis.conn();
             let (epoch, last): (String, String) =
-                self.bounded(self.head.key(log).key(epoch).invoke_async(&mut conn)).await?;
+                self.bounded(self.head.key(log).key(epoch).key(keys).invoke_async(&mut conn)).await?;
             let unreadable = || LogError::Unavailable("an unreadable head".into());
             Ok(Head {
                 epoch: epoch.parse().map_err(|_| unreadable())?,
@@ -400,6 +426,9 @@ impl EventLog for StreamLog {
                         .query_async(&mut conn),
                 )
                 .await?;
+            if range.ids.iter().any(|entry| of_another_epoch(epoch, entry)) {
+                return Ok(None);
+            }
             let events = range
                 .ids
                 .iter()
@@ -464,12 +493,12 @@ impl LogReader for StreamReader {
             let reply: redis::RedisResult<Option<redis::streams::StreamReadReply>> =
                 redis::AsyncCommands::xread_options(&mut self.conn, &[&self.stream], &[&after.stream_id()], &options)
                     .await;
-            let read = reply.map_err(|e| LogError::Unavailable(error_chain(&e))).map(|reply| {
-                let mut entries = Vec::new();
-                for stream in reply.map(|r| r.keys).unwrap_or_default() {
-                    entries.extend(stream.ids.iter().filter_map(|entry| decode(epoch, entry)));
+            let read = reply.map_err(|e| LogError::Unavailable(error_chain(&e))).and_then(|reply| {
+                let ids: Vec<_> = reply.map(|r| r.keys).unwrap_or_default().into_iter().flat_map(|s| s.ids).collect();
+                if ids.iter().any(|entry| of_another_epoch(epoch, entry)) {
+                    return Err(LogError::NewEpoch);
                 }
-                entries
+                Ok(ids.iter().filter_map(|entry| decode(epoch, entry)).collect())
             });
             (self as Box<dyn LogReader>, read)
         })
