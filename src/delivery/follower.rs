@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use socketioxide::adapter::Adapter;
 use tokio::sync::{mpsc, watch};
 
-use crate::log::{Entry, EventLog, LogError, Offset, Position, Stream, mark};
+use crate::log::{Entry, EventLog, Head, LogError, LogReader, Offset, Position, Stream, mark};
 use crate::rooms::Room;
 use crate::telemetry::error_chain;
 
@@ -82,7 +82,7 @@ impl<A: Adapter> Inner<A> {
             self.metrics.fleet_shards_followed.inc();
         }
         tracing::debug!(stream = %role.stream, "event log: following");
-        tokio::spawn(follow(Arc::downgrade(self), self.log.clone(), role, join_rx, applied_tx));
+        tokio::spawn(Follower::new(Arc::downgrade(self), self.log.clone(), role, join_rx, applied_tx).run());
         Following { joins, applied }
     }
 
@@ -115,7 +115,7 @@ impl<A: Adapter> Inner<A> {
 
     /// Forgets the `rooms` of a follower that have no local socket. A room
     /// joined after the listing was taken is kept: the listing cannot know it.
-    async fn prune(&self, rooms: &mut Joined) {
+    async fn prune(&self, rooms: &mut RoomsServed) {
         if rooms.is_empty() {
             return;
         }
@@ -124,36 +124,9 @@ impl<A: Adapter> Inner<A> {
         }
     }
 
-    /// Whether the follower of `stream` stops: none of its `rooms` has had
-    /// a local socket for the linger time, and no join waits.
-    async fn may_stop(
-        &self,
-        stream: Stream,
-        rooms: &Joined,
-        idle_since: &mut Option<Instant>,
-        joins: &mpsc::UnboundedReceiver<Join<A>>,
-    ) -> bool {
-        if !rooms.is_empty() || !joins.is_empty() {
-            *idle_since = None;
-            return false;
-        }
-        if idle_since.get_or_insert_with(Instant::now).elapsed() < self.linger {
-            return false;
-        }
-        let mut followers = self.followers();
-        // A join sent since is served first.
-        if !joins.is_empty() {
-            return false;
-        }
-        followers.remove(&stream);
-        self.metrics.fleet_shards_followed.dec();
-        tracing::debug!(%stream, "event log: no local socket needs this shard any more; left");
-        true
-    }
-
     /// Cuts the local sockets in `rooms` (names) so that they recover (see
     /// [`crate::session::Session::cut`]). Returns how many.
-    fn cut_rooms(&self, rooms: &Joined) -> usize {
+    fn cut_rooms(&self, rooms: &RoomsServed) -> usize {
         let Some(ns) = self.io.of("/") else { return 0 };
         if rooms.is_empty() {
             return 0;
@@ -188,71 +161,137 @@ impl<A: Adapter> Inner<A> {
     }
 }
 
-/// Follows one stream: applies every entry, in order, and serves the joins
-/// of its rooms between entries. Reconnects by itself; while the log is
-/// unreachable, a join with `since` waits for it (up to [`REPLAY_WAIT`]) so
-/// that it can be replayed. After a new epoch (Redis lost the stream), or
-/// when it served joins before it could ever read the stream, it cuts the
-/// sockets in its rooms (they recover) and reads the new stream from its
-/// start.
-async fn follow<A: Adapter>(
+/// What a read of the stream ended with.
+enum ReadEnd {
+    /// The instance, or this follower's part in it, is gone: stop.
+    Stop,
+    /// Reading failed: reach the stream again.
+    Failed(LogError),
+}
+
+/// The one task that follows a stream: it applies every entry in the
+/// stream's order and serves the joins of its rooms between two entries.
+/// Being the only reader of its stream in this instance is what makes a
+/// socket get each event once, and a replay's events before the live ones:
+/// a join is served at one place in the stream (its replay up to there,
+/// then the room, then its ack), and every later entry reaches the room
+/// after it. Reconnects by itself; while the stream is unreachable, a join
+/// with `since` waits for it (up to [`REPLAY_WAIT`]) so that it can be
+/// replayed. After a new epoch (Redis lost the stream), or when it served
+/// joins before it could ever read the stream, it cuts the sockets in its
+/// rooms (they recover) and reads the new stream from its start.
+struct Follower<A: Adapter> {
     inner: Weak<Inner<A>>,
     log: Arc<dyn EventLog>,
     role: Role,
-    mut joins: mpsc::UnboundedReceiver<Join<A>>,
+    joins: mpsc::UnboundedReceiver<Join<A>>,
+    /// Where it has applied the stream up to (for publishes and revocations that wait).
     applied: watch::Sender<Offset>,
-) {
-    let stream = role.stream;
-    // The stream's epoch, once reached.
-    let mut epoch: Option<u64> = None;
-    let mut last = Position::default();
-    // Joins were served before the stream could be read: its head was not known.
-    let mut blind = false;
-    // The rooms it joined sockets to (pruned every tick).
-    let mut rooms = Joined::new();
-    let mut idle_since: Option<Instant> = None;
-    // Joins with `since` that wait for the log to come back, and since when.
-    let mut held: Vec<(Instant, Join<A>)> = Vec::new();
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        let Some(strong) = inner.upgrade() else { return };
-        let reached = async { Ok::<_, LogError>((log.reader(stream).await?, log.head(stream).await?)) }.await;
-        let (reader, head) = match reached {
-            Ok(reached) => reached,
-            Err(e) => {
-                tracing::debug!(%stream, error = %e, "event log: unreachable; retrying");
-                // Meanwhile, joins are served without a replay (the client
-                // refetches); one with `since` first waits a while for the log.
-                while let Ok(join) = joins.try_recv() {
-                    held.push((Instant::now(), join));
-                }
-                let (due, waiting) =
-                    held.into_iter().partition(|(at, join)| join.since.is_none() || at.elapsed() >= REPLAY_WAIT);
-                held = waiting;
-                for (_, join) in due {
-                    blind |= epoch.is_none();
-                    rooms.extend(joined(strong.serve_joins(stream, vec![join], None, last).await));
-                }
-                strong.prune(&mut rooms).await;
-                if held.is_empty() && !role.permanent && strong.may_stop(stream, &rooms, &mut idle_since, &joins).await
-                {
-                    return;
-                }
-                drop(strong);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                continue;
+    /// The stream's epoch, once reached.
+    epoch: Option<u64>,
+    /// The last entry applied.
+    last: Position,
+    /// Joins were served before the stream could be read: its head was not known.
+    blind: bool,
+    /// The rooms it joined sockets to (pruned every tick).
+    rooms: RoomsServed,
+    /// Since when none of its rooms has had a local socket.
+    idle_since: Option<Instant>,
+    /// Joins with `since` that wait for the stream to come back, and since when.
+    held: Vec<(Instant, Join<A>)>,
+}
+
+impl<A: Adapter> Follower<A> {
+    fn new(
+        inner: Weak<Inner<A>>,
+        log: Arc<dyn EventLog>,
+        role: Role,
+        joins: mpsc::UnboundedReceiver<Join<A>>,
+        applied: watch::Sender<Offset>,
+    ) -> Self {
+        Follower {
+            inner,
+            log,
+            role,
+            joins,
+            applied,
+            epoch: None,
+            last: Position::default(),
+            blind: false,
+            rooms: RoomsServed::new(),
+            idle_since: None,
+            held: Vec::new(),
+        }
+    }
+
+    async fn run(mut self) {
+        let stream = self.role.stream;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if self.inner.strong_count() == 0 {
+                return;
             }
-        };
+            let reached = async { Ok::<_, LogError>((self.log.reader(stream).await?, self.log.head(stream).await?)) };
+            let (reader, head) = match reached.await {
+                Ok(reached) => reached,
+                Err(e) => {
+                    tracing::debug!(%stream, error = %e, "event log: unreachable; retrying");
+                    if !self.while_unreachable().await {
+                        return;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            };
+            let Some(strong) = self.inner.upgrade() else { return };
+            self.reached(&strong, head).await;
+            drop(strong);
+            backoff = Duration::from_millis(50);
+            match self.read(reader, head.epoch).await {
+                ReadEnd::Stop => return,
+                ReadEnd::Failed(error) => {
+                    if !self.read_failed(error).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The stream cannot be reached: joins are served without a replay (the
+    /// client refetches), one with `since` after waiting a while for the
+    /// stream. False when the follower stops.
+    async fn while_unreachable(&mut self) -> bool {
+        let Some(strong) = self.inner.upgrade() else { return false };
+        while let Ok(join) = self.joins.try_recv() {
+            self.held.push((Instant::now(), join));
+        }
+        let (due, waiting) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|(at, join)| join.since.is_none() || at.elapsed() >= REPLAY_WAIT);
+        self.held = waiting;
+        for (_, join) in due {
+            self.blind |= self.epoch.is_none();
+            let served = strong.serve_joins(self.role.stream, vec![join], None, self.last).await;
+            self.rooms.extend(served_now(served));
+        }
+        strong.prune(&mut self.rooms).await;
+        !(self.held.is_empty() && !self.role.permanent && self.may_stop(&strong).await)
+    }
+
+    /// The stream was reached (the first time, or again): where to read from.
+    async fn reached(&mut self, strong: &Inner<A>, head: Head) {
+        let stream = self.role.stream;
         if stream == Stream::Control {
             strong.check_claim().await;
         }
-        match epoch {
+        match self.epoch {
             None => {
-                last = if role.from_start { Position::default() } else { head.last };
-                applied.send_replace(mark(head.epoch, last));
-                if std::mem::take(&mut blind) {
-                    let cut = strong.cut_rooms(&rooms);
+                self.last = if self.role.from_start { Position::default() } else { head.last };
+                self.applied.send_replace(mark(head.epoch, self.last));
+                if std::mem::take(&mut self.blind) {
+                    let cut = strong.cut_rooms(&self.rooms);
                     tracing::info!(%stream, sockets = cut, "event log: reached; sockets that joined before are cut to recover");
                 }
             }
@@ -262,135 +301,165 @@ async fn follow<A: Adapter>(
             // lost may never have been read, so every socket in its rooms may
             // have a gap.
             Some(_) => {
-                let cut = strong.cut_rooms(&rooms);
+                let cut = strong.cut_rooms(&self.rooms);
                 tracing::warn!(
                     %stream,
                     sockets = cut,
                     "event log: a new epoch (Redis lost the stream); reading it from the start, \
                      its rooms' sockets are cut to recover"
                 );
-                last = Position::default();
-                applied.send_replace(mark(head.epoch, last));
+                self.last = Position::default();
+                self.applied.send_replace(mark(head.epoch, self.last));
             }
         }
-        let current = head.epoch;
-        epoch = Some(current);
-        if !held.is_empty() {
-            let batch = held.drain(..).map(|(_, join)| join).collect();
-            rooms.extend(joined(strong.serve_joins(stream, batch, epoch, last).await));
+        self.epoch = Some(head.epoch);
+        if !self.held.is_empty() {
+            let batch = self.held.drain(..).map(|(_, join)| join).collect();
+            self.rooms.extend(served_now(strong.serve_joins(stream, batch, self.epoch, self.last).await));
         }
-        drop(strong);
-        backoff = Duration::from_millis(50);
+    }
 
-        let mut read = reader.read_after(current, last, BLOCK);
+    /// Reads the stream of `epoch` until reading fails or the follower stops,
+    /// serving joins and looking after itself meanwhile.
+    async fn read(&mut self, reader: Box<dyn LogReader>, epoch: u64) -> ReadEnd {
+        let mut read = reader.read_after(epoch, self.last, BLOCK);
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks: u32 = 0;
-        let error = loop {
+        loop {
             tokio::select! {
                 (reader, result) = &mut read => {
                     let entries = match result {
                         Ok(entries) => entries,
-                        Err(e) => break e,
+                        Err(e) => return ReadEnd::Failed(e),
                     };
-                    if let Some(strong) = inner.upgrade() {
-                        strong.metrics.fleet_entries_read.inc_by(entries.len() as u64);
+                    if !self.apply_all(entries, epoch).await {
+                        return ReadEnd::Stop;
                     }
-                    for (position, entry) in entries {
-                        let Some(strong) = inner.upgrade() else { return };
-                        if let Entry::Event { after: Some(after), .. } = &entry
-                            && *strong.control.borrow() < *after
-                        {
-                            // A revocation logged before this event is not applied here yet.
-                            drop(strong);
-                            applied.send_replace(mark(current, last));
-                            let at = Place { stream, epoch: current, last };
-                            if !control_reached(&inner, *after, at, &mut joins, &mut rooms).await {
-                                return;
-                            }
-                        }
-                        let Some(strong) = inner.upgrade() else { return };
-                        strong.apply(entry, stream).await;
-                        last = position;
-                    }
-                    applied.send_replace(mark(current, last));
-                    let Some(strong) = inner.upgrade() else { return };
-                    strong.count();
-                    read = reader.read_after(current, last, BLOCK);
+                    read = reader.read_after(epoch, self.last, BLOCK);
                 }
-                join = joins.recv() => {
-                    let Some(join) = join else { return };
-                    let Some(strong) = inner.upgrade() else { return };
-                    rooms.extend(joined(strong.serve_joins(stream, batch_of(join, &mut joins), epoch, last).await));
+                join = self.joins.recv() => {
+                    let (Some(join), Some(strong)) = (join, self.inner.upgrade()) else { return ReadEnd::Stop };
+                    let batch = batch_of(join, &mut self.joins);
+                    self.rooms.extend(served_now(strong.serve_joins(self.role.stream, batch, self.epoch, self.last).await));
                 }
                 _ = tick.tick() => {
-                    let Some(strong) = inner.upgrade() else { return };
-                    strong.count();
                     ticks = ticks.wrapping_add(1);
-                    if stream == Stream::Control && ticks.is_multiple_of(CLAIM_EVERY) {
-                        strong.check_claim().await;
-                    }
-                    strong.prune(&mut rooms).await;
-                    if !role.permanent && strong.may_stop(stream, &rooms, &mut idle_since, &joins).await {
-                        return;
+                    if !self.tick(ticks).await {
+                        return ReadEnd::Stop;
                     }
                 }
             }
-        };
-        let Some(strong) = inner.upgrade() else { return };
-        if matches!(error, LogError::Gap) {
-            // Entries were dropped before they were read: as with a new stream.
-            let cut = strong.cut_rooms(&rooms);
-            tracing::warn!(%stream, sockets = cut, "event log: entries were dropped unread; sockets are cut to recover");
-            // Read on from the stream's head.
-            if let Ok(head) = log.head(stream).await {
-                last = head.last;
-                applied.send_replace(mark(head.epoch, last));
+        }
+    }
+
+    /// Applies what one read returned, in order. An event waits until this
+    /// instance has applied the control stream up to its mark (a revocation
+    /// logged before it). False when the follower stops.
+    async fn apply_all(&mut self, entries: Vec<(Position, Entry)>, epoch: u64) -> bool {
+        if let Some(strong) = self.inner.upgrade() {
+            strong.metrics.fleet_entries_read.inc_by(entries.len() as u64);
+        }
+        for (position, entry) in entries {
+            if let Entry::Event { after: Some(after), .. } = &entry
+                && !self.control_reached(*after, epoch).await
+            {
+                return false;
             }
-            continue;
+            let Some(strong) = self.inner.upgrade() else { return false };
+            strong.apply(entry, self.role.stream).await;
+            self.last = position;
+        }
+        self.applied.send_replace(mark(epoch, self.last));
+        let Some(strong) = self.inner.upgrade() else { return false };
+        strong.count();
+        true
+    }
+
+    /// Waits until this instance has applied the control stream up to
+    /// `after`, serving the joins that arrive meanwhile where the follower
+    /// stands (the entry that waits comes after it). False when the
+    /// instance is gone.
+    async fn control_reached(&mut self, after: Offset, epoch: u64) -> bool {
+        let Some(mut control) = self.inner.upgrade().map(|strong| strong.control.clone()) else { return false };
+        if *control.borrow() >= after {
+            return true;
+        }
+        self.applied.send_replace(mark(epoch, self.last));
+        loop {
+            tokio::select! {
+                // Without its sender, the control follower (so the instance) is gone.
+                reached = async { control.wait_for(|applied| *applied >= after).await.is_ok() } => return reached,
+                join = self.joins.recv() => {
+                    let (Some(join), Some(strong)) = (join, self.inner.upgrade()) else { return false };
+                    let batch = batch_of(join, &mut self.joins);
+                    let served = strong.serve_joins(self.role.stream, batch, Some(epoch), self.last).await;
+                    self.rooms.extend(served_now(served));
+                }
+            }
+        }
+    }
+
+    /// Looks after itself once a [`TICK`]: the in-memory log's gauges, the
+    /// control stream's claim, its rooms (still in use?). False when it stops.
+    async fn tick(&mut self, ticks: u32) -> bool {
+        let Some(strong) = self.inner.upgrade() else { return false };
+        strong.count();
+        if self.role.stream == Stream::Control && ticks.is_multiple_of(CLAIM_EVERY) {
+            strong.check_claim().await;
+        }
+        strong.prune(&mut self.rooms).await;
+        self.role.permanent || !self.may_stop(&strong).await
+    }
+
+    /// Reading failed. Entries dropped before they were read are as a new
+    /// stream: its sockets are cut, and it reads on from the stream's head.
+    /// False when the instance is gone.
+    async fn read_failed(&mut self, error: LogError) -> bool {
+        let stream = self.role.stream;
+        let Some(strong) = self.inner.upgrade() else { return false };
+        if matches!(error, LogError::Gap) {
+            let cut = strong.cut_rooms(&self.rooms);
+            tracing::warn!(%stream, sockets = cut, "event log: entries were dropped unread; sockets are cut to recover");
+            if let Ok(head) = self.log.head(stream).await {
+                self.last = head.last;
+                self.applied.send_replace(mark(head.epoch, self.last));
+            }
+            return true;
         }
         strong.metrics.log_errors.inc();
         tracing::warn!(%stream, error = %error_chain(&error), "event log: reading failed; reconnecting");
+        true
     }
-}
 
-/// Where a follower stands: its stream, the stream's epoch, and the last
-/// entry it applied.
-#[derive(Clone, Copy)]
-struct Place {
-    stream: Stream,
-    epoch: u64,
-    last: Position,
-}
-
-/// Waits until this instance has applied the control stream up to `after`,
-/// serving the joins that arrive meanwhile where the follower stands (the
-/// entry that waits comes after it). False when the instance is gone.
-async fn control_reached<A: Adapter>(
-    inner: &Weak<Inner<A>>,
-    after: Offset,
-    at: Place,
-    joins: &mut mpsc::UnboundedReceiver<Join<A>>,
-    rooms: &mut Joined,
-) -> bool {
-    let Some(mut control) = inner.upgrade().map(|strong| strong.control.clone()) else { return false };
-    loop {
-        tokio::select! {
-            // Without its sender, the control follower (so the instance) is gone.
-            reached = async { control.wait_for(|applied| *applied >= after).await.is_ok() } => return reached,
-            join = joins.recv() => {
-                let (Some(join), Some(strong)) = (join, inner.upgrade()) else { return false };
-                let batch = batch_of(join, joins);
-                rooms.extend(joined(strong.serve_joins(at.stream, batch, Some(at.epoch), at.last).await));
-            }
+    /// Whether it stops: none of its rooms has had a local socket for the
+    /// linger time, and no join waits. Then it is no longer a follower of
+    /// the instance (under the followers' lock, so that no join is lost).
+    async fn may_stop(&mut self, strong: &Inner<A>) -> bool {
+        if !self.rooms.is_empty() || !self.joins.is_empty() {
+            self.idle_since = None;
+            return false;
         }
+        if self.idle_since.get_or_insert_with(Instant::now).elapsed() < strong.linger {
+            return false;
+        }
+        let mut followers = strong.followers();
+        // A join sent since is served first.
+        if !self.joins.is_empty() {
+            return false;
+        }
+        let stream = self.role.stream;
+        followers.remove(&stream);
+        strong.metrics.fleet_shards_followed.dec();
+        tracing::debug!(%stream, "event log: no local socket needs this shard any more; left");
+        true
     }
 }
 
 /// The rooms a follower joined sockets to, by name, with when it last did.
-type Joined = HashMap<String, Instant>;
+type RoomsServed = HashMap<String, Instant>;
 
-fn joined(rooms: Vec<Room>) -> impl Iterator<Item = (String, Instant)> {
+fn served_now(rooms: Vec<Room>) -> impl Iterator<Item = (String, Instant)> {
     let now = Instant::now();
     rooms.into_iter().map(move |room| (room.to_string(), now))
 }
