@@ -12,6 +12,7 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::limits::Limits;
 use crate::log::Retention;
 use crate::redis::RedisSettings;
+use crate::telemetry::LogFormat;
 
 mod secrets;
 
@@ -75,13 +76,6 @@ pub enum JwtAlgorithm {
     Rs256,
     #[value(name = "ES256")]
     Es256,
-}
-
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 /// Every setting of the gateway, grouped.

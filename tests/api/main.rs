@@ -12,6 +12,7 @@ mod exhaustion;
 mod fleet;
 mod idempotency;
 mod jwks;
+mod layers;
 mod limits;
 mod operations;
 mod process;
