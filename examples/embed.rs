@@ -14,7 +14,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::ensure;
-use herald::config::{LogFormat, Mode};
+use herald::config::Mode;
+use herald::telemetry::LogFormat;
 use herald::{Application, Config};
 use serde_json::json;
 
