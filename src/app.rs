@@ -16,7 +16,6 @@ use axum::response::IntoResponse;
 use rand::Rng;
 use secrecy::SecretString;
 use socketioxide::SocketIo;
-use socketioxide::adapter::LocalAdapter;
 use socketioxide::layer::SocketIoLayer;
 use tokio::net::TcpListener;
 use tower::steer::Steer;
@@ -105,9 +104,9 @@ struct Parts<'a> {
 
 /// Builds the HTTP side over `io`.
 fn assemble(
-    io: SocketIo<LocalAdapter>,
-    layer: SocketIoLayer<LocalAdapter>,
-    delivery: Delivery<LocalAdapter>,
+    io: SocketIo,
+    layer: SocketIoLayer,
+    delivery: Delivery,
     parts: Parts<'_>,
     redis: Option<Redis>,
 ) -> Result<(HttpService, Closer), BuildError> {

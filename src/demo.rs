@@ -20,7 +20,6 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
-use socketioxide::adapter::Adapter;
 
 use crate::auth::Minter;
 use crate::delivery::Delivery;
@@ -35,24 +34,24 @@ const APP_JS: &str = include_str!("../assets/demo/app.js");
 const TOKEN_TTL: Duration = Duration::from_secs(3600);
 
 /// What the demo routes need.
-pub struct DemoState<A: Adapter> {
+pub struct DemoState {
     pub minter: Minter,
-    pub delivery: Delivery<A>,
+    pub delivery: Delivery,
     /// Numbers the demo events, so that each one differs.
     pub counter: AtomicU64,
 }
 
 /// The demo routes.
-pub fn router<A: Adapter>(state: Arc<DemoState<A>>) -> axum::Router {
+pub fn router(state: Arc<DemoState>) -> axum::Router {
     axum::Router::new()
         .route("/", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX_HTML) }))
         .route("/demo/app.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], APP_JS) }))
-        .route("/dev/bootstrap", get(bootstrap::<A>))
-        .route("/dev/publish-demo", post(publish_demo::<A>))
+        .route("/dev/bootstrap", get(bootstrap))
+        .route("/dev/publish-demo", post(publish_demo))
         .with_state(state)
 }
 
-async fn bootstrap<A: Adapter>(State(state): State<Arc<DemoState<A>>>) -> Response {
+async fn bootstrap(State(state): State<Arc<DemoState>>) -> Response {
     match state.minter.mint(DEMO_USER, TOKEN_TTL) {
         Ok(token) => (
             [(header::CACHE_CONTROL, "no-store")],
@@ -95,7 +94,7 @@ fn demo_event(kind: EventKind, n: u64) -> Value {
     json!({ "type": kind, "payload": payload, "metadata": { "source": "herald-demo" } })
 }
 
-async fn publish_demo<A: Adapter>(State(state): State<Arc<DemoState<A>>>, body: Bytes) -> Response {
+async fn publish_demo(State(state): State<Arc<DemoState>>, body: Bytes) -> Response {
     let kind = if body.iter().all(u8::is_ascii_whitespace) {
         Ok(EventKind::EntityUpdated)
     } else {

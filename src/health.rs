@@ -1,5 +1,5 @@
 //! Operations endpoints: `/healthz` (the process answers), `/readyz` (the
-//! store and the adapter answer) and `/metrics`.
+//! store, the event log's Redis and the JWKS answer) and `/metrics`.
 
 use std::future::Future;
 use std::pin::Pin;

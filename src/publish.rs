@@ -23,7 +23,6 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
-use socketioxide::adapter::Adapter;
 
 use crate::delivery::{Delivery, DeliveryError, Published};
 use crate::events::{self, Event, InvalidEvent};
@@ -115,16 +114,16 @@ impl IntoResponse for PublishError {
 }
 
 /// What the publish API needs.
-pub struct PublishState<A: Adapter> {
+pub struct PublishState {
     pub token: SecretString,
     pub max_body_bytes: usize,
-    pub delivery: Delivery<A>,
+    pub delivery: Delivery,
     pub metrics: Arc<Metrics>,
 }
 
 /// The publish API's routes.
-pub fn router<A: Adapter>(state: Arc<PublishState<A>>) -> axum::Router {
-    axum::Router::new().route("/v1/events", post(publish::<A>)).with_state(state)
+pub fn router(state: Arc<PublishState>) -> axum::Router {
+    axum::Router::new().route("/v1/events", post(publish)).with_state(state)
 }
 
 fn authorized(headers: &HeaderMap, token: &SecretString) -> bool {
@@ -145,7 +144,7 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
 }
 
-async fn publish<A: Adapter>(State(state): State<Arc<PublishState<A>>>, headers: HeaderMap, body: Body) -> Response {
+async fn publish(State(state): State<Arc<PublishState>>, headers: HeaderMap, body: Body) -> Response {
     let result = handle(&state, &headers, body).await;
     let status = match &result {
         Ok(_) => StatusCode::ACCEPTED,
@@ -239,8 +238,8 @@ fn check_headers(state_token: &SecretString, limit: usize, headers: &HeaderMap) 
 
 /// The checks every endpoint of this API makes, in the contract's order
 /// (401, 415, 413), then the body.
-pub(crate) async fn read_checked_body<A: Adapter>(
-    state: &PublishState<A>,
+pub(crate) async fn read_checked_body(
+    state: &PublishState,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Bytes, PublishError> {
@@ -277,11 +276,7 @@ fn key_from_header(headers: &HeaderMap, body: &[u8], events: &mut [Event]) -> Re
     }
 }
 
-async fn handle<A: Adapter>(
-    state: &PublishState<A>,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Published, PublishError> {
+async fn handle(state: &PublishState, headers: &HeaderMap, body: Body) -> Result<Published, PublishError> {
     let bytes = read_checked_body(state, headers, body).await?;
     let mut events = events::parse_body(&bytes)?;
     key_from_header(headers, &bytes, &mut events)?;

@@ -35,7 +35,6 @@ use axum::routing::post;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use socketioxide::SocketIo;
-use socketioxide::adapter::Adapter;
 
 use crate::auth::UserId;
 use crate::delivery::{RevocationFuture, Revocations};
@@ -74,11 +73,11 @@ fn unix_now() -> u64 {
 }
 
 /// The revoke API's route.
-pub fn router<A: Adapter>(state: Arc<PublishState<A>>) -> axum::Router {
-    axum::Router::new().route("/v1/access/revoke", post(revoke::<A>)).with_state(state)
+pub fn router(state: Arc<PublishState>) -> axum::Router {
+    axum::Router::new().route("/v1/access/revoke", post(revoke)).with_state(state)
 }
 
-async fn revoke<A: Adapter>(State(state): State<Arc<PublishState<A>>>, headers: HeaderMap, body: Body) -> Response {
+async fn revoke(State(state): State<Arc<PublishState>>, headers: HeaderMap, body: Body) -> Response {
     let result = async {
         let bytes = read_checked_body(&state, &headers, body).await?;
         let request: RevokeRequest =
@@ -105,12 +104,12 @@ async fn revoke<A: Adapter>(State(state): State<Arc<PublishState<A>>>, headers: 
 }
 
 /// What every instance does with revocations: the gateway's, over its sockets.
-struct Handler<S, A: Adapter> {
+struct Handler<S> {
     gateway: Arc<Gateway<S>>,
-    io: SocketIo<A>,
+    io: SocketIo,
 }
 
-impl<S: MembershipStore, A: Adapter> Revocations for Handler<S, A> {
+impl<S: MembershipStore> Revocations for Handler<S> {
     /// A user's revocation is stored before it is logged.
     fn remember<'a>(&'a self, json: &'a str) -> RevocationFuture<'a, Result<(), String>> {
         Box::pin(async move {
@@ -141,7 +140,7 @@ impl<S: MembershipStore> Gateway<S> {
     /// What this instance does with revocations (see [`Revocations`]): a
     /// user's is stored before it is logged; every instance applies each
     /// one when it reads it from the control stream.
-    pub fn revocations<A: Adapter>(self: &Arc<Self>, io: SocketIo<A>) -> Arc<dyn Revocations> {
+    pub fn revocations(self: &Arc<Self>, io: SocketIo) -> Arc<dyn Revocations> {
         Arc::new(Handler { gateway: self.clone(), io })
     }
 
@@ -150,7 +149,7 @@ impl<S: MembershipStore> Gateway<S> {
     /// and are told `access_revoked`. A user's: this instance's cache
     /// refuses the user's older tokens, and the user's sockets are
     /// disconnected.
-    async fn apply<A: Adapter>(&self, io: &SocketIo<A>, revocation: Revocation) {
+    async fn apply(&self, io: &SocketIo, revocation: Revocation) {
         let user: Arc<str> = Arc::from(revocation.user_id.as_str());
         let Some(campaign) = revocation.campaign_id else {
             self.access.note_user_revocation(&user, revocation.revoked_at).await;

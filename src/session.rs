@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use socketioxide::SocketError;
-use socketioxide::adapter::Adapter;
 use socketioxide::extract::SocketRef;
 
 use crate::expiry::TimerId;
@@ -129,7 +128,7 @@ impl Session {
     }
 
     /// The session of `socket` (every authenticated socket has one).
-    pub fn of<A: Adapter>(socket: &SocketRef<A>) -> Option<Session> {
+    pub fn of(socket: &SocketRef) -> Option<Session> {
         socket.extensions.get::<Session>()
     }
 
@@ -157,9 +156,9 @@ impl Session {
     /// or gone (socketioxide may have removed it already), when the room's
     /// campaign was revoked since the membership check, and when the socket
     /// is in as many rooms as it may be.
-    pub fn join<A: Adapter>(
+    pub fn join(
         &self,
-        socket: &SocketRef<A>,
+        socket: &SocketRef,
         room: &Room,
         ticket: &Ticket,
         covered_from: Option<Offset>,
@@ -186,12 +185,12 @@ impl Session {
     }
 
     /// Leaves `room`; whether the socket was in it.
-    pub fn leave<A: Adapter>(&self, socket: &SocketRef<A>, room: &Room) -> bool {
+    pub fn leave(&self, socket: &SocketRef, room: &Room) -> bool {
         let mut rooms = self.rooms();
         self.leave_locked(&mut rooms, socket, room)
     }
 
-    fn leave_locked<A: Adapter>(&self, rooms: &mut Rooms, socket: &SocketRef<A>, room: &Room) -> bool {
+    fn leave_locked(&self, rooms: &mut Rooms, socket: &SocketRef, room: &Room) -> bool {
         if rooms.joined.remove(room).is_none() {
             return false;
         }
@@ -225,7 +224,7 @@ impl Session {
 
     /// Leaves every subscription room and takes no new one; false when that
     /// was already done.
-    pub fn close<A: Adapter>(&self, socket: &SocketRef<A>) -> bool {
+    pub fn close(&self, socket: &SocketRef) -> bool {
         let mut rooms = self.rooms();
         if rooms.closed {
             return false;
@@ -243,7 +242,7 @@ impl Session {
     /// its buffer is full that packet cannot be queued, and socketioxide then
     /// leaves the socket open: its transport is cut instead, so the
     /// connection ends either way. False when it was already closed or cut.
-    pub fn end<A: Adapter>(&self, socket: &SocketRef<A>, transports: &Arc<Transports>) -> bool {
+    pub fn end(&self, socket: &SocketRef, transports: &Arc<Transports>) -> bool {
         if !self.close(socket) {
             return false;
         }
@@ -257,7 +256,7 @@ impl Session {
     /// once (what it received stays a prefix of the log) and its transport is
     /// ended, not its Socket.IO session, so the stock client reconnects by
     /// itself and re-subscribes with `since`. False when it was already cut.
-    pub fn cut<A: Adapter>(&self, socket: &SocketRef<A>, transports: &Arc<Transports>) -> bool {
+    pub fn cut(&self, socket: &SocketRef, transports: &Arc<Transports>) -> bool {
         if !self.close(socket) {
             return false;
         }

@@ -34,7 +34,6 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderValue, Request, Response, StatusCode, header};
-use socketioxide::adapter::Adapter;
 use socketioxide::extract::SocketRef;
 use socketioxide::socket::Sid;
 use socketioxide::{ProtocolVersion, TransportType};
@@ -159,7 +158,7 @@ impl Transports {
 
     /// Ends the socket's transport, not its Socket.IO session: the client
     /// sees its connection close and reconnects by itself.
-    pub fn cut<A: Adapter>(self: &Arc<Self>, socket: &SocketRef<A>) {
+    pub fn cut(self: &Arc<Self>, socket: &SocketRef) {
         if let Some(WebSocketConnection(connection)) = socket.req_parts().extensions.get::<WebSocketConnection>() {
             connection.cut(CUT_GRACE);
             return;
@@ -188,7 +187,7 @@ impl Transports {
     }
 
     /// Ends a polling session: the client's next poll fails.
-    fn end_polling_session<A: Adapter>(&self, socket: &SocketRef<A>) {
+    fn end_polling_session(&self, socket: &SocketRef) {
         if let Some(call) = self.engine.get() {
             tokio::spawn(call(close_request(socket.id, socket.protocol())));
         }

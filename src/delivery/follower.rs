@@ -18,7 +18,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use socketioxide::adapter::Adapter;
 use tokio::sync::{mpsc, watch};
 
 use crate::log::{Entry, EventLog, Head, LogError, LogReader, Offset, Position, Stream, mark};
@@ -57,8 +56,8 @@ pub(super) struct Role {
 }
 
 /// A stream being followed.
-pub(super) struct Following<A: Adapter> {
-    pub joins: mpsc::UnboundedSender<Join<A>>,
+pub(super) struct Following {
+    pub joins: mpsc::UnboundedSender<Join>,
     /// Where the follower has applied the stream up to (its epoch and the
     /// last entry's position).
     pub applied: watch::Receiver<Offset>,
@@ -67,15 +66,15 @@ pub(super) struct Following<A: Adapter> {
 /// Nothing applied yet.
 const NOTHING: Offset = Offset { epoch: 0, major: 0, minor: 0 };
 
-impl<A: Adapter> Inner<A> {
+impl Inner {
     /// Starts following `role.stream` (the caller holds the followers' lock).
-    fn start(self: &Arc<Self>, role: Role) -> Following<A> {
+    fn start(self: &Arc<Self>, role: Role) -> Following {
         self.start_with(role, watch::channel(NOTHING).0)
     }
 
     /// Starts following `role.stream`, saying where it has applied it up to
     /// on `applied_tx` (the caller holds the followers' lock).
-    pub(super) fn start_with(self: &Arc<Self>, role: Role, applied_tx: watch::Sender<Offset>) -> Following<A> {
+    pub(super) fn start_with(self: &Arc<Self>, role: Role, applied_tx: watch::Sender<Offset>) -> Following {
         let (joins, join_rx) = mpsc::unbounded_channel();
         let applied = applied_tx.subscribe();
         if matches!(role.stream, Stream::Shard(_)) {
@@ -89,7 +88,7 @@ impl<A: Adapter> Inner<A> {
     /// Hands a join to the follower of `stream`, starting it if needed.
     /// Under the followers' lock, so that a follower that stops sees every
     /// join sent to it. Gives the join back when the follower is gone.
-    pub(super) fn send_join(self: &Arc<Self>, stream: Stream, join: Join<A>) -> Result<(), Join<A>> {
+    pub(super) fn send_join(self: &Arc<Self>, stream: Stream, join: Join) -> Result<(), Join> {
         let mut followers = self.followers();
         let following =
             followers.entry(stream).or_insert_with(|| self.start(Role { stream, permanent: false, from_start: false }));
@@ -180,11 +179,11 @@ enum ReadEnd {
 /// replayed. After a new epoch (Redis lost the stream), or when it served
 /// joins before it could ever read the stream, it cuts the sockets in its
 /// rooms (they recover) and reads the new stream from its start.
-struct Follower<A: Adapter> {
-    inner: Weak<Inner<A>>,
+struct Follower {
+    inner: Weak<Inner>,
     log: Arc<dyn EventLog>,
     role: Role,
-    joins: mpsc::UnboundedReceiver<Join<A>>,
+    joins: mpsc::UnboundedReceiver<Join>,
     /// Where it has applied the stream up to (for publishes and revocations that wait).
     applied: watch::Sender<Offset>,
     /// The stream's epoch, once reached.
@@ -198,15 +197,15 @@ struct Follower<A: Adapter> {
     /// Since when none of its rooms has had a local socket.
     idle_since: Option<Instant>,
     /// Joins with `since` that wait for the stream to come back, and since when.
-    held: Vec<(Instant, Join<A>)>,
+    held: Vec<(Instant, Join)>,
 }
 
-impl<A: Adapter> Follower<A> {
+impl Follower {
     fn new(
-        inner: Weak<Inner<A>>,
+        inner: Weak<Inner>,
         log: Arc<dyn EventLog>,
         role: Role,
-        joins: mpsc::UnboundedReceiver<Join<A>>,
+        joins: mpsc::UnboundedReceiver<Join>,
         applied: watch::Sender<Offset>,
     ) -> Self {
         Follower {
@@ -281,7 +280,7 @@ impl<A: Adapter> Follower<A> {
     }
 
     /// The stream was reached (the first time, or again): where to read from.
-    async fn reached(&mut self, strong: &Inner<A>, head: Head) {
+    async fn reached(&mut self, strong: &Inner, head: Head) {
         let stream = self.role.stream;
         if stream == Stream::Control {
             strong.check_claim().await;
@@ -435,7 +434,7 @@ impl<A: Adapter> Follower<A> {
     /// Whether it stops: none of its rooms has had a local socket for the
     /// linger time, and no join waits. Then it is no longer a follower of
     /// the instance (under the followers' lock, so that no join is lost).
-    async fn may_stop(&mut self, strong: &Inner<A>) -> bool {
+    async fn may_stop(&mut self, strong: &Inner) -> bool {
         if !self.rooms.is_empty() || !self.joins.is_empty() {
             self.idle_since = None;
             return false;
@@ -464,7 +463,7 @@ fn served_now(rooms: Vec<Room>) -> impl Iterator<Item = (String, Instant)> {
     rooms.into_iter().map(move |room| (room.to_string(), now))
 }
 
-impl<A: Adapter> Inner<A> {
+impl Inner {
     /// Applies one entry of `stream`.
     async fn apply(&self, entry: Entry, stream: Stream) {
         match entry {

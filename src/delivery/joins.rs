@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use serde_json::value::RawValue;
-use socketioxide::adapter::Adapter;
 use socketioxide::extract::SocketRef;
 use tokio::sync::{mpsc, oneshot};
 
@@ -48,8 +47,8 @@ impl Joined {
 }
 
 /// A join, served by the follower of its room's shard.
-pub(super) struct Join<A: Adapter> {
-    pub socket: SocketRef<A>,
+pub(super) struct Join {
+    pub socket: SocketRef,
     pub room: Room,
     pub since: Option<Offset>,
     pub ticket: Ticket,
@@ -58,7 +57,7 @@ pub(super) struct Join<A: Adapter> {
 }
 
 /// Takes the waiting joins (the one given, and those queued behind it).
-pub(super) fn batch_of<A: Adapter>(first: Join<A>, joins: &mut mpsc::UnboundedReceiver<Join<A>>) -> Vec<Join<A>> {
+pub(super) fn batch_of(first: Join, joins: &mut mpsc::UnboundedReceiver<Join>) -> Vec<Join> {
     let mut batch = vec![first];
     while batch.len() < MAX_JOIN_BATCH {
         match joins.try_recv() {
@@ -69,13 +68,13 @@ pub(super) fn batch_of<A: Adapter>(first: Join<A>, joins: &mut mpsc::UnboundedRe
     batch
 }
 
-impl<A: Adapter> Inner<A> {
+impl Inner {
     /// Sends a replay (the room's events after `since`) to one socket and
     /// joins it to the room. When the socket cannot take every event, it is
     /// cut (it comes back and asks again) rather than left with a gap.
     fn replay_to(
         &self,
-        join: &Join<A>,
+        join: &Join,
         session: &Session,
         since: Offset,
         head: Option<Offset>,
@@ -106,7 +105,7 @@ impl<A: Adapter> Inner<A> {
     pub(super) async fn serve_joins(
         &self,
         stream: Stream,
-        batch: Vec<Join<A>>,
+        batch: Vec<Join>,
         epoch: Option<u64>,
         last: Position,
     ) -> Vec<Room> {

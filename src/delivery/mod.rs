@@ -35,7 +35,6 @@ use std::time::Duration;
 
 use serde_json::value::RawValue;
 use socketioxide::SocketIo;
-use socketioxide::adapter::Adapter;
 use socketioxide::extract::SocketRef;
 use socketioxide::{SendError, SocketError};
 use tokio::sync::{oneshot, watch};
@@ -94,8 +93,8 @@ pub enum DeliveryError {
     Encode(String),
 }
 
-struct Inner<A: Adapter> {
-    io: SocketIo<A>,
+struct Inner {
+    io: SocketIo,
     metrics: Arc<Metrics>,
     transports: Arc<Transports>,
     retention: Retention,
@@ -107,7 +106,7 @@ struct Inner<A: Adapter> {
     /// How long a shard stays followed once none of its rooms is in use.
     linger: Duration,
     /// The streams followed, each by its follower.
-    followers: Mutex<HashMap<Stream, Following<A>>>,
+    followers: Mutex<HashMap<Stream, Following>>,
     /// Where this instance has applied the control stream up to.
     control: watch::Receiver<Offset>,
     on_revoke: OnceLock<Arc<dyn Revocations>>,
@@ -118,9 +117,9 @@ struct Inner<A: Adapter> {
 }
 
 /// Delivers domain events to rooms, and replays them on request.
-pub struct Delivery<A: Adapter>(Arc<Inner<A>>);
+pub struct Delivery(Arc<Inner>);
 
-impl<A: Adapter> Clone for Delivery<A> {
+impl Clone for Delivery {
     fn clone(&self) -> Self {
         Delivery(self.0.clone())
     }
@@ -138,12 +137,12 @@ pub struct DeliveryLog {
     pub linger: Duration,
 }
 
-impl<A: Adapter> Delivery<A> {
+impl Delivery {
     /// Delivers what `log` holds to the sockets of `io`, and starts the
     /// followers an instance always has. Slow consumers are cut through
     /// `transports`.
     pub fn new(
-        io: SocketIo<A>,
+        io: SocketIo,
         metrics: Arc<Metrics>,
         transports: Arc<Transports>,
         retention: Retention,
@@ -265,7 +264,7 @@ impl<A: Adapter> Delivery<A> {
     /// the socket is in the room and before any later event reaches it.
     pub async fn join(
         &self,
-        socket: &SocketRef<A>,
+        socket: &SocketRef,
         room: &Room,
         since: Option<Offset>,
         ticket: &Ticket,
@@ -299,14 +298,14 @@ impl<A: Adapter> Delivery<A> {
     }
 }
 
-impl<A: Adapter> Inner<A> {
-    fn followers(&self) -> MutexGuard<'_, HashMap<Stream, Following<A>>> {
+impl Inner {
+    fn followers(&self) -> MutexGuard<'_, HashMap<Stream, Following>> {
         self.followers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Resolves once this instance has applied every append it follows the
     /// stream of (a stream it does not follow has no socket here to reach).
-    fn applied(&self, appended: &[Appended]) -> impl Future<Output = ()> + use<A> {
+    fn applied(&self, appended: &[Appended]) -> impl Future<Output = ()> + use<> {
         let waits: Vec<(watch::Receiver<Offset>, Offset)> = {
             let followers = self.followers();
             appended
@@ -349,7 +348,7 @@ impl<A: Adapter> Inner<A> {
     /// Emits a logged event to one socket; returns whether it went into the
     /// socket's buffer. A socket whose buffer is full is a slow consumer: it
     /// is cut, and recovers.
-    fn emit_to(&self, socket: &SocketRef<A>, logged: &Logged, raw: &RawValue) -> bool {
+    fn emit_to(&self, socket: &SocketRef, logged: &Logged, raw: &RawValue) -> bool {
         match socket.emit(logged.kind.as_str(), raw) {
             Ok(()) => true,
             Err(SendError::Socket(SocketError::InternalChannelFull)) => {

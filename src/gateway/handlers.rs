@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 
 use serde_json::Value;
 use socketioxide::ParserError;
-use socketioxide::adapter::Adapter;
 use socketioxide::extract::{AckSender, Event, SocketRef, TryData};
 
 use crate::access::Decision;
@@ -24,7 +23,7 @@ use super::wire::{Action, ClientEvent, Refusal, Reply, parse_room_request, parse
 impl<S: MembershipStore> Gateway<S> {
     /// Takes a token from the socket's bucket; disconnects a socket that
     /// keeps going past the limit.
-    fn admit<A: Adapter>(&self, s: &SocketRef<A>) -> Result<(), Refusal> {
+    fn admit(&self, s: &SocketRef) -> Result<(), Refusal> {
         let Some(session) = Session::of(s) else { return Ok(()) };
         let admission = session.bucket.lock().map(|mut b| b.admit()).unwrap_or(Admission::Allowed);
         match admission {
@@ -47,9 +46,9 @@ impl<S: MembershipStore> Gateway<S> {
 
     /// One handler answers every client event (a socket keeps one handler
     /// rather than one per event name: less memory per connection).
-    pub(super) fn register_handlers<A: Adapter>(self: &Arc<Self>, s: &SocketRef<A>, delivery: Delivery<A>) {
+    pub(super) fn register_handlers(self: &Arc<Self>, s: &SocketRef, delivery: Delivery) {
         let gw = self.clone();
-        s.on_fallback(move |s: SocketRef<A>, Event(event): Event, TryData(data): TryData<Value>, ack: AckSender<A>| {
+        s.on_fallback(move |s: SocketRef, Event(event): Event, TryData(data): TryData<Value>, ack: AckSender| {
             let gw = gw.clone();
             let delivery = delivery.clone();
             async move {
@@ -85,7 +84,7 @@ impl<S: MembershipStore> Gateway<S> {
     }
 
     /// `refresh_token`: a valid token for the same user moves the socket's deadline.
-    async fn refresh<A: Adapter>(&self, s: &SocketRef<A>, data: &Result<Value, ParserError>) -> Result<(), Refusal> {
+    async fn refresh(&self, s: &SocketRef, data: &Result<Value, ParserError>) -> Result<(), Refusal> {
         let token = match data {
             Ok(Value::Object(map)) => match map.get("token") {
                 Some(Value::String(t)) => t.clone(),
@@ -119,13 +118,13 @@ impl<S: MembershipStore> Gateway<S> {
         self.metrics.acks.get_or_create(&[("event", event), ("outcome", outcome)]).inc();
     }
 
-    async fn subscribe<A: Adapter>(
+    async fn subscribe(
         &self,
-        s: &SocketRef<A>,
+        s: &SocketRef,
         kind: RoomKind,
         data: &Result<Value, ParserError>,
-        delivery: &Delivery<A>,
-        ack: &mut Option<AckSender<A>>,
+        delivery: &Delivery,
+        ack: &mut Option<AckSender>,
     ) -> Result<Option<bool>, Refusal> {
         let room = parse_room_request(kind, data)?;
         let since = parse_since(data)?;
@@ -172,12 +171,7 @@ impl<S: MembershipStore> Gateway<S> {
         Ok(recovered)
     }
 
-    fn unsubscribe<A: Adapter>(
-        &self,
-        s: &SocketRef<A>,
-        kind: RoomKind,
-        data: &Result<Value, ParserError>,
-    ) -> Result<(), Refusal> {
+    fn unsubscribe(&self, s: &SocketRef, kind: RoomKind, data: &Result<Value, ParserError>) -> Result<(), Refusal> {
         let room = parse_room_request(kind, data)?;
         if Session::of(s).is_some_and(|session| session.leave(s, &room)) {
             let user = s.extensions.get::<User>().map(|u| u.id);

@@ -3,8 +3,12 @@
 //! events (`subscribe_*`, `unsubscribe_*`, `refresh_token`) with their acks;
 //! what goes over the wire is in [`wire`].
 //!
-//! Handlers are generic over the adapter; only start-up names it. They are
-//! registered inside the connect middleware, before the CONNECT packet goes
+//! One adapter serves every socket: socketioxide's in-process one, which its
+//! types (`SocketIo`, `SocketRef`, `AckSender`) name by default. A fleet
+//! shares its events through the event log ([`crate::log`]), never through an
+//! adapter, so nothing here is generic over it.
+//!
+//! The handlers are registered inside the connect middleware, before the CONNECT packet goes
 //! out, so an event a client sends right after connecting is never dropped
 //! for want of a handler; such an event waits until the connect handler has
 //! run (socketioxide marks the socket connected only after sending CONNECT):
@@ -19,11 +23,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 use socketioxide::SocketIo;
-use socketioxide::adapter::Adapter;
 use socketioxide::extract::{SocketRef, TryData};
 use socketioxide::handler::ConnectHandler;
 use socketioxide::socket::DisconnectReason;
-use socketioxide_core::adapter::DefinedAdapter;
 use tokio::sync::Notify;
 
 use crate::access::Access;
@@ -46,13 +48,13 @@ use wire::{HandshakeError, TokenRefused};
 const READY_WAIT: Duration = Duration::from_secs(10);
 
 /// A socket in the gateway's [`Expiry`].
-struct ExpiringSocket<A: Adapter> {
-    socket: SocketRef<A>,
+struct ExpiringSocket {
+    socket: SocketRef,
     metrics: Arc<Metrics>,
     transports: Arc<Transports>,
 }
 
-impl<A: Adapter> Expiring for ExpiringSocket<A> {
+impl Expiring for ExpiringSocket {
     fn deadline(&self) -> Option<u64> {
         if !self.socket.connected() {
             return None;
@@ -113,38 +115,33 @@ impl<S: MembershipStore> Gateway<S> {
         self.metrics.limits_hit.get_or_create(&[("limit", limit)]).inc();
     }
 
-    /// Installs the handlers on the default namespace of `io`. The result is
-    /// the adapter's initialisation (a future to await, for Redis).
-    pub fn attach<A: Adapter + DefinedAdapter>(
-        self: &Arc<Self>,
-        io: &SocketIo<A>,
-        delivery: Delivery<A>,
-    ) -> A::InitRes {
+    /// Installs the handlers on the default namespace of `io`.
+    pub fn attach(self: &Arc<Self>, io: &SocketIo, delivery: Delivery) {
         let on_connect = {
             let gw = self.clone();
-            move |s: SocketRef<A>, io: SocketIo<A>| {
+            move |s: SocketRef, io: SocketIo| {
                 let gw = gw.clone();
                 async move { gw.connected(&s, &io) }
             }
         };
         let authenticate = {
             let gw = self.clone();
-            move |s: SocketRef<A>, TryData(auth): TryData<Value>| {
+            move |s: SocketRef, TryData(auth): TryData<Value>| {
                 let gw = gw.clone();
                 let delivery = delivery.clone();
                 async move { gw.authenticate(&s, auth.ok().as_ref(), delivery).await }
             }
         };
-        io.ns("/", on_connect.with(authenticate))
+        io.ns("/", on_connect.with(authenticate));
     }
 
     /// The connect middleware: verifies the token, keeps the user in the
     /// socket's extensions and registers the event handlers.
-    async fn authenticate<A: Adapter>(
+    async fn authenticate(
         self: &Arc<Self>,
-        s: &SocketRef<A>,
+        s: &SocketRef,
         auth: Option<&Value>,
-        delivery: Delivery<A>,
+        delivery: Delivery,
     ) -> Result<(), HandshakeError> {
         if self.metrics.connections.get() >= self.limits.max_connections as i64 {
             self.limit_hit("connections");
@@ -185,7 +182,7 @@ impl<S: MembershipStore> Gateway<S> {
 
     /// Waits until the socket's connect handler has run; false if it did not
     /// within [`READY_WAIT`], or the socket is gone.
-    async fn ready<A: Adapter>(&self, s: &SocketRef<A>) -> bool {
+    async fn ready(&self, s: &SocketRef) -> bool {
         let Some(session) = Session::of(s) else { return false };
         if session.ready.load(Ordering::SeqCst) {
             return true;
@@ -223,7 +220,7 @@ impl<S: MembershipStore> Gateway<S> {
 
     /// Cuts the socket when its token expires (plus the leeway), unless a
     /// refresh moved the deadline meanwhile. Disarmed when it is released.
-    fn watch_expiry<A: Adapter>(&self, s: &SocketRef<A>, session: &Session) {
+    fn watch_expiry(&self, s: &SocketRef, session: &Session) {
         let deadline = session.deadline.load(Ordering::SeqCst);
         let entry =
             ExpiringSocket { socket: s.clone(), metrics: self.metrics.clone(), transports: self.transports.clone() };
@@ -238,7 +235,7 @@ impl<S: MembershipStore> Gateway<S> {
     /// registered next, and then, if the socket has already left the
     /// namespace, released here; [`Session::release`] makes sure that
     /// happens once, whoever gets there first.
-    fn connected<A: Adapter>(self: &Arc<Self>, s: &SocketRef<A>, io: &SocketIo<A>) {
+    fn connected(self: &Arc<Self>, s: &SocketRef, io: &SocketIo) {
         let Some(session) = Session::of(s) else { return };
         if let Some(pending) = s.req_parts().extensions.get::<PendingSession>() {
             pending.settle();
@@ -246,7 +243,7 @@ impl<S: MembershipStore> Gateway<S> {
         self.metrics.connections.inc();
         self.watch_expiry(s, &session);
         let gw = self.clone();
-        s.on_disconnect(move |s: SocketRef<A>, reason: DisconnectReason| {
+        s.on_disconnect(move |s: SocketRef, reason: DisconnectReason| {
             let gw = gw.clone();
             async move { gw.disconnected(&s, Some(reason)) }
         });
@@ -268,7 +265,7 @@ impl<S: MembershipStore> Gateway<S> {
     /// Releases what a gone socket held: its count, its timer, its rooms.
     /// Runs once per socket (from its disconnect handler, or from its
     /// connect handler when it was gone before that handler was registered).
-    fn disconnected<A: Adapter>(&self, s: &SocketRef<A>, reason: Option<DisconnectReason>) {
+    fn disconnected(&self, s: &SocketRef, reason: Option<DisconnectReason>) {
         let Some(session) = Session::of(s) else { return };
         if !session.release() {
             return;
