@@ -1,20 +1,27 @@
-//! Who may join which room: the campaign membership check, through the
-//! settlement and structure hierarchy, and whether a user's token outlived a
-//! revocation of the user; with a short-lived cache in front of the store.
+//! Who may join which room, and whether a user's token outlived a
+//! revocation of the user; with a short-lived cache in front of each answer.
+//!
+//! Where membership answers come from is the [`Membership`] seam: today the
+//! store's relations ([`StoreMembership`]: the campaign membership check,
+//! through the settlement and structure hierarchy); the application itself,
+//! over HTTP, is the other one planned. User revocations are herald's own
+//! table in the store, whichever the source.
 //!
 //! Every lookup (membership, hierarchy, user revocation) is cached for the
 //! configured TTL, positive and negative answers alike, so a removed member
 //! can subscribe at most until its entry expires (a revocation forgets it at
 //! once). Concurrent misses for one key share a single store query.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use moka::future::Cache;
 
-use crate::auth::User;
+use crate::auth::{User, unix_now};
 use crate::rooms::{CampaignId, Room, SettlementId, StructureId};
-use crate::store::{MembershipStore, StoreError};
+use crate::store::{SqlStore, StoreError};
 
 /// The answer to "may this user join this room?".
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,64 +32,117 @@ pub enum Decision {
     Denied,
 }
 
-/// Cached access checks over a [`MembershipStore`].
-pub struct Access<S> {
-    store: Arc<S>,
+/// The store failed during a check (shared between concurrent waiters).
+pub type AccessError = Arc<StoreError>;
+
+const CACHE_CAPACITY: u64 = 100_000;
+
+/// What a [`Membership`] call returns.
+pub type MembershipFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Where the answer to "may this user join this room?" comes from.
+pub trait Membership: Send + Sync + 'static {
+    /// May `user` join `room`? When allowed, the room's campaign.
+    fn check<'a>(&'a self, user: &'a Arc<str>, room: &'a Room) -> MembershipFuture<'a, Result<Decision, AccessError>>;
+
+    /// Forgets what is cached of `user` in `campaign` (a revocation).
+    fn forget<'a>(&'a self, campaign: &'a CampaignId, user: &'a Arc<str>) -> MembershipFuture<'a, ()>;
+
+    /// Forgets what is cached of `user` anywhere (a user's revocation).
+    fn forget_user(&self, user: &Arc<str>);
+}
+
+/// A cache whose entries live `ttl` (zero disables caching).
+fn cache<K, V>(ttl: Duration) -> Cache<K, V>
+where
+    K: std::hash::Hash + Eq + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    let capacity = if ttl.is_zero() { 0 } else { CACHE_CAPACITY };
+    Cache::builder()
+        .max_capacity(capacity)
+        .time_to_live(ttl.max(Duration::from_millis(1)))
+        .support_invalidation_closures()
+        .build()
+}
+
+/// Membership from the store's relations (`campaign_members`, `settlements`,
+/// `structures`), cached.
+pub struct StoreMembership {
+    store: SqlStore,
     members: Cache<(CampaignId, Arc<str>), bool>,
     settlements: Cache<SettlementId, Option<CampaignId>>,
     structures: Cache<StructureId, Option<SettlementId>>,
+}
+
+impl StoreMembership {
+    /// Reads `store`, caching each answer for `ttl`.
+    pub fn new(store: SqlStore, ttl: Duration) -> Self {
+        StoreMembership { store, members: cache(ttl), settlements: cache(ttl), structures: cache(ttl) }
+    }
+
+    async fn settlement_campaign(&self, id: &SettlementId) -> Result<Option<CampaignId>, AccessError> {
+        self.settlements.try_get_with(id.clone(), async { self.store.settlement_campaign(id).await }).await
+    }
+
+    async fn structure_settlement(&self, id: &StructureId) -> Result<Option<SettlementId>, AccessError> {
+        self.structures.try_get_with(id.clone(), async { self.store.structure_settlement(id).await }).await
+    }
+
+    /// The campaign a room belongs to (`None` when its settlement or
+    /// structure does not exist).
+    async fn campaign_of(&self, room: &Room) -> Result<Option<CampaignId>, AccessError> {
+        Ok(match room {
+            Room::Campaign(id) => Some(id.clone()),
+            Room::Settlement(id) => self.settlement_campaign(id).await?,
+            Room::Structure(id) => match self.structure_settlement(id).await? {
+                Some(settlement) => self.settlement_campaign(&settlement).await?,
+                None => None,
+            },
+        })
+    }
+}
+
+impl Membership for StoreMembership {
+    fn check<'a>(&'a self, user: &'a Arc<str>, room: &'a Room) -> MembershipFuture<'a, Result<Decision, AccessError>> {
+        Box::pin(async move {
+            let Some(campaign) = self.campaign_of(room).await? else {
+                return Ok(Decision::Denied);
+            };
+            let member = self
+                .members
+                .try_get_with((campaign.clone(), user.clone()), async { self.store.is_member(&campaign, user).await })
+                .await?;
+            Ok(if member { Decision::Allowed(campaign) } else { Decision::Denied })
+        })
+    }
+
+    fn forget<'a>(&'a self, campaign: &'a CampaignId, user: &'a Arc<str>) -> MembershipFuture<'a, ()> {
+        Box::pin(async move { self.members.invalidate(&(campaign.clone(), user.clone())).await })
+    }
+
+    fn forget_user(&self, user: &Arc<str>) {
+        let user = user.clone();
+        let _ = self.members.invalidate_entries_if(move |(_, u), _| *u == user);
+    }
+}
+
+/// Cached access checks: membership from its source, user revocations from the store.
+#[derive(Clone)]
+pub struct Access {
+    membership: Arc<dyn Membership>,
+    store: SqlStore,
     /// When each user's access was last revoked (within the retention).
     revoked_users: Cache<Arc<str>, Option<u64>>,
     /// How long a user revocation is remembered.
     revocation_ttl: Duration,
 }
 
-impl<S> Clone for Access<S> {
-    fn clone(&self) -> Self {
-        Access {
-            store: self.store.clone(),
-            members: self.members.clone(),
-            settlements: self.settlements.clone(),
-            structures: self.structures.clone(),
-            revoked_users: self.revoked_users.clone(),
-            revocation_ttl: self.revocation_ttl,
-        }
-    }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
-}
-
-/// The store failed during a check (shared between concurrent waiters).
-pub type AccessError = Arc<StoreError>;
-
-const CACHE_CAPACITY: u64 = 100_000;
-
-impl<S: MembershipStore> Access<S> {
-    /// Wraps `store` with caches whose entries live `ttl` (zero disables
-    /// caching); user revocations are remembered for `revocation_ttl`.
-    pub fn new(store: Arc<S>, ttl: Duration, revocation_ttl: Duration) -> Self {
-        fn cache<K, V>(ttl: Duration) -> Cache<K, V>
-        where
-            K: std::hash::Hash + Eq + Send + Sync + 'static,
-            V: Clone + Send + Sync + 'static,
-        {
-            let capacity = if ttl.is_zero() { 0 } else { CACHE_CAPACITY };
-            Cache::builder()
-                .max_capacity(capacity)
-                .time_to_live(ttl.max(Duration::from_millis(1)))
-                .support_invalidation_closures()
-                .build()
-        }
-        Access {
-            store,
-            members: cache(ttl),
-            settlements: cache(ttl),
-            structures: cache(ttl),
-            revoked_users: cache(ttl),
-            revocation_ttl,
-        }
+impl Access {
+    /// Checks with `membership`; user revocations are kept in `store` for
+    /// `revocation_ttl`, and what it says is cached for `ttl`.
+    pub fn new(membership: Arc<dyn Membership>, store: SqlStore, ttl: Duration, revocation_ttl: Duration) -> Self {
+        Access { membership, store, revoked_users: cache(ttl), revocation_ttl }
     }
 
     /// Whether `user`'s token outlived no revocation of the user: one issued
@@ -109,58 +169,18 @@ impl<S: MembershipStore> Access<S> {
     /// Records in this instance's cache that `user`'s access was revoked
     /// `at` (the store has it: see [`Access::remember_user_revocation`]).
     pub async fn note_user_revocation(&self, user: &Arc<str>, at: u64) {
-        self.forget_user(user);
+        self.membership.forget_user(user);
         let latest = self.revoked_users.get(user).await.flatten().map_or(at, |known| known.max(at));
         self.revoked_users.insert(user.clone(), Some(latest)).await;
     }
 
-    /// The store behind the cache.
-    pub fn store(&self) -> &Arc<S> {
-        &self.store
-    }
-
     /// May `user` join `room`?
     pub async fn check(&self, user: &Arc<str>, room: &Room) -> Result<Decision, AccessError> {
-        let campaign = self.campaign_of(room).await?;
-        let Some(campaign) = campaign else {
-            return Ok(Decision::Denied);
-        };
-        let member = self
-            .members
-            .try_get_with((campaign.clone(), user.clone()), async { self.store.is_member(&campaign, user).await })
-            .await?;
-        Ok(if member { Decision::Allowed(campaign) } else { Decision::Denied })
-    }
-
-    async fn settlement_campaign(&self, id: &SettlementId) -> Result<Option<CampaignId>, AccessError> {
-        self.settlements.try_get_with(id.clone(), async { self.store.settlement_campaign(id).await }).await
-    }
-
-    async fn structure_settlement(&self, id: &StructureId) -> Result<Option<SettlementId>, AccessError> {
-        self.structures.try_get_with(id.clone(), async { self.store.structure_settlement(id).await }).await
+        self.membership.check(user, room).await
     }
 
     /// Forgets the cached membership of `user` in `campaign`.
     pub async fn forget_membership(&self, campaign: &CampaignId, user: &Arc<str>) {
-        self.members.invalidate(&(campaign.clone(), user.clone())).await;
-    }
-
-    /// Forgets every cached membership of `user`.
-    fn forget_user(&self, user: &Arc<str>) {
-        let user = user.clone();
-        let _ = self.members.invalidate_entries_if(move |(_, u), _| *u == user);
-    }
-
-    /// The campaign a room belongs to (`None` when its settlement or
-    /// structure does not exist).
-    pub async fn campaign_of(&self, room: &Room) -> Result<Option<CampaignId>, AccessError> {
-        Ok(match room {
-            Room::Campaign(id) => Some(id.clone()),
-            Room::Settlement(id) => self.settlement_campaign(id).await?,
-            Room::Structure(id) => match self.structure_settlement(id).await? {
-                Some(settlement) => self.settlement_campaign(&settlement).await?,
-                None => None,
-            },
-        })
+        self.membership.forget(campaign, user).await;
     }
 }

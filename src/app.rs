@@ -23,7 +23,7 @@ use tower::util::BoxCloneService;
 use tower::{BoxError, Layer, ServiceBuilder, ServiceExt};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
-use crate::access::Access;
+use crate::access::{Access, StoreMembership};
 use crate::auth::{KeyError, Minter, Verifier};
 use crate::config::{Config, ConfigError, JwtAlgorithm, Mode};
 use crate::delivery::{Delivery, DeliveryLog};
@@ -36,7 +36,7 @@ use crate::pending::PendingSessions;
 use crate::publish::{self, PublishState};
 use crate::redis::{Redis, RedisError};
 use crate::revocation;
-use crate::store::{DEMO_USER, MembershipStore, SqlStore, StoreError};
+use crate::store::{DEMO_USER, SqlStore, StoreError};
 use crate::telemetry::Metrics;
 use crate::transport::{self, SOCKET_IO_PATH, Transports};
 
@@ -271,8 +271,12 @@ impl Application {
             .ping_interval(config.connections.ping_interval)
             .ping_timeout(config.connections.ping_timeout)
             .connect_timeout(config.connections.connect_timeout);
-        let access =
-            Access::new(Arc::new(store.clone()), config.store.membership_cache_ttl, config.store.revocation_ttl);
+        let access = Access::new(
+            Arc::new(StoreMembership::new(store.clone(), config.store.membership_cache_ttl)),
+            store.clone(),
+            config.store.membership_cache_ttl,
+            config.store.revocation_ttl,
+        );
         let jwks_probe = verifier.probe();
         let transports = Transports::new(PendingSessions::new(
             config.connections.max_pending_sessions,

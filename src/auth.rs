@@ -8,6 +8,12 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// Seconds since the Unix epoch: the clock of a token's times (`iat`, `exp`),
+/// of its socket's deadline and of user revocations.
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
+}
+
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -284,7 +290,7 @@ impl Minter {
 
     /// Mints a token for `sub`, valid for `ttl`.
     pub fn mint(&self, sub: &str, ttl: Duration) -> Result<String, KeyError> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let now = unix_now();
         let claims = Claims {
             sub: sub.to_owned(),
             exp: now + ttl.as_secs(),

@@ -7,17 +7,15 @@
 //! deadline: a refresh may have moved it later (the entry is re-armed), the
 //! socket may be gone (the entry is dropped), or it is cut.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
-/// Seconds since the Unix epoch.
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
-}
+use crate::auth::unix_now;
 
 /// Something cut at a deadline: a socket.
 pub trait Expiring: Send + 'static {
@@ -74,7 +72,7 @@ struct Shared {
 
 impl Shared {
     fn timers(&self) -> MutexGuard<'_, Timers> {
-        self.timers.lock().unwrap_or_else(|e| e.into_inner())
+        self.timers.lock()
     }
 }
 

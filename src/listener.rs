@@ -36,12 +36,13 @@
 //!
 //! (Just over 500 lines: the last 75 are its unit tests.)
 
+use parking_lot::Mutex;
 use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -138,7 +139,7 @@ impl Connection {
 
     /// Runs `f` when the connection's stream is dropped.
     pub fn on_close(&self, f: impl FnOnce() + Send + 'static) {
-        self.0.on_close.lock().unwrap_or_else(|e| e.into_inner()).push(Box::new(f));
+        self.0.on_close.lock().push(Box::new(f));
     }
 
     /// Whether both are the same connection.
@@ -292,7 +293,7 @@ impl CuttableStream {
 
 impl Drop for CuttableStream {
     fn drop(&mut self) {
-        let on_close = std::mem::take(&mut *self.connection.0.on_close.lock().unwrap_or_else(|e| e.into_inner()));
+        let on_close = std::mem::take(&mut *self.connection.0.on_close.lock());
         for f in on_close {
             f();
         }

@@ -12,10 +12,11 @@
 //! session whose CONNECT was refused at the latest at the connect timeout,
 //! when socketioxide lets go of it).
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::telemetry::Metrics;
 
@@ -43,7 +44,7 @@ struct Shared {
 
 impl Shared {
     fn counts(&self) -> MutexGuard<'_, Counts> {
-        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+        self.counts.lock()
     }
 
     fn release(&self, peer: IpAddr) {

@@ -24,7 +24,6 @@
 //!   and every instance keeps it in its cache when it applies it.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::body::Body;
@@ -36,14 +35,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use socketioxide::SocketIo;
 
-use crate::auth::UserId;
+use crate::auth::{UserId, unix_now};
 use crate::delivery::{RevocationFuture, Revocations};
 use crate::events::InvalidEvent;
 use crate::gateway::{Gateway, user_room};
 use crate::publish::{PublishError, PublishState, read_checked_body};
 use crate::rooms::CampaignId;
 use crate::session::Session;
-use crate::store::MembershipStore;
 
 /// The body of `POST /v1/access/revoke`.
 #[derive(Debug, Deserialize)]
@@ -66,10 +64,6 @@ pub struct Revocation {
     /// it are refused.
     #[serde(default)]
     pub revoked_at: u64,
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
 }
 
 /// The revoke API's route.
@@ -104,12 +98,12 @@ async fn revoke(State(state): State<Arc<PublishState>>, headers: HeaderMap, body
 }
 
 /// What every instance does with revocations: the gateway's, over its sockets.
-struct Handler<S> {
-    gateway: Arc<Gateway<S>>,
+struct Handler {
+    gateway: Arc<Gateway>,
     io: SocketIo,
 }
 
-impl<S: MembershipStore> Revocations for Handler<S> {
+impl Revocations for Handler {
     /// A user's revocation is stored before it is logged.
     fn remember<'a>(&'a self, json: &'a str) -> RevocationFuture<'a, Result<(), String>> {
         Box::pin(async move {
@@ -136,7 +130,7 @@ impl<S: MembershipStore> Revocations for Handler<S> {
     }
 }
 
-impl<S: MembershipStore> Gateway<S> {
+impl Gateway {
     /// What this instance does with revocations (see [`Revocations`]): a
     /// user's is stored before it is logged; every instance applies each
     /// one when it reads it from the control stream.
@@ -173,14 +167,7 @@ impl<S: MembershipStore> Gateway<S> {
             let Some(session) = Session::of(&s) else { continue };
             // From here on, a subscribe checked before is refused at its join.
             session.note_revocation(&campaign);
-            let mut left = 0;
-            for room in session.subscriptions() {
-                // When the store cannot say, leave: the client may subscribe again.
-                let belongs = self.access.campaign_of(&room).await.map_or(true, |c| c.as_ref() == Some(&campaign));
-                if belongs && session.leave(&s, &room) {
-                    left += 1;
-                }
-            }
+            let left = session.leave_campaign(&s, &campaign);
             let _ = s.emit("access_revoked", &json!({ "campaignId": campaign }));
             tracing::info!(user = &*user, socket = session.number, campaign = %campaign, rooms = left, "access revoked");
         }

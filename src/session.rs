@@ -15,9 +15,10 @@
 //! The session id is a credential (with it, anyone can take over a polling
 //! session), so it is never logged: a per-process socket number is.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 
 use socketioxide::SocketError;
 use socketioxide::extract::SocketRef;
@@ -65,11 +66,20 @@ struct Rooms {
     revocations: u64,
     /// The latest ones: (number, campaign).
     revoked: VecDeque<(u64, CampaignId)>,
-    /// The subscription rooms the socket is in, each with the offset after
-    /// which it has every event of that room (from a replay), if known. A
-    /// replay for another room skips what the socket already got through one
-    /// of these, so overlapping rooms never deliver an event twice.
-    joined: HashMap<Room, Option<Offset>>,
+    /// The subscription rooms the socket is in.
+    joined: HashMap<Room, InRoom>,
+}
+
+/// What a session knows of a room it is in.
+struct InRoom {
+    /// The campaign the membership check said the room belongs to (a
+    /// revocation of it takes the socket out).
+    campaign: CampaignId,
+    /// The offset after which the socket has every event of the room (from a
+    /// replay), if known. A replay for another room skips what the socket
+    /// already got through one of these, so overlapping rooms never deliver
+    /// an event twice.
+    covered_from: Option<Offset>,
 }
 
 impl std::ops::Deref for Session {
@@ -133,7 +143,7 @@ impl Session {
     }
 
     fn rooms(&self) -> MutexGuard<'_, Rooms> {
-        self.0.rooms.lock().unwrap_or_else(|e| e.into_inner())
+        self.0.rooms.lock()
     }
 
     fn gauge(&self, room: &Room, delta: i64) {
@@ -176,7 +186,7 @@ impl Session {
         if fresh && rooms.joined.len() >= self.max_rooms {
             return Err(JoinRefused::TooManyRooms);
         }
-        rooms.joined.insert(room.clone(), covered_from);
+        rooms.joined.insert(room.clone(), InRoom { campaign: ticket.campaign.clone(), covered_from });
         if fresh {
             socket.join(room.to_string());
             self.gauge(room, 1);
@@ -209,6 +219,15 @@ impl Session {
         if rooms.revoked.len() > REMEMBERED_REVOCATIONS {
             rooms.revoked.pop_front();
         }
+    }
+
+    /// Leaves every room of `campaign` (as the membership checks found it);
+    /// how many.
+    pub fn leave_campaign(&self, socket: &SocketRef, campaign: &CampaignId) -> usize {
+        let mut rooms = self.rooms();
+        let of_campaign: Vec<Room> =
+            rooms.joined.iter().filter(|(_, r)| r.campaign == *campaign).map(|(room, _)| room.clone()).collect();
+        of_campaign.iter().filter(|room| self.leave_locked(&mut rooms, socket, room)).count()
     }
 
     /// The subscription rooms the socket is in.
@@ -271,7 +290,7 @@ impl Session {
         let rooms = self.rooms();
         let already_sent = |logged: &Logged| {
             logged.rooms.iter().filter(|r| *r != room).any(|other| {
-                rooms.joined.get(other).is_some_and(|covered| covered.is_some_and(|from| logged.offset > from))
+                rooms.joined.get(other).is_some_and(|r| r.covered_from.is_some_and(|from| logged.offset > from))
             })
         };
         events.iter().filter(|logged| !already_sent(logged)).collect()

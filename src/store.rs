@@ -2,11 +2,10 @@
 //! campaign a settlement or structure belongs to, and (the one table herald
 //! writes) whose access was revoked when.
 //!
-//! [`MembershipStore`] is the seam; [`SqlStore`] implements it over SQLite
-//! (the embedded default, created and migrated on start) or PostgreSQL (where
-//! the relations may be views over the application's own tables).
+//! [`SqlStore`] reads and writes them over SQLite (the embedded default,
+//! created and migrated on start) or PostgreSQL (where the relations may be
+//! views over the application's own tables).
 
-use std::future::Future;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -32,40 +31,6 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("relation {0} is missing: create it, or start with HERALD_DATABASE_MIGRATE=true")]
     MissingRelation(&'static str),
-}
-
-/// What the gateway asks of the store.
-pub trait MembershipStore: Send + Sync + 'static {
-    /// Whether `user` is a member of `campaign`.
-    fn is_member(&self, campaign: &CampaignId, user: &str) -> impl Future<Output = Result<bool, StoreError>> + Send;
-
-    /// The campaign a settlement belongs to, if the settlement exists.
-    fn settlement_campaign(
-        &self,
-        settlement: &SettlementId,
-    ) -> impl Future<Output = Result<Option<CampaignId>, StoreError>> + Send;
-
-    /// The settlement a structure belongs to, if the structure exists.
-    fn structure_settlement(
-        &self,
-        structure: &StructureId,
-    ) -> impl Future<Output = Result<Option<SettlementId>, StoreError>> + Send;
-
-    /// When `user`'s access was last revoked, if at or after `since`
-    /// (seconds since the epoch).
-    fn user_revoked_at(&self, user: &str, since: u64) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send;
-
-    /// Records that `user`'s access was revoked `at` (keeping the latest),
-    /// and forgets revocations older than `forget_before`.
-    fn revoke_user(
-        &self,
-        user: &str,
-        at: u64,
-        forget_before: u64,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
-
-    /// Checks that the store answers.
-    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 /// Runs the same query on either pool (`$1`-style parameters work in both).
@@ -199,15 +164,18 @@ impl SqlStore {
     }
 }
 
-impl MembershipStore for SqlStore {
-    async fn is_member(&self, campaign: &CampaignId, user: &str) -> Result<bool, StoreError> {
+// What the gateway asks of the store.
+impl SqlStore {
+    /// Whether `user` is a member of `campaign`.
+    pub async fn is_member(&self, campaign: &CampaignId, user: &str) -> Result<bool, StoreError> {
         let sql = "SELECT 1 FROM campaign_members WHERE campaign_id = $1 AND user_id = $2 LIMIT 1";
         let row: Option<(i32,)> =
             on_pool!(self, |pool| sqlx::query_as(sql).bind(campaign.as_str()).bind(user).fetch_optional(pool).await?);
         Ok(row.is_some())
     }
 
-    async fn settlement_campaign(&self, settlement: &SettlementId) -> Result<Option<CampaignId>, StoreError> {
+    /// The campaign a settlement belongs to, if the settlement exists.
+    pub async fn settlement_campaign(&self, settlement: &SettlementId) -> Result<Option<CampaignId>, StoreError> {
         let sql = "SELECT campaign_id FROM settlements WHERE id = $1";
         let row: Option<(String,)> =
             on_pool!(self, |pool| sqlx::query_as(sql).bind(settlement.as_str()).fetch_optional(pool).await?);
@@ -215,14 +183,17 @@ impl MembershipStore for SqlStore {
         Ok(row.and_then(|(id,)| CampaignId::parse(&id).ok()))
     }
 
-    async fn structure_settlement(&self, structure: &StructureId) -> Result<Option<SettlementId>, StoreError> {
+    /// The settlement a structure belongs to, if the structure exists.
+    pub async fn structure_settlement(&self, structure: &StructureId) -> Result<Option<SettlementId>, StoreError> {
         let sql = "SELECT settlement_id FROM structures WHERE id = $1";
         let row: Option<(String,)> =
             on_pool!(self, |pool| sqlx::query_as(sql).bind(structure.as_str()).fetch_optional(pool).await?);
         Ok(row.and_then(|(id,)| SettlementId::parse(&id).ok()))
     }
 
-    async fn user_revoked_at(&self, user: &str, since: u64) -> Result<Option<u64>, StoreError> {
+    /// When `user`'s access was last revoked, if at or after `since`
+    /// (seconds since the epoch).
+    pub async fn user_revoked_at(&self, user: &str, since: u64) -> Result<Option<u64>, StoreError> {
         let since = i64::try_from(since).unwrap_or(i64::MAX);
         let sql = "SELECT revoked_at FROM herald_user_revocations WHERE user_id = $1 AND revoked_at >= $2";
         let row: Option<(i64,)> =
@@ -230,7 +201,9 @@ impl MembershipStore for SqlStore {
         Ok(row.and_then(|(at,)| u64::try_from(at).ok()))
     }
 
-    async fn revoke_user(&self, user: &str, at: u64, forget_before: u64) -> Result<(), StoreError> {
+    /// Records that `user`'s access was revoked `at` (keeping the latest),
+    /// and forgets revocations older than `forget_before`.
+    pub async fn revoke_user(&self, user: &str, at: u64, forget_before: u64) -> Result<(), StoreError> {
         let (at, forget_before) =
             (i64::try_from(at).unwrap_or(i64::MAX), i64::try_from(forget_before).unwrap_or(i64::MAX));
         // `excluded` is the row that was refused; the later time wins (SQLite's
@@ -248,7 +221,8 @@ impl MembershipStore for SqlStore {
         Ok(())
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
+    /// Checks that the store answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
         // Not just the connection: the relations herald reads must answer.
         self.check_relations().await
     }

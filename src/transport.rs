@@ -26,10 +26,11 @@
 //! crate-private), so herald does it from the request side, where it owns the
 //! connections ([`crate::listener`]) and the layer in front of socketioxide.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -139,7 +140,7 @@ impl Transports {
     /// of the same session is refused by engineioxide anyway.
     fn register_upgrade(self: &Arc<Self>, sid: Sid, connection: Connection) {
         {
-            let mut upgrades = self.upgrades.lock().unwrap_or_else(|e| e.into_inner());
+            let mut upgrades = self.upgrades.lock();
             if upgrades.contains_key(&sid) {
                 return;
             }
@@ -149,7 +150,7 @@ impl Transports {
         let registered = connection.clone();
         connection.on_close(move || {
             let Some(transports) = transports.upgrade() else { return };
-            let mut upgrades = transports.upgrades.lock().unwrap_or_else(|e| e.into_inner());
+            let mut upgrades = transports.upgrades.lock();
             if upgrades.get(&sid).is_some_and(|c| c.same(&registered)) {
                 upgrades.remove(&sid);
             }
@@ -163,7 +164,7 @@ impl Transports {
             connection.cut(CUT_GRACE);
             return;
         }
-        let upgrade = self.upgrades.lock().unwrap_or_else(|e| e.into_inner()).get(&socket.id).cloned();
+        let upgrade = self.upgrades.lock().get(&socket.id).cloned();
         let Some(connection) = upgrade else {
             self.end_polling_session(socket);
             return;

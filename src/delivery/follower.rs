@@ -102,13 +102,13 @@ impl Inner {
     async fn rooms_in_use(&self) -> Option<(Instant, Arc<HashSet<String>>)> {
         let max_age = (self.linger / 2).min(LISTING_MAX_AGE);
         let fresh = |(at, _): &&(Instant, _)| at.elapsed() < max_age;
-        if let Some(listing) = self.in_use.lock().unwrap_or_else(|e| e.into_inner()).as_ref().filter(fresh) {
+        if let Some(listing) = self.in_use.lock().as_ref().filter(fresh) {
             return Some(listing.clone());
         }
         let at = Instant::now();
         let listed = self.io.of("/")?.local().rooms().await.ok()?;
         let listing = (at, Arc::new(listed.into_iter().map(|r| r.into_owned()).collect()));
-        *self.in_use.lock().unwrap_or_else(|e| e.into_inner()) = Some(listing.clone());
+        *self.in_use.lock() = Some(listing.clone());
         Some(listing)
     }
 
@@ -147,7 +147,7 @@ impl Inner {
             // Unreachable: said elsewhere; checked again later.
             Err(_) => return,
         };
-        let mut held = self.claim_problem.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = self.claim_problem.lock();
         match (&*held, &problem) {
             (None, Some(why)) => tracing::error!(
                 problem = %why,

@@ -28,18 +28,18 @@ pub type JoinResult = Result<Option<bool>, JoinRefused>;
 /// with that event's offset and never learn of the events it missed. Runs at
 /// most once, whoever fires it first.
 #[derive(Clone)]
-pub struct Joined(Arc<std::sync::Mutex<Option<JoinedFn>>>);
+pub struct Joined(Arc<parking_lot::Mutex<Option<JoinedFn>>>);
 
 type JoinedFn = Box<dyn FnOnce(JoinResult) + Send>;
 
 impl Joined {
     pub fn new(f: impl FnOnce(JoinResult) + Send + 'static) -> Self {
-        Joined(Arc::new(std::sync::Mutex::new(Some(Box::new(f)))))
+        Joined(Arc::new(parking_lot::Mutex::new(Some(Box::new(f)))))
     }
 
     /// Runs it with how the join ended, unless it already ran.
     pub fn fire(&self, result: JoinResult) {
-        let f = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let f = self.0.lock().take();
         if let Some(f) = f {
             f(result);
         }

@@ -27,10 +27,11 @@
 mod follower;
 mod joins;
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde_json::value::RawValue;
@@ -294,13 +295,13 @@ impl Delivery {
     /// Why this instance is not ready to serve the fleet: another layout of
     /// the log (an older version, another shard count) uses its keys.
     pub fn claim_problem(&self) -> Option<String> {
-        self.0.claim_problem.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.0.claim_problem.lock().clone()
     }
 }
 
 impl Inner {
     fn followers(&self) -> MutexGuard<'_, HashMap<Stream, Following>> {
-        self.followers.lock().unwrap_or_else(|e| e.into_inner())
+        self.followers.lock()
     }
 
     /// Resolves once this instance has applied every append it follows the

@@ -15,17 +15,16 @@ use crate::delivery::{Delivery, Joined};
 use crate::limits::Admission;
 use crate::rooms::RoomKind;
 use crate::session::{JoinRefused, Session};
-use crate::store::MembershipStore;
 
 use super::Gateway;
 use super::wire::{Action, ClientEvent, Refusal, Reply, parse_room_request, parse_since, truncate};
 
-impl<S: MembershipStore> Gateway<S> {
+impl Gateway {
     /// Takes a token from the socket's bucket; disconnects a socket that
     /// keeps going past the limit.
     fn admit(&self, s: &SocketRef) -> Result<(), Refusal> {
         let Some(session) = Session::of(s) else { return Ok(()) };
-        let admission = session.bucket.lock().map(|mut b| b.admit()).unwrap_or(Admission::Allowed);
+        let admission = session.bucket.lock().admit();
         match admission {
             Admission::Allowed => Ok(()),
             Admission::Refused(strikes) => {

@@ -35,7 +35,6 @@ use crate::expiry::{Expiring, Expiry};
 use crate::limits::{Limits, TokenBucket};
 use crate::pending::PendingSession;
 use crate::session::Session;
-use crate::store::MembershipStore;
 use crate::telemetry::Metrics;
 use crate::transport::Transports;
 
@@ -74,9 +73,9 @@ impl Expiring for ExpiringSocket {
 }
 
 /// The gateway's shared state.
-pub struct Gateway<S> {
+pub struct Gateway {
     verifier: Verifier,
-    pub(crate) access: Access<S>,
+    pub(crate) access: Access,
     metrics: Arc<Metrics>,
     pub(crate) transports: Arc<Transports>,
     limits: Limits,
@@ -87,13 +86,13 @@ pub struct Gateway<S> {
     sockets_ready: Notify,
 }
 
-impl<S: MembershipStore> Gateway<S> {
+impl Gateway {
     /// A gateway that verifies tokens with `verifier`, checks rooms with
     /// `access` and enforces `limits`. Starts the token expiry timer, so it
     /// runs inside a Tokio runtime.
     pub fn new(
         verifier: Verifier,
-        access: Access<S>,
+        access: Access,
         metrics: Arc<Metrics>,
         transports: Arc<Transports>,
         limits: Limits,

@@ -4,8 +4,9 @@
 //! least once per blocking read. The idempotency keys of the shard's events
 //! are remembered beside it ([`Seen`]).
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -127,7 +128,7 @@ impl MemoryLog {
     }
 
     fn streams(&self) -> MutexGuard<'_, Streams> {
-        self.0.streams.lock().unwrap_or_else(|e| e.into_inner())
+        self.0.streams.lock()
     }
 
     fn append_now(&self, new: Vec<(Stream, NewEntry)>) -> Appends {
