@@ -484,8 +484,14 @@ pub fn typescript() -> String {
         StructureUpdated::decl(&cfg),
         Metadata::decl(&cfg),
     ];
-    let mut out = String::from(
-        "// Generated from herald's Rust event types (src/events.rs, src/rooms.rs) by\n\
+    typescript_file("herald's Rust event types (src/events.rs, src/rooms.rs)", decls)
+}
+
+/// A generated TypeScript file: what it was generated `from` and how, then
+/// each declaration, exported.
+pub(crate) fn typescript_file(from: &str, decls: impl IntoIterator<Item = String>) -> String {
+    let mut out = format!(
+        "// Generated from {from} by\n\
          // `HERALD_WRITE_TYPES=1 cargo test --lib typescript`. Do not edit: a test\n\
          // fails when this file differs from what the Rust types generate.\n",
     );
@@ -497,22 +503,28 @@ pub fn typescript() -> String {
     out
 }
 
+/// Fails when the committed TypeScript file at `path` (from the repository's
+/// root) differs from `generated`; with `HERALD_WRITE_TYPES` set, writes it first.
+#[cfg(test)]
+pub(crate) fn assert_typescript_current(path: &str, generated: &str) {
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    if std::env::var_os("HERALD_WRITE_TYPES").is_some() {
+        std::fs::create_dir_all(file.parent().expect("a parent")).expect("create the directory");
+        std::fs::write(&file, generated).expect("write the declarations");
+    }
+    let committed = std::fs::read_to_string(&file).unwrap_or_default();
+    assert!(
+        committed == generated,
+        "{path} differs from what the Rust types generate; \
+         run `HERALD_WRITE_TYPES=1 cargo test --lib typescript` and commit it"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
     fn typescript_declarations_are_current() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(TYPESCRIPT_PATH);
-        let generated = typescript();
-        if std::env::var_os("HERALD_WRITE_TYPES").is_some() {
-            std::fs::create_dir_all(path.parent().expect("a parent")).expect("create the directory");
-            std::fs::write(&path, &generated).expect("write the declarations");
-        }
-        let committed = std::fs::read_to_string(&path).unwrap_or_default();
-        assert!(
-            committed == generated,
-            "{TYPESCRIPT_PATH} differs from what the Rust event types generate; \
-             run `HERALD_WRITE_TYPES=1 cargo test --lib typescript` and commit it"
-        );
+        assert_typescript_current(TYPESCRIPT_PATH, &typescript());
     }
 
     use super::*;
