@@ -484,8 +484,14 @@ pub fn typescript() -> String {
         StructureUpdated::decl(&cfg),
         Metadata::decl(&cfg),
     ];
-    let mut out = String::from(
-        "// Generated from herald's Rust event types (src/events.rs, src/rooms.rs) by\n\
+    typescript_file("herald's Rust event types (src/events.rs, src/rooms.rs)", decls)
+}
+
+/// A generated TypeScript file: what it was generated `from` and how, then
+/// each declaration, exported.
+pub(crate) fn typescript_file(from: &str, decls: impl IntoIterator<Item = String>) -> String {
+    let mut out = format!(
+        "// Generated from {from} by\n\
          // `HERALD_WRITE_TYPES=1 cargo test --lib typescript`. Do not edit: a test\n\
          // fails when this file differs from what the Rust types generate.\n",
     );
@@ -497,22 +503,28 @@ pub fn typescript() -> String {
     out
 }
 
+/// Fails when the committed TypeScript file at `path` (from the repository's
+/// root) differs from `generated`; with `HERALD_WRITE_TYPES` set, writes it first.
+#[cfg(test)]
+pub(crate) fn assert_typescript_current(path: &str, generated: &str) {
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    if std::env::var_os("HERALD_WRITE_TYPES").is_some() {
+        std::fs::create_dir_all(file.parent().expect("a parent")).expect("create the directory");
+        std::fs::write(&file, generated).expect("write the declarations");
+    }
+    let committed = std::fs::read_to_string(&file).unwrap_or_default();
+    assert!(
+        committed == generated,
+        "{path} differs from what the Rust types generate; \
+         run `HERALD_WRITE_TYPES=1 cargo test --lib typescript` and commit it"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
     fn typescript_declarations_are_current() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(TYPESCRIPT_PATH);
-        let generated = typescript();
-        if std::env::var_os("HERALD_WRITE_TYPES").is_some() {
-            std::fs::create_dir_all(path.parent().expect("a parent")).expect("create the directory");
-            std::fs::write(&path, &generated).expect("write the declarations");
-        }
-        let committed = std::fs::read_to_string(&path).unwrap_or_default();
-        assert!(
-            committed == generated,
-            "{TYPESCRIPT_PATH} differs from what the Rust event types generate; \
-             run `HERALD_WRITE_TYPES=1 cargo test --lib typescript` and commit it"
-        );
+        assert_typescript_current(TYPESCRIPT_PATH, &typescript());
     }
 
     use super::*;
@@ -522,27 +534,37 @@ mod tests {
         parse_body(body.to_string().as_bytes()).unwrap_err().to_string()
     }
 
+    /// The targeting table (tests/fixtures/targeting.json) is also what
+    /// herald-client's `targetRooms` is tested against
+    /// (client/test/targeting.test.js): either side drifting fails its test.
     #[test]
-    fn structure_updated_targets_three_rooms() {
-        let body = json!({"type": "structure_updated", "payload": {
-            "campaignId": "c1", "settlementId": "s1", "structureId": "st1", "operation": "create"}});
-        let events = parse_body(body.to_string().as_bytes()).unwrap();
-        let rooms: Vec<String> = events[0].rooms.iter().map(|r| r.to_string()).collect();
-        assert_eq!(rooms, ["campaign:c1", "settlement:s1", "structure:st1"]);
-    }
-
-    #[test]
-    fn entity_updated_adds_the_entity_room_for_settlements_and_structures() {
-        for (kind, extra) in [("settlement", Some("settlement:e1")), ("structure", Some("structure:e1")), ("npc", None)]
-        {
-            let body = json!({"type": "entity_updated", "payload": {
-                "entityType": kind, "entityId": "e1", "campaignId": "c1"}});
-            let events = parse_body(body.to_string().as_bytes()).unwrap();
-            let rooms: Vec<String> = events[0].rooms.iter().map(|r| r.to_string()).collect();
-            let mut expected = vec!["campaign:c1".to_string()];
-            expected.extend(extra.map(String::from));
-            assert_eq!(rooms, expected);
+    fn targeting_follows_the_shared_table() {
+        #[derive(Deserialize)]
+        struct Table {
+            cases: Vec<Case>,
         }
+        #[derive(Deserialize)]
+        struct Case {
+            event: Value,
+            rooms: Vec<String>,
+        }
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/targeting.json");
+        let text = std::fs::read_to_string(path).expect("read tests/fixtures/targeting.json");
+        let table: Table = serde_json::from_str(&text).expect("tests/fixtures/targeting.json is a table");
+        let mut kinds = std::collections::HashSet::new();
+        let mut entity_types = std::collections::HashSet::new();
+        for case in table.cases {
+            let event = parse_event(&case.event, "").unwrap_or_else(|e| panic!("{e}: {}", case.event));
+            let rooms: Vec<String> = event.rooms.iter().map(Room::to_string).collect();
+            assert_eq!(rooms, case.rooms, "{}", case.event);
+            kinds.insert(event.kind());
+            if let Payload::EntityUpdated(p) = &event.payload {
+                let special = ["campaign", "settlement", "structure"].contains(&p.entity_type.as_str());
+                entity_types.insert(if special { p.entity_type.as_str() } else { "another kind" }.to_owned());
+            }
+        }
+        assert_eq!(kinds.len(), EventKind::ALL.len(), "the table covers every kind of event");
+        assert_eq!(entity_types.len(), 4, "the table covers entity_updated for each special entityType and another");
     }
 
     #[test]

@@ -18,7 +18,11 @@ const HANDLER_OF: { [T in EventType]: keyof SubscriptionHandlers } = {
   structure_updated: "onStructureUpdated",
 };
 
-/** The rooms (`<kind>:<id>`) an event is delivered to, as in the README's table. */
+/**
+ * The rooms (`<kind>:<id>`) an event is delivered to, as in the README's
+ * table. Tested against tests/fixtures/targeting.json, the table herald's own
+ * targeting is tested against.
+ */
 export function targetRooms(event: Pick<AnyHeraldEvent, "type" | "payload">): string[] {
   const p = event.payload as unknown as Record<string, unknown>;
   const rooms = [`campaign:${String(p.campaignId)}`];

@@ -2,11 +2,13 @@
 // client events" and "Publish API").
 //
 // The payloads and their parts are generated from herald's Rust event types
-// (./generated/events.ts; a Rust test fails when that copy is stale). This
-// file adds what the Rust types do not say: the envelope a client receives,
-// the acks, and the unknown fields that pass through unchanged. Everything
-// else in the package imports these names from "./events.js".
+// (./generated/events.ts), and the ack from herald's Rust ack type
+// (./generated/acks.ts); a Rust test fails when either copy is stale. This
+// file adds what the Rust types do not say: the envelope a client receives
+// and the unknown fields that pass through unchanged. Everything else in the
+// package imports these names from "./events.js".
 
+import type { Ack } from "./generated/acks.js";
 import type * as Wire from "./generated/events.js";
 
 /** The five event kinds, each emitted under its own name. */
@@ -77,7 +79,8 @@ export type AnyPublishedEvent = { [T in EventType]: PublishedEvent<T> }[EventTyp
 /** Subscription kinds, and their rooms `<kind>:<id>`. */
 export type SubscriptionKind = "campaign" | "settlement" | "structure";
 
-/** The acknowledgement of a subscribe or unsubscribe. */
-export type SubscribeAck =
-  | { success: true; recovered?: boolean }
-  | { success: false; error: string };
+/**
+ * The acknowledgement of a subscribe or unsubscribe, exactly as herald sends
+ * it (`error` is one of herald's messages).
+ */
+export type SubscribeAck = Ack;

@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 
-import { createHeraldClient, HeraldSubscribeError, targetRooms } from '../dist/index.js';
+import { createHeraldClient, HeraldSubscribeError } from '../dist/index.js';
 import { cid, ev, heraldSetup, publishRaw, recorder, waitUntil } from './helpers.js';
 
 describe('herald-client', () => {
@@ -147,20 +147,5 @@ describe('herald-client', () => {
     const id = cid('on-connected');
     await publish(ev.invalidated('c1', id));
     await rec.waitFor(id);
-  });
-
-  test('targetRooms follows the delivery table', () => {
-    assert.deepEqual(targetRooms({ type: 'entity_updated', payload: { campaignId: 'c', entityType: 'campaign', entityId: 'c' } }), [
-      'campaign:c',
-    ]);
-    assert.deepEqual(
-      targetRooms({ type: 'entity_updated', payload: { campaignId: 'c', entityType: 'structure', entityId: 't' } }),
-      ['campaign:c', 'structure:t'],
-    );
-    assert.deepEqual(
-      targetRooms({ type: 'structure_updated', payload: { campaignId: 'c', settlementId: 's', structureId: 't', operation: 'create' } }),
-      ['campaign:c', 'settlement:s', 'structure:t'],
-    );
-    assert.deepEqual(targetRooms({ type: 'state_invalidated', payload: { campaignId: 'c', scope: 'campaign' } }), ['campaign:c']);
   });
 });

@@ -5,51 +5,81 @@
 use serde::Serialize;
 use serde_json::Value;
 use socketioxide::ParserError;
+use ts_rs::TS;
 
 use crate::auth::Unauthorized;
 use crate::log::Offset;
 use crate::rooms::{Room, RoomKind};
 
-/// An ack: `{ "success": true }` (with `"recovered"` for a subscription with
-/// `since`) or `{ "success": false, "error": "…" }`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Reply {
-    pub success: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub recovered: Option<bool>,
+/// An ack, exactly as sent: `{ "success": true }` (with `"recovered"` for a
+/// subscription with `since`) or `{ "success": false, "error": "…" }`.
+/// herald-client's `SubscribeAck` is generated from it (see [`typescript`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, TS)]
+#[serde(untagged)]
+#[ts(rename = "Ack")]
+pub enum Reply {
+    Accepted {
+        success: Literal<true>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        #[ts(optional)]
+        recovered: Option<bool>,
+    },
+    Refused {
+        success: Literal<false>,
+        #[ts(inline)]
+        error: Refusal,
+    },
 }
 
-/// Why a client event failed, as told to the client.
+/// A boolean fixed by the type: `B` on the wire, the literal type `B` in
+/// TypeScript.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Literal<const B: bool>;
+
+impl<const B: bool> Serialize for Literal<B> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bool(B)
+    }
+}
+
+impl<const B: bool> TS for Literal<B> {
+    type WithoutGenerics = Self;
+    type OptionInnerType = Self;
+
+    fn name(_: &ts_rs::Config) -> String {
+        B.to_string()
+    }
+
+    fn inline(cfg: &ts_rs::Config) -> String {
+        Self::name(cfg)
+    }
+}
+
+/// Why a client event failed, as told to the client: serialized as the
+/// ack's `error` message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, TS)]
 pub enum Refusal {
     /// Malformed payload.
+    #[serde(rename = "Invalid payload")]
     InvalidPayload,
     /// Not a member, or no such id.
+    #[serde(rename = "Unauthorized")]
     Unauthorized,
     /// The store failed; details are logged, not sent.
+    #[serde(rename = "Internal error")]
     Internal,
     /// No such client event.
+    #[serde(rename = "Unknown event")]
     UnknownEvent,
     /// Past the socket's event rate.
+    #[serde(rename = "Rate limited")]
     RateLimited,
     /// Past the socket's subscription cap.
+    #[serde(rename = "Too many subscriptions")]
     TooManySubscriptions,
 }
 
 impl Refusal {
-    pub(crate) fn message(self) -> &'static str {
-        match self {
-            Refusal::InvalidPayload => "Invalid payload",
-            Refusal::Unauthorized => "Unauthorized",
-            Refusal::Internal => "Internal error",
-            Refusal::UnknownEvent => "Unknown event",
-            Refusal::RateLimited => "Rate limited",
-            Refusal::TooManySubscriptions => "Too many subscriptions",
-        }
-    }
-
     pub(crate) fn outcome(self) -> &'static str {
         match self {
             Refusal::InvalidPayload => "invalid",
@@ -64,11 +94,11 @@ impl Refusal {
 
 impl Reply {
     pub(crate) fn ok(recovered: Option<bool>) -> Reply {
-        Reply { success: true, error: None, recovered }
+        Reply::Accepted { success: Literal, recovered }
     }
 
     pub(crate) fn refused(why: Refusal) -> Reply {
-        Reply { success: false, error: Some(why.message()), recovered: None }
+        Reply::Refused { success: Literal, error: why }
     }
 }
 
@@ -138,6 +168,16 @@ pub fn parse_since(data: &Result<Value, ParserError>) -> Result<Option<Offset>, 
     }
 }
 
+/// Where the TypeScript declaration of the ack is committed.
+pub const TYPESCRIPT_PATH: &str = "client/src/generated/acks.ts";
+
+/// The TypeScript declaration of the ack ([`Reply`], as `Ack`), which
+/// herald-client exports as `SubscribeAck` (a test fails when the committed
+/// copy differs).
+pub fn typescript() -> String {
+    crate::events::typescript_file("herald's Rust ack type (src/gateway/wire.rs)", [Reply::decl(&ts_rs::Config::new())])
+}
+
 /// Why a verified token was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TokenRefused {
@@ -183,6 +223,11 @@ pub(crate) fn truncate(s: &str, max: usize) -> &str {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn typescript_declarations_are_current() {
+        crate::events::assert_typescript_current(TYPESCRIPT_PATH, &typescript());
+    }
 
     #[test]
     fn room_requests_are_validated() {
