@@ -1,6 +1,7 @@
 //! Wiring: builds the whole gateway from a [`Config`], binds the listener and
 //! serves until a shutdown future resolves.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -8,18 +9,15 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use std::convert::Infallible;
-
 use axum::body::Body;
 use axum::http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use axum::response::IntoResponse;
 use rand::Rng;
 use secrecy::SecretString;
-use socketioxide::SocketIo;
-use socketioxide::layer::SocketIoLayer;
+use socketioxide::{SocketIo, SocketIoBuilder};
 use tokio::net::TcpListener;
 use tower::steer::Steer;
-use tower::util::BoxCloneService;
+use tower::util::{BoxCloneService, BoxCloneSyncService};
 use tower::{BoxError, Layer, ServiceBuilder, ServiceExt};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
@@ -31,14 +29,14 @@ use crate::demo::{self, DemoState};
 use crate::gateway::Gateway;
 use crate::health::{self, OpsState, Probe};
 use crate::listener::{self, ListenerSettings};
-use crate::log::{EventLog, LogError, MemoryLog, StreamLog};
+use crate::log::{EventLog, LogError, MemoryLog, Offset, Stream, StreamLog, mark};
 use crate::pending::PendingSessions;
 use crate::publish::{self, PublishState};
 use crate::redis::{Redis, RedisError};
 use crate::revocation;
 use crate::store::{DEMO_USER, SqlStore, StoreError};
 use crate::telemetry::Metrics;
-use crate::transport::{self, SOCKET_IO_PATH, Transports};
+use crate::transport::{Engine, SOCKET_IO_PATH, Transports};
 
 /// The gateway could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +49,8 @@ pub enum BuildError {
     Store(#[from] StoreError),
     #[error("redis")]
     Redis(#[from] RedisError),
+    #[error("the event log")]
+    Log(#[source] LogError),
     #[error("{0}; give this deployment its own HERALD_REDIS_PREFIX (see the README's upgrade notes)")]
     LogClaimed(String),
     #[error("invalid CORS origin {0:?}")]
@@ -90,87 +90,194 @@ type Closer = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + 
 /// What herald serves on every connection.
 type HttpService = BoxCloneService<Request<Body>, Response<Body>, BoxError>;
 
-/// What [`assemble`] needs besides the adapter.
-struct Parts<'a> {
-    config: &'a Config,
-    metrics: Arc<Metrics>,
+/// The secrets in force, once development mode generated the missing ones.
+struct Credentials {
     publish_token: SecretString,
-    probes: Vec<(&'static str, Probe)>,
     /// Signs demo tokens: set only in development mode with a generated JWT
     /// secret, where the demo page and its routes are served.
     demo: Option<Minter>,
-    transports: Arc<Transports>,
+    /// What development mode generated, for the banner.
+    dev: Option<DevCredentials>,
 }
 
-/// Builds the HTTP side over `io`.
-fn assemble(
-    io: SocketIo,
-    layer: SocketIoLayer,
-    delivery: Delivery,
-    parts: Parts<'_>,
+/// Step 1: in development mode, generates the secrets that are missing (into
+/// `config`); in production they must all be there.
+fn credentials(config: &mut Config) -> Result<Credentials, BuildError> {
+    let mut credentials = Credentials { publish_token: SecretString::from(""), demo: None, dev: None };
+    if config.mode == Mode::Development {
+        let mut dev = DevCredentials { client_token: None, publish_token: None, demo_seeded: false };
+        if config.auth.jwt_algorithm == JwtAlgorithm::Hs256
+            && config.auth.jwt_secret.is_none()
+            && config.auth.jwt_jwks_url.is_none()
+        {
+            let secret = random_secret();
+            let minter = Minter::hs256(&secret, config);
+            dev.client_token = Some(minter.mint(DEMO_USER, Duration::from_secs(24 * 3600))?);
+            credentials.demo = Some(minter);
+            config.auth.jwt_secret = Some(secret);
+        }
+        if config.publish.publish_token.is_none() {
+            let token = random_secret();
+            dev.publish_token = Some(token.clone());
+            config.publish.publish_token = Some(token);
+        }
+        if dev.client_token.is_some() || dev.publish_token.is_some() {
+            credentials.dev = Some(dev);
+        }
+    }
+    credentials.publish_token =
+        config.publish.publish_token.clone().ok_or(ConfigError::MissingInProduction("HERALD_PUBLISH_TOKEN"))?;
+    Ok(credentials)
+}
+
+/// Step 2: the store, with the demo campaign in an empty one when the demo
+/// is served.
+async fn open_store(config: &Config, credentials: &mut Credentials) -> Result<SqlStore, BuildError> {
+    let store = SqlStore::connect(
+        &config.store.database_url,
+        config.store.database_max_connections,
+        config.store.database_migrate,
+    )
+    .await?;
+    if credentials.demo.is_some() {
+        let seeded = store.seed_demo_if_empty().await?;
+        if let Some(dev) = credentials.dev.as_mut() {
+            dev.demo_seeded = seeded;
+        }
+    }
+    Ok(store)
+}
+
+/// The event log, opened.
+struct OpenedLog {
+    log: Arc<dyn EventLog>,
+    /// A fleet's Redis (`None`: the log is in memory).
     redis: Option<Redis>,
-) -> Result<(HttpService, Closer), BuildError> {
-    let Parts { config, metrics, publish_token, mut probes, demo, transports } = parts;
-    let demo = demo.map(|minter| {
-        demo::router(Arc::new(DemoState { minter, delivery: delivery.clone(), counter: AtomicU64::new(0) }))
-    });
-    if let Some(redis) = &redis {
-        let (redis, delivery) = (redis.clone(), delivery.clone());
-        probes.push((
-            "redis",
-            Arc::new(move || {
-                let answer = match (redis.is_healthy(), delivery.claim_problem()) {
-                    (false, _) => Err("redis is unreachable".to_owned()),
-                    // Another layout writes the same keys: the fleet is split.
-                    (true, Some(why)) => Err(why),
-                    (true, None) => Ok(()),
-                };
-                Box::pin(async move { answer })
-            }),
-        ));
+    /// Where a fleet's control stream stood at start: this instance applies
+    /// every revocation logged from there on, however late it first reads it.
+    control_from: Option<Offset>,
+}
+
+/// Step 3: the event log: in memory for one instance; Redis Streams a fleet
+/// shares, refused when another layout of the log holds the prefix (that
+/// would split the fleet in silence).
+async fn open_log(config: &Config, metrics: &Arc<Metrics>) -> Result<OpenedLog, BuildError> {
+    let retention = config.retention();
+    let Some(settings) = config.redis() else {
+        return Ok(OpenedLog { log: Arc::new(MemoryLog::new(retention)), redis: None, control_from: None });
+    };
+    let redis = Redis::connect(settings, metrics.clone()).await?;
+    let log: Arc<dyn EventLog> = Arc::new(StreamLog::new(redis.clone(), retention, config.fleet.log_shards));
+    // (Unreachable: the control follower claims once it reaches Redis.)
+    if let Err(LogError::Claimed(why)) = log.claim().await {
+        return Err(BuildError::LogClaimed(why));
     }
-    let publish_state = Arc::new(PublishState {
-        token: publish_token,
-        max_body_bytes: config.publish.max_body_bytes,
-        delivery,
-        metrics: metrics.clone(),
-    });
-    let ops = OpsState { metrics, probes };
-    let mut router =
-        publish::router(publish_state.clone()).merge(revocation::router(publish_state)).merge(health::router(ops));
-    if let Some(demo) = demo {
-        router = router.merge(demo);
-    }
-    // One Engine.IO engine serves every Socket.IO request, and ends polling
-    // sessions for the transports (a `layer` call makes a new engine).
+    let control = log.head(Stream::Control).await.map_err(BuildError::Log)?;
+    Ok(OpenedLog { log, redis: Some(redis), control_from: Some(mark(control.epoch, control.last)) })
+}
+
+/// The Socket.IO side, wired.
+struct SocketIoSide {
+    io: SocketIo,
+    transports: Arc<Transports>,
+    delivery: Delivery,
+}
+
+/// socketioxide's settings: the message size, buffer, heartbeat and connect
+/// timeout limits.
+fn socketioxide_settings(config: &Config) -> SocketIoBuilder {
+    SocketIo::builder()
+        .max_payload(config.connections.max_message_bytes)
+        .ws_max_message_size(config.connections.max_message_bytes as usize)
+        .ws_max_frame_size(config.connections.max_message_bytes as usize)
+        .max_buffer_size(config.connections.socket_buffer.max(2))
+        // Clients send little: a small read buffer per WebSocket saves 3 KiB per connection.
+        .ws_read_buffer_size(1024)
+        .req_path(SOCKET_IO_PATH)
+        .ping_interval(config.connections.ping_interval)
+        .ping_timeout(config.connections.ping_timeout)
+        .connect_timeout(config.connections.connect_timeout)
+}
+
+/// Step 4: the Socket.IO layer: socketioxide's engine, the transports in
+/// front of it, the gateway's handlers, and delivery from the log (its
+/// control stream applying revocations from its first entry on).
+fn socket_io_side(
+    config: &Config,
+    verifier: Verifier,
+    store: &SqlStore,
+    metrics: &Arc<Metrics>,
+    opened: &OpenedLog,
+) -> SocketIoSide {
+    let (layer, io) = socketioxide_settings(config).build_layer();
     let not_found =
         tower::service_fn(|_: Request<Body>| async { Ok::<_, Infallible>(StatusCode::NOT_FOUND.into_response()) });
-    let engine = layer.layer(not_found);
-    {
-        let engine = engine.clone();
-        transports.set_engine(move |request| {
-            let engine = engine.clone();
-            Box::pin(async move {
-                let _ = engine.oneshot(request).await;
-            })
-        });
-    }
-    let socket_io = tower::service_fn(move |request: Request<Body>| {
-        let (transports, engine) = (transports.clone(), engine.clone());
-        async move {
-            match transports.prepare(request) {
-                Ok(request) => engine.oneshot(request).await.map(|response| response.map(Body::new)),
-                Err(refused) => Ok(transport::refused_handshake(refused)),
-            }
-        }
+    let engine: Engine = BoxCloneSyncService::new(
+        ServiceBuilder::new()
+            .map_response(|response: Response<_>| response.map(Body::new))
+            .service(layer.layer(not_found)),
+    );
+    let pending = PendingSessions::new(
+        config.connections.max_pending_sessions,
+        config.connections.max_pending_per_address,
+        metrics.clone(),
+    );
+    let transports = Transports::new(engine, pending);
+    let membership = Arc::new(StoreMembership::new(store.clone(), config.store.membership_cache_ttl));
+    let access = Access::new(membership, store.clone(), config.store.membership_cache_ttl, config.store.revocation_ttl);
+    let gateway =
+        Gateway::new(verifier, access, metrics.clone(), transports.clone(), config.limits, config.auth.jwt_leeway);
+    let delivery_log = DeliveryLog {
+        log: opened.log.clone(),
+        local: opened.redis.is_none(),
+        control_from: opened.control_from,
+        apply_wait: config.fleet.redis_timeout.max(Duration::from_secs(5)),
+        linger: config.fleet.shard_linger,
+    };
+    let revocations = gateway.revocations(io.clone());
+    let delivery =
+        Delivery::new(io.clone(), metrics.clone(), transports.clone(), config.retention(), delivery_log, revocations);
+    gateway.attach(&io, delivery.clone());
+    SocketIoSide { io, transports, delivery }
+}
+
+/// Step 5: what herald serves over HTTP: the Socket.IO endpoint, the
+/// publish, revoke and operations routes, the demo in development mode, and
+/// CORS in front of all but the preflights' absence.
+fn http_service(
+    config: &Config,
+    side: &SocketIoSide,
+    credentials: Credentials,
+    metrics: Arc<Metrics>,
+    probes: Vec<(&'static str, Probe)>,
+) -> Result<HttpService, BuildError> {
+    let publish_state = Arc::new(PublishState {
+        token: credentials.publish_token,
+        max_body_bytes: config.publish.max_body_bytes,
+        delivery: side.delivery.clone(),
+        metrics: metrics.clone(),
     });
+    let mut router = publish::router(publish_state.clone())
+        .merge(revocation::router(publish_state))
+        .merge(health::router(OpsState { metrics, probes }));
+    if let Some(minter) = credentials.demo {
+        let demo = DemoState { minter, delivery: side.delivery.clone(), counter: AtomicU64::new(0) };
+        router = router.merge(demo::router(Arc::new(demo)));
+    }
+    let transports = side.transports.clone();
+    let socket_io = tower::service_fn(move |request: Request<Body>| transports.clone().serve(request));
     let http = Steer::new(
         [BoxCloneService::new(socket_io), BoxCloneService::new(router)],
         |request: &Request<Body>, _: &[_]| usize::from(!request.uri().path().starts_with(SOCKET_IO_PATH)),
     );
     // Outside the Socket.IO service, so that preflights never reach it.
     let http = ServiceBuilder::new().option_layer(cors_layer(config)?).service(http);
-    let closer: Closer = Arc::new(move || {
+    Ok(BoxCloneService::new(http.map_err(BoxError::from)))
+}
+
+/// Disconnects every socket, then lets go of Redis.
+fn closer(io: SocketIo, redis: Option<Redis>) -> Closer {
+    Arc::new(move || {
         let io = io.clone();
         let redis = redis.clone();
         Box::pin(async move {
@@ -179,8 +286,7 @@ fn assemble(
                 redis.shutdown();
             }
         })
-    });
-    Ok((BoxCloneService::new(http.map_err(BoxError::from)), closer))
+    })
 }
 
 fn random_secret() -> SecretString {
@@ -217,119 +323,17 @@ impl Application {
     /// the missing ones are generated.
     pub async fn build(mut config: Config) -> Result<Self, BuildError> {
         config.validate()?;
-        let demo = config.mode == Mode::Development && config.no_secrets_configured();
-        let mut dev = None;
-        let mut demo_minter = None;
-        if config.mode == Mode::Development {
-            let mut creds = DevCredentials { client_token: None, publish_token: None, demo_seeded: false };
-            if config.auth.jwt_algorithm == JwtAlgorithm::Hs256
-                && config.auth.jwt_secret.is_none()
-                && config.auth.jwt_jwks_url.is_none()
-            {
-                let secret = random_secret();
-                let minter = Minter::hs256(&secret, &config);
-                creds.client_token = Some(minter.mint(DEMO_USER, Duration::from_secs(24 * 3600))?);
-                demo_minter = Some(minter);
-                config.auth.jwt_secret = Some(secret);
-            }
-            if config.publish.publish_token.is_none() {
-                let token = random_secret();
-                creds.publish_token = Some(token.clone());
-                config.publish.publish_token = Some(token);
-            }
-            if creds.client_token.is_some() || creds.publish_token.is_some() {
-                dev = Some(creds);
-            }
-        }
-        let publish_token =
-            config.publish.publish_token.clone().ok_or(ConfigError::MissingInProduction("HERALD_PUBLISH_TOKEN"))?;
+        let mut credentials = credentials(&mut config)?;
         let verifier = Verifier::from_config(&config)?;
-
-        let store = SqlStore::connect(
-            &config.store.database_url,
-            config.store.database_max_connections,
-            config.store.database_migrate,
-        )
-        .await?;
-        if demo {
-            let seeded = store.seed_demo_if_empty().await?;
-            if let Some(creds) = dev.as_mut() {
-                creds.demo_seeded = seeded;
-            }
-        }
-
+        let store = open_store(&config, &mut credentials).await?;
         let metrics = Metrics::new();
-        let listener_metrics = metrics.clone();
-        let builder = SocketIo::builder()
-            .max_payload(config.connections.max_message_bytes)
-            .ws_max_message_size(config.connections.max_message_bytes as usize)
-            .ws_max_frame_size(config.connections.max_message_bytes as usize)
-            .max_buffer_size(config.connections.socket_buffer.max(2))
-            // Clients send little: a small read buffer per WebSocket saves 3 KiB per connection.
-            .ws_read_buffer_size(1024)
-            .req_path(SOCKET_IO_PATH)
-            .ping_interval(config.connections.ping_interval)
-            .ping_timeout(config.connections.ping_timeout)
-            .connect_timeout(config.connections.connect_timeout);
-        let access = Access::new(
-            Arc::new(StoreMembership::new(store.clone(), config.store.membership_cache_ttl)),
-            store.clone(),
-            config.store.membership_cache_ttl,
-            config.store.revocation_ttl,
-        );
-        let jwks_probe = verifier.probe();
-        let transports = Transports::new(PendingSessions::new(
-            config.connections.max_pending_sessions,
-            config.connections.max_pending_per_address,
-            metrics.clone(),
-        ));
-        let gateway =
-            Gateway::new(verifier, access, metrics.clone(), transports.clone(), config.limits, config.auth.jwt_leeway);
-        let store_probe: Probe = {
-            let store = store.clone();
-            Arc::new(move || {
-                let store = store.clone();
-                Box::pin(async move { store.ping().await.map_err(|e| crate::telemetry::error_chain(&e)) })
-            })
-        };
-        let mut probes = vec![("store", store_probe)];
-        probes.extend(jwks_probe.map(|probe| ("jwks", probe)));
-        let parts = Parts {
-            config: &config,
-            metrics,
-            publish_token,
-            probes,
-            demo: demo_minter,
-            transports: transports.clone(),
-        };
-        let retention = config.retention();
-
-        // One instance keeps its log in memory; a fleet shares Redis Streams.
-        let (log, redis): (Arc<dyn EventLog>, Option<Redis>) = match config.redis() {
-            None => (Arc::new(MemoryLog::new(retention)), None),
-            Some(settings) => {
-                let redis = Redis::connect(settings, parts.metrics.clone()).await?;
-                (Arc::new(StreamLog::new(redis.clone(), retention, config.fleet.log_shards)), Some(redis))
-            }
-        };
-        // Another layout on the same keys would split the fleet in silence.
-        // (Unreachable: the control follower claims once it reaches Redis.)
-        if let Err(LogError::Claimed(why)) = log.claim().await {
-            return Err(BuildError::LogClaimed(why));
-        }
-        let local = redis.is_none();
-        let (layer, io) = builder.build_layer();
-        let delivery_log = DeliveryLog {
-            log,
-            local,
-            apply_wait: config.fleet.redis_timeout.max(Duration::from_secs(5)),
-            linger: config.fleet.shard_linger,
-        };
-        let delivery = Delivery::new(io.clone(), parts.metrics.clone(), transports, retention, delivery_log);
-        delivery.on_revoke(gateway.revocations(io.clone()));
-        gateway.attach(&io, delivery.clone());
-        let (service, closer) = assemble(io, layer, delivery, parts, redis)?;
-
+        let opened = open_log(&config, &metrics).await?;
+        let mut probes = vec![("store", store.probe())];
+        probes.extend(verifier.probe().map(|probe| ("jwks", probe)));
+        let side = socket_io_side(&config, verifier, &store, &metrics, &opened);
+        probes.extend(opened.redis.as_ref().map(|redis| ("redis", side.delivery.probe(redis.clone()))));
+        let dev = credentials.dev.take();
+        let service = http_service(&config, &side, credentials, metrics.clone(), probes)?;
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|source| BuildError::Bind { addr: config.listen.clone(), source })?;
@@ -340,9 +344,9 @@ impl Application {
                 header_timeout: config.connections.header_timeout,
                 body_timeout: config.connections.body_timeout,
                 max_control_backlog: config.connections.max_control_backlog,
-                metrics: listener_metrics,
+                metrics,
             },
-            closer,
+            closer: closer(side.io, opened.redis),
             store,
             grace: config.shutdown_grace,
             dev,

@@ -7,12 +7,12 @@
 //! deadline: a refresh may have moved it later (the entry is re-armed), the
 //! socket may be gone (the entry is dropped), or it is cut.
 
-use parking_lot::{Mutex, MutexGuard};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::Notify;
 
 use crate::auth::unix_now;

@@ -36,7 +36,6 @@
 //!
 //! (Just over 500 lines: the last 75 are its unit tests.)
 
-use parking_lot::Mutex;
 use std::future::Future;
 use std::io;
 use std::net::IpAddr;
@@ -51,6 +50,7 @@ use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;

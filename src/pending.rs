@@ -12,13 +12,13 @@
 //! session whose CONNECT was refused at the latest at the connect timeout,
 //! when socketioxide lets go of it).
 
-use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::telemetry::Metrics;
+use parking_lot::{Mutex, MutexGuard};
 
 /// Why a handshake was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use socketioxide::SocketIo;
 
-use crate::auth::{UserId, unix_now};
+use crate::auth::{User, UserId, unix_now};
 use crate::delivery::{RevocationFuture, Revocations};
 use crate::events::InvalidEvent;
 use crate::gateway::{Gateway, user_room};
@@ -150,6 +150,11 @@ impl Gateway {
             // After shutdown the namespace is gone, and so are the sockets.
             let Some(ns) = io.of("/") else { return };
             for s in ns.local().to(user_room(&user)).sockets() {
+                // A token issued after the revocation is not revoked (as at the handshake).
+                let issued_at = s.extensions.get::<User>().and_then(|u| u.issued_at);
+                if issued_at.is_some_and(|iat| iat > revocation.revoked_at) {
+                    continue;
+                }
                 // Final (a DISCONNECT packet): coming back would be wrong.
                 let Some(session) = Session::of(&s) else {
                     let _ = s.disconnect();

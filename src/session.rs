@@ -15,11 +15,11 @@
 //! The session id is a credential (with it, anyone can take over a polling
 //! session), so it is never logged: a per-process socket number is.
 
-use parking_lot::{Mutex, MutexGuard};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use parking_lot::{Mutex, MutexGuard};
 use socketioxide::SocketError;
 use socketioxide::extract::SocketRef;
 

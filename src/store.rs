@@ -7,11 +7,13 @@
 //! views over the application's own tables).
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
+use crate::health::Probe;
 use crate::rooms::{CampaignId, SettlementId, StructureId};
 
 /// The demo data development mode seeds into an empty store.
@@ -219,6 +221,15 @@ impl SqlStore {
             sqlx::query(&upsert).bind(user).bind(at).execute(pool).await?;
         });
         Ok(())
+    }
+
+    /// `/readyz`'s probe of the store: it answers.
+    pub fn probe(&self) -> Probe {
+        let store = self.clone();
+        Arc::new(move || {
+            let store = store.clone();
+            Box::pin(async move { store.ping().await.map_err(|e| crate::telemetry::error_chain(&e)) })
+        })
     }
 
     /// Checks that the store answers.

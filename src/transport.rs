@@ -26,18 +26,19 @@
 //! crate-private), so herald does it from the request side, where it owns the
 //! connections ([`crate::listener`]) and the layer in front of socketioxide.
 
-use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderValue, Request, Response, StatusCode, header};
+use parking_lot::Mutex;
 use socketioxide::extract::SocketRef;
 use socketioxide::socket::Sid;
 use socketioxide::{ProtocolVersion, TransportType};
+use tower::ServiceExt;
+use tower::util::BoxCloneSyncService;
 
 use crate::listener::Connection;
 use crate::pending::{PendingRefused, PendingSessions};
@@ -62,8 +63,9 @@ const SOCKET_IO_HEADERS: [header::HeaderName; 2] = [header::SEC_WEBSOCKET_KEY, h
 #[derive(Clone)]
 struct WebSocketConnection(Connection);
 
-/// Hands a request to the Socket.IO service (the synthetic `close` post).
-type EngineCall = Box<dyn Fn(Request<Body>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+/// socketioxide's Socket.IO service: one Engine.IO engine serves every
+/// Socket.IO request (each `SocketIoLayer::layer` call makes a new engine).
+pub type Engine = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
 /// The transports herald can cut: the connections of upgraded sockets, and
 /// the Socket.IO service to end polling sessions with; and the sessions
@@ -72,31 +74,31 @@ pub struct Transports {
     /// The WebSocket connection of each socket that upgraded from
     /// long-polling, by session id (its handshake request was a poll).
     upgrades: Mutex<HashMap<Sid, Connection>>,
-    engine: OnceLock<EngineCall>,
+    engine: Engine,
     pending: PendingSessions,
 }
 
 impl Transports {
-    pub fn new(pending: PendingSessions) -> Arc<Transports> {
-        Arc::new(Transports { upgrades: Mutex::default(), engine: OnceLock::new(), pending })
+    /// Transports in front of `engine`, with the bounds of `pending`.
+    pub fn new(engine: Engine, pending: PendingSessions) -> Arc<Transports> {
+        Arc::new(Transports { upgrades: Mutex::default(), engine, pending })
     }
 
-    /// Sets the Socket.IO service that polling sessions are ended through
-    /// (once, at start-up).
-    pub fn set_engine(
-        &self,
-        call: impl Fn(Request<Body>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync + 'static,
-    ) {
-        let _ = self.engine.set(Box::new(call));
+    /// Serves one Socket.IO request: prepared (see [`Transports::prepare`]),
+    /// then handed to the engine, or refused.
+    pub async fn serve(self: Arc<Self>, request: Request<Body>) -> Result<Response<Body>, Infallible> {
+        match self.prepare(request) {
+            Ok(request) => self.engine.clone().oneshot(request).await,
+            Err(refused) => Ok(refused_handshake(refused)),
+        }
     }
 
     /// Prepares a request for socketioxide: a Socket.IO request keeps only
     /// what it needs, and its connection is remembered where a cut finds it.
     /// A handshake (a request without a session id) opens a session that
     /// counts as pending until its socket connects; past the bounds it is
-    /// refused (answered with [`refused_handshake`]), and socketioxide never
-    /// sees it.
-    pub fn prepare(self: &Arc<Self>, mut request: Request<Body>) -> Result<Request<Body>, PendingRefused> {
+    /// refused, and socketioxide never sees it.
+    fn prepare(self: &Arc<Self>, mut request: Request<Body>) -> Result<Request<Body>, PendingRefused> {
         let connection = request.extensions_mut().remove::<Connection>();
         if !request.uri().path().starts_with(SOCKET_IO_PATH) {
             return Ok(request);
@@ -189,15 +191,16 @@ impl Transports {
 
     /// Ends a polling session: the client's next poll fails.
     fn end_polling_session(&self, socket: &SocketRef) {
-        if let Some(call) = self.engine.get() {
-            tokio::spawn(call(close_request(socket.id, socket.protocol())));
-        }
+        let close = self.engine.clone().oneshot(close_request(socket.id, socket.protocol()));
+        tokio::spawn(async move {
+            let _ = close.await;
+        });
     }
 }
 
 /// The answer to a handshake past the bounds on sessions not yet connected:
 /// 429 for its address, 503 in all.
-pub fn refused_handshake(why: PendingRefused) -> Response<Body> {
+fn refused_handshake(why: PendingRefused) -> Response<Body> {
     let (status, text) = match why {
         PendingRefused::Address => {
             (StatusCode::TOO_MANY_REQUESTS, "too many sessions from this address wait for their CONNECT")

@@ -50,9 +50,23 @@ pub(super) struct Role {
     pub stream: Stream,
     /// Followed for the instance's life (else left when no room of it is in use).
     pub permanent: bool,
-    /// Read from the stream's start (the instance's own log), else from its
-    /// head (a fleet's instance delivers what is published from now on).
-    pub from_start: bool,
+    /// Where it starts reading.
+    pub from: ReadFrom,
+}
+
+/// Where a follower starts reading its stream.
+#[derive(Debug, Clone, Copy)]
+pub enum ReadFrom {
+    /// Its start: the instance's own log.
+    Start,
+    /// Its head when first reached: a fleet's instance delivers what is
+    /// published from then on (a shard followed from its first join).
+    Head,
+    /// Where it stood when the instance started (read then, before any
+    /// socket connected), so that nothing logged since is missed however
+    /// late the stream is first read: the control stream of a fleet. In
+    /// another epoch (Redis lost the stream since), from that epoch's start.
+    Mark(Offset),
 }
 
 /// A stream being followed.
@@ -90,8 +104,9 @@ impl Inner {
     /// join sent to it. Gives the join back when the follower is gone.
     pub(super) fn send_join(self: &Arc<Self>, stream: Stream, join: Join) -> Result<(), Join> {
         let mut followers = self.followers();
-        let following =
-            followers.entry(stream).or_insert_with(|| self.start(Role { stream, permanent: false, from_start: false }));
+        let following = followers
+            .entry(stream)
+            .or_insert_with(|| self.start(Role { stream, permanent: false, from: ReadFrom::Head }));
         following.joins.send(join).map_err(|e| e.0)
     }
 
@@ -287,7 +302,12 @@ impl Follower {
         }
         match self.epoch {
             None => {
-                self.last = if self.role.from_start { Position::default() } else { head.last };
+                self.last = match self.role.from {
+                    ReadFrom::Start => Position::default(),
+                    ReadFrom::Head => head.last,
+                    ReadFrom::Mark(mark) if mark.epoch == head.epoch => mark.position().min(head.last),
+                    ReadFrom::Mark(_) => Position::default(),
+                };
                 self.applied.send_replace(mark(head.epoch, self.last));
                 if std::mem::take(&mut self.blind) {
                     let cut = strong.cut_rooms(&self.rooms);
@@ -468,10 +488,7 @@ impl Inner {
     async fn apply(&self, entry: Entry, stream: Stream) {
         match entry {
             Entry::Event { logged, .. } => self.deliver(&logged).await,
-            Entry::Revocation(json) if stream == Stream::Control => match self.on_revoke.get() {
-                Some(revocations) => revocations.apply(json).await,
-                None => tracing::warn!("a revocation arrived before the gateway was ready; ignored"),
-            },
+            Entry::Revocation(json) if stream == Stream::Control => self.revocations.apply(json).await,
             // Written to a shard by the first layout of the log: never applied from there.
             Entry::Revocation(_) => {}
             Entry::Unreadable => tracing::warn!("event log: an entry herald cannot read; skipped"),

@@ -27,13 +27,13 @@
 mod follower;
 mod joins;
 
-use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::{Mutex, MutexGuard};
 use serde_json::value::RawValue;
 use socketioxide::SocketIo;
 use socketioxide::extract::SocketRef;
@@ -41,20 +41,22 @@ use socketioxide::{SendError, SocketError};
 use tokio::sync::{oneshot, watch};
 
 use crate::events::Event;
+use crate::health::Probe;
 use crate::log::{Appended, Appends, EventLog, LogError, Logged, NewEntry, Offset, Retention, Stream, mark, shard_of};
+use crate::redis::Redis;
 use crate::rooms::Room;
 use crate::session::{JoinRefused, Session, Ticket};
 use crate::telemetry::Metrics;
 use crate::transport::Transports;
 
-use follower::{Following, Role};
+use follower::{Following, ReadFrom, Role};
 use joins::Join;
 pub use joins::{JoinResult, Joined};
 
 /// A future of the revocation hooks.
 pub type RevocationFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// What an instance does with revocations (set once, at start-up). The log
+/// What an instance does with revocations (given at start-up). The log
 /// carries their JSON, which delivery does not read.
 pub trait Revocations: Send + Sync + 'static {
     /// On the instance that logs it, before it is logged: what must outlive
@@ -110,7 +112,8 @@ struct Inner {
     followers: Mutex<HashMap<Stream, Following>>,
     /// Where this instance has applied the control stream up to.
     control: watch::Receiver<Offset>,
-    on_revoke: OnceLock<Arc<dyn Revocations>>,
+    /// What this instance does with revocations.
+    revocations: Arc<dyn Revocations>,
     /// Why the log's keys are not this instance's (another layout holds them).
     claim_problem: Mutex<Option<String>>,
     /// The names of the rooms with a local socket, and when they were listed.
@@ -136,18 +139,23 @@ pub struct DeliveryLog {
     pub apply_wait: Duration,
     /// How long a shard stays followed once none of its rooms is in use.
     pub linger: Duration,
+    /// Where the control stream stood when the instance started: it is read
+    /// from there (`None`: from its start, the instance's own log).
+    pub control_from: Option<Offset>,
 }
 
 impl Delivery {
     /// Delivers what `log` holds to the sockets of `io`, and starts the
-    /// followers an instance always has. Slow consumers are cut through
-    /// `transports`.
+    /// followers an instance always has (the control stream's, which applies
+    /// each revocation with `revocations` from its first entry on). Slow
+    /// consumers are cut through `transports`.
     pub fn new(
         io: SocketIo,
         metrics: Arc<Metrics>,
         transports: Arc<Transports>,
         retention: Retention,
         log: DeliveryLog,
+        revocations: Arc<dyn Revocations>,
     ) -> Self {
         let (control_tx, control) = watch::channel(Offset { epoch: 0, major: 0, minor: 0 });
         let inner = Arc::new(Inner {
@@ -161,11 +169,15 @@ impl Delivery {
             linger: log.linger,
             followers: Mutex::new(HashMap::new()),
             control,
-            on_revoke: OnceLock::new(),
+            revocations,
             claim_problem: Mutex::new(None),
             in_use: Mutex::new(None),
         });
-        let always = Role { stream: Stream::Control, permanent: true, from_start: log.local };
+        let from = match log.control_from {
+            None => ReadFrom::Start,
+            Some(mark) => ReadFrom::Mark(mark),
+        };
+        let always = Role { stream: Stream::Control, permanent: true, from };
         let following = inner.start_with(always, control_tx);
         inner.followers().insert(always.stream, following);
         Delivery(inner)
@@ -233,19 +245,12 @@ impl Delivery {
         Ok(done)
     }
 
-    /// Sets what every instance does with revocations (once, at start-up).
-    pub fn on_revoke(&self, revocations: Arc<dyn Revocations>) {
-        let _ = self.0.on_revoke.set(revocations);
-    }
-
     /// Remembers a revocation (its JSON; see [`Revocations::remember`]),
     /// then logs it to the control stream, which every instance applies in
     /// order, and before any event logged after it. Returns once this
     /// instance has applied it.
     pub async fn revoke(&self, revocation: String) -> Result<(), DeliveryError> {
-        if let Some(revocations) = self.0.on_revoke.get() {
-            revocations.remember(&revocation).await.map_err(DeliveryError::Store)?;
-        }
+        self.0.revocations.remember(&revocation).await.map_err(DeliveryError::Store)?;
         let appends = self.append(vec![(Stream::Control, NewEntry::Revocation(revocation))]).await?;
         match tokio::time::timeout(self.0.apply_wait, self.0.applied(&appends.streams)).await {
             Ok(()) => Ok(()),
@@ -292,10 +297,19 @@ impl Delivery {
         })
     }
 
-    /// Why this instance is not ready to serve the fleet: another layout of
-    /// the log (an older version, another shard count) uses its keys.
-    pub fn claim_problem(&self) -> Option<String> {
-        self.0.claim_problem.lock().clone()
+    /// `/readyz`'s probe of a fleet's log: `redis` answers, and no other
+    /// layout of the log (an older version, another shard count) uses its
+    /// keys (the fleet would be split).
+    pub fn probe(&self, redis: Redis) -> Probe {
+        let delivery = self.clone();
+        Arc::new(move || {
+            let answer = match (redis.is_healthy(), delivery.0.claim_problem.lock().clone()) {
+                (false, _) => Err("redis is unreachable".to_owned()),
+                (true, Some(why)) => Err(why),
+                (true, None) => Ok(()),
+            };
+            Box::pin(async move { answer })
+        })
     }
 }
 

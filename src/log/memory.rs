@@ -4,11 +4,11 @@
 //! least once per blocking read. The idempotency keys of the shard's events
 //! are remembered beside it ([`Seen`]).
 
-use parking_lot::{Mutex, MutexGuard};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::Notify;
 
 use crate::idempotency::Seen;

@@ -1,7 +1,7 @@
-//! A small TCP proxy in front of a gateway, on loopback, so that tests can
-//! cut every live connection at once (both sides reset, as when a load
-//! balancer or a network path dies) and switch the upstream (an instance
-//! restarted on another port).
+//! A small TCP proxy in front of a gateway (or of Redis), on loopback, so
+//! that tests can cut every live connection at once (both sides reset, as
+//! when a load balancer or a network path dies), switch the upstream (an
+//! instance restarted on another port), and hold new connections back.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,13 +17,14 @@ const MAX_PAIRS: usize = 8192;
 /// Longest a proxy waits for the upstream to accept.
 const UPSTREAM_CONNECT: Duration = Duration::from_secs(2);
 
-#[derive(Default)]
 struct Shared {
     upstream: Mutex<Option<SocketAddr>>,
     pairs: Mutex<HashMap<u64, AbortHandle>>,
     next_id: AtomicU64,
     cuts: AtomicU64,
     accepted: AtomicU64,
+    /// Connections accepted past this many wait until it is raised.
+    forward_first: tokio::sync::watch::Sender<u64>,
 }
 
 /// A running proxy. Dropping it stops it and closes every pair.
@@ -39,8 +40,14 @@ impl Proxy {
         assert!(upstream.ip().is_loopback(), "the proxy only forwards to loopback");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("the proxy binds");
         let addr = listener.local_addr().unwrap();
-        let shared = Arc::new(Shared::default());
-        *shared.upstream.lock().unwrap() = Some(upstream);
+        let shared = Arc::new(Shared {
+            upstream: Mutex::new(Some(upstream)),
+            pairs: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            cuts: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            forward_first: tokio::sync::watch::Sender::new(u64::MAX),
+        });
         let accept = tokio::spawn(accept_loop(listener, shared.clone())).abort_handle();
         Proxy { addr, shared, accept }
     }
@@ -64,6 +71,20 @@ impl Proxy {
         }
         self.shared.cuts.fetch_add(pairs.len() as u64, Ordering::SeqCst);
         pairs.len()
+    }
+
+    /// From now on, only the first `n` connections ever accepted are
+    /// forwarded; later ones wait (held open, unanswered) until
+    /// [`Proxy::forward_all`].
+    #[allow(dead_code)]
+    pub fn forward_only_first(&self, n: u64) {
+        self.shared.forward_first.send_replace(n);
+    }
+
+    /// Forwards every connection, the held ones first.
+    #[allow(dead_code)]
+    pub fn forward_all(&self) {
+        self.shared.forward_first.send_replace(u64::MAX);
     }
 
     /// Pairs cut so far, over every `cut_all`.
@@ -99,7 +120,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
-        shared.accepted.fetch_add(1, Ordering::SeqCst);
+        let number = shared.accepted.fetch_add(1, Ordering::SeqCst) + 1;
         if shared.pairs.lock().unwrap().len() >= MAX_PAIRS {
             continue; // dropped: closed at once
         }
@@ -109,8 +130,10 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         // The pair is registered before it runs, so a cut never misses one
         // that is still connecting upstream.
         let (go, ready) = tokio::sync::oneshot::channel::<()>();
+        let mut forward_first = shared.forward_first.subscribe();
         let task = tokio::spawn(async move {
             let _ = ready.await;
+            let _ = forward_first.wait_for(|first| number <= *first).await;
             pipe(client, upstream).await;
             shared_for_pair.pairs.lock().unwrap().remove(&id);
         });

@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::client::{Client, ConnectError};
-use crate::fleet::Redis;
+use crate::fleet::{Redis, in_fleet};
 use crate::helpers::*;
+use crate::proxy::Proxy;
 
 async fn revoke(app: &TestApp, body: Value) -> (u16, Value) {
     let res = app.http.post(app.url("/v1/access/revoke")).bearer_auth(PUBLISH_TOKEN).json(&body).send().await.unwrap();
@@ -263,4 +264,30 @@ async fn a_subscribe_racing_a_revocation_never_joins_after_it() {
         let expected = if kind == "campaign" { 1.0 } else { 0.0 };
         assert_eq!(metric(&m, &format!("herald_subscriptions{{kind=\"{kind}\"}}")), expected, "{kind}: {m}");
     }
+}
+
+/// An instance applies every revocation logged after it started, however
+/// late it first reads the control stream: here its reads are held back (a
+/// proxy in front of Redis forwards only the connection it starts with)
+/// while alice connects to it and another instance revokes her; once its
+/// reads go through, alice is disconnected. (Before 0.3 it began reading at
+/// the stream's head when it first reached it, past the revocation.)
+#[tokio::test]
+async fn a_revocation_logged_before_an_instance_first_reads_the_log_reaches_its_sockets() {
+    let Some(redis) = Redis::start().await else { return };
+    let a = spawn_app_with(Backend::Sqlite, |c| in_fleet(c, &redis.url(), "late-reader")).await;
+    let proxy = Proxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    // The connection the instance opens at start is forwarded; its followers' reads wait.
+    proxy.forward_only_first(1);
+    let via_proxy = format!("redis://{}", proxy.addr());
+    let b = spawn_app_on(&a.database_url, |c| in_fleet(c, &via_proxy, "late-reader")).await;
+    let mut alice = b.connect("alice").await;
+    let (status, _) = revoke(&a, json!({ "userId": "alice" })).await;
+    assert_eq!(status, 202);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!alice.is_closed(), "instance b cannot read the log yet");
+    proxy.forward_all();
+    assert!(alice.closed_within(Duration::from_secs(10)).await, "the revocation reached alice on instance b");
+    assert!(alice.got_disconnect_packet());
+    let _ = alice.next_event(Duration::from_millis(10)).await;
 }
