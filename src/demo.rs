@@ -122,7 +122,11 @@ async fn publish_demo(State(state): State<Arc<DemoState>>, body: Bytes) -> Respo
     };
     match state.delivery.publish(std::slice::from_ref(&event)).await {
         Ok(published) => (StatusCode::ACCEPTED, Json(json!({ "accepted": published.accepted }))).into_response(),
-        Err(e) => PublishError::from(e).into_response(),
+        Err(e) => {
+            let refused = PublishError::from(e);
+            refused.log("demo publish refused");
+            refused.into_response()
+        }
     }
 }
 

@@ -24,9 +24,10 @@ use http_body_util::BodyExt;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 
-use crate::delivery::{Delivery, DeliveryError, Published};
+use crate::delivery::{Delivery, DeliveryError, Published, RevocationError};
 use crate::events::{self, Event, InvalidEvent};
 use crate::idempotency::{self, IdempotencyKey};
+use crate::log::LogError;
 use crate::telemetry::Metrics;
 
 /// Why a publish was refused.
@@ -43,52 +44,60 @@ pub enum PublishError {
     #[error(transparent)]
     Invalid(#[from] InvalidEvent),
     #[error("the event log is unavailable; nothing more was published")]
-    Unavailable { accepted: usize },
+    Unavailable {
+        accepted: usize,
+        #[source]
+        source: LogError,
+    },
     #[error("the event log did not answer in time; the unknown events may still be published")]
-    Unknown { accepted: usize, unknown: usize },
+    Unknown {
+        accepted: usize,
+        unknown: usize,
+        #[source]
+        source: LogError,
+    },
     #[error("the membership store is unavailable; nothing was revoked")]
-    StoreUnavailable,
+    StoreUnavailable(#[source] RevocationError),
     #[error("internal error")]
-    Internal,
+    Internal(#[source] serde_json::Error),
 }
 
 impl PublishError {
+    /// Logs the refusal where it is answered: the client's mistakes at
+    /// `info`, herald's dependencies failing at `warn`, with their causes.
+    pub(crate) fn log(&self, what: &'static str) {
+        let (status, error) = (self.status().as_u16(), crate::telemetry::error_chain(self));
+        if self.status().is_server_error() {
+            tracing::warn!(status, %error, "{what}");
+        } else {
+            tracing::info!(status, %error, "{what}");
+        }
+    }
+
     pub(crate) fn status(&self) -> StatusCode {
         match self {
             PublishError::Unauthorized => StatusCode::UNAUTHORIZED,
             PublishError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             PublishError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             PublishError::BadBody | PublishError::Invalid(_) => StatusCode::BAD_REQUEST,
-            PublishError::Unavailable { .. } | PublishError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            PublishError::Unavailable { .. } | PublishError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             PublishError::Unknown { .. } => StatusCode::GATEWAY_TIMEOUT,
-            PublishError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            PublishError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
 
-/// The one mapping of a delivery failure to the HTTP answer (and its log
-/// line): the log unavailable is a 503 that says how much was handed over,
-/// the log silent a 504 that also says how much may have been; an event
-/// herald could not encode is its own bug, a 500.
+/// The one mapping of a delivery failure to the HTTP answer: the log
+/// unavailable is a 503 that says how much was handed over, the log silent a
+/// 504 that also says how much may have been; an event herald could not
+/// encode is its own bug, a 500. The cause is kept, for the handler's log line.
 impl From<DeliveryError> for PublishError {
     fn from(e: DeliveryError) -> Self {
         match e {
-            DeliveryError::LogUnavailable { accepted, reason } => {
-                tracing::warn!(accepted, error = %reason, "the event log is unavailable");
-                PublishError::Unavailable { accepted }
-            }
-            DeliveryError::Unknown { accepted, unknown, reason } => {
-                tracing::warn!(accepted, unknown, error = %reason, "the event log did not answer in time");
-                PublishError::Unknown { accepted, unknown }
-            }
-            DeliveryError::Store(reason) => {
-                tracing::warn!(error = %reason, "the membership store is unavailable");
-                PublishError::StoreUnavailable
-            }
-            DeliveryError::Encode(reason) => {
-                tracing::error!(error = %reason, "an event could not be encoded");
-                PublishError::Internal
-            }
+            DeliveryError::LogUnavailable { accepted, source } => PublishError::Unavailable { accepted, source },
+            DeliveryError::Unknown { accepted, unknown, source } => PublishError::Unknown { accepted, unknown, source },
+            DeliveryError::Store(source) => PublishError::StoreUnavailable(source),
+            DeliveryError::Encode(source) => PublishError::Internal(source),
         }
     }
 }
@@ -97,10 +106,10 @@ impl IntoResponse for PublishError {
     fn into_response(self) -> Response {
         let status = self.status();
         let body = match &self {
-            PublishError::Unavailable { accepted } => {
+            PublishError::Unavailable { accepted, .. } => {
                 json!({ "error": self.to_string(), "accepted": accepted })
             }
-            PublishError::Unknown { accepted, unknown } => {
+            PublishError::Unknown { accepted, unknown, .. } => {
                 json!({ "error": self.to_string(), "accepted": accepted, "unknown": unknown })
             }
             _ => json!({ "error": self.to_string() }),
@@ -159,7 +168,7 @@ async fn publish(State(state): State<Arc<PublishState>>, headers: HeaderMap, bod
             (StatusCode::ACCEPTED, Json(json!({ "accepted": accepted, "duplicates": duplicates }))).into_response()
         }
         Err(e) => {
-            tracing::info!(status = status.as_u16(), error = %e, "publish refused");
+            e.log("publish refused");
             e.into_response()
         }
     }

@@ -34,6 +34,10 @@ pub enum RedisError {
     Timeout(Duration),
     #[error("no Redis Cluster node serves slot {0}")]
     NoNodeForSlot(u16),
+    #[error("redis did not answer its latest ping")]
+    Unreachable,
+    #[error("redis answered {0} herald cannot read")]
+    Unreadable(&'static str),
 }
 
 /// Where the fleet's Redis is, and how long one operation may take.

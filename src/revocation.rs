@@ -36,7 +36,7 @@ use serde_json::json;
 use socketioxide::SocketIo;
 
 use crate::auth::{User, UserId, unix_now};
-use crate::delivery::{RevocationFuture, Revocations};
+use crate::delivery::{RevocationError, RevocationFuture, Revocations};
 use crate::events::InvalidEvent;
 use crate::gateway::{Gateway, user_room};
 use crate::publish::{PublishError, PublishState, read_checked_body};
@@ -82,7 +82,7 @@ async fn revoke(State(state): State<Arc<PublishState>>, headers: HeaderMap, body
             })?;
         let revocation =
             Revocation { user_id: request.user_id, campaign_id: request.campaign_id, revoked_at: unix_now() };
-        let json = serde_json::to_string(&revocation).map_err(|_| PublishError::Internal)?;
+        let json = serde_json::to_string(&revocation).map_err(PublishError::Internal)?;
         state.delivery.revoke(json).await?;
         tracing::info!(user = revocation.user_id.as_str(), campaign = ?revocation.campaign_id, "access revoked");
         Ok::<(), PublishError>(())
@@ -91,7 +91,7 @@ async fn revoke(State(state): State<Arc<PublishState>>, headers: HeaderMap, body
     match result {
         Ok(()) => (StatusCode::ACCEPTED, Json(json!({ "revoked": true }))).into_response(),
         Err(e) => {
-            tracing::info!(status = e.status().as_u16(), error = %e, "revocation refused");
+            e.log("revocation refused");
             e.into_response()
         }
     }
@@ -105,9 +105,9 @@ struct Handler {
 
 impl Revocations for Handler {
     /// A user's revocation is stored before it is logged.
-    fn remember<'a>(&'a self, json: &'a str) -> RevocationFuture<'a, Result<(), String>> {
+    fn remember<'a>(&'a self, json: &'a str) -> RevocationFuture<'a, Result<(), RevocationError>> {
         Box::pin(async move {
-            let revocation: Revocation = serde_json::from_str(json).map_err(|e| e.to_string())?;
+            let revocation: Revocation = serde_json::from_str(json)?;
             if revocation.campaign_id.is_some() {
                 return Ok(());
             }
@@ -116,7 +116,7 @@ impl Revocations for Handler {
                 .access
                 .remember_user_revocation(&user, revocation.revoked_at)
                 .await
-                .map_err(|e| crate::telemetry::error_chain(&*e))
+                .map_err(|e| Box::new(e) as RevocationError)
         })
     }
 

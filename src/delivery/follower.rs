@@ -249,7 +249,7 @@ impl Follower {
             let (reader, head) = match reached.await {
                 Ok(reached) => reached,
                 Err(e) => {
-                    tracing::debug!(%stream, error = %e, "event log: unreachable; retrying");
+                    tracing::debug!(%stream, error = %error_chain(&e), "event log: unreachable; retrying");
                     if !self.while_unreachable().await {
                         return;
                     }

@@ -56,13 +56,16 @@ pub use joins::{JoinResult, Joined};
 /// A future of the revocation hooks.
 pub type RevocationFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Why a revocation could not be remembered.
+pub type RevocationError = Box<dyn std::error::Error + Send + Sync>;
+
 /// What an instance does with revocations (given at start-up). The log
 /// carries their JSON, which delivery does not read.
 pub trait Revocations: Send + Sync + 'static {
     /// On the instance that logs it, before it is logged: what must outlive
     /// the log (a user's revocation, in the store). When it fails, nothing
     /// is logged.
-    fn remember<'a>(&'a self, json: &'a str) -> RevocationFuture<'a, Result<(), String>>;
+    fn remember<'a>(&'a self, json: &'a str) -> RevocationFuture<'a, Result<(), RevocationError>>;
 
     /// On every instance, in the control stream's order.
     fn apply(&self, json: String) -> RevocationFuture<'_, ()>;
@@ -82,18 +85,27 @@ pub enum DeliveryError {
     /// The event log (Redis) is unavailable. `accepted` events of the batch
     /// were handed over before it failed; none of the others was.
     #[error("the event log is unavailable")]
-    LogUnavailable { accepted: usize, reason: String },
+    LogUnavailable {
+        accepted: usize,
+        #[source]
+        source: LogError,
+    },
     /// The event log did not answer in time: after the first `accepted`
     /// events of the batch (handed over), the next `unknown` may or may not
     /// have been (Redis may still append them); none of the others was.
     #[error("the event log did not answer in time")]
-    Unknown { accepted: usize, unknown: usize, reason: String },
+    Unknown {
+        accepted: usize,
+        unknown: usize,
+        #[source]
+        source: LogError,
+    },
     /// A revocation could not be remembered (the store failed): nothing was logged.
     #[error("the store is unavailable")]
-    Store(String),
+    Store(#[source] RevocationError),
     /// The event could not be serialized (a bug, never the publisher's fault).
-    #[error("the event could not be encoded: {0}")]
-    Encode(String),
+    #[error("the event could not be encoded")]
+    Encode(#[source] serde_json::Error),
 }
 
 struct Inner {
@@ -193,7 +205,7 @@ impl Delivery {
         let shards = self.0.log.shards();
         let mut entries = Vec::with_capacity(events.len());
         for event in events {
-            let envelope = serde_json::to_string(&event.envelope).map_err(|e| DeliveryError::Encode(e.to_string()))?;
+            let envelope = serde_json::to_string(&event.envelope).map_err(DeliveryError::Encode)?;
             let campaign = event.payload.campaign_id();
             entries.push((
                 Stream::Shard(shard_of(campaign, shards)),
@@ -221,8 +233,8 @@ impl Delivery {
     async fn append(&self, entries: Vec<(Stream, NewEntry)>) -> Result<Appends, DeliveryError> {
         let log = &self.0.log;
         let failed = |accepted: usize, unknown: usize, e: LogError| match e {
-            LogError::Unknown(reason) => DeliveryError::Unknown { accepted, unknown, reason },
-            e => DeliveryError::LogUnavailable { accepted, reason: e.to_string() },
+            source @ LogError::Unknown(_) => DeliveryError::Unknown { accepted, unknown, source },
+            source => DeliveryError::LogUnavailable { accepted, source },
         };
         if log.atomic_across_streams() {
             let n = entries.len();
@@ -255,11 +267,9 @@ impl Delivery {
         match tokio::time::timeout(self.0.apply_wait, self.0.applied(&appends.streams)).await {
             Ok(()) => Ok(()),
             // Logged: every instance will apply it; a retry is harmless.
-            Err(_) => Err(DeliveryError::Unknown {
-                accepted: 0,
-                unknown: 1,
-                reason: "logged, but not applied by this instance in time".into(),
-            }),
+            Err(_) => {
+                Err(DeliveryError::Unknown { accepted: 0, unknown: 1, source: LogError::NotApplied(self.0.apply_wait) })
+            }
         }
     }
 

@@ -46,6 +46,7 @@ pub use memory::MemoryLog;
 pub use stream::StreamLog;
 
 use crate::events::EventKind;
+use crate::redis::RedisError;
 use crate::rooms::{CampaignId, Room};
 
 /// One ordered sequence of the log.
@@ -217,12 +218,15 @@ pub struct Head {
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     /// Redis failed, or was known to be down: nothing was appended.
-    #[error("the event log is unavailable: {0}")]
-    Unavailable(String),
+    #[error("the event log is unavailable")]
+    Unavailable(#[source] RedisError),
     /// An append did not complete in time (or its connection broke): Redis
     /// may still carry it out.
-    #[error("the event log did not answer: {0}")]
-    Unknown(String),
+    #[error("the event log did not answer")]
+    Unknown(#[source] RedisError),
+    /// An entry was logged, but this instance did not apply it in time.
+    #[error("logged, but not applied by this instance within {0:?}")]
+    NotApplied(Duration),
     /// Entries after the position asked for were dropped before they were read.
     #[error("entries were dropped before they were read")]
     Gap,

@@ -41,7 +41,6 @@ use std::time::Duration;
 
 use crate::redis::{Conn, Redis, RedisError};
 use crate::rooms::Room;
-use crate::telemetry::error_chain;
 
 use super::{
     Appended, Appends, Entry, EventLog, Head, LogError, LogFuture, LogReader, Logged, NewEntry, Offset, Position,
@@ -205,7 +204,7 @@ impl StreamLog {
     async fn bounded<T>(&self, fut: impl Future<Output = redis::RedisResult<T>>) -> Result<T, LogError> {
         self.redis.bounded(fut).await.map_err(|e| {
             self.redis.failed();
-            LogError::Unavailable(error_chain(&e))
+            LogError::Unavailable(e)
         })
     }
 
@@ -249,15 +248,11 @@ impl StreamLog {
             Ok(reply) => reply,
             Err(e) => {
                 self.redis.failed();
-                return Err(if not_run(&e) {
-                    LogError::Unavailable(error_chain(&e))
-                } else {
-                    LogError::Unknown(error_chain(&e))
-                });
+                return Err(if not_run(&e) { LogError::Unavailable(e) } else { LogError::Unknown(e) });
             }
         };
         // It ran: a reply herald cannot read does not undo it.
-        let unreadable = || LogError::Unknown("an unreadable append reply".into());
+        let unreadable = || LogError::Unknown(RedisError::Unreadable("an append's reply"));
         let (duplicates, pairs) = reply.split_last().ok_or_else(unreadable)?;
         if pairs.len() != streams.len() * 2 {
             return Err(unreadable());
@@ -294,8 +289,8 @@ fn not_run(error: &RedisError) -> bool {
                         | ErrorKind::ClusterConnectionNotFound
                 )
         }
-        RedisError::NoNodeForSlot(_) => true,
-        RedisError::Timeout(_) => false,
+        RedisError::NoNodeForSlot(_) | RedisError::Unreachable => true,
+        RedisError::Timeout(_) | RedisError::Unreadable(_) => false,
     }
 }
 
@@ -339,7 +334,7 @@ impl EventLog for StreamLog {
     fn append(&self, entries: Vec<(Stream, NewEntry)>) -> LogFuture<'_, Appends> {
         Box::pin(async move {
             if !self.redis.is_healthy() {
-                return Err(LogError::Unavailable("redis is unreachable".into()));
+                return Err(LogError::Unavailable(RedisError::Unreachable));
             }
             if self.atomic_across_streams() {
                 return self.append_at_once(&entries, None).await;
@@ -374,7 +369,7 @@ impl EventLog for StreamLog {
             let mut conn = self.redis.conn();
             let (epoch, last): (String, String) =
                 self.bounded(self.head.key(log).key(epoch).key(keys).invoke_async(&mut conn)).await?;
-            let unreadable = || LogError::Unavailable("an unreadable head".into());
+            let unreadable = || LogError::Unavailable(RedisError::Unreadable("a stream's head"));
             Ok(Head {
                 epoch: epoch.parse().map_err(|_| unreadable())?,
                 last: Position::from_stream_id(&last).ok_or_else(unreadable)?,
@@ -385,8 +380,7 @@ impl EventLog for StreamLog {
     fn reader(&self, stream: Stream) -> LogFuture<'_, Box<dyn LogReader>> {
         Box::pin(async move {
             let key = self.keys(stream).0;
-            let conn =
-                self.redis.dedicated(&key, BLOCK_MAX).await.map_err(|e| LogError::Unavailable(error_chain(&e)))?;
+            let conn = self.redis.dedicated(&key, BLOCK_MAX).await.map_err(LogError::Unavailable)?;
             let reader: Box<dyn LogReader> = Box::new(StreamReader { conn, stream: key });
             Ok(reader)
         })
@@ -459,8 +453,8 @@ impl EventLog for StreamLog {
                             self.redis.prefix()
                         )));
                     }
-                    Ok(Err(e)) => return Err(LogError::Unavailable(error_chain(&e))),
-                    Err(_) => return Err(LogError::Unavailable("timed out".into())),
+                    Ok(Err(e)) => return Err(LogError::Unavailable(e.into())),
+                    Err(_) => return Err(LogError::Unavailable(RedisError::Timeout(self.redis.op_timeout()))),
                 };
             match held {
                 Some(layout) if layout != self.layout() => Err(LogError::Claimed(format!(
@@ -493,7 +487,7 @@ impl LogReader for StreamReader {
             let reply: redis::RedisResult<Option<redis::streams::StreamReadReply>> =
                 redis::AsyncCommands::xread_options(&mut self.conn, &[&self.stream], &[&after.stream_id()], &options)
                     .await;
-            let read = reply.map_err(|e| LogError::Unavailable(error_chain(&e))).and_then(|reply| {
+            let read = reply.map_err(|e| LogError::Unavailable(e.into())).and_then(|reply| {
                 let ids: Vec<_> = reply.map(|r| r.keys).unwrap_or_default().into_iter().flat_map(|s| s.ids).collect();
                 if ids.iter().any(|entry| of_another_epoch(epoch, entry)) {
                     return Err(LogError::NewEpoch);
