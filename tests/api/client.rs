@@ -27,7 +27,6 @@ pub struct Client {
     /// Whether the server sent a Socket.IO DISCONNECT packet (`41`).
     disconnect_packet: Arc<std::sync::atomic::AtomicBool>,
     /// The Socket.IO session id the server gave.
-    #[allow(dead_code)]
     pub sid: String,
 }
 
@@ -220,7 +219,6 @@ impl Client {
 
     /// Sends an event with an ack id now and returns the ack to come (`None`
     /// after `wait`). The future borrows nothing: several can be in flight.
-    #[allow(dead_code)]
     pub fn emit_in_flight(
         &mut self,
         event: &str,
@@ -242,7 +240,6 @@ impl Client {
 
     /// Subscribes to `kind:<id>` with `since` (any JSON, to send malformed
     /// ones too) and returns the ack.
-    #[allow(dead_code)]
     pub async fn subscribe_since(&mut self, kind: &str, id: &str, since: Value) -> Value {
         self.emit_with_ack(&format!("subscribe_{kind}"), json!({ format!("{kind}Id"): id, "since": since })).await
     }
@@ -272,14 +269,12 @@ impl Client {
     /// Whether the server closed the connection.
     /// How many events arrived before the latest ack (in the order the
     /// frames came).
-    #[allow(dead_code)]
     pub fn events_before_last_ack(&self) -> usize {
         self.events_at_ack.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Whether the server ended the Socket.IO session with a DISCONNECT
     /// packet (final for a stock client) rather than closing the transport.
-    #[allow(dead_code)]
     pub fn got_disconnect_packet(&self) -> bool {
         self.disconnect_packet.load(std::sync::atomic::Ordering::SeqCst)
     }
@@ -299,13 +294,11 @@ impl Client {
 
     /// The next event, waiting as long as it takes; `None` once the
     /// connection is closed and every event that came before was taken.
-    #[allow(dead_code)]
     pub async fn recv_event(&mut self) -> Option<(String, Value)> {
         self.events.recv().await
     }
 
     /// An event that has already arrived, without waiting.
-    #[allow(dead_code)]
     pub fn try_next_event(&mut self) -> Option<(String, Value)> {
         self.events.try_recv().ok()
     }
@@ -313,7 +306,6 @@ impl Client {
     /// A future that resolves when the connection closes; it borrows nothing,
     /// so it can race a call that borrows the client (an ack awaited while a
     /// cut may come).
-    #[allow(dead_code)]
     pub fn on_close(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let closed = self.closed.clone();
         let is_closed = self.is_closed.clone();

@@ -69,7 +69,6 @@ pub async fn spawn_app() -> TestApp {
 
 /// A gateway on SQLite whose sockets may send 1 event per second, 3 at
 /// once, and are disconnected after `strikes` refusals in a row.
-#[allow(dead_code)]
 pub async fn spawn_rate_limited_app(strikes: u32) -> TestApp {
     spawn_app_with(Backend::Sqlite, |c| {
         c.limits.client_event_rate = 1.0;
@@ -91,7 +90,6 @@ pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -
 
 /// A gateway on an existing database (one that another, possibly stopped,
 /// app used: the caller keeps it alive), without inserting the fixture.
-#[allow(dead_code)]
 pub async fn spawn_app_on(database_url: &str, tweak: impl FnOnce(&mut Config)) -> TestApp {
     let dir = tempfile::tempdir().expect("temp dir");
     start_app(dir, database_url.to_owned(), false, tweak).await

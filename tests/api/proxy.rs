@@ -76,13 +76,11 @@ impl Proxy {
     /// From now on, only the first `n` connections ever accepted are
     /// forwarded; later ones wait (held open, unanswered) until
     /// [`Proxy::forward_all`].
-    #[allow(dead_code)]
     pub fn forward_only_first(&self, n: u64) {
         self.shared.forward_first.send_replace(n);
     }
 
     /// Forwards every connection, the held ones first.
-    #[allow(dead_code)]
     pub fn forward_all(&self) {
         self.shared.forward_first.send_replace(u64::MAX);
     }
@@ -90,18 +88,6 @@ impl Proxy {
     /// Pairs cut so far, over every `cut_all`.
     pub fn cuts(&self) -> u64 {
         self.shared.cuts.load(Ordering::SeqCst)
-    }
-
-    /// Pairs live now.
-    #[allow(dead_code)]
-    pub fn live(&self) -> usize {
-        self.shared.pairs.lock().unwrap().len()
-    }
-
-    /// Connections accepted so far.
-    #[allow(dead_code)]
-    pub fn accepted(&self) -> u64 {
-        self.shared.accepted.load(Ordering::SeqCst)
     }
 }
 
