@@ -7,8 +7,8 @@
 //!
 //! The map of the house:
 //!
-//! - [`config`]: every setting, from flags and `HERALD_*` variables; secrets
-//!   from the environment or files.
+//! - [`config`]: every setting, from flags and `HERALD_*` variables (each
+//!   group in `config/groups.rs`); secrets from the environment or files.
 //! - [`auth`]: JWT verification (the handshake) and token minting.
 //! - [`jwks`]: an identity provider's keys (JWKS), fetched and kept fresh.
 //! - [`rooms`]: room names and the ids in them, validated at the edge.
@@ -36,7 +36,7 @@
 //! - [`revocation`]: revoking a user's access (the HTTP route, the log entry,
 //!   applying it on every instance, remembering user revocations).
 //! - [`demo`]: the development demo page and its development-only routes.
-//! - [`limits`]: connection, subscription and event-rate limits.
+//! - [`rate`]: the token bucket behind each socket's event rate limit.
 //! - [`expiry`]: cuts each socket when its token expires, on one shared timer.
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`telemetry`]: logs and metrics.
@@ -55,11 +55,11 @@ pub mod gateway;
 pub mod health;
 pub mod idempotency;
 pub mod jwks;
-pub mod limits;
 pub mod listener;
 pub mod log;
 pub mod pending;
 pub mod publish;
+pub mod rate;
 pub mod redis;
 pub mod revocation;
 pub mod rooms;

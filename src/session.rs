@@ -24,8 +24,8 @@ use socketioxide::SocketError;
 use socketioxide::extract::SocketRef;
 
 use crate::expiry::TimerId;
-use crate::limits::TokenBucket;
 use crate::log::{Logged, Offset};
+use crate::rate::TokenBucket;
 use crate::rooms::{CampaignId, Room};
 use crate::telemetry::Metrics;
 use crate::transport::Transports;

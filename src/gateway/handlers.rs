@@ -12,7 +12,7 @@ use socketioxide::extract::{AckSender, Event, SocketRef, TryData};
 use crate::access::Decision;
 use crate::auth::User;
 use crate::delivery::{Delivery, Joined};
-use crate::limits::Admission;
+use crate::rate::Admission;
 use crate::rooms::RoomKind;
 use crate::session::{JoinRefused, Session};
 

@@ -30,10 +30,11 @@ use tokio::sync::Notify;
 
 use crate::access::Access;
 use crate::auth::{User, Verifier, find_token};
+use crate::config::Limits;
 use crate::delivery::Delivery;
 use crate::expiry::{Expiring, Expiry};
-use crate::limits::{Limits, TokenBucket};
 use crate::pending::PendingSession;
+use crate::rate::TokenBucket;
 use crate::session::Session;
 use crate::telemetry::Metrics;
 use crate::transport::Transports;

@@ -1,35 +1,8 @@
-//! Per-instance and per-socket limits: how many connections, how many
-//! subscriptions per socket, and how fast a socket may send events (a token
-//! bucket). Each limit is a setting, and each hit is counted in a metric.
+//! How fast a socket may send events: a token bucket per socket, with the
+//! strikes that make a flooding socket's disconnection (enforced by the
+//! gateway; the rate, burst and strikes are settings, see [`crate::config`]).
 
 use std::time::Instant;
-
-use clap::Args;
-
-/// The limits in force (settings: `HERALD_MAX_CONNECTIONS`, …).
-#[derive(Debug, Clone, Copy, Args)]
-pub struct Limits {
-    /// Most connections per instance; past it, new handshakes are refused.
-    #[arg(long, env = "HERALD_MAX_CONNECTIONS", default_value_t = 20_000)]
-    pub max_connections: usize,
-
-    /// Most rooms one socket may be subscribed to.
-    #[arg(long, env = "HERALD_MAX_SUBSCRIPTIONS", default_value_t = 128)]
-    pub max_subscriptions: usize,
-
-    /// Client events per second one socket may send, on average (a token bucket).
-    #[arg(long, env = "HERALD_CLIENT_EVENT_RATE", default_value_t = 20.0)]
-    pub client_event_rate: f64,
-
-    /// Client events one socket may send at once (the bucket's size).
-    #[arg(long, env = "HERALD_CLIENT_EVENT_BURST", default_value_t = 200.0)]
-    pub client_event_burst: f64,
-
-    /// Strikes after which the socket is disconnected: each rate-limited event
-    /// adds one, each admitted event takes one away.
-    #[arg(long, env = "HERALD_RATE_LIMIT_STRIKES", default_value_t = 100)]
-    pub rate_limit_strikes: u32,
-}
 
 /// A token bucket: `burst` tokens, refilled at `rate` per second.
 #[derive(Debug)]
