@@ -1,5 +1,5 @@
 //! The listener: herald's own accept loop, so that every connection is
-//! bounded and can be cut.
+//! bounded and can be closed from the request side.
 //!
 //! - `TCP_NODELAY` on every accepted socket: herald's messages are small and
 //!   wait for nothing (Nagle's algorithm plus the peer's delayed ACK held a
@@ -23,7 +23,7 @@
 //!   adds its pong, each write takes away what it wrote), and past a bound
 //!   the connection is reset.
 //! - Each request carries its connection's [`Connection`] in its extensions.
-//!   Cutting it ends what the connection reads at once, and fails its writes
+//!   Closing it ends what the connection reads at once, and fails its writes
 //!   after a grace period (a peer that reads nothing cannot hold it open).
 //!   On a WebSocket, the end of what it reads is an Engine.IO `close` packet,
 //!   handed to engineioxide as if the client had sent it, between two of the
@@ -65,7 +65,7 @@ const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(1);
 /// The connection states.
 const OPEN: u8 = 0;
 /// What it reads ends (with a `close` packet on a WebSocket); writes still go out.
-const CUT: u8 = 1;
+const CLOSING: u8 = 1;
 /// Reads and writes fail; the socket is reset when it is closed.
 const RESET: u8 = 2;
 
@@ -111,8 +111,8 @@ impl Connection {
     /// Ends the connection: what it reads ends now (after the frame being
     /// read, on a WebSocket), and its writes fail after `grace` (what was
     /// queued and a close frame get that long to go out); then it is reset.
-    pub fn cut(&self, grace: Duration) {
-        if self.0.state.compare_exchange(OPEN, CUT, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+    pub fn close(&self, grace: Duration) {
+        if self.0.state.compare_exchange(OPEN, CLOSING, Ordering::SeqCst, Ordering::SeqCst).is_err() {
             return;
         }
         self.0.read.wake();
@@ -224,14 +224,14 @@ impl Frames {
     }
 }
 
-/// A TCP stream that a [`Connection`] can cut.
+/// A TCP stream that a [`Connection`] can close.
 struct CuttableStream {
     inner: TcpStream,
     connection: Connection,
     lingers: bool,
     /// The client's frames, once the connection is a WebSocket.
     frames: Option<Frames>,
-    /// How much of [`CLOSE_PACKET_FRAME`] was read, once the cut began it.
+    /// How much of [`CLOSE_PACKET_FRAME`] was read, once closing began it.
     close_sent: Option<usize>,
     /// Bytes of replies to the peer's control frames that may still wait
     /// to be written (each ping adds its pong; each write takes away what
@@ -254,7 +254,7 @@ impl CuttableStream {
             let _ = self.inner.set_zero_linger();
             self.lingers = true;
         }
-        io::Error::new(io::ErrorKind::ConnectionReset, "the connection was cut")
+        io::Error::new(io::ErrorKind::ConnectionReset, "the connection was closed by herald")
     }
 
     fn poll_writable<T>(
@@ -310,9 +310,9 @@ impl CuttableStream {
         Poll::Ready(Ok(()))
     }
 
-    /// After a cut: on a WebSocket, the rest of the frame being read, then
+    /// Once closing: on a WebSocket, the rest of the frame being read, then
     /// the `close` packet, then the end; otherwise the end at once.
-    fn poll_read_cut(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read_closing(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let Some(frames) = self.frames.as_mut() else { return Poll::Ready(Ok(())) };
         if self.close_sent.is_none() {
             if !frames.at_boundary() {
@@ -354,7 +354,7 @@ impl AsyncRead for CuttableStream {
                 }
                 Poll::Ready(Ok(()))
             }
-            CUT => this.poll_read_cut(cx, buf),
+            CLOSING => this.poll_read_closing(cx, buf),
             _ => Poll::Ready(Err(this.reset_error())),
         }
     }
@@ -464,7 +464,7 @@ impl http_body::Body for TimedBody {
         }
         this.metrics.limits_hit.get_or_create(&[("limit", "body_timeout")]).inc();
         tracing::info!("a request body did not arrive within the body timeout; closing its connection");
-        this.connection.cut(Duration::from_secs(2));
+        this.connection.close(Duration::from_secs(2));
         Poll::Ready(Some(Err(Box::new(BodyTimedOut))))
     }
 
@@ -645,7 +645,7 @@ mod tests {
                 assert_eq!(frames.at_boundary(), boundaries.contains(&end), "reads of {chunk}, at {end}");
             }
         }
-        // Reading at most what is left of a frame (the cut path) stops on each boundary.
+        // Reading at most what is left of a frame (the closing path) stops on each boundary.
         let (mut frames, mut at, mut found) = (Frames::default(), 0, vec![0]);
         while at < stream.len() {
             let n = (frames.left_in_frame().max(1) as usize).min(stream.len() - at);

@@ -266,7 +266,7 @@ impl Session {
             return false;
         }
         if let Err(SocketError::InternalChannelFull) = socket.clone().disconnect() {
-            transports.cut(socket);
+            transports.close_transport(socket);
         }
         true
     }
@@ -279,7 +279,7 @@ impl Session {
         if !self.close(socket) {
             return false;
         }
-        transports.cut(socket);
+        transports.close_transport(socket);
         true
     }
 

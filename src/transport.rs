@@ -9,13 +9,13 @@
 //! `"transport close"` or `"transport error"` and reconnects by itself:
 //!
 //! - a WebSocket (opened directly, or upgraded from long-polling): its TCP
-//!   connection is cut ([`Connection::cut`]): engineioxide reads an Engine.IO
+//!   connection is closed ([`Connection::close`]): engineioxide reads an Engine.IO
 //!   `close` packet, closes the session, writes what was queued and a close
 //!   frame, and drops the connection;
 //! - long-polling: the Engine.IO session is ended with an Engine.IO `close`
 //!   packet handed to engineioxide as if the client had posted it, so the
 //!   client's next poll fails;
-//! - in the middle of an upgrade, the cut waits (at most [`CUT_GRACE`]) for
+//! - in the middle of an upgrade, closing waits (at most [`CLOSE_GRACE`]) for
 //!   the upgrade to finish, then cuts the WebSocket. The stock client pauses
 //!   its polling once the server answered its probe; if the probe's
 //!   WebSocket died then, it would stay paused, neither polling nor
@@ -46,11 +46,11 @@ use crate::pending::{PendingRefused, PendingSessions};
 /// Where the Socket.IO endpoint is served.
 pub const SOCKET_IO_PATH: &str = "/socket.io";
 
-/// How long a cut connection gets to write what was queued for it and a
+/// How long a closed connection gets to write what was queued for it and a
 /// close frame before it is reset. A peer that reads nothing is gone by then.
-pub const CUT_GRACE: Duration = Duration::from_secs(2);
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
-/// How often a cut in the middle of an upgrade looks whether it finished.
+/// How often closing in the middle of an upgrade looks whether it finished.
 const UPGRADE_POLL: Duration = Duration::from_millis(10);
 
 /// The request headers the Socket.IO endpoint reads: the WebSocket key of an
@@ -67,7 +67,7 @@ struct WebSocketConnection(Connection);
 /// Socket.IO request (each `SocketIoLayer::layer` call makes a new engine).
 pub type Engine = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
-/// The transports herald can cut: the connections of upgraded sockets, and
+/// The transports herald can close: the connections of upgraded sockets, and
 /// the Socket.IO service to end polling sessions with; and the sessions
 /// that have not connected yet.
 pub struct Transports {
@@ -94,7 +94,7 @@ impl Transports {
     }
 
     /// Prepares a request for socketioxide: a Socket.IO request keeps only
-    /// what it needs, and its connection is remembered where a cut finds it.
+    /// what it needs, and its connection is remembered where closing finds it.
     /// A handshake (a request without a session id) opens a session that
     /// counts as pending until its socket connects; past the bounds it is
     /// refused, and socketioxide never sees it.
@@ -161,9 +161,9 @@ impl Transports {
 
     /// Ends the socket's transport, not its Socket.IO session: the client
     /// sees its connection close and reconnects by itself.
-    pub fn cut(self: &Arc<Self>, socket: &SocketRef) {
+    pub fn close_transport(self: &Arc<Self>, socket: &SocketRef) {
         if let Some(WebSocketConnection(connection)) = socket.req_parts().extensions.get::<WebSocketConnection>() {
-            connection.cut(CUT_GRACE);
+            connection.close(CLOSE_GRACE);
             return;
         }
         let upgrade = self.upgrades.lock().get(&socket.id).cloned();
@@ -172,20 +172,20 @@ impl Transports {
             return;
         };
         if socket.transport_type() == TransportType::Websocket {
-            connection.cut(CUT_GRACE);
+            connection.close(CLOSE_GRACE);
             return;
         }
-        // In the middle of an upgrade: let it finish, then cut the WebSocket.
+        // In the middle of an upgrade: let it finish, then close the WebSocket.
         let (transports, socket) = (self.clone(), socket.clone());
         tokio::spawn(async move {
-            let give_up = tokio::time::Instant::now() + CUT_GRACE;
+            let give_up = tokio::time::Instant::now() + CLOSE_GRACE;
             while socket.transport_type() == TransportType::Polling && tokio::time::Instant::now() < give_up {
                 tokio::time::sleep(UPGRADE_POLL).await;
             }
             if socket.transport_type() == TransportType::Polling {
                 transports.end_polling_session(&socket);
             }
-            connection.cut(CUT_GRACE);
+            connection.close(CLOSE_GRACE);
         });
     }
 

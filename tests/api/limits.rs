@@ -231,7 +231,7 @@ async fn a_client_that_never_reads_is_cut_within_the_bound() {
     let (app, mut fast, mut slow, stall) = fast_and_stalled().await;
     let published = publish_until_slow_consumer(&app).await;
     let cut = std::time::Instant::now();
-    let bound = herald::transport::CUT_GRACE + Duration::from_secs(1);
+    let bound = herald::transport::CLOSE_GRACE + Duration::from_secs(1);
     loop {
         let m = app.metrics().await;
         if metric(&m, "herald_connections") == 1.0 {
