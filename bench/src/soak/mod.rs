@@ -1,0 +1,585 @@
+//! Scenario 7, the churn soak: two herald instances over a private Redis (a shard linger of
+//! 2 s, so that following shards also returns to zero), and a population of persistent clients
+//! spread over both (member i on instance i % 2, in campaign `c<i % campaigns>`). Events are
+//! published one request at a time, alternately through each instance, while every second
+//! `churn` members leave (DISCONNECT, then a close), `churn` new ones arrive, `churn` throwaway
+//! connections are cut mid-handshake (after the open packet, at once after CONNECT, or after its
+//! answer), `churn` are cut at once after a subscribe, and `churn` members have their connection
+//! reset and come back with `since` (the cuts alternate FIN and RST).
+//!
+//! Every 10 s (5 s in runs under a minute) it reads each instance's RSS, CPU and gauges against
+//! the generator's own counts. After the churn it waits for every member to be back and every
+//! event to arrive, checks that the gauges equal what the generator holds, closes every client
+//! (half with DISCONNECT, half with an RST), and checks that `herald_connections`,
+//! `herald_subscriptions` and `herald_pending_sessions` return to exactly 0 on both instances,
+//! and `herald_fleet_shards_followed` too once the linger is over. What the clients were owed
+//! and what they got is in `ledger`.
+
+mod ledger;
+mod member;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+use self::ledger::{Counts, Tally};
+use self::member::{Cmd, Ctx, Cut, Events, Feed, Member};
+use crate::cli::SoakCfg;
+use crate::load::Publisher;
+use crate::proto;
+use crate::results::{round1, round2};
+use crate::servers::{Instance, metric_value};
+use crate::session::{Bench, Session};
+use crate::stats::{self, now_ns};
+
+const INSTANCES: usize = 2;
+const LINGER_S: u64 = 2;
+
+/// What scenario 7 measured.
+#[derive(Debug, Serialize)]
+pub struct Soak {
+    pub instances: usize,
+    pub clients: u32,
+    pub campaigns: u32,
+    pub churn_per_s: u32,
+    pub events_per_s: f64,
+    pub duration_s: f64,
+    pub shard_linger_s: u64,
+    /// The first connect and subscribe of every member.
+    pub setup_s: f64,
+    pub initial_subscribed: u64,
+    pub samples: Vec<Sample>,
+    pub churn: Churn,
+    pub events_accepted: u64,
+    pub publish_errors: u64,
+    pub first_publish_error: Option<String>,
+    pub max_publish_lag_ms: f64,
+    /// What the members received, over the whole run.
+    pub counts: Counts,
+    /// Seqs still owed to members at the end, after the drain (counted as lost).
+    pub owed_at_end: u64,
+    pub drain_s: f64,
+    /// Members not subscribed when told to finish.
+    pub not_back: u64,
+    pub connect_failures: u64,
+    pub first_connect_error: Option<String>,
+    pub server_closes: u64,
+    pub throwaway_failures: u64,
+    pub first_throwaway_error: Option<String>,
+    pub protocol_errors: u64,
+    pub first_protocol_error: Option<String>,
+    /// After the churn, every member back: per instance, the gauges and what the generator holds.
+    pub held: Vec<Held>,
+    /// How long after the drain they matched (`None`: never, within 15 s).
+    pub held_match_after_s: Option<f64>,
+    /// After every client closed: per instance (the gauges, with shards followed once the linger
+    /// is over).
+    pub end: Vec<Gauges>,
+    /// How long after the last close connections, subscriptions and pending sessions were all 0.
+    pub end_zero_after_s: Option<f64>,
+    /// How long after the last close no shard was followed.
+    pub shards_zero_after_s: Option<f64>,
+    pub rss_end_kib: Vec<Option<u64>>,
+    pub generator_cpu_pct: f64,
+}
+
+/// The churn the driver made.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Churn {
+    pub left: u64,
+    pub arrived: u64,
+    pub cut_mid_handshake: u64,
+    pub cut_mid_subscribe: u64,
+    pub dropped: u64,
+    /// A leave or a drop found no subscribed member to pick.
+    pub skipped: u64,
+}
+
+/// An instance's gauges (`None`: not there, or not read).
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Gauges {
+    pub connections: Option<u64>,
+    pub subscriptions: Option<u64>,
+    pub pending_sessions: Option<u64>,
+    pub shards_followed: Option<u64>,
+}
+
+impl Gauges {
+    async fn read(inst: &Instance) -> Gauges {
+        let text = inst.metrics().await;
+        let m = |name: &str| text.as_deref().and_then(|t| metric_value(t, name));
+        Gauges {
+            connections: m("herald_connections"),
+            subscriptions: m("herald_subscriptions"),
+            pending_sessions: m("herald_pending_sessions"),
+            shards_followed: m("herald_fleet_shards_followed"),
+        }
+    }
+
+    fn sockets_zero(&self) -> bool {
+        [self.connections, self.subscriptions, self.pending_sessions].iter().all(|g| *g == Some(0))
+    }
+}
+
+/// An instance's gauges against the members the generator holds on it.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Held {
+    #[serde(flatten)]
+    pub gauges: Gauges,
+    pub generator_connected: u64,
+    pub generator_subscribed: u64,
+}
+
+impl Held {
+    fn matches(&self) -> bool {
+        self.gauges.connections == Some(self.generator_connected)
+            && self.gauges.subscriptions == Some(self.generator_subscribed)
+            && self.gauges.pending_sessions == Some(0)
+    }
+}
+
+/// One reading during the churn.
+#[derive(Clone, Debug, Serialize)]
+pub struct Sample {
+    pub t_s: f64,
+    pub per_instance: Vec<InstanceSample>,
+    pub throwaways_in_flight: u64,
+    pub events_accepted: u64,
+    pub counts: Counts,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct InstanceSample {
+    pub rss_kib: Option<u64>,
+    /// Its CPU time since the previous sample, in % of one core.
+    pub cpu_pct: Option<f64>,
+    #[serde(flatten)]
+    pub held: Held,
+}
+
+/// The store rows the soak's users need: user `s<u>` is a member of campaign `c<u % campaigns>`.
+pub fn membership_rows(cfg: &SoakCfg) -> Vec<(String, String)> {
+    (0..cfg.clients).map(|u| (format!("c{}", u % cfg.campaigns), format!("s{u}"))).collect()
+}
+
+pub async fn scenario_7(b: &Bench) -> Result<Soak> {
+    let sc = &b.cfg.soak;
+    eprintln!(
+        "  [herald] scenario 7: churn soak, {} clients over {INSTANCES} instances + Redis, {} campaigns, churn {}/s \
+         of each kind, {} ev/s, {} s",
+        sc.clients, sc.campaigns, sc.churn, sc.rate, sc.duration_s
+    );
+    let vars = vec![("HERALD_LOG_SHARD_LINGER", format!("{LINGER_S}s"))];
+    let s = Session::start_on_redis(b, INSTANCES, sc.campaigns, vars).await?;
+    let r = soak(b, &s).await;
+    s.stop().await;
+    r
+}
+
+struct Driver {
+    ctx: Arc<Ctx>,
+    clients: u32,
+    campaigns: u32,
+    active: Vec<(Arc<Member>, JoinHandle<()>)>,
+    next_id: u32,
+}
+
+impl Driver {
+    fn arrive(&mut self) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let user = id % self.clients;
+        let (m, rx) = Member::new(id, user, user % self.campaigns, id as usize % INSTANCES);
+        let h = tokio::spawn(member::run(self.ctx.clone(), m.clone(), rx));
+        self.active.push((m, h));
+    }
+
+    /// A random subscribed member's index in `active`.
+    fn pick(&self, rng: &mut fastrand::Rng) -> Option<usize> {
+        if self.active.is_empty() {
+            return None;
+        }
+        (0..64).map(|_| rng.usize(..self.active.len())).find(|&i| self.active[i].0.subscribed())
+    }
+
+    fn all_subscribed(&self) -> bool {
+        self.active.iter().all(|(m, _)| m.subscribed())
+    }
+
+    /// Every member has every accepted event of its campaign.
+    fn caught_up(&self) -> bool {
+        self.active
+            .iter()
+            .all(|(m, _)| m.subscribed() && m.expect() >= self.ctx.feeds[m.campaign as usize].accepted_hi.load(Relaxed))
+    }
+
+    /// Every second, `k` of each kind of churn, one every 1/(5k) s.
+    async fn churn(&mut self, k: u32, duration: Duration, t0: tokio::time::Instant) -> Churn {
+        let mut c = Churn::default();
+        let mut rng = fastrand::Rng::new();
+        if k == 0 {
+            tokio::time::sleep_until(t0 + duration).await;
+            return c;
+        }
+        let spacing = Duration::from_secs_f64(1.0 / (5.0 * k as f64));
+        let ops = (duration.as_secs_f64() * 5.0 * k as f64).round() as u32;
+        for j in 0..ops {
+            tokio::time::sleep_until(t0 + spacing * j).await;
+            let round = j / 5;
+            let (user, rst, inst) = (rng.u32(..self.clients), round % 2 == 1, round as usize % INSTANCES);
+            match j % 5 {
+                0 => match self.pick(&mut rng) {
+                    Some(i) => {
+                        self.active.swap_remove(i).0.tell(Cmd::Leave);
+                        c.left += 1;
+                    }
+                    None => c.skipped += 1,
+                },
+                1 => {
+                    self.arrive();
+                    c.arrived += 1;
+                }
+                2 | 3 => {
+                    let cut = if j % 5 == 3 {
+                        c.cut_mid_subscribe += 1;
+                        Cut::SubscribeSent
+                    } else {
+                        c.cut_mid_handshake += 1;
+                        [Cut::Opened, Cut::ConnectSent, Cut::Connected][(round / 2) as usize % 3]
+                    };
+                    let ctx = self.ctx.clone();
+                    tokio::spawn(member::throwaway(ctx, inst, user, user % self.campaigns, cut, rst));
+                }
+                _ => match self.pick(&mut rng) {
+                    Some(i) => {
+                        self.active[i].0.tell(Cmd::Drop);
+                        c.dropped += 1;
+                    }
+                    None => c.skipped += 1,
+                },
+            }
+        }
+        c
+    }
+}
+
+/// Per instance, its gauges against the members the generator holds on it.
+fn held(ctx: &Ctx, gauges: &[Gauges]) -> Vec<Held> {
+    gauges
+        .iter()
+        .enumerate()
+        .map(|(k, g)| Held {
+            gauges: *g,
+            generator_connected: ctx.connected[k].load(Relaxed),
+            generator_subscribed: ctx.subscribed[k].load(Relaxed),
+        })
+        .collect()
+}
+
+/// The publisher's outcome.
+#[derive(Default)]
+struct Published {
+    accepted: AtomicU64,
+    errors: AtomicU64,
+    first_error: std::sync::Mutex<Option<String>>,
+    max_lag_ns: AtomicU64,
+}
+
+/// `rate` ev/s for `duration`, one request at a time: event i goes to campaign `i % campaigns`,
+/// through instance `(i / campaigns) % instances` (so each campaign's events alternate).
+async fn publish(ctx: &Ctx, pubs: &[Publisher], rate: f64, duration: Duration, out: &Published) {
+    let n = (rate * duration.as_secs_f64()).round() as u64;
+    let ncamp = ctx.feeds.len() as u64;
+    let t0 = tokio::time::Instant::now();
+    for i in 0..n {
+        let due = t0 + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(due).await;
+        out.max_lag_ns.fetch_max(tokio::time::Instant::now().duration_since(due).as_nanos() as u64, Relaxed);
+        let c = (i % ncamp) as usize;
+        let feed = &ctx.feeds[c];
+        let seq = feed.begun.fetch_add(1, Relaxed);
+        match pubs[((i / ncamp) as usize) % pubs.len()].publish(c as u32, now_ns(), seq).await {
+            Ok(()) => {
+                feed.accepted_hi.store(seq + 1, Relaxed);
+                out.accepted.fetch_add(1, Relaxed);
+            }
+            Err(e) => {
+                feed.failed.lock().unwrap_or_else(|e| e.into_inner()).insert(seq);
+                out.errors.fetch_add(1, Relaxed);
+                out.first_error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+            }
+        }
+    }
+}
+
+/// A sample at `t0 + k * every` for every k up to `duration`, and one at its end.
+async fn sample_all(
+    ctx: &Ctx,
+    instances: &[Instance],
+    out: &Published,
+    every: Duration,
+    duration: Duration,
+    t0: tokio::time::Instant,
+) -> Vec<Sample> {
+    let mut times: Vec<Duration> = (0..).map(|k| every * k).take_while(|t| *t <= duration).collect();
+    if times.last() != Some(&duration) {
+        times.push(duration);
+    }
+    let mut samples: Vec<Sample> = Vec::new();
+    let mut cpu_before: Vec<Option<f64>> = instances.iter().map(|i| stats::proc_cpu_fine_s(i.proc.pid)).collect();
+    let mut at_before = Instant::now();
+    for t in times {
+        tokio::time::sleep_until(t0 + t).await;
+        let mut gauges = Vec::new();
+        for inst in instances {
+            gauges.push(Gauges::read(inst).await);
+        }
+        let held = held(ctx, &gauges);
+        let secs = at_before.elapsed().as_secs_f64();
+        at_before = Instant::now();
+        let per_instance = instances
+            .iter()
+            .zip(held)
+            .zip(cpu_before.iter_mut())
+            .map(|((inst, held), before)| {
+                let now = stats::proc_cpu_fine_s(inst.proc.pid);
+                let pct = now.zip(*before).filter(|_| secs > 0.0).map(|(a, b)| round1(100.0 * (a - b) / secs));
+                *before = now;
+                InstanceSample { rss_kib: stats::proc_rss_kib(inst.proc.pid), cpu_pct: pct, held }
+            })
+            .collect();
+        let s = Sample {
+            t_s: round1(t.as_secs_f64()),
+            per_instance,
+            throwaways_in_flight: ctx.events.throwaways_in_flight.load(Relaxed),
+            events_accepted: out.accepted.load(Relaxed),
+            counts: ctx.tally.counts(),
+        };
+        eprintln!("    {}", progress_line(&s));
+        samples.push(s);
+    }
+    samples
+}
+
+fn progress_line(s: &Sample) -> String {
+    let each = |f: &dyn Fn(&InstanceSample) -> String| s.per_instance.iter().map(f).collect::<Vec<_>>().join("/");
+    let opt = |g: Option<u64>| g.map_or("-".to_string(), |v| v.to_string());
+    format!(
+        "t={}s RSS MiB {} | connections {} (gen {}) | subscriptions {} (gen {}) | pending {} | shards {} | events {} | \
+         deliveries {} dup {} silent {} declared {}",
+        s.t_s,
+        each(&|i| i.rss_kib.map_or("-".into(), |k| format!("{:.1}", k as f64 / 1024.0))),
+        each(&|i| opt(i.held.gauges.connections)),
+        each(&|i| i.held.generator_connected.to_string()),
+        each(&|i| opt(i.held.gauges.subscriptions)),
+        each(&|i| i.held.generator_subscribed.to_string()),
+        each(&|i| opt(i.held.gauges.pending_sessions)),
+        each(&|i| opt(i.held.gauges.shards_followed)),
+        s.events_accepted,
+        s.counts.deliveries,
+        s.counts.duplicates,
+        s.counts.silent_events,
+        s.counts.declared_gaps,
+    )
+}
+
+/// Polls `every` until `done` holds or `limit` passed: (seconds it took, the last value).
+async fn poll<T>(limit: Duration, mut read: impl AsyncFnMut() -> T, done: impl Fn(&T) -> bool) -> (Option<f64>, T) {
+    let t = Instant::now();
+    loop {
+        let v = read().await;
+        if done(&v) {
+            return (Some(round2(t.elapsed().as_secs_f64())), v);
+        }
+        if t.elapsed() > limit {
+            return (None, v);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn read_all(instances: &[Instance]) -> Vec<Gauges> {
+    let mut v = Vec::new();
+    for i in instances {
+        v.push(Gauges::read(i).await);
+    }
+    v
+}
+
+async fn soak(b: &Bench, s: &Session<'_>) -> Result<Soak> {
+    let sc = &b.cfg.soak;
+    let instances = s.instances();
+    let ctx = Arc::new(Ctx {
+        key: jsonwebtoken::EncodingKey::from_secret(b.env.jwt_secret.as_bytes()),
+        ws_config: proto::ws_config(b.cfg.read_buffer),
+        addrs: instances.iter().map(|i| i.addr).collect(),
+        feeds: (0..sc.campaigns).map(|_| Feed::default()).collect(),
+        tally: Arc::new(Tally::default()),
+        events: Events::default(),
+        sem: Semaphore::new(b.cfg.connect_concurrency),
+        connected: (0..INSTANCES).map(|_| AtomicU64::new(0)).collect(),
+        subscribed: (0..INSTANCES).map(|_| AtomicU64::new(0)).collect(),
+    });
+    let pubs =
+        instances.iter().map(|i| Publisher::new(&i.base_url(), &b.env.publish_token, 1)).collect::<Result<Vec<_>>>()?;
+    let mut d =
+        Driver { ctx: ctx.clone(), clients: sc.clients, campaigns: sc.campaigns, active: Vec::new(), next_id: 0 };
+
+    // every member connects and subscribes
+    let t_setup = Instant::now();
+    for _ in 0..sc.clients {
+        d.arrive();
+    }
+    let subscribed = || ctx.subscribed.iter().map(|a| a.load(Relaxed)).sum::<u64>();
+    let limit = Duration::from_secs(60) + Duration::from_millis(20 * sc.clients as u64);
+    let (setup_took, initial_subscribed) = poll(limit, async || subscribed(), |&n| n >= sc.clients as u64).await;
+    let setup_s = setup_took.unwrap_or(round2(t_setup.elapsed().as_secs_f64()));
+    eprintln!("    {initial_subscribed} of {} clients subscribed in {setup_s} s", sc.clients);
+    if initial_subscribed == 0 {
+        let e = ctx.events.first_connect_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for (_, h) in &d.active {
+            h.abort();
+        }
+        bail!("no client could subscribe: {}", e.unwrap_or_default());
+    }
+
+    // the churn, the events and the samples, together
+    let duration = Duration::from_secs_f64(sc.duration_s);
+    let every = Duration::from_secs(if sc.duration_s >= 60.0 { 10 } else { 5 });
+    let published = Published::default();
+    let gen0 = stats::self_cpu_s();
+    let t0 = tokio::time::Instant::now();
+    let (samples, churn, ()) = tokio::join!(
+        sample_all(&ctx, instances, &published, every, duration, t0),
+        d.churn(sc.churn, duration, t0),
+        publish(&ctx, &pubs, sc.rate, duration, &published)
+    );
+    let generator_cpu_pct = round1(100.0 * (stats::self_cpu_s() - gen0) / sc.duration_s);
+
+    // every member back, every event delivered
+    eprintln!("    churn over: waiting for every client to be back and every event to arrive");
+    let t_drain = Instant::now();
+    let quiet = b.cfg.quiet;
+    let mut last = (ctx.tally.counts().deliveries, Instant::now());
+    while !(d.all_subscribed() && ctx.events.throwaways_in_flight.load(Relaxed) == 0 && d.caught_up()) {
+        let n = ctx.tally.counts().deliveries;
+        if n != last.0 {
+            last = (n, Instant::now());
+        } else if last.1.elapsed() > quiet.max(Duration::from_secs(5)) || t_drain.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let drain_s = round2(t_drain.elapsed().as_secs_f64());
+
+    // the gauges against what the generator holds: a session whose peer left before its CONNECT
+    // counts as pending until herald's connect timeout (10 s) closes it
+    let (held_match_after_s, gauges) =
+        poll(Duration::from_secs(15), async || read_all(instances).await, |g| held(&ctx, g).iter().all(Held::matches))
+            .await;
+    let held = held(&ctx, &gauges);
+
+    // every client closed: the gauges back to 0
+    eprintln!("    closing every client");
+    for (m, _) in &d.active {
+        m.tell(Cmd::Finish);
+    }
+    let t_close = Instant::now();
+    for (_, h) in d.active.drain(..) {
+        if tokio::time::timeout(Duration::from_secs(10).saturating_sub(t_close.elapsed()), h).await.is_err() {
+            ctx.events.not_back.fetch_add(1, Relaxed);
+        }
+    }
+    let t_closed = Instant::now();
+    let (end_zero_after_s, _) =
+        poll(Duration::from_secs(15), async || read_all(instances).await, |g| g.iter().all(Gauges::sockets_zero)).await;
+    let linger = Duration::from_secs(LINGER_S + 20);
+    let (_, end) = poll(
+        linger,
+        async || read_all(instances).await,
+        |g| g.iter().all(|g| g.sockets_zero() && g.shards_followed == Some(0)),
+    )
+    .await;
+    let shards_zero_after_s =
+        end.iter().all(|g| g.shards_followed == Some(0)).then(|| round2(t_closed.elapsed().as_secs_f64()));
+    let rss_end_kib = instances.iter().map(|i| stats::proc_rss_kib(i.proc.pid)).collect();
+
+    let ev = &ctx.events;
+    let first = |m: &std::sync::Mutex<Option<String>>| m.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Ok(Soak {
+        instances: INSTANCES,
+        clients: sc.clients,
+        campaigns: sc.campaigns,
+        churn_per_s: sc.churn,
+        events_per_s: sc.rate,
+        duration_s: sc.duration_s,
+        shard_linger_s: LINGER_S,
+        setup_s,
+        initial_subscribed,
+        samples,
+        churn,
+        events_accepted: published.accepted.load(Relaxed),
+        publish_errors: published.errors.load(Relaxed),
+        first_publish_error: first(&published.first_error),
+        max_publish_lag_ms: round2(published.max_lag_ns.load(Relaxed) as f64 / 1e6),
+        counts: ctx.tally.counts(),
+        owed_at_end: ev.owed_at_end.load(Relaxed),
+        drain_s,
+        not_back: ev.not_back.load(Relaxed),
+        connect_failures: ev.connect_failures.load(Relaxed),
+        first_connect_error: first(&ev.first_connect_error),
+        server_closes: ev.server_closes.load(Relaxed),
+        throwaway_failures: ev.throwaway_failures.load(Relaxed),
+        first_throwaway_error: first(&ev.first_throwaway_error),
+        protocol_errors: ev.protocol_errors.load(Relaxed),
+        first_protocol_error: first(&ev.first_protocol_error),
+        held,
+        held_match_after_s,
+        end,
+        end_zero_after_s,
+        shards_zero_after_s,
+        rss_end_kib,
+        generator_cpu_pct,
+    })
+}
+
+/// What makes the soak fail: anything duplicated, lost or out of order, a gauge that is not
+/// what the generator holds after the churn or not 0 after the last close, any failed connect,
+/// publish or protocol exchange; with `--smoke`, also a connection the server closed.
+pub fn problems(server: &str, v: &Soak, smoke: bool, out: &mut Vec<String>) {
+    let c = &v.counts;
+    let mut nonzero = |what: &str, x: u64| {
+        if x > 0 {
+            out.push(format!("{server} s7: {what} = {x}"));
+        }
+    };
+    nonzero("duplicates", c.duplicates);
+    nonzero("silent gaps (events)", c.silent_events);
+    nonzero("out of order", c.out_of_order);
+    nonzero("owed at the end", v.owed_at_end);
+    nonzero("not back at the end", v.not_back);
+    nonzero("publish errors", v.publish_errors);
+    nonzero("protocol errors", v.protocol_errors);
+    nonzero("connect failures", v.connect_failures);
+    nonzero("throwaway failures", v.throwaway_failures);
+    if smoke {
+        nonzero("connections closed by the server", v.server_closes);
+    }
+    if v.initial_subscribed < v.clients as u64 {
+        out.push(format!("{server} s7: {} of {} clients subscribed at the start", v.initial_subscribed, v.clients));
+    }
+    if c.deliveries == 0 {
+        out.push(format!("{server} s7: no delivery"));
+    }
+    if v.held_match_after_s.is_none() {
+        out.push(format!("{server} s7: after the churn, the gauges are not what the generator holds: {:?}", v.held));
+    }
+    if v.end_zero_after_s.is_none() || v.shards_zero_after_s.is_none() {
+        out.push(format!("{server} s7: after every client closed, gauges not all 0: {:?}", v.end));
+    }
+}
