@@ -80,9 +80,10 @@ pub struct Soak {
     /// After every client closed: per instance (the gauges, with shards followed once the linger
     /// is over).
     pub end: Vec<Gauges>,
-    /// How long after the last close connections, subscriptions and pending sessions were all 0.
+    /// How long after the last close connections, subscriptions and pending sessions were all 0
+    /// (`None`: not within 22 s).
     pub end_zero_after_s: Option<f64>,
-    /// How long after the last close no shard was followed.
+    /// How long after the last close no shard was followed (`None`: not within 22 s).
     pub shards_zero_after_s: Option<f64>,
     pub rss_end_kib: Vec<Option<u64>>,
     pub generator_cpu_pct: f64,
@@ -495,18 +496,24 @@ async fn soak(b: &Bench, s: &Session<'_>) -> Result<Soak> {
             ctx.events.not_back.fetch_add(1, Relaxed);
         }
     }
+    // sockets at once, shards once the linger is over: the first reading where each is 0
     let t_closed = Instant::now();
-    let (end_zero_after_s, _) =
-        poll(Duration::from_secs(15), async || read_all(instances).await, |g| g.iter().all(Gauges::sockets_zero)).await;
-    let linger = Duration::from_secs(LINGER_S + 20);
-    let (_, end) = poll(
-        linger,
-        async || read_all(instances).await,
-        |g| g.iter().all(|g| g.sockets_zero() && g.shards_followed == Some(0)),
-    )
-    .await;
-    let shards_zero_after_s =
-        end.iter().all(|g| g.shards_followed == Some(0)).then(|| round2(t_closed.elapsed().as_secs_f64()));
+    let (mut end_zero_after_s, mut shards_zero_after_s) = (None, None);
+    let end = loop {
+        let g = read_all(instances).await;
+        let at = Some(round2(t_closed.elapsed().as_secs_f64()));
+        if end_zero_after_s.is_none() && g.iter().all(Gauges::sockets_zero) {
+            end_zero_after_s = at;
+        }
+        if shards_zero_after_s.is_none() && g.iter().all(|g| g.shards_followed == Some(0)) {
+            shards_zero_after_s = at;
+        }
+        let done = end_zero_after_s.is_some() && shards_zero_after_s.is_some();
+        if done || t_closed.elapsed() > Duration::from_secs(LINGER_S + 20) {
+            break g;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let rss_end_kib = instances.iter().map(|i| stats::proc_rss_kib(i.proc.pid)).collect();
 
     let ev = &ctx.events;
