@@ -1,4 +1,5 @@
-//! Human-readable tables, one per scenario, rows per server (stdout).
+//! Human-readable tables, one per scenario, rows per server (stdout). Past 500 lines: one
+//! function per scenario's tables, all on the one `Table` and its formatting helpers.
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
