@@ -13,7 +13,7 @@ use crate::servers::Kind;
 #[derive(Parser, Debug)]
 #[command(name = "herald-bench", version)]
 pub struct Cli {
-    /// Scenarios to run: `all` or a comma-separated list of 1..6.
+    /// Scenarios to run: `all` or a comma-separated list of 1..7.
     #[arg(long, default_value = "all")]
     pub scenario: String,
     /// Servers to run against, comma-separated: herald,node,floor [default: all three; herald with --smoke].
@@ -59,6 +59,22 @@ pub struct Cli {
     /// Scenario 6: seconds of each phase [default: 10; 2 with --smoke].
     #[arg(long)]
     pub fleet_phase: Option<f64>,
+    /// Scenario 7: persistent clients (kept at this number while they churn) [default: 1000; 200 with --smoke].
+    #[arg(long)]
+    pub soak_clients: Option<u32>,
+    /// Scenario 7: per second, this many clients of each kind: leaving, arriving, cut mid-handshake,
+    /// cut mid-subscribe, dropped (RST) and coming back with `since` [default: 5; 3 with --smoke].
+    #[arg(long)]
+    pub soak_churn: Option<u32>,
+    /// Scenario 7: events per second, published one request at a time [default: 20; 10 with --smoke].
+    #[arg(long)]
+    pub soak_rate: Option<f64>,
+    /// Scenario 7: seconds of churn [default: 600; 20 with --smoke].
+    #[arg(long)]
+    pub soak_duration: Option<f64>,
+    /// Scenario 7: campaigns the clients are spread over (client i in `c<i % n>`).
+    #[arg(long, default_value_t = 4)]
+    pub soak_campaigns: u32,
     /// Tiny run for CI: 200 clients, 2-3 s per scenario, herald only; exits non-zero on any loss,
     /// duplicate, protocol error, failed connection or failed publish. Never a timed assertion.
     #[arg(long)]
@@ -113,6 +129,7 @@ pub struct Cfg {
     pub p99_limit_ms: f64,
     pub campaigns: u32,
     pub fleet: FleetCfg,
+    pub soak: SoakCfg,
     pub smoke: bool,
     pub settle: Duration,
     pub quiet: Duration,
@@ -130,6 +147,15 @@ pub struct FleetCfg {
     pub phase_s: f64,
 }
 
+/// Scenario 7's settings.
+pub struct SoakCfg {
+    pub clients: u32,
+    pub churn: u32,
+    pub rate: f64,
+    pub duration_s: f64,
+    pub campaigns: u32,
+}
+
 fn list<T: std::str::FromStr>(what: &str, given: &Option<String>, default: &str) -> Result<Vec<T>> {
     let s = given.as_deref().unwrap_or(default);
     s.split(',').map(|x| x.trim().parse::<T>().map_err(|_| anyhow::anyhow!("bad {what} {x:?}"))).collect()
@@ -138,13 +164,13 @@ fn list<T: std::str::FromStr>(what: &str, given: &Option<String>, default: &str)
 pub fn resolve(cli: &Cli) -> Result<Cfg> {
     let smoke = cli.smoke;
     let scenarios: Vec<u8> = if cli.scenario.trim() == "all" {
-        vec![1, 2, 3, 4, 5, 6]
+        vec![1, 2, 3, 4, 5, 6, 7]
     } else {
         let mut v = Vec::new();
         for s in cli.scenario.split(',') {
             let n: u8 = s.trim().parse().with_context(|| format!("bad scenario {s:?}"))?;
-            if !(1..=6).contains(&n) {
-                bail!("scenario {n} does not exist (1..6)");
+            if !(1..=7).contains(&n) {
+                bail!("scenario {n} does not exist (1..7)");
             }
             v.push(n);
         }
@@ -185,6 +211,23 @@ pub fn resolve(cli: &Cli) -> Result<Cfg> {
     {
         bail!("scenario 6 needs 1..16 instances, 1..1024 shards, clients, and a positive rate and phase");
     }
+    let soak = SoakCfg {
+        clients: cli.soak_clients.unwrap_or(if smoke { 200 } else { 1_000 }),
+        churn: cli.soak_churn.unwrap_or(if smoke { 3 } else { 5 }),
+        rate: cli.soak_rate.unwrap_or(if smoke { 10.0 } else { 20.0 }),
+        duration_s: cli.soak_duration.unwrap_or(if smoke { 20.0 } else { 600.0 }),
+        campaigns: cli.soak_campaigns,
+    };
+    if soak.clients == 0
+        || !(1..=1000).contains(&soak.campaigns)
+        || soak.churn > soak.clients
+        || !rate_check(soak.rate)
+        || !rate_check(soak.duration_s)
+    {
+        bail!(
+            "scenario 7 needs clients, 1..1000 campaigns, a churn of at most the clients, a positive rate and duration"
+        );
+    }
     let cfg = Cfg {
         scenarios,
         servers,
@@ -198,6 +241,7 @@ pub fn resolve(cli: &Cli) -> Result<Cfg> {
         p99_limit_ms: cli.p99_limit_ms,
         campaigns: cli.campaigns.max(1),
         fleet,
+        soak,
         smoke,
         settle: if smoke { Duration::from_millis(200) } else { Duration::from_secs(1) },
         quiet: if smoke { Duration::from_secs(2) } else { Duration::from_secs(10) },

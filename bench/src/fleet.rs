@@ -188,7 +188,6 @@ struct Reading {
 
 impl Reading {
     async fn take(s: &Session<'_>) -> Reading {
-        let http = reqwest::Client::builder().no_proxy().build().ok();
         let mut r = Reading {
             at: Instant::now(),
             cpu: Vec::new(),
@@ -199,11 +198,8 @@ impl Reading {
         };
         for inst in s.instances() {
             r.cpu.push(stats::proc_cpu_fine_s(inst.proc.pid));
-            let text = match &http {
-                Some(h) => metrics_text(h, &inst.base_url()).await,
-                None => None,
-            };
-            let metric = |name: &str| text.as_deref().and_then(|t| metric_value(t, name));
+            let text = inst.metrics().await;
+            let metric = |name: &str| text.as_deref().and_then(|t| servers::metric_value(t, name));
             r.entries.push(metric("herald_fleet_entries_read_total"));
             r.followed.push(metric("herald_fleet_shards_followed"));
         }
@@ -218,30 +214,5 @@ impl Reading {
     fn cpu_rate_since(&self, before: &Reading, k: usize) -> Option<f64> {
         let secs = self.at.duration_since(before.at).as_secs_f64();
         self.cpu[k].zip(before.cpu[k]).filter(|_| secs > 0.0).map(|(a, b)| (a - b) / secs)
-    }
-}
-
-async fn metrics_text(http: &reqwest::Client, base: &str) -> Option<String> {
-    http.get(format!("{base}/metrics")).send().await.ok()?.text().await.ok()
-}
-
-/// The value of an unlabelled metric in Prometheus' text format.
-fn metric_value(text: &str, name: &str) -> Option<u64> {
-    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok()).map(|v| v as u64)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::metric_value;
-
-    #[test]
-    fn a_metric_is_read_by_its_exact_name() {
-        let text = "# HELP herald_fleet_entries_read_total Log entries\n\
-                    herald_fleet_entries_read_total_x 9\n\
-                    herald_fleet_entries_read_total 1234\n\
-                    herald_fleet_shards_followed 17\n";
-        assert_eq!(metric_value(text, "herald_fleet_entries_read_total"), Some(1234));
-        assert_eq!(metric_value(text, "herald_fleet_shards_followed"), Some(17));
-        assert_eq!(metric_value(text, "herald_connections"), None);
     }
 }

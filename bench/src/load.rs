@@ -29,6 +29,35 @@ impl Publisher {
             .build()?;
         Ok(Publisher { http, url: format!("{base}/v1/events"), auth: format!("Bearer {token}") })
     }
+
+    /// Publishes one `entity_updated` of campaign `c<campaign>` carrying `sentAtNs` and `seq`;
+    /// `Ok` when the server answered 202.
+    pub async fn publish(&self, campaign: u32, sent_ns: u64, seq: u64) -> Result<(), String> {
+        let body = format!(
+            "[{{\"type\":\"entity_updated\",\"payload\":{{\"entityType\":\"campaign\",\"entityId\":\"e1\",\
+             \"campaignId\":\"c{campaign}\",\"entityData\":{{\"sentAtNs\":{sent_ns},\"seq\":{seq}}}}}}}]"
+        );
+        let res = self
+            .http
+            .post(&self.url)
+            .header("authorization", &self.auth)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await;
+        match res {
+            Ok(r) if r.status().as_u16() == 202 => {
+                let _ = r.bytes().await;
+                Ok(())
+            }
+            Ok(r) => {
+                let status = r.status();
+                let text = r.text().await.unwrap_or_default();
+                Err(format!("HTTP {status}: {}", text.chars().take(200).collect::<String>()))
+            }
+            Err(e) => Err(format!("request failed: {e}")),
+        }
+    }
 }
 
 pub struct PhasePlan<'a> {
@@ -108,37 +137,17 @@ pub async fn publish_phase(
                 let sent = now_ns();
                 let lag = sent.saturating_sub(t0_ns + (i as f64 * interval_ns) as u64);
                 counters.max_lag_ns.fetch_max(lag, Relaxed);
-                let body = format!(
-                    "[{{\"type\":\"entity_updated\",\"payload\":{{\"entityType\":\"campaign\",\"entityId\":\"e1\",\
-                     \"campaignId\":\"c{c}\",\"entityData\":{{\"sentAtNs\":{sent},\"seq\":{seq}}}}}}}]"
-                );
-                let res = p
-                    .http
-                    .post(&p.url)
-                    .header("authorization", &p.auth)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await;
-                let err = match res {
-                    Ok(r) if r.status().as_u16() == 202 => {
-                        let _ = r.bytes().await;
+                match p.publish(c, sent, seq).await {
+                    Ok(()) => {
                         accepted[c as usize].lock().unwrap_or_else(|e| e.into_inner()).insert(seq);
                         counters.accepted.fetch_add(1, Relaxed);
-                        None
                     }
-                    Ok(r) => {
-                        let status = r.status();
-                        let text = r.text().await.unwrap_or_default();
-                        Some(format!("HTTP {status}: {}", text.chars().take(200).collect::<String>()))
-                    }
-                    Err(e) => Some(format!("request failed: {e}")),
-                };
-                if let Some(e) = err {
-                    counters.errors.fetch_add(1, Relaxed);
-                    let mut g = counters.first_error.lock().unwrap_or_else(|e| e.into_inner());
-                    if g.is_none() {
-                        *g = Some(e);
+                    Err(e) => {
+                        counters.errors.fetch_add(1, Relaxed);
+                        let mut g = counters.first_error.lock().unwrap_or_else(|e| e.into_inner());
+                        if g.is_none() {
+                            *g = Some(e);
+                        }
                     }
                 }
                 counters.end_ns.fetch_max(now_ns(), Relaxed);

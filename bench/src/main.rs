@@ -10,6 +10,8 @@
 //! - `run`: one run: the environment and fixtures, every scenario on every server, the output.
 //! - `scenarios`: scenarios 1-5 and the checks on what they measured (`--smoke`).
 //! - `fleet`: scenario 6, herald's fleet on a Redis Cluster, and what it measures.
+//! - `soak`: scenario 7, the churn soak: clients arriving, leaving, cut and coming back while
+//!   events flow; gaps, duplicates, RSS over time and the gauges against what it holds.
 //! - `results`: what they measured, as types, and the JSON document.
 //! - `session`: the servers and clients of one scenario: start, connect, traffic, stop.
 //! - `servers`: starting and stopping herald, the Node reference, the floor and Redis; fixtures.
@@ -28,6 +30,7 @@ mod run;
 mod scenarios;
 mod servers;
 mod session;
+mod soak;
 mod stats;
 
 use std::process::ExitCode;

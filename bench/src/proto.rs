@@ -54,7 +54,16 @@ pub fn sign_token(key: &jsonwebtoken::EncodingKey, sub: &str) -> Result<String, 
         .map_err(|e| format!("sign token: {e}"))
 }
 
-type Ws = WebSocketStream<TcpStream>;
+pub type Ws = WebSocketStream<TcpStream>;
+
+/// The generator's WebSocket settings: a `read_buffer`-byte read buffer, frames written at once.
+pub fn ws_config(read_buffer: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(read_buffer)
+        .write_buffer_size(0)
+        .max_message_size(Some(1 << 20))
+        .max_frame_size(Some(1 << 20))
+}
 
 pub async fn run(cfg: Arc<ClientCfg>, c: Arc<Client>) {
     let shared = &cfg.shared;
@@ -112,7 +121,7 @@ async fn next_text(ws: &mut Ws) -> Result<String, String> {
     }
 }
 
-fn short(s: &str) -> String {
+pub fn short(s: &str) -> String {
     s.chars().take(120).collect()
 }
 
@@ -153,31 +162,47 @@ async fn connect_tcp(to: SocketAddr) -> Result<TcpStream, String> {
     Err(last)
 }
 
-async fn setup(cfg: &ClientCfg, c: &Client) -> Result<Ws, String> {
-    let tcp = connect_tcp(c.addr).await?;
+/// TCP (see [`connect_tcp`]), the WebSocket upgrade, and the Engine.IO open packet.
+pub async fn open(addr: SocketAddr, ws_config: WebSocketConfig) -> Result<Ws, String> {
+    let tcp = connect_tcp(addr).await?;
     let _ = tcp.set_nodelay(true);
-    let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket", c.addr);
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, tcp, Some(cfg.ws_config))
+    let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket");
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, tcp, Some(ws_config))
         .await
         .map_err(|e| format!("websocket handshake: {e}"))?;
     let open = next_text(&mut ws).await?;
     if !open.starts_with("0{") {
         return Err(format!("expected an open packet, got {}", short(&open)));
     }
-    let token = sign_token(&cfg.key, &format!("u{}", c.idx))?;
-    ws.send(Message::text(format!("40{{\"token\":\"{token}\"}}"))).await.map_err(|e| format!("send connect: {e}"))?;
+    Ok(ws)
+}
+
+/// Sends the Socket.IO CONNECT with a token for user `user`.
+pub async fn send_connect(ws: &mut Ws, key: &jsonwebtoken::EncodingKey, user: &str) -> Result<(), String> {
+    let token = sign_token(key, user)?;
+    ws.send(Message::text(format!("40{{\"token\":\"{token}\"}}"))).await.map_err(|e| format!("send connect: {e}"))
+}
+
+/// Waits for the answer to CONNECT (answering pings): `40{sid}`, or `44` (connect_error).
+pub async fn connected(ws: &mut Ws) -> Result<(), String> {
     loop {
-        let t = next_text(&mut ws).await?;
+        let t = next_text(ws).await?;
         if t == "2" {
             ws.send(Message::text("3")).await.map_err(|e| format!("send pong: {e}"))?;
         } else if t.starts_with("40") {
-            break;
+            return Ok(());
         } else if let Some(rest) = t.strip_prefix("44") {
             return Err(format!("connect_error {}", short(rest)));
         } else {
             return Err(format!("expected 40{{sid}}, got {}", short(&t)));
         }
     }
+}
+
+async fn setup(cfg: &ClientCfg, c: &Client) -> Result<Ws, String> {
+    let mut ws = open(c.addr, cfg.ws_config).await?;
+    send_connect(&mut ws, &cfg.key, &format!("u{}", c.idx)).await?;
+    connected(&mut ws).await?;
     ws.send(Message::text(format!("421[\"subscribe_campaign\",{{\"campaignId\":\"c{}\"}}]", c.campaign)))
         .await
         .map_err(|e| format!("send subscribe: {e}"))?;
@@ -220,6 +245,15 @@ pub fn parse_delivery(t: &str) -> Option<(u64, u64, u64)> {
     Some((sent, seq, camp))
 }
 
+/// The `offset` of a delivered event object: herald's fixed-width digits and dashes, nothing
+/// else (it is sent back in a subscribe's `since`).
+pub fn offset_of(t: &str) -> Option<&str> {
+    let key = "\"offset\":\"";
+    let rest = &t[t.rfind(key)? + key.len()..];
+    let o = &rest[..rest.find('"')?];
+    (!o.is_empty() && o.len() <= 64 && o.bytes().all(|b| b.is_ascii_digit() || b == b'-')).then_some(o)
+}
+
 fn on_event(c: &Client, shared: &Shared, t: &str) {
     let now = now_ns();
     let Some((sent, seq, camp)) = parse_delivery(t) else {
@@ -253,6 +287,9 @@ mod tests {
     fn parses_a_delivery() {
         let t = r#"42["entity_updated",{"type":"entity_updated","timestamp":"2026-01-01T00:00:00.000Z","payload":{"entityType":"campaign","entityId":"e1","campaignId":"c42","entityData":{"sentAtNs":123456,"seq":7}},"offset":"1-2-3"}]"#;
         assert_eq!(parse_delivery(t), Some((123456, 7, 42)));
+        assert_eq!(offset_of(t), Some("1-2-3"));
+        assert_eq!(offset_of(r#"42["x",{"offset":"1-2\",\"since\":\"3"}]"#), None);
+        assert_eq!(offset_of(r#"42["x",{"offset":""}]"#), None);
         assert_eq!(parse_delivery("42[\"x\",{}]"), None);
         assert_eq!(parse_delivery("43[\"x\"]"), None);
         assert_eq!(parse_delivery(r#"42["x",{"sentAtNs":"a","seq":1,"campaignId":"c1"}]"#), None);

@@ -1,10 +1,12 @@
-//! Human-readable tables, one per scenario, rows per server (stdout).
+//! Human-readable tables, one per scenario, rows per server (stdout). Past 500 lines: one
+//! function per scenario's tables, all on the one `Table` and its formatting helpers.
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
 
 use crate::cli::Cfg;
 use crate::results::{Outcome, Scenarios, ServerResults, Traffic};
+use crate::soak::Soak;
 use crate::stats::Latency;
 
 /// A figure with `decimals` decimals; "-" when there is none.
@@ -324,6 +326,9 @@ pub fn print_tables(cfg: &Cfg, results: &BTreeMap<&str, ServerResults>) {
     if want(6) {
         fleet_tables(cfg, servers);
     }
+    if want(7) {
+        soak_tables(cfg, servers);
+    }
     println!();
 }
 
@@ -406,5 +411,161 @@ fn fleet_tables(cfg: &Cfg, servers: &[(String, &ServerResults)]) {
         }
     }
     t.print();
+    sum.print();
+}
+
+/// "a / b" of one figure per instance.
+fn per_instance<T>(xs: &[T], f: impl Fn(&T) -> String) -> String {
+    xs.iter().map(f).collect::<Vec<_>>().join(" / ")
+}
+
+fn opt(x: Option<u64>) -> String {
+    x.map(int).unwrap_or_else(|| "-".into())
+}
+
+/// A figure summed over the instances, "-" when one is missing.
+fn summed(xs: impl Iterator<Item = Option<u64>>) -> String {
+    opt(xs.sum())
+}
+
+fn soak_tables(cfg: &Cfg, servers: &[(String, &ServerResults)]) {
+    let sc = &cfg.soak;
+    let mut t = Table::new(
+        format!(
+            "Scenario 7: churn soak, {} clients over 2 instances + Redis, {} campaigns; each second {} leave, {} arrive, \
+             {} are cut mid-handshake, {} mid-subscribe, {} dropped (back with since); {} ev/s for {} s. \
+             Gauges summed over the instances: herald (generator)",
+            sc.clients, sc.campaigns, sc.churn, sc.churn, sc.churn, sc.churn, sc.churn, sc.rate, sc.duration_s
+        ),
+        &[
+            "t s",
+            "RSS MiB",
+            "CPU%",
+            "connections",
+            "subscriptions",
+            "pending",
+            "shards",
+            "events",
+            "deliveries",
+            "dup",
+            "silent",
+            "declared",
+        ],
+    );
+    let mut ends = Table::new(
+        "Scenario 7: per instance, after the churn with every client back (want: the generator's count, pending 0) \
+         and after every client closed (want: 0)"
+            .into(),
+        &[
+            "instance",
+            "connections",
+            "subscriptions",
+            "pending",
+            "at the end: connections",
+            "subscriptions",
+            "pending",
+            "shards followed",
+        ],
+    );
+    let mut sum = Table::new("Scenario 7: totals".into(), &["figure", "value"]);
+    for (name, r) in servers {
+        let v: &Soak = match entry(r, |s| &s.s7) {
+            None => continue,
+            Some(Err(s)) => {
+                sum.rows.push(vec![format!("{name}: {s}")]);
+                continue;
+            }
+            Some(Ok(v)) => v,
+        };
+        for s in &v.samples {
+            let pi = &s.per_instance;
+            let (conn, gconn) = (
+                summed(pi.iter().map(|i| i.held.gauges.connections)),
+                pi.iter().map(|i| i.held.generator_connected).sum::<u64>(),
+            );
+            let (subs, gsubs) = (
+                summed(pi.iter().map(|i| i.held.gauges.subscriptions)),
+                pi.iter().map(|i| i.held.generator_subscribed).sum::<u64>(),
+            );
+            t.rows.push(vec![
+                fixed(s.t_s, 0),
+                per_instance(pi, |i| mib(i.rss_kib)),
+                per_instance(pi, |i| fixed(i.cpu_pct, 0)),
+                format!("{conn} ({gconn})"),
+                format!("{subs} ({gsubs})"),
+                summed(pi.iter().map(|i| i.held.gauges.pending_sessions)),
+                per_instance(pi, |i| opt(i.held.gauges.shards_followed)),
+                int(s.events_accepted),
+                int(s.counts.deliveries),
+                int(s.counts.duplicates),
+                int(s.counts.silent_events),
+                int(s.counts.declared_gaps),
+            ]);
+        }
+        for (k, (h, e)) in v.held.iter().zip(&v.end).enumerate() {
+            ends.rows.push(vec![
+                int(k),
+                format!("{} ({})", opt(h.gauges.connections), h.generator_connected),
+                format!("{} ({})", opt(h.gauges.subscriptions), h.generator_subscribed),
+                opt(h.gauges.pending_sessions),
+                opt(e.connections),
+                opt(e.subscriptions),
+                opt(e.pending_sessions),
+                opt(e.shards_followed),
+            ]);
+        }
+        let rss_at =
+            |t: f64| v.samples.iter().find(|s| s.t_s == t).map(|s| per_instance(&s.per_instance, |i| mib(i.rss_kib)));
+        let c = &v.counts;
+        let ch = &v.churn;
+        let secs = |x: Option<f64>| x.map_or("never".to_string(), |s| format!("{s} s"));
+        let mut row = |what: &str, value: String| sum.rows.push(vec![what.to_string(), value]);
+        for (label, t) in [
+            ("RSS MiB at 0 s", 0.0),
+            ("RSS MiB at 1 min", 60.0),
+            ("RSS MiB at 5 min", 300.0),
+            ("RSS MiB at 10 min", 600.0),
+        ] {
+            if let Some(r) = rss_at(t) {
+                row(label, r);
+            }
+        }
+        row("RSS MiB after every client closed", per_instance(&v.rss_end_kib, |k| mib(*k)));
+        row(
+            "clients subscribed at the start (setup s)",
+            format!("{} of {} ({} s)", v.initial_subscribed, v.clients, v.setup_s),
+        );
+        row(
+            "events accepted (publish errors, max lag ms)",
+            format!("{} ({}, {})", v.events_accepted, v.publish_errors, v.max_publish_lag_ms),
+        );
+        row("deliveries", int(c.deliveries));
+        row("duplicates", int(c.duplicates));
+        row("silent gaps (events)", format!("{} ({})", c.silent_gaps, c.silent_events));
+        row("out of order; owed at the end", format!("{}; {}", c.out_of_order, v.owed_at_end));
+        row("declared gaps, recovered: false (events)", format!("{} ({})", c.declared_gaps, c.declared_events));
+        row("re-subscribes acked recovered: true", int(c.recovered));
+        row(
+            "re-subscribes with no offset yet (events missed)",
+            format!("{} ({})", c.blind_resubscribes, c.blind_events),
+        );
+        row(
+            "left / arrived / cut mid-handshake / cut mid-subscribe / dropped",
+            format!(
+                "{} / {} / {} / {} / {}",
+                ch.left, ch.arrived, ch.cut_mid_handshake, ch.cut_mid_subscribe, ch.dropped
+            ),
+        );
+        row(
+            "closed by the server / connect failures / throwaway failures / protocol errors",
+            format!("{} / {} / {} / {}", v.server_closes, v.connect_failures, v.throwaway_failures, v.protocol_errors),
+        );
+        row("gauges = generator after the churn", secs(v.held_match_after_s));
+        row("gauges 0 after the last close", secs(v.end_zero_after_s));
+        row("no shard followed after the last close", secs(v.shards_zero_after_s));
+        row("generator CPU%", fixed(v.generator_cpu_pct, 1));
+    }
+    t.print();
+    ends.print();
     sum.print();
 }

@@ -1,5 +1,6 @@
 //! What a run measures, as types: the setup of a scenario's clients (`Setup`), one traffic phase
-//! (`Traffic`), each scenario's result (scenario 6's, `Fleet`, is beside it in `fleet`), and the JSON document a run prints (`Document`). The
+//! (`Traffic`), each scenario's result (scenario 6's, `Fleet`, is beside it in `fleet`, and 7's,
+//! `Soak`, in `soak`), and the JSON document a run prints (`Document`). The
 //! field names are the JSON's (bench/README.md): the document is serialized once, at the edge
 //! (the last stdout line, `--json-out`). A figure that could not be read is `None` (`null`).
 
@@ -8,6 +9,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::fleet::Fleet;
+use crate::soak::Soak;
 use crate::stats::Latency;
 
 pub fn round1(x: f64) -> f64 {
@@ -185,6 +187,8 @@ pub struct Scenarios {
     pub s5: Option<Outcome<Ramp>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub s6: Option<Outcome<Fleet>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s7: Option<Outcome<Soak>>,
 }
 
 /// The setup and the traffic phases of one scenario that ran, for the checks.

@@ -9,13 +9,13 @@ use crate::cli::{Cli, resolve};
 use crate::results::{Document, RunConfig, ServerResults};
 use crate::servers::{self, Env, Kind};
 use crate::session::Bench;
-use crate::{report, scenarios};
+use crate::{report, scenarios, soak};
 
 /// Runs the chosen scenarios against the chosen servers; `Ok(false)` when any check failed.
 pub async fn run(cli: Cli) -> Result<bool> {
     let cfg = resolve(&cli)?;
     let nofile = raise_nofile();
-    let need = cfg.clients.max(cfg.ramp_clients).max(cfg.fleet.clients) as u64 + 200;
+    let need = cfg.clients.max(cfg.ramp_clients).max(cfg.fleet.clients).max(cfg.soak.clients) as u64 + 200;
     if nofile < need {
         eprintln!("WARNING: open-files limit {nofile} is below the {need} this run needs (raise `ulimit -Hn`)");
     }
@@ -57,7 +57,10 @@ pub async fn run(cli: Cli) -> Result<bool> {
         max_connections: 25_000,
     };
     let users = cfg.clients.max(cfg.ramp_clients).max(cfg.fleet.clients);
-    let rows = servers::membership_rows(users, cfg.campaigns);
+    let mut rows = servers::membership_rows(users, cfg.campaigns);
+    if cfg.scenarios.contains(&7) {
+        rows.extend(soak::membership_rows(&cfg.soak));
+    }
     servers::write_fixture_db(&env.db_path, &rows).await?;
     servers::write_fixture_json(&env.fixture_json, &rows)?;
     drop(rows);

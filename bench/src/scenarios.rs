@@ -1,4 +1,4 @@
-//! The scenarios (1 and 2 share their clients; 3, 4 and 5; 6 is in `fleet`), the chosen ones run against one
+//! The scenarios (1 and 2 share their clients; 3, 4 and 5; 6 is in `fleet`, 7 in `soak`), the chosen ones run against one
 //! server (`on_server`), and the checks on what they measured (`check`). Each scenario starts
 //! its own session, so it begins on freshly started servers.
 
@@ -11,6 +11,7 @@ use crate::results::{
 };
 use crate::servers::Kind;
 use crate::session::{Bench, Session};
+use crate::soak;
 
 /// Runs the chosen scenarios against `kind`. A scenario that could not be run has its error as
 /// its entry, and in `failures`.
@@ -50,6 +51,13 @@ pub async fn on_server(b: &Bench, kind: Kind, failures: &mut Vec<String>) -> Sce
             outcome(failures, name, "s6", fleet::scenario_6(b).await)
         } else {
             Outcome::NotApplicable { na: "scenario 6 measures herald's sharded event log".into() }
+        });
+    }
+    if want(7) {
+        res.s7 = Some(if kind == Kind::Herald {
+            outcome(failures, name, "s7", soak::scenario_7(b).await)
+        } else {
+            Outcome::NotApplicable { na: "scenario 7 checks herald's own gauges and fleet".into() }
         });
     }
     res
@@ -184,7 +192,8 @@ async fn scenario_5(b: &Bench, kind: Kind) -> Result<Ramp> {
 }
 
 /// The checks on what one server's scenarios measured: a scenario where no client subscribed
-/// is a failure; with `--smoke`, so is anything lost, duplicated, refused or malformed.
+/// is a failure; with `--smoke`, so is anything lost, duplicated, refused or malformed. The
+/// soak's checks (`soak::problems`) apply to every run.
 pub fn check(cfg: &Cfg, server: &str, res: &Scenarios, failures: &mut Vec<String>) {
     for m in res.measured() {
         if m.setup.subscribed == 0 {
@@ -193,6 +202,9 @@ pub fn check(cfg: &Cfg, server: &str, res: &Scenarios, failures: &mut Vec<String
         if cfg.smoke {
             smoke_problems(server, &m, failures);
         }
+    }
+    if let Some(v) = res.s7.as_ref().and_then(Outcome::done) {
+        soak::problems(server, v, cfg.smoke, failures);
     }
 }
 

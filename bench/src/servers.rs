@@ -113,6 +113,29 @@ impl Instance {
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
     }
+
+    /// Its `/metrics` text, or `None` when it did not answer within 5 s.
+    pub async fn metrics(&self) -> Option<String> {
+        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(5)).build().ok()?;
+        http.get(format!("{}/metrics", self.base_url())).send().await.ok()?.text().await.ok()
+    }
+}
+
+/// The value of a metric in Prometheus' text format, summed over its label sets (`None` when
+/// it has no sample).
+pub fn metric_value(text: &str, name: &str) -> Option<u64> {
+    let values: Vec<f64> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let rest = match rest.strip_prefix('{') {
+                Some(labelled) => &labelled[labelled.find("} ")? + 1..],
+                None => rest,
+            };
+            rest.strip_prefix(' ')?.trim().parse::<f64>().ok()
+        })
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum::<f64>() as u64)
 }
 
 pub fn free_port() -> Result<u16> {
@@ -406,6 +429,21 @@ pub fn write_fixture_json(path: &Path, rows: &[(String, String)]) -> Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_metric_is_read_by_its_exact_name_and_summed_over_its_labels() {
+        let text = "# HELP herald_fleet_entries_read_total Log entries\n\
+                    herald_fleet_entries_read_total_x 9\n\
+                    herald_fleet_entries_read_total 1234\n\
+                    herald_fleet_shards_followed 17\n\
+                    herald_subscriptions{kind=\"campaign\"} 5\n\
+                    herald_subscriptions{kind=\"settlement\"} 2\n\
+                    herald_subscriptions_x{kind=\"campaign\"} 100\n";
+        assert_eq!(metric_value(text, "herald_fleet_entries_read_total"), Some(1234));
+        assert_eq!(metric_value(text, "herald_fleet_shards_followed"), Some(17));
+        assert_eq!(metric_value(text, "herald_subscriptions"), Some(7));
+        assert_eq!(metric_value(text, "herald_connections"), None);
+    }
 
     #[test]
     fn the_fixture_schema_is_every_herald_migration() {

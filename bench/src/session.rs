@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::cli::Cfg;
 use crate::load::{PhasePlan, Publisher, publish_phase};
@@ -45,15 +44,30 @@ pub struct Session<'a> {
 /// Where a session's instances share their events.
 enum Backplane {
     None,
-    Redis,
-    Cluster { shards: u32 },
+    /// One private Redis, and more settings for herald.
+    Redis {
+        vars: Vec<(&'static str, String)>,
+    },
+    Cluster {
+        shards: u32,
+    },
 }
 
 impl<'a> Session<'a> {
     /// One instance of `kind`, or `n_instances` over a private Redis.
     pub async fn start(b: &'a Bench, kind: Kind, n_instances: usize, campaigns: u32) -> Result<Session<'a>> {
-        let backplane = if n_instances > 1 { Backplane::Redis } else { Backplane::None };
+        let backplane = if n_instances > 1 { Backplane::Redis { vars: vec![] } } else { Backplane::None };
         Self::launch(b, kind, n_instances, campaigns, backplane).await
+    }
+
+    /// `n_instances` of herald over a private Redis, with `vars` as more of their settings.
+    pub async fn start_on_redis(
+        b: &'a Bench,
+        n_instances: usize,
+        campaigns: u32,
+        vars: Vec<(&'static str, String)>,
+    ) -> Result<Session<'a>> {
+        Self::launch(b, Kind::Herald, n_instances, campaigns, Backplane::Redis { vars }).await
     }
 
     /// `n_instances` of herald over a private three-master Redis Cluster, with `shards` log shards.
@@ -78,11 +92,11 @@ impl<'a> Session<'a> {
         let started: Result<()> = async {
             let (url, vars) = match backplane {
                 Backplane::None => (None, vec![]),
-                Backplane::Redis => {
+                Backplane::Redis { vars } => {
                     let r = servers::start_redis(&b.env, &[]).await?;
                     let url = r.url();
                     redis.push(r);
-                    (Some(url), vec![])
+                    (Some(url), vars)
                 }
                 Backplane::Cluster { shards } => {
                     let c = servers::start_cluster(&b.env).await?;
@@ -112,14 +126,9 @@ impl<'a> Session<'a> {
             return Err(e);
         }
         let shared = Arc::new(Shared::new(n_instances));
-        let ws_config = WebSocketConfig::default()
-            .read_buffer_size(b.cfg.read_buffer)
-            .write_buffer_size(0)
-            .max_message_size(Some(1 << 20))
-            .max_frame_size(Some(1 << 20));
         let ccfg = Arc::new(ClientCfg {
             key: jsonwebtoken::EncodingKey::from_secret(b.env.jwt_secret.as_bytes()),
-            ws_config,
+            ws_config: proto::ws_config(b.cfg.read_buffer),
             setup_timeout: Duration::from_secs(120),
             sem: Arc::new(Semaphore::new(b.cfg.connect_concurrency)),
             shared: shared.clone(),

@@ -45,23 +45,32 @@ impl SeqSet {
 
     /// How many members of `expected` in `lo..hi` are missing from `self`.
     pub fn missing_from(&self, expected: &SeqSet, lo: u64, hi: u64) -> u64 {
-        let mut n = 0;
-        let mut s = lo;
-        while s < hi {
-            let w = (s / 64) as usize;
-            let start_bit = s % 64;
-            let end_bit = (hi - (w as u64) * 64).min(64);
-            let mut mask = if end_bit == 64 { u64::MAX } else { (1u64 << end_bit) - 1 };
-            mask &= u64::MAX << start_bit;
-            n += (expected.word(w) & !self.word(w) & mask).count_ones() as u64;
-            s = (w as u64 + 1) * 64;
-        }
-        n
+        count_bits(lo, hi, |w| expected.word(w) & !self.word(w))
     }
 
     pub fn count_in(&self, lo: u64, hi: u64) -> u64 {
         SeqSet::default().missing_from(self, lo, hi)
     }
+
+    /// How many of `lo..hi` are in neither `self` nor `other`.
+    pub fn absent_in(&self, other: &SeqSet, lo: u64, hi: u64) -> u64 {
+        count_bits(lo, hi, |w| !(self.word(w) | other.word(w)))
+    }
+}
+
+/// The set bits of `bits(w)` (the 64-bit word `w` of a set, seqs `64w..64w+64`) in `lo..hi`.
+fn count_bits(lo: u64, hi: u64, bits: impl Fn(usize) -> u64) -> u64 {
+    let mut n = 0;
+    let mut s = lo;
+    while s < hi {
+        let w = (s / 64) as usize;
+        let end_bit = (hi - (w as u64) * 64).min(64);
+        let mut mask = if end_bit == 64 { u64::MAX } else { (1u64 << end_bit) - 1 };
+        mask &= u64::MAX << (s % 64);
+        n += (bits(w) & mask).count_ones() as u64;
+        s = (w as u64 + 1) * 64;
+    }
+    n
 }
 
 /// Latency histogram in microseconds, 1 µs to 10 min, 3 significant figures.
@@ -252,6 +261,14 @@ mod tests {
         assert_eq!(seen.missing_from(&exp, 10, 10), 0);
         assert_eq!(exp.count_in(0, 1000), 200);
         assert_eq!(exp.count_in(64, 128), 64);
+        // in neither: 200..300 and, below 200, the multiples of 3 that are not multiples of 5
+        let mut fives = SeqSet::default();
+        for s in (0..300).step_by(5) {
+            fives.insert(s);
+        }
+        assert_eq!(seen.absent_in(&fives, 0, 300), 67 - 14 + 100 - 20);
+        assert_eq!(seen.absent_in(&fives, 250, 250), 0);
+        assert_eq!(SeqSet::default().absent_in(&SeqSet::default(), 5, 1000), 995);
     }
 
     #[test]
