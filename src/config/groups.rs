@@ -112,7 +112,7 @@ pub struct FleetSettings {
     #[arg(long, help_heading = "Fleet (Redis)", env = "HERALD_REDIS_URL")]
     pub redis_url: Option<String>,
 
-    /// Prefix of herald's Redis channels and keys, so several deployments can share one Redis.
+    /// Prefix of herald's Redis keys (its streams and their epochs), so several deployments can share one Redis.
     #[arg(long, help_heading = "Fleet (Redis)", env = "HERALD_REDIS_PREFIX", default_value = "herald")]
     pub redis_prefix: String,
 
