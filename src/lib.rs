@@ -16,13 +16,13 @@
 //! - [`access`]: who may join which room, with a short-lived cache.
 //! - [`events`]: the five domain event kinds, their validation and targeting.
 //! - [`idempotency`]: idempotency keys, and the keys an in-memory log has seen.
-//! - [`log`]: the event log (in memory, or Redis Streams a fleet shares,
+//! - [`event_log`]: the event log (in memory, or Redis Streams a fleet shares,
 //!   one per shard of campaigns, and a control stream for revocations):
 //!   offsets, retention, idempotent appends, what recovery replays from.
 //! - [`delivery`]: the one path every outgoing event takes, from the log to
 //!   the sockets in its rooms: the followers of the shards an instance needs,
 //!   fan-out, joins and replays, slow consumers.
-//! - [`redis`]: a fleet's Redis connections (one shared; one per followed
+//! - [`redis_conn`]: a fleet's Redis connections (one shared; one per followed
 //!   stream, on a cluster to the node that serves it) and their health.
 //! - [`gateway`]: the Socket.IO handlers (handshake, subscribe, unsubscribe).
 //! - [`session`]: a socket's own state, and the one place its rooms change.
@@ -49,6 +49,7 @@ pub mod auth;
 pub mod config;
 pub mod delivery;
 pub mod demo;
+pub mod event_log;
 pub mod events;
 pub mod expiry;
 pub mod gateway;
@@ -56,11 +57,10 @@ pub mod health;
 pub mod idempotency;
 pub mod jwks;
 pub mod listener;
-pub mod log;
 pub mod pending;
 pub mod publish;
 pub mod rate;
-pub mod redis;
+pub mod redis_conn;
 pub mod revocation;
 pub mod rooms;
 pub mod session;

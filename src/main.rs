@@ -12,7 +12,8 @@ async fn main() -> anyhow::Result<()> {
     let Cli { command, mut config } = Cli::parse();
     config.drop_empty();
     config.load_secrets()?;
-    herald::telemetry::init_tracing(&config.log, config.log_format).map_err(|e| anyhow::anyhow!("HERALD_LOG: {e}"))?;
+    herald::telemetry::init_tracing(&config.log_filter, config.log_format)
+        .map_err(|e| anyhow::anyhow!("HERALD_LOG: {e}"))?;
 
     if let Some(Command::Token { sub, ttl, private_key_file }) = command {
         if config.auth.jwt_jwks_url.is_some() {

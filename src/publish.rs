@@ -25,9 +25,9 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 
 use crate::delivery::{Delivery, DeliveryError, Published, RevocationError};
+use crate::event_log::LogError;
 use crate::events::{self, Event, InvalidEvent};
 use crate::idempotency::{self, IdempotencyKey};
-use crate::log::LogError;
 use crate::telemetry::Metrics;
 
 /// Why a publish was refused.

@@ -14,7 +14,7 @@
 //!   out of the rooms, or disconnects them): one entry, whatever the shard
 //!   count. An event is delivered only once the instance has applied the
 //!   control stream up to where it stood when the event was appended (see
-//!   [`crate::log`]), so no event published after the revocation's 202
+//!   [`crate::event_log`]), so no event published after the revocation's 202
 //!   reaches the user in those rooms. The 202 comes once this instance has
 //!   applied it.
 //! - A user revocation is kept in the membership store

@@ -23,8 +23,8 @@ use parking_lot::{Mutex, MutexGuard};
 use socketioxide::SocketError;
 use socketioxide::extract::SocketRef;
 
+use crate::event_log::{Logged, Offset};
 use crate::expiry::TimerId;
-use crate::log::{Logged, Offset};
 use crate::rate::TokenBucket;
 use crate::rooms::{CampaignId, Room};
 use crate::telemetry::Metrics;

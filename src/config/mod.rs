@@ -9,8 +9,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use secrecy::ExposeSecret;
 
-use crate::log::Retention;
-use crate::redis::RedisSettings;
+use crate::event_log::Retention;
+use crate::redis_conn::RedisSettings;
 use crate::telemetry::LogFormat;
 
 mod groups;
@@ -123,8 +123,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
 
     /// Log filter, in `tracing` env-filter syntax (`info`, `herald=debug,info`).
-    #[arg(long, help_heading = "Operations", env = "HERALD_LOG", default_value = "info")]
-    pub log: String,
+    #[arg(long = "log", help_heading = "Operations", env = "HERALD_LOG", default_value = "info")]
+    pub log_filter: String,
 
     /// Log format.
     #[arg(long, help_heading = "Operations", env = "HERALD_LOG_FORMAT", value_enum, default_value = "text")]

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
-use crate::log::{Entry, EventLog, Head, LogError, LogReader, Offset, Position, Stream, mark};
+use crate::event_log::{Entry, EventLog, Head, LogError, LogReader, Offset, Position, Stream, mark};
 use crate::rooms::Room;
 use crate::telemetry::error_chain;
 

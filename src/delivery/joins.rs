@@ -7,7 +7,7 @@ use serde_json::value::RawValue;
 use socketioxide::extract::SocketRef;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::log::{Logged, Offset, Position, Stream};
+use crate::event_log::{Logged, Offset, Position, Stream};
 use crate::rooms::Room;
 use crate::session::{JoinRefused, Session, Ticket};
 

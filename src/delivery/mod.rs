@@ -1,5 +1,5 @@
 //! Delivery: the one path every outgoing domain event takes. Validated
-//! [`Event`]s are appended to the event log ([`crate::log`]), each to the
+//! [`Event`]s are appended to the event log ([`crate::event_log`]), each to the
 //! shard of its campaign, which gives it its offset. An instance follows
 //! (see [`follower`]) the shards its sockets need, and delivers each entry,
 //! in its shard's order, to the local sockets in its rooms. So a client gets
@@ -40,10 +40,12 @@ use socketioxide::extract::SocketRef;
 use socketioxide::{SendError, SocketError};
 use tokio::sync::{oneshot, watch};
 
+use crate::event_log::{
+    Appended, Appends, EventLog, LogError, Logged, NewEntry, Offset, Retention, Stream, mark, shard_of,
+};
 use crate::events::Event;
 use crate::health::Probe;
-use crate::log::{Appended, Appends, EventLog, LogError, Logged, NewEntry, Offset, Retention, Stream, mark, shard_of};
-use crate::redis::Redis;
+use crate::redis_conn::Redis;
 use crate::rooms::Room;
 use crate::session::{JoinRefused, Session, Ticket};
 use crate::telemetry::Metrics;

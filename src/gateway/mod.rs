@@ -5,7 +5,7 @@
 //!
 //! One adapter serves every socket: socketioxide's in-process one, which its
 //! types (`SocketIo`, `SocketRef`, `AckSender`) name by default. A fleet
-//! shares its events through the event log ([`crate::log`]), never through an
+//! shares its events through the event log ([`crate::event_log`]), never through an
 //! adapter, so nothing here is generic over it.
 //!
 //! The handlers are registered inside the connect middleware, before the CONNECT packet goes

@@ -8,7 +8,7 @@ use socketioxide::ParserError;
 use ts_rs::TS;
 
 use crate::auth::Unauthorized;
-use crate::log::Offset;
+use crate::event_log::Offset;
 use crate::rooms::{Room, RoomKind};
 
 /// An ack, exactly as sent: `{ "success": true }` (with `"recovered"` for a

@@ -403,7 +403,7 @@ impl Cluster {
     /// The seed list, as `HERALD_REDIS_URL`.
     pub fn url(&self) -> String {
         let seeds: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        format!("{}{}", herald::redis::CLUSTER_SCHEME, seeds.join(","))
+        format!("{}{}", herald::redis_conn::CLUSTER_SCHEME, seeds.join(","))
     }
 }
 
@@ -423,7 +423,7 @@ async fn a_fleet_on_redis_cluster_delivers_exactly_once() {
     // Each instance is given a different seed node.
     for i in 0..3 {
         let seeds: Vec<String> = (0..3).map(|j| format!("127.0.0.1:{}", cluster.ports[(i + j) % 3])).collect();
-        let url = format!("{}{}", herald::redis::CLUSTER_SCHEME, seeds.join(","));
+        let url = format!("{}{}", herald::redis_conn::CLUSTER_SCHEME, seeds.join(","));
         apps.push(spawn_app_with(Backend::Sqlite, move |c| c.fleet.redis_url = Some(url)).await);
     }
     let mut clients = Vec::new();

@@ -116,7 +116,7 @@ async fn the_event_object_is_delivered_as_published() {
     assert_eq!(app.publish(&body).await.0, 202);
     let mut event = receives(&mut alice, "settlement_updated").await;
     let offset = event.as_object_mut().unwrap().remove("offset").expect("an offset");
-    assert!(herald::log::Offset::parse(offset.as_str().unwrap()).is_some(), "{offset}");
+    assert!(herald::event_log::Offset::parse(offset.as_str().unwrap()).is_some(), "{offset}");
     assert_eq!(event, body, "unchanged, character for character, plus its offset");
 
     // Left out: timestamp is stamped, optional fields and metadata stay absent.

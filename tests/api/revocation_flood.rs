@@ -111,7 +111,7 @@ async fn flood_keeps_the_store_bounded_and_the_replay_history(redis: Option<&Red
             let mut lines = info.lines();
             lines.find(|l| *l == name).and_then(|_| lines.next()).and_then(|v| v.parse().ok()).expect(name)
         };
-        // The stream was made with one entry, added and trimmed at once (see log/stream.rs).
+        // The stream was made with one entry, added and trimmed at once (see event_log/stream.rs).
         let written = field("entries-added") - 1;
         assert_eq!(written, USERS as u64, "one control entry per revocation");
         assert!(field("length") <= MAX_EVENTS as u64 + 100, "the control stream is capped");

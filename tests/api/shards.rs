@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use herald::Application;
-use herald::log::shard_of;
+use herald::event_log::shard_of;
 use herald::rooms::CampaignId;
 use serde_json::{Value, json};
 

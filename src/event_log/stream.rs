@@ -39,7 +39,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::redis::{Conn, Redis, RedisError};
+use crate::redis_conn::{Conn, Redis, RedisError};
 use crate::rooms::Room;
 
 use super::{

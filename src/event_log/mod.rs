@@ -46,7 +46,7 @@ pub use memory::MemoryLog;
 pub use stream::StreamLog;
 
 use crate::events::EventKind;
-use crate::redis::RedisError;
+use crate::redis_conn::RedisError;
 use crate::rooms::{CampaignId, Room};
 
 /// One ordered sequence of the log.
