@@ -9,11 +9,15 @@
 //!
 //! - [`config`]: every setting, from flags and `HERALD_*` variables (each
 //!   group in `config/groups.rs`); secrets from the environment or files.
-//! - [`auth`]: JWT verification (the handshake) and token minting.
+//! - [`auth`]: JWT verification (the handshake, `refresh_token`), token
+//!   minting, and the clock of token times.
 //! - [`jwks`]: an identity provider's keys (JWKS), fetched and kept fresh.
 //! - [`rooms`]: room names and the ids in them, validated at the edge.
-//! - [`store`]: the membership and hierarchy store (SQLite or PostgreSQL).
-//! - [`access`]: who may join which room, with a short-lived cache.
+//! - [`store`]: the SQL store (SQLite or PostgreSQL): the membership and
+//!   hierarchy relations herald reads, the user revocations it writes.
+//! - [`access`]: who may join which room (the [`access::Membership`] seam:
+//!   the store's relations today) and whether a token outlived a user
+//!   revocation, each answer cached a short while.
 //! - [`events`]: the five domain event kinds, their validation and targeting.
 //! - [`idempotency`]: idempotency keys, and the keys an in-memory log has seen.
 //! - [`event_log`]: the event log (in memory, or Redis Streams a fleet shares,
@@ -24,22 +28,26 @@
 //!   fan-out, joins and replays, slow consumers.
 //! - [`redis_conn`]: a fleet's Redis connections (one shared; one per followed
 //!   stream, on a cluster to the node that serves it) and their health.
-//! - [`gateway`]: the Socket.IO handlers (handshake, subscribe, unsubscribe).
+//! - [`gateway`]: the Socket.IO handlers (the handshake, a socket's life,
+//!   `subscribe_*`, `unsubscribe_*`, `refresh_token`, the rate limit) and,
+//!   in `gateway/wire.rs`, what goes over the wire.
 //! - [`session`]: a socket's own state, and the one place its rooms change.
 //! - [`transport`]: a socket's transport below Socket.IO: the requests
-//!   socketioxide gets, and cutting a connection so that the client comes back.
+//!   socketioxide gets, and closing a transport (not the Socket.IO session)
+//!   so that the client comes back.
 //! - [`listener`]: the accept loop: `TCP_NODELAY`, bounded request heads and
-//!   bodies, bounded control-frame replies, cuttable connections.
+//!   bodies, bounded control-frame replies, connections herald can close.
 //! - [`pending`]: Engine.IO sessions that have not sent CONNECT yet, bounded
 //!   per address and in all.
-//! - [`publish`]: the HTTP publish API for backends.
+//! - [`publish`]: the HTTP publish API for backends, and its errors and
+//!   their statuses (the revoke API shares them).
 //! - [`revocation`]: revoking a user's access (the HTTP route, the log entry,
 //!   applying it on every instance, remembering user revocations).
 //! - [`demo`]: the development demo page and its development-only routes.
 //! - [`rate`]: the token bucket behind each socket's event rate limit.
 //! - [`expiry`]: cuts each socket when its token expires, on one shared timer.
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics`.
-//! - [`telemetry`]: logs and metrics.
+//! - [`telemetry`]: logs (one line each, whatever they quote) and metrics.
 //! - [`shutdown`]: the SIGTERM / ctrl-c signal.
 //! - [`app`]: builds it all from a config and serves it.
 
