@@ -30,6 +30,7 @@ use crate::event_log::{EventLog, LogError, MemoryLog, Offset, Stream, StreamLog,
 use crate::gateway::Gateway;
 use crate::health::{self, OpsState, Probe};
 use crate::listener::{self, ListenerSettings};
+use crate::openapi;
 use crate::pending::PendingSessions;
 use crate::publish::{self, PublishState};
 use crate::redis_conn::{Redis, RedisError};
@@ -259,7 +260,8 @@ fn http_service(
     });
     let mut router = publish::router(publish_state.clone())
         .merge(revocation::router(publish_state))
-        .merge(health::router(OpsState { metrics, probes }));
+        .merge(health::router(OpsState { metrics, probes }))
+        .merge(openapi::router());
     if let Some(minter) = credentials.demo {
         let demo = DemoState { minter, delivery: side.delivery.clone(), counter: AtomicU64::new(0) };
         router = router.merge(demo::router(Arc::new(demo)));

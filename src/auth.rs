@@ -86,9 +86,53 @@ pub struct Claims {
 #[derive(Deserialize)]
 struct Verified {
     sub: String,
-    exp: u64,
-    #[serde(default)]
-    iat: Option<u64>,
+    exp: NumericDate,
+    /// Absent is `None`; `null` is refused like any other non-date.
+    #[serde(default, deserialize_with = "crate::events::present")]
+    iat: Option<NumericDate>,
+}
+
+/// The claims of a token, as the JSON text they are: read whole as a raw
+/// value, which checks that all of it is UTF-8 (serde skips the claims a
+/// struct does not name without looking at their bytes), then as [`Verified`].
+type Claimed = Box<serde_json::value::RawValue>;
+
+/// A NumericDate (RFC 7519 section 2): seconds since the epoch, a
+/// non-negative integer or fraction (`1700000000.5`), read down to the whole
+/// second; one past `u64::MAX` reads as `u64::MAX`. Anything else (a string,
+/// a negative number, `null`) is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct NumericDate(u64);
+
+impl<'de> Deserialize<'de> for NumericDate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Seconds;
+        impl serde::de::Visitor<'_> for Seconds {
+            type Value = NumericDate;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a non-negative number of seconds")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<NumericDate, E> {
+                Ok(NumericDate(v))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<NumericDate, E> {
+                u64::try_from(v).map(NumericDate).map_err(|_| E::custom("a negative NumericDate"))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<NumericDate, E> {
+                // `as` saturates: 1e300 is u64::MAX.
+                if v.is_finite() && v >= 0.0 {
+                    Ok(NumericDate(v.floor() as u64))
+                } else {
+                    Err(E::custom("not a NumericDate"))
+                }
+            }
+        }
+        d.deserialize_any(Seconds)
+    }
 }
 
 /// A token was refused. Deliberately says nothing more.
@@ -223,12 +267,21 @@ impl Verifier {
     /// Verifies a token (a leading `Bearer ` is stripped) and returns its
     /// user. With a JWKS, a token whose `kid` is unknown may wait for a
     /// refetch (see [`crate::jwks`]).
+    ///
+    /// Besides the signature, `exp`, `nbf`, `iss` and `aud` (with the
+    /// leeway): a header with `crit` is refused (herald understands no JWS
+    /// extension, and RFC 7515 section 4.1.11 says to refuse what a verifier does
+    /// not understand), and so is an `iat` more than the leeway in the future
+    /// (it would outlive every user revocation).
     pub async fn verify(&self, token: &str) -> Result<User, Unauthorized> {
         let token = token.strip_prefix("Bearer ").unwrap_or(token);
+        let header = jsonwebtoken::decode_header(token).map_err(|_| Unauthorized)?;
+        if header.crit.is_some() {
+            return Err(Unauthorized);
+        }
         let data = match &self.keys {
-            Keys::Fixed(key) => jsonwebtoken::decode::<Verified>(token, key, &self.validation),
+            Keys::Fixed(key) => jsonwebtoken::decode::<Claimed>(token, key, &self.validation),
             Keys::Jwks(jwks) => {
-                let header = jsonwebtoken::decode_header(token).map_err(|_| Unauthorized)?;
                 // Only asymmetric algorithms can name a JWKS key: others need no lookup.
                 if matches!(header.alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
                     return Err(Unauthorized);
@@ -240,12 +293,18 @@ impl Verifier {
                 }
                 let mut validation = Validation::clone(&self.validation);
                 validation.algorithms = vec![key.algorithm];
-                jsonwebtoken::decode::<Verified>(token, &key.key, &validation)
+                jsonwebtoken::decode::<Claimed>(token, &key.key, &validation)
             }
         }
         .map_err(|_| Unauthorized)?;
-        let id = UserId::parse(&data.claims.sub).map_err(|_| Unauthorized)?;
-        Ok(User { id: id.0, expires_at: data.claims.exp, issued_at: data.claims.iat })
+        let Verified { sub, exp, iat } = serde_json::from_str(data.claims.get()).map_err(|_| Unauthorized)?;
+        // The clock jsonwebtoken checks `exp` and `nbf` with.
+        let latest_iat = jsonwebtoken::get_current_timestamp().saturating_add(self.validation.leeway);
+        if iat.is_some_and(|iat| iat.0 > latest_iat) {
+            return Err(Unauthorized);
+        }
+        let id = UserId::parse(&sub).map_err(|_| Unauthorized)?;
+        Ok(User { id: id.0, expires_at: exp.0, issued_at: iat.map(|iat| iat.0) })
     }
 }
 

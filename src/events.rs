@@ -122,7 +122,7 @@ impl<'de> Deserialize<'de> for NonEmpty {
 
 /// An optional field: absent is `None`, `null` is an error like any other
 /// wrong type.
-fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+pub(crate) fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
 where
     D: Deserializer<'de>,
     T: Deserialize<'de>,
@@ -389,9 +389,27 @@ fn typed<'a, T: Deserialize<'a>>(value: &'a Value, prefix: &str) -> Result<T, In
             message = "required field is missing".to_owned();
         }
         let path = join(prefix, &path);
-        let path = if path.is_empty() { "event".to_owned() } else { path };
+        // Only a value at the top names no field: it is the body.
+        let path = if path.is_empty() { "body".to_owned() } else { path };
         InvalidEvent { path, message }
     })
+}
+
+/// Reads a body as JSON: exactly one value (no trailing bytes).
+fn json_body(body: &[u8]) -> Result<Value, InvalidEvent> {
+    serde_json::from_slice(body)
+        .map_err(|e| InvalidEvent { path: "body".into(), message: format!("invalid JSON ({e})") })
+}
+
+/// Validates a body that must be one JSON object as `T`, with the publish
+/// API's rules and error paths: a body that is not JSON (trailing bytes
+/// included) or not an object is a `body` error, a field is named by its path.
+pub(crate) fn parse_object_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, InvalidEvent> {
+    let value = json_body(body)?;
+    if !value.is_object() {
+        return Err(InvalidEvent { path: "body".into(), message: "expected an object".into() });
+    }
+    typed(&value, "")
 }
 
 /// Validates one published event. `at` is its path (`events[1]`, or empty
@@ -446,8 +464,7 @@ pub fn parse_event(value: &Value, at: &str) -> Result<Event, InvalidEvent> {
 /// Validates a publish body: one event object, or an array of them (called
 /// `events` in error paths). Any invalid event fails the whole body.
 pub fn parse_body(body: &[u8]) -> Result<Vec<Event>, InvalidEvent> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| InvalidEvent { path: "body".into(), message: format!("invalid JSON ({e})") })?;
+    let value = json_body(body)?;
     match &value {
         Value::Array(items) => {
             items.iter().enumerate().map(|(i, item)| parse_event(item, &format!("events[{i}]"))).collect()

@@ -41,6 +41,7 @@
 //!   per address and in all.
 //! - [`publish`]: the HTTP publish API for backends, and its errors and
 //!   their statuses (the revoke API shares them).
+//! - [`openapi`]: the OpenAPI document of the HTTP API, served at `/v1/openapi.json`.
 //! - [`revocation`]: revoking a user's access (the HTTP route, the log entry,
 //!   applying it on every instance, remembering user revocations).
 //! - [`demo`]: the development demo page and its development-only routes.
@@ -65,6 +66,7 @@ pub mod health;
 pub mod idempotency;
 pub mod jwks;
 pub mod listener;
+pub mod openapi;
 pub mod pending;
 pub mod publish;
 pub mod rate;

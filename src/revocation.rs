@@ -37,7 +37,7 @@ use socketioxide::SocketIo;
 
 use crate::auth::{User, UserId, unix_now};
 use crate::delivery::{RevocationError, RevocationFuture, Revocations};
-use crate::events::InvalidEvent;
+use crate::events::{InvalidEvent, parse_object_body};
 use crate::gateway::{Gateway, user_room};
 use crate::publish::{PublishError, PublishState, read_checked_body};
 use crate::rooms::CampaignId;
@@ -46,10 +46,21 @@ use crate::session::Session;
 /// The body of `POST /v1/access/revoke`.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RevokeRequest {
-    user_id: UserId,
-    #[serde(default)]
-    campaign_id: Option<CampaignId>,
+pub struct RevokeRequest {
+    pub user_id: UserId,
+    /// Absent: the whole user. An explicit `null` is refused.
+    #[serde(default, deserialize_with = "crate::events::present")]
+    pub campaign_id: Option<CampaignId>,
+}
+
+impl RevokeRequest {
+    /// Validates a revoke body with the publish API's rules: one JSON object
+    /// and nothing after it, no unknown field, `campaignId` a valid id or
+    /// absent; the error names the failing field (`userId`, `campaignId`,
+    /// `body`).
+    pub fn parse(body: &[u8]) -> Result<RevokeRequest, InvalidEvent> {
+        parse_object_body(body)
+    }
 }
 
 /// A revocation, as the event log carries it to every instance.
@@ -74,12 +85,7 @@ pub fn router(state: Arc<PublishState>) -> axum::Router {
 async fn revoke(State(state): State<Arc<PublishState>>, headers: HeaderMap, body: Body) -> Response {
     let result = async {
         let bytes = read_checked_body(&state, &headers, body).await?;
-        let request: RevokeRequest =
-            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&bytes)).map_err(|e| {
-                let path = e.path().to_string();
-                let path = if path == "." { "body".to_owned() } else { path };
-                InvalidEvent { path, message: e.into_inner().to_string() }
-            })?;
+        let request = RevokeRequest::parse(&bytes)?;
         let revocation =
             Revocation { user_id: request.user_id, campaign_id: request.campaign_id, revoked_at: unix_now() };
         let json = serde_json::to_string(&revocation).map_err(PublishError::Internal)?;

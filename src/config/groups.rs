@@ -33,7 +33,7 @@ pub struct AuthSettings {
     #[arg(long, env = "HERALD_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
 
-    /// Clock leeway for `exp` and `nbf`.
+    /// Clock leeway for `exp` and `nbf`, and how far in the future `iat` may be.
     #[arg(long, env = "HERALD_JWT_LEEWAY", default_value = "5s", value_parser = humantime::parse_duration)]
     pub jwt_leeway: Duration,
 

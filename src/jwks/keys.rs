@@ -35,15 +35,23 @@ struct Document {
 }
 
 /// The usable keys of a document; the others are skipped with a warning.
+/// Every key of a `kid` that names more than one key is skipped, usable or
+/// not: a token naming it could mean either.
 pub fn parse_document(body: &[u8]) -> Result<KeySet, DocumentError> {
     let document: Document = serde_json::from_slice(body).map_err(DocumentError::NotJwks)?;
-    let mut keys = KeySet::new();
+    let mut kids: HashMap<String, usize> = HashMap::new();
+    let mut entries = Vec::with_capacity(document.keys.len());
     for value in document.keys {
         let Some(kid) = value.get("kid").and_then(|k| k.as_str()).map(str::to_owned) else {
             tracing::warn!("JWKS key skipped: it has no kid");
             continue;
         };
-        let parsed = if keys.contains_key(&kid) { Err("another key has the same kid") } else { parse_key(value) };
+        *kids.entry(kid.clone()).or_default() += 1;
+        entries.push((kid, value));
+    }
+    let mut keys = KeySet::new();
+    for (kid, value) in entries {
+        let parsed = if kids[&kid] > 1 { Err("another key has the same kid") } else { parse_key(value) };
         match parsed {
             Ok(key) => {
                 keys.insert(kid, Arc::new(key));
@@ -195,7 +203,10 @@ mod tests {
             {"kty": "OKP", "crv": "Ed25519", "kid": "sign-only", "key_ops": ["sign"], "x": ED_X},
             "not an object",
             {"kty": "OKP", "crv": "Ed25519", "kid": "ed", "x": ED_X},
-            {"kty": "RSA", "kid": "ed", "n": "AA", "e": "AQAB"},
+            {"kty": "OKP", "crv": "Ed25519", "kid": "twice", "x": ED_X},
+            {"kty": "RSA", "kid": "twice", "n": "AA", "e": "AQAB"},
+            {"kty": "OKP", "crv": "Ed25519", "kid": "both-good", "x": ED_X},
+            {"kty": "OKP", "crv": "Ed25519", "kid": "both-good", "x": ED_X},
         ]});
         let keys = parse_document(doc.to_string().as_bytes()).unwrap();
         assert_eq!(keys.keys().collect::<Vec<_>>(), ["ed"]);

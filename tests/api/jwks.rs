@@ -432,3 +432,47 @@ async fn with_a_jwks_development_mode_has_no_jwt_secret_no_demo_and_no_minting()
     let error = herald::Application::build(config).await.err().expect("a conflicting configuration");
     assert!(error.to_string().contains("HERALD_JWT_PUBLIC_KEY_FILE does not apply"), "{error}");
 }
+
+/// Two keys under one `kid`: a token naming it could mean either, so both
+/// are skipped (usable or not), and the document's other keys still work.
+#[tokio::test]
+async fn keys_that_share_a_kid_are_all_skipped() {
+    let [k1, _] = rsa_keys();
+    let (ec, ed) = (TestKey::p256("shared"), TestKey::ed25519("shared"));
+    let (twin_a, twin_b) = (TestKey::ed25519("twin"), TestKey::ed25519("twin"));
+    let provider = Provider::start(&[k1, &ec, &ed, &twin_a]).await;
+    provider.served.keys.lock().unwrap().push(twin_a.jwk.clone());
+    let app = spawn_with_jwks(provider.url(), |_| {}).await;
+    wait_ready(&app).await;
+    for (name, token) in [
+        ("P-256 under shared", ec.token("alice")),
+        ("Ed25519 under shared", ed.token("alice")),
+        ("twin", twin_a.token("alice")),
+    ] {
+        assert_eq!(connect(&app, &token).await, refused(), "{name}");
+    }
+    // A twin whose other copy is another key is refused the same way.
+    assert_eq!(connect(&app, &twin_b.token("alice")).await, refused(), "the twin's sibling");
+    connect(&app, &k1.token("alice")).await.expect("k1 still connects");
+}
+
+/// `crit` (RFC 7515 section 4.1.11) is refused with a JWKS too, before the
+/// key lookup: no refetch either.
+#[tokio::test]
+async fn a_critical_header_extension_is_refused_with_a_jwks() {
+    let [k1, _] = rsa_keys();
+    let ec = TestKey::p256("ec");
+    let provider = Provider::start(&[k1, &ec]).await;
+    let app = spawn_with_jwks(provider.url(), |_| {}).await;
+    wait_ready(&app).await;
+    let claims = json!({"sub": "alice", "exp": now() + 60});
+    for key in [k1, &ec] {
+        for (name, mut header) in crate::auth::critical_headers(key.alg) {
+            header.kid = Some(key.kid.clone());
+            let token = jsonwebtoken::encode(&header, &claims, &key.encoding).unwrap();
+            assert_eq!(connect(&app, &token).await, refused(), "{} {name}", key.kid);
+        }
+        connect(&app, &key.token("alice")).await.expect("without crit it connects");
+    }
+    assert_eq!(provider.fetches(), 1, "a refused header never asks for a refetch");
+}

@@ -14,6 +14,7 @@ mod idempotency;
 mod jwks;
 mod layers;
 mod limits;
+mod openapi;
 mod operations;
 mod process;
 mod properties;

@@ -66,6 +66,23 @@ async fn revoking_a_user_without_a_campaign_disconnects_all_of_their_sockets() {
     assert_eq!(bob.expect_event().await.0, "state_invalidated");
 }
 
+async fn revoke_raw(app: &TestApp, body: &[u8]) -> (u16, Value) {
+    let res = app
+        .http
+        .post(app.url("/v1/access/revoke"))
+        .bearer_auth(PUBLISH_TOKEN)
+        .header("content-type", "application/json")
+        .body(body.to_vec())
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+/// The revoke body follows the publish API's rules: one JSON object, nothing
+/// after it, no unknown field, `campaignId` a valid id or absent (`null` is
+/// not "absent": it would make a campaign revocation a user revocation).
 #[tokio::test]
 async fn bad_revocations_are_refused_and_change_nothing() {
     let app = spawn_app().await;
@@ -73,24 +90,48 @@ async fn bad_revocations_are_refused_and_change_nothing() {
     alice.subscribe("campaign", "c1").await;
     let no_token = app.http.post(app.url("/v1/access/revoke")).json(&json!({"userId": "alice"})).send().await.unwrap();
     assert_eq!(no_token.status().as_u16(), 401);
-    for (body, path) in [
-        (json!({}), "body"),
-        (json!({"userId": ""}), "userId"),
-        (json!({"userId": 5}), "userId"),
-        (json!({"userId": "alice", "campaignId": "c:1"}), "campaignId"),
-        (json!({"userId": "alice", "everything": true}), "everything"),
-        (json!({"userId": "zz\nFAKE-LOG-LINE ERROR herald: admin logged in"}), "userId"),
-        (json!({"userId": "two words"}), "userId"),
-        (json!({"userId": "a".repeat(257)}), "userId"),
-        (json!({"userId": "alice", "revokedAt": 0}), "revokedAt"),
-    ] {
-        let (status, answer) = revoke(&app, body.clone()).await;
+    let long = json!({"userId": "a".repeat(257)}).to_string();
+    let cases: &[(&str, &str)] = &[
+        (r#"{}"#, "userId: required field is missing"),
+        (r#"{"userId": ""}"#, "userId: "),
+        (r#"{"userId": 5}"#, "userId: "),
+        (r#"{"userId": null}"#, "userId: "),
+        (r#"{"userId": "alice", "campaignId": "c:1"}"#, "campaignId: "),
+        (r#"{"userId": "alice", "campaignId": null}"#, "campaignId: "),
+        (r#"{"userId": "alice", "campaignId": ""}"#, "campaignId: "),
+        (r#"{"userId": "alice", "campaignId": 1}"#, "campaignId: "),
+        (r#"{"userId": "alice", "everything": true}"#, "everything: unknown field"),
+        (r#"{"userId": "alice", "revokedAt": 0}"#, "revokedAt: unknown field"),
+        (r#"{"userId": "zz\nFAKE-LOG-LINE ERROR herald: admin logged in"}"#, "userId: "),
+        (r#"{"userId": "two words"}"#, "userId: "),
+        (&long, "userId: "),
+        (r#"{"userId": "alice"} GARBAGE"#, "body: invalid JSON"),
+        (r#"{"userId": "alice"}{"userId": "bob"}"#, "body: invalid JSON"),
+        (r#"{"userId": "alice", "campaignId": "c1"}]"#, "body: invalid JSON"),
+        (r#"{"userId": "alice""#, "body: invalid JSON"),
+        ("", "body: invalid JSON"),
+        (r#"["alice"]"#, "body: expected an object"),
+        (r#"["alice", "c1"]"#, "body: expected an object"),
+        (r#"[{"userId": "alice"}]"#, "body: expected an object"),
+        (r#""alice""#, "body: expected an object"),
+        ("null", "body: expected an object"),
+        ("5", "body: expected an object"),
+    ];
+    for (body, error) in cases {
+        let (status, answer) = revoke_raw(&app, body.as_bytes()).await;
         assert_eq!(status, 400, "{body}");
-        let error = answer["error"].as_str().unwrap_or_default();
-        assert!(error.starts_with(path), "{error:?} should name {path}");
+        let got = answer["error"].as_str().unwrap_or_default();
+        assert!(got.starts_with(error), "{body}: {got:?} should start with {error:?}");
+        assert_eq!(answer.as_object().map(|o| o.len()), Some(1), "{answer}");
     }
+    // Nothing was applied: she is still in the room, and not revoked as a user
+    // (a token without `iat` would be refused after a user revocation).
     app.publish(&bodies::state_invalidated("c1")).await;
     assert_eq!(alice.expect_event().await.0, "state_invalidated", "still subscribed");
+    app.connect("alice").await;
+    // Whitespace around the one object is not trailing data.
+    assert_eq!(revoke_raw(&app, b" \n{\"userId\": \"alice\", \"campaignId\": \"c1\"}\n ").await.0, 202);
+    assert_eq!(revoked(&mut alice).await, json!({"campaignId": "c1"}));
 }
 
 #[tokio::test]
