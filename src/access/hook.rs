@@ -344,7 +344,7 @@ impl Membership for HookMembership {
             let (user, campaign) = (user.clone(), campaign.clone());
             // Every room of the campaign, and (their campaign unknown) the user's denials.
             let _ = self.inner.answers.invalidate_entries_if(move |(u, _), decision| {
-                *u == user && matches!(decision, Decision::Denied) || *decision == Decision::Allowed(campaign.clone())
+                *u == user && (*decision == Decision::Denied || *decision == Decision::Allowed(campaign.clone()))
             });
         })
     }

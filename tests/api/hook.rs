@@ -245,16 +245,24 @@ async fn answers_are_cached_yes_and_no_and_a_revocation_forgets_them() {
     assert_eq!(hook(&app).calls(), 2, "one yes and one no, each asked once");
     assert_eq!(metric(&app.metrics().await, "herald_access_hook_cache_hits_total"), 3.0);
 
-    // The application removes her and tells herald: the cached yes is gone at once.
+    let mut bob = app.connect("bob").await;
+    assert_eq!(bob.subscribe("campaign", "c1").await["success"], true);
+    assert_eq!(hook(&app).calls(), 3);
+
+    // The application removes her and tells herald: her cached yes is gone at once.
     run_sql(&app.database_url, "DELETE FROM campaign_members WHERE campaign_id = 'c1' AND user_id = 'alice';").await;
     assert_eq!(revoke(&app, json!({"userId": "alice", "campaignId": "c1"})).await, 202);
     assert_eq!(alice.expect_event().await.0, "access_revoked");
     assert_eq!(alice.subscribe("campaign", "c1").await["error"], "Unauthorized");
-    assert_eq!(hook(&app).calls(), 3);
+    assert_eq!(hook(&app).calls(), 4);
+    // Bob's is not.
+    bob.unsubscribe("campaign", "c1").await;
+    assert_eq!(bob.subscribe("campaign", "c1").await["success"], true);
+    assert_eq!(hook(&app).calls(), 4);
     // Within the TTL a change the application did not report is not seen (as in SQL mode).
     run_sql(&app.database_url, "INSERT INTO campaign_members VALUES ('c1', 'mallory');").await;
     assert_eq!(mallory.subscribe("campaign", "c1").await["error"], "Unauthorized");
-    assert_eq!(hook(&app).calls(), 3);
+    assert_eq!(hook(&app).calls(), 4);
 }
 
 #[tokio::test]
