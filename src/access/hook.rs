@@ -7,7 +7,7 @@
 //! (`HERALD_ACCESS_TIMEOUT`, a free slot included), at most
 //! `HERALD_ACCESS_MAX_IN_FLIGHT` calls are in flight, identical concurrent
 //! checks (same user, same room) share one call, and after repeated failures
-//! the [`Circuit`] stops calling for a while. A check that gets no usable
+//! the circuit breaker (`circuit.rs`) stops calling for a while. A check that gets no usable
 //! answer is a [`HookFailure`] (the client is told `Unavailable`), never a
 //! denial.
 //!
