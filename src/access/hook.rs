@@ -32,7 +32,7 @@ use sha2::Sha256;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::circuit::{Circuit, CircuitState, Outcome};
+use super::circuit::{Circuit, Outcome};
 use super::{AccessError, Credential, Decision, Membership, MembershipFuture, cache};
 use crate::auth::unix_now;
 use crate::rooms::{CampaignId, Room};
@@ -46,6 +46,10 @@ pub const TIMESTAMP_HEADER: &str = "X-Herald-Timestamp";
 pub const SIGNATURE_HEADER: &str = "X-Herald-Signature";
 /// Largest answer herald reads; a longer one is malformed.
 const MAX_ANSWER_BYTES: usize = 16 * 1024;
+/// Distinct checks that may wait for the hook at once, per call slot; past
+/// it a check is answered [`HookFailure::Overloaded`] at once (each waits at
+/// most the timeout, so this bounds what a flood of distinct checks holds).
+const PENDING_PER_SLOT: usize = 64;
 
 /// Why the hook gave no usable answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -108,6 +112,8 @@ struct Inner {
     timeout: Duration,
     forward_token: bool,
     slots: Semaphore,
+    /// Most entries in `calls`.
+    max_pending: usize,
     circuit: Circuit,
     answers: Cache<Key, Decision>,
     /// The calls in flight, one per key (the single flight).
@@ -156,6 +162,7 @@ impl HookMembership {
             timeout: settings.timeout,
             forward_token: settings.forward_token,
             slots: Semaphore::new(settings.max_in_flight),
+            max_pending: settings.max_in_flight.saturating_mul(PENDING_PER_SLOT),
             circuit: Circuit::new(settings.circuit_failures, settings.circuit_backoff, metrics.clone()),
             answers: cache(settings.cache_ttl),
             calls: Mutex::new(HashMap::new()),
@@ -165,22 +172,22 @@ impl HookMembership {
         Ok(HookMembership { inner: Arc::new(inner) })
     }
 
-    /// The circuit's state, for `/readyz`.
-    pub fn circuit_state(&self) -> CircuitState {
-        self.inner.circuit.state()
-    }
-
     /// A function that tells the circuit's state, for `/readyz`.
     pub fn circuit_reporter(&self) -> Arc<dyn Fn() -> &'static str + Send + Sync> {
         let inner = self.inner.clone();
         Arc::new(move || inner.circuit.state().as_str())
     }
 
-    /// Joins the call in flight for `key`, or starts one.
-    fn join_or_call(&self, key: Key, token: Option<&Credential>) -> SharedCall {
+    /// Joins the call in flight for `key`, or starts one (none when too
+    /// many checks wait already).
+    fn join_or_call(&self, key: Key, token: Option<&Credential>) -> Result<SharedCall, HookFailure> {
         let mut calls = self.inner.calls.lock();
         if let Some(call) = calls.get(&key) {
-            return call.clone();
+            return Ok(call.clone());
+        }
+        if calls.len() >= self.inner.max_pending {
+            self.inner.metrics.access_hook_calls.get_or_create(&[("outcome", HookFailure::Overloaded.outcome())]).inc();
+            return Err(HookFailure::Overloaded);
         }
         let inner = self.inner.clone();
         let token = token.filter(|_| inner.forward_token).map(|c| c.0.clone());
@@ -190,7 +197,7 @@ impl HookMembership {
         let call = task.map(|joined| joined.unwrap_or(Err(HookFailure::Request))).boxed().shared();
         calls.insert(key, call.clone());
         self.inner.metrics.access_hook_checks.set(calls.len() as i64);
-        call
+        Ok(call)
     }
 }
 
@@ -241,9 +248,11 @@ impl Inner {
                     self.answers.insert(key.clone(), decision.clone()).await;
                 }
             }
-            Err(failure) => {
-                tracing::warn!(user = &*key.0, room = %key.1, failure = %failure, "authorization hook call failed")
+            // No call made: the circuit's opening was logged, and a full house shows in the metrics.
+            Err(failure @ (HookFailure::CircuitOpen | HookFailure::Overloaded)) => {
+                tracing::debug!(user = &*key.0, room = %key.1, %failure, "authorization hook not called")
             }
+            Err(failure) => tracing::warn!(user = &*key.0, room = %key.1, %failure, "authorization hook call failed"),
         }
         result
     }
@@ -330,7 +339,8 @@ impl Membership for HookMembership {
                 self.inner.metrics.access_hook_cache_hits.inc();
                 return Ok(decision);
             }
-            self.join_or_call(key, token).await.map_err(AccessError::Unavailable)
+            let call = self.join_or_call(key, token).map_err(AccessError::Unavailable)?;
+            call.await.map_err(AccessError::Unavailable)
         })
     }
 

@@ -205,6 +205,35 @@ async fn a_thousand_concurrent_subscribes_for_one_user_and_room_make_one_call() 
 }
 
 #[tokio::test]
+async fn calls_in_flight_and_checks_waiting_are_bounded() {
+    let app = spawn_hooked_app(|c| {
+        c.access.access_max_in_flight = 1;
+        c.access.access_timeout = Duration::from_millis(1800);
+        c.access.access_circuit_failures = 1000;
+    })
+    .await;
+    hook(&app).set_delay(Duration::from_secs(1));
+    let mut alice = app.connect("alice").await;
+    // 100 distinct checks at once: one slot, and 64 checks waiting per slot.
+    let acks: Vec<_> = (0..100)
+        .map(|i| {
+            alice.emit_in_flight("subscribe_campaign", json!({"campaignId": format!("x{i}")}), Duration::from_secs(5))
+        })
+        .collect();
+    let acks = join_all(acks).await;
+    let unavailable =
+        acks.iter().filter(|a| a.as_ref() == Some(&json!({"success": false, "error": UNAVAILABLE}))).count();
+    let denied =
+        acks.iter().filter(|a| a.as_ref() == Some(&json!({"success": false, "error": "Unauthorized"}))).count();
+    assert_eq!((unavailable + denied, denied), (100, 1), "one call answered in time, every other check Unavailable");
+    assert_eq!(hook(&app).most_at_once(), 1);
+    let m = app.metrics().await;
+    assert!(metric(&m, r#"herald_access_hook_calls_total{outcome="overloaded"}"#) >= 36.0, "{m}");
+    metric_becomes(&app, "herald_access_hook_checks", 0.0).await;
+    metric_becomes(&app, "herald_access_hook_in_flight", 0.0).await;
+}
+
+#[tokio::test]
 async fn a_subscribe_that_goes_away_while_its_call_is_in_flight_leaves_nothing_behind() {
     let app = spawn_hooked_app(|c| c.store.membership_cache_ttl = Duration::ZERO).await;
     hook(&app).set_delay(Duration::from_millis(400));

@@ -42,6 +42,9 @@ struct Counters {
     refused: AtomicUsize,
     /// Requests answered 503 while failing.
     failed: AtomicUsize,
+    /// Signed requests being answered now, and the most at once.
+    current: AtomicUsize,
+    most_at_once: AtomicUsize,
 }
 
 struct Shared {
@@ -101,6 +104,11 @@ impl HookServer {
     /// The URL herald is given.
     pub fn url(&self) -> String {
         format!("http://{}/access", self.addr)
+    }
+
+    /// The most signed requests it answered at once.
+    pub fn most_at_once(&self) -> usize {
+        self.shared.counters.most_at_once.load(Ordering::SeqCst)
     }
 
     /// Requests answered 503 (while failing).
@@ -198,6 +206,15 @@ async fn answer(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
         return StatusCode::UNAUTHORIZED.into_response();
     }
     shared.counters.calls.fetch_add(1, Ordering::SeqCst);
+    let now_answering = shared.counters.current.fetch_add(1, Ordering::SeqCst) + 1;
+    shared.counters.most_at_once.fetch_max(now_answering, Ordering::SeqCst);
+    let response = signed_answer(&shared, &headers, &body).await;
+    shared.counters.current.fetch_sub(1, Ordering::SeqCst);
+    response
+}
+
+/// The answer to a request whose signature was good.
+async fn signed_answer(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Response {
     let authorization = headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
     shared.authorizations.lock().push(authorization);
     let delay = shared.delay_ms.load(Ordering::SeqCst);
@@ -208,7 +225,7 @@ async fn answer(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
         shared.counters.failed.fetch_add(1, Ordering::SeqCst);
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
-    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+    let Ok(request) = serde_json::from_slice::<Value>(body) else {
         return StatusCode::BAD_REQUEST.into_response();
     };
     let (Some(1), Some(user), Some(kind), Some(id)) = (
