@@ -86,15 +86,27 @@ impl std::io::Write for OneLine {
 }
 
 /// Dependencies whose debug and trace logs carry what clients send (frames
-/// with tokens, request lines with `?token=`) stay at `info` whatever
+/// with tokens, request lines with `?token=`) or what herald sends (the
+/// hook's signed requests) stay at `info` whatever
 /// `HERALD_LOG` says: secrets never reach the logs.
 fn quiet_dependencies() -> tracing_subscriber::filter::Targets {
     use tracing_subscriber::filter::LevelFilter;
-    ["tungstenite", "tokio_tungstenite", "engineioxide", "socketioxide", "hyper", "hyper_util", "axum", "tower_http"]
-        .into_iter()
-        .fold(tracing_subscriber::filter::Targets::new().with_default(LevelFilter::TRACE), |targets, target| {
-            targets.with_target(target, LevelFilter::INFO)
-        })
+    [
+        "tungstenite",
+        "tokio_tungstenite",
+        "engineioxide",
+        "socketioxide",
+        "hyper",
+        "hyper_util",
+        "axum",
+        "tower_http",
+        // The authorization hook's client: its requests carry the signature and a forwarded token.
+        "reqwest",
+    ]
+    .into_iter()
+    .fold(tracing_subscriber::filter::Targets::new().with_default(LevelFilter::TRACE), |targets, target| {
+        targets.with_target(target, LevelFilter::INFO)
+    })
 }
 
 type Labels1 = [(&'static str, &'static str); 1];

@@ -7,8 +7,11 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 
+use crate::binary::Process;
+use crate::client::Client;
 use crate::helpers::*;
-use crate::hook_server::{HOOK_SECRET, MAX_AGE_SECS, sign};
+use crate::hook_server::{HOOK_SECRET, HookServer, MAX_AGE_SECS, sign};
+use crate::process::assert_no_window_of;
 
 const UNAVAILABLE: &str = "Unavailable";
 
@@ -306,4 +309,39 @@ async fn the_users_token_reaches_the_hook_only_when_forwarding_is_on() {
     let mut alice = forwarding.try_connect(Some(json!({ "token": token })), "").await.unwrap();
     assert_eq!(alice.subscribe("campaign", "c1").await["success"], true);
     assert_eq!(hook(&forwarding).authorizations(), vec![Some(format!("Bearer {token}"))]);
+}
+
+/// The binary at trace level, forwarding tokens, with a hook that answers,
+/// then is slow, then is gone: neither the hook's secret nor a forwarded
+/// token reaches the logs.
+#[tokio::test]
+async fn the_hook_secret_and_forwarded_tokens_never_reach_the_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("app.db").display());
+    herald::store::SqlStore::connect(&url, 1, true).await.expect("the store opens").close().await;
+    run_sql(&url, FIXTURE).await;
+    let mut hook = HookServer::start(&url).await;
+    let hook_url = hook.url();
+    let app = Process::start(&[
+        ("HERALD_LOG", "trace"),
+        ("HERALD_ACCESS_URL", &hook_url),
+        ("HERALD_ACCESS_SECRET", HOOK_SECRET),
+        ("HERALD_ACCESS_FORWARD_TOKEN", "true"),
+        ("HERALD_ACCESS_TIMEOUT", "300ms"),
+    ])
+    .await;
+    let alice = token("alice");
+    let mut c = Client::connect(app.addr, Some(json!({"token": alice})), "").await.expect("connects");
+    assert_eq!(c.subscribe("campaign", "c1").await["success"], true);
+    assert_eq!(c.subscribe("campaign", "c2").await["error"], "Unauthorized");
+    hook.set_delay(Duration::from_secs(1));
+    assert_eq!(c.subscribe("settlement", "s1").await["error"], UNAVAILABLE);
+    hook.set_delay(Duration::ZERO);
+    hook.stop().await;
+    assert_eq!(c.subscribe("structure", "st1").await["error"], UNAVAILABLE);
+    assert_eq!(hook.authorizations().first(), Some(&Some(format!("Bearer {alice}"))));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let output = app.logs();
+    assert!(output.contains("authorization hook call failed"), "the failures were logged:\n{output}");
+    assert_no_window_of(&output, &[HOOK_SECRET, &alice], "logs");
 }
