@@ -116,8 +116,10 @@ struct Inner {
     max_pending: usize,
     circuit: Circuit,
     answers: Cache<Key, Decision>,
-    /// The calls in flight, one per key (the single flight).
-    calls: Mutex<HashMap<Key, SharedCall>>,
+    /// The calls in flight, one per key (the single flight), each with its number.
+    calls: Mutex<HashMap<Key, (u64, SharedCall)>>,
+    /// The number of the next call.
+    next_call: AtomicU64,
     /// Bumped by each forget: a call that started before one does not cache its answer.
     forgets: AtomicU64,
     metrics: Arc<Metrics>,
@@ -166,6 +168,7 @@ impl HookMembership {
             circuit: Circuit::new(settings.circuit_failures, settings.circuit_backoff, metrics.clone()),
             answers: cache(settings.cache_ttl),
             calls: Mutex::new(HashMap::new()),
+            next_call: AtomicU64::new(0),
             forgets: AtomicU64::new(0),
             metrics,
         };
@@ -182,7 +185,7 @@ impl HookMembership {
     /// many checks wait already).
     fn join_or_call(&self, key: Key, token: Option<&Credential>) -> Result<SharedCall, HookFailure> {
         let mut calls = self.inner.calls.lock();
-        if let Some(call) = calls.get(&key) {
+        if let Some((_, call)) = calls.get(&key) {
             return Ok(call.clone());
         }
         if calls.len() >= self.inner.max_pending {
@@ -191,26 +194,31 @@ impl HookMembership {
         }
         let inner = self.inner.clone();
         let token = token.filter(|_| inner.forward_token).map(|c| c.0.clone());
-        let task = tokio::spawn(Inner::run(inner, key.clone(), token));
+        let number = inner.next_call.fetch_add(1, Ordering::SeqCst);
+        let task = tokio::spawn(Inner::run(inner, key.clone(), number, token));
         // The task does not panic (no unwrap on what the hook sends); were it
         // to, its entry is still removed (the guard) and its waiters see a failure.
         let call = task.map(|joined| joined.unwrap_or(Err(HookFailure::Request))).boxed().shared();
-        calls.insert(key, call.clone());
+        calls.insert(key, (number, call.clone()));
         self.inner.metrics.access_hook_checks.set(calls.len() as i64);
         Ok(call)
     }
 }
 
-/// Removes a call's entry when its task ends, however it ends.
+/// Removes a call's entry when its task ends, however it ends (unless a
+/// forget removed it already, and another call of the key took its place).
 struct Entry<'a> {
     inner: &'a Inner,
     key: &'a Key,
+    number: u64,
 }
 
 impl Drop for Entry<'_> {
     fn drop(&mut self) {
         let mut calls = self.inner.calls.lock();
-        calls.remove(self.key);
+        if calls.get(self.key).is_some_and(|(number, _)| *number == self.number) {
+            calls.remove(self.key);
+        }
         self.inner.metrics.access_hook_checks.set(calls.len() as i64);
     }
 }
@@ -227,8 +235,13 @@ impl Drop for InFlight<'_> {
 impl Inner {
     /// One call, in its own task: asks the hook, caches the answer (unless
     /// a forget came meanwhile), then removes its entry.
-    async fn run(self: Arc<Self>, key: Key, token: Option<Arc<SecretString>>) -> Result<Decision, HookFailure> {
-        let _entry = Entry { inner: &self, key: &key };
+    async fn run(
+        self: Arc<Self>,
+        key: Key,
+        number: u64,
+        token: Option<Arc<SecretString>>,
+    ) -> Result<Decision, HookFailure> {
+        let _entry = Entry { inner: &self, key: &key, number };
         let forgets = self.forgets.load(Ordering::SeqCst);
         let result = self.call(&key, token.as_deref()).await;
         self.metrics
@@ -255,6 +268,16 @@ impl Inner {
             Err(failure) => tracing::warn!(user = &*key.0, room = %key.1, %failure, "authorization hook call failed"),
         }
         result
+    }
+
+    /// A revocation of `user`: the calls in flight for the user stop being
+    /// joined (a check from now on makes a call of its own), and no call in
+    /// flight caches its answer.
+    fn forget_calls_of(&self, user: &Arc<str>) {
+        self.forgets.fetch_add(1, Ordering::SeqCst);
+        let mut calls = self.calls.lock();
+        calls.retain(|(u, _), _| u != user);
+        self.metrics.access_hook_checks.set(calls.len() as i64);
     }
 
     /// Through the circuit, a free slot and the deadline.
@@ -350,7 +373,7 @@ impl Membership for HookMembership {
 
     fn forget<'a>(&'a self, campaign: &'a CampaignId, user: &'a Arc<str>) -> MembershipFuture<'a, ()> {
         Box::pin(async move {
-            self.inner.forgets.fetch_add(1, Ordering::SeqCst);
+            self.inner.forget_calls_of(user);
             let (user, campaign) = (user.clone(), campaign.clone());
             // Every room of the campaign, and (their campaign unknown) the user's denials.
             let _ = self.inner.answers.invalidate_entries_if(move |(u, _), decision| {
@@ -360,7 +383,7 @@ impl Membership for HookMembership {
     }
 
     fn forget_user(&self, user: &Arc<str>) {
-        self.inner.forgets.fetch_add(1, Ordering::SeqCst);
+        self.inner.forget_calls_of(user);
         let user = user.clone();
         let _ = self.inner.answers.invalidate_entries_if(move |(u, _), _| *u == user);
     }

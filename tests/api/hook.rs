@@ -298,6 +298,26 @@ async fn answers_are_cached_yes_and_no_and_a_revocation_forgets_them() {
 }
 
 #[tokio::test]
+async fn a_check_after_a_revocation_never_joins_a_call_that_started_before_it() {
+    let app = spawn_hooked_app(|c| c.store.membership_cache_ttl = Duration::from_secs(60)).await;
+    hook(&app).set_delay(Duration::from_millis(600));
+    let mut before = app.connect("alice").await;
+    let mut after = app.connect("alice").await;
+    // The hook reads "member" at once, and answers 600 ms later.
+    let early = before.emit_in_flight("subscribe_campaign", json!({"campaignId": "c1"}), Duration::from_secs(5));
+    metric_becomes(&app, "herald_access_hook_checks", 1.0).await;
+    run_sql(&app.database_url, "DELETE FROM campaign_members WHERE campaign_id = 'c1' AND user_id = 'alice';").await;
+    assert_eq!(revoke(&app, json!({"userId": "alice", "campaignId": "c1"})).await, 202);
+    // A subscribe after the revocation asks again, rather than taking the early call's "yes".
+    assert_eq!(after.subscribe("campaign", "c1").await["error"], "Unauthorized");
+    assert_eq!(early.await, Some(json!({"success": false, "error": "Unauthorized"})), "checked before the revocation");
+    assert_eq!(hook(&app).calls(), 2);
+    // Nor did the early call's "yes" reach the cache.
+    assert_eq!(after.subscribe("campaign", "c1").await["error"], "Unauthorized");
+    metric_becomes(&app, "herald_access_hook_checks", 0.0).await;
+}
+
+#[tokio::test]
 async fn the_users_token_reaches_the_hook_only_when_forwarding_is_on() {
     let app = spawn_hooked_app(|_| {}).await;
     let mut alice = app.connect("alice").await;

@@ -217,6 +217,8 @@ async fn answer(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
 async fn signed_answer(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Response {
     let authorization = headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
     shared.authorizations.lock().push(authorization);
+    // Decided first, then slow: a slow answer tells what was true when the call came.
+    let answer = decide(shared, body).await;
     let delay = shared.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -225,26 +227,31 @@ async fn signed_answer(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Res
         shared.counters.failed.fetch_add(1, Ordering::SeqCst);
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
-    let Ok(request) = serde_json::from_slice::<Value>(body) else {
-        return StatusCode::BAD_REQUEST.into_response();
-    };
+    match answer {
+        Some(answer) => axum::Json(answer).into_response(),
+        None => StatusCode::BAD_REQUEST.into_response(),
+    }
+}
+
+/// The answer to a request, from the database (`None`: not the contract's request).
+async fn decide(shared: &Shared, body: &[u8]) -> Option<Value> {
+    let request = serde_json::from_slice::<Value>(body).ok()?;
     let (Some(1), Some(user), Some(kind), Some(id)) = (
         request["version"].as_u64(),
         request["userId"].as_str(),
         request["room"]["kind"].as_str(),
         request["room"]["id"].as_str(),
     ) else {
-        return StatusCode::BAD_REQUEST.into_response();
+        return None;
     };
     let Some(campaign) = campaign_of(&shared.source, kind, id).await else {
-        return axum::Json(json!({ "allow": false })).into_response();
+        return Some(json!({ "allow": false }));
     };
-    let member = is_member(&shared.source, &campaign, user).await;
-    if member {
-        axum::Json(json!({ "allow": true, "campaignId": campaign })).into_response()
+    Some(if is_member(&shared.source, &campaign, user).await {
+        json!({ "allow": true, "campaignId": campaign })
     } else {
-        axum::Json(json!({ "allow": false })).into_response()
-    }
+        json!({ "allow": false })
+    })
 }
 
 const CAMPAIGN_OF: &str = "SELECT $1";
