@@ -228,30 +228,32 @@ async fn signed_answer(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Res
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
     match answer {
-        Some(answer) => axum::Json(answer).into_response(),
-        None => StatusCode::BAD_REQUEST.into_response(),
+        Ok(Some(answer)) => axum::Json(answer).into_response(),
+        Ok(None) => StatusCode::BAD_REQUEST.into_response(),
+        // The application's database failed: so does the hook.
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
 
 /// The answer to a request, from the database (`None`: not the contract's request).
-async fn decide(shared: &Shared, body: &[u8]) -> Option<Value> {
-    let request = serde_json::from_slice::<Value>(body).ok()?;
+async fn decide(shared: &Shared, body: &[u8]) -> Result<Option<Value>, sqlx::Error> {
+    let Ok(request) = serde_json::from_slice::<Value>(body) else { return Ok(None) };
     let (Some(1), Some(user), Some(kind), Some(id)) = (
         request["version"].as_u64(),
         request["userId"].as_str(),
         request["room"]["kind"].as_str(),
         request["room"]["id"].as_str(),
     ) else {
-        return None;
+        return Ok(None);
     };
-    let Some(campaign) = campaign_of(&shared.source, kind, id).await else {
-        return Some(json!({ "allow": false }));
+    let Some(campaign) = campaign_of(&shared.source, kind, id).await? else {
+        return Ok(Some(json!({ "allow": false })));
     };
-    Some(if is_member(&shared.source, &campaign, user).await {
+    Ok(Some(if is_member(&shared.source, &campaign, user).await? {
         json!({ "allow": true, "campaignId": campaign })
     } else {
         json!({ "allow": false })
-    })
+    }))
 }
 
 const CAMPAIGN_OF: &str = "SELECT $1";
@@ -259,30 +261,27 @@ const CAMPAIGN_OF_SETTLEMENT: &str = "SELECT campaign_id FROM settlements WHERE 
 const CAMPAIGN_OF_STRUCTURE: &str =
     "SELECT s.campaign_id FROM structures t JOIN settlements s ON s.id = t.settlement_id WHERE t.id = $1";
 
-async fn campaign_of(source: &Source, kind: &str, id: &str) -> Option<String> {
+async fn campaign_of(source: &Source, kind: &str, id: &str) -> Result<Option<String>, sqlx::Error> {
     let sql = match kind {
         "campaign" => CAMPAIGN_OF,
         "settlement" => CAMPAIGN_OF_SETTLEMENT,
         "structure" => CAMPAIGN_OF_STRUCTURE,
-        _ => return None,
+        _ => return Ok(None),
     };
     match source {
-        Source::Sqlite(pool) => sqlx::query_scalar(sql).bind(id).fetch_optional(pool).await.unwrap(),
+        Source::Sqlite(pool) => sqlx::query_scalar(sql).bind(id).fetch_optional(pool).await,
         Source::Postgres(pool) => {
             let sql = if kind == "campaign" { "SELECT $1::text" } else { sql };
-            sqlx::query_scalar(sql).bind(id).fetch_optional(pool).await.unwrap()
+            sqlx::query_scalar(sql).bind(id).fetch_optional(pool).await
         }
     }
 }
 
-async fn is_member(source: &Source, campaign: &str, user: &str) -> bool {
+async fn is_member(source: &Source, campaign: &str, user: &str) -> Result<bool, sqlx::Error> {
     const SQL: &str = "SELECT 1 FROM campaign_members WHERE campaign_id = $1 AND user_id = $2";
-    match source {
-        Source::Sqlite(pool) => {
-            sqlx::query_scalar::<_, i32>(SQL).bind(campaign).bind(user).fetch_optional(pool).await.unwrap().is_some()
-        }
-        Source::Postgres(pool) => {
-            sqlx::query_scalar::<_, i32>(SQL).bind(campaign).bind(user).fetch_optional(pool).await.unwrap().is_some()
-        }
-    }
+    let row: Option<i32> = match source {
+        Source::Sqlite(pool) => sqlx::query_scalar(SQL).bind(campaign).bind(user).fetch_optional(pool).await?,
+        Source::Postgres(pool) => sqlx::query_scalar(SQL).bind(campaign).bind(user).fetch_optional(pool).await?,
+    };
+    Ok(row.is_some())
 }
