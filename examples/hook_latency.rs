@@ -270,5 +270,15 @@ async fn main() -> anyhow::Result<()> {
         row(&format!("{kind}, {USERS} clients at once, SQL store"), sql_times);
         row(&format!("{kind}, {USERS} clients at once, hook"), hook_times);
     }
+    // Every subscribe was a call: no answer came from the cache.
+    let metrics = reqwest::get(format!("http://{hook_gateway}/metrics")).await?.text().await?;
+    let series = |name: &str| {
+        metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    println!(
+        "hook: {} calls answered allow, {} answers from the cache",
+        series(r#"herald_access_hook_calls_total{outcome="allow"}"#),
+        series("herald_access_hook_cache_hits_total")
+    );
     Ok(())
 }
