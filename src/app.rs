@@ -201,6 +201,7 @@ fn membership(
         return Ok((Arc::new(StoreMembership::new(store.clone(), ttl)), None));
     };
     let url = reqwest::Url::parse(url).map_err(|_| ConfigError::AccessUrl)?;
+    let host = url.host_str().map(str::to_owned);
     let settings = HookSettings {
         url,
         secret: secret.clone(),
@@ -213,6 +214,12 @@ fn membership(
     };
     let membership = HookMembership::new(settings, metrics.clone()).map_err(BuildError::AccessHook)?;
     let reporter = membership.circuit_reporter();
+    // The host alone: the URL's path, query or user part may hold credentials.
+    tracing::info!(
+        host = host.as_deref().unwrap_or("?"),
+        forward_token = hook.access_forward_token,
+        "membership from the authorization hook"
+    );
     Ok((Arc::new(membership), Some(reporter)))
 }
 
