@@ -77,7 +77,7 @@ for (const transport of ['websocket', 'polling']) {
           HERALD_ACCESS_SECRET: secret,
           HERALD_ACCESS_TIMEOUT: '300ms',
           HERALD_ACCESS_CIRCUIT_FAILURES: '2',
-          HERALD_ACCESS_CIRCUIT_BACKOFF: '500ms',
+          HERALD_ACCESS_CIRCUIT_BACKOFF: '1500ms',
         },
       });
     });
@@ -134,7 +134,7 @@ for (const transport of ['websocket', 'polling']) {
       }
       assert.equal(hook.calls - before, 1, 'the second failure in a row opens the circuit: no more calls');
       hook.mode = 'ok';
-      await sleep(700);
+      await sleep(1_700);
       assert.deepEqual(await ack(bob, 'subscribe_settlement', { settlementId: 's3' }), OK);
       const metrics = await (await fetch(`${h.url}/metrics`)).text();
       assert.match(metrics, /^herald_access_hook_circuit 0$/m);

@@ -121,7 +121,7 @@ async fn a_slow_hook_is_unavailable_within_the_timeout_never_unauthorized() {
 
 #[tokio::test]
 async fn a_failing_hook_opens_the_circuit_without_a_call_storm_and_it_closes_once_the_hook_answers() {
-    let backoff = Duration::from_millis(600);
+    let backoff = Duration::from_millis(1500);
     let app = spawn_hooked_app(|c| {
         c.access.access_circuit_failures = 3;
         c.access.access_circuit_backoff = backoff;
