@@ -1,16 +1,18 @@
 //! Who may join which room, and whether a user's token outlived a
 //! revocation of the user; with a short-lived cache in front of each answer.
 //!
-//! Where membership answers come from is the [`Membership`] seam: today the
+//! Where membership answers come from is the [`Membership`] seam: the
 //! store's relations ([`StoreMembership`]: the campaign membership check,
-//! through the settlement and structure hierarchy); the application itself,
-//! over HTTP, is the other one planned. User revocations are herald's own
-//! table in the store, whichever the source.
+//! through the settlement and structure hierarchy, the default), or the
+//! application itself over HTTP ([`HookMembership`], `HERALD_ACCESS_URL`,
+//! in [`hook`]). User revocations are herald's own table in the store,
+//! whichever the source.
 //!
 //! Every lookup (membership, hierarchy, user revocation) is cached for the
 //! configured TTL, positive and negative answers alike, so a removed member
 //! can subscribe at most until its entry expires (a revocation forgets it at
-//! once). Concurrent misses for one key share a single store query.
+//! once). Concurrent misses for one key share a single store query (or hook
+//! call).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moka::future::Cache;
+use secrecy::SecretString;
 
 use crate::auth::{User, unix_now};
 use crate::rooms::{CampaignId, Room, SettlementId, StructureId};
@@ -32,8 +35,32 @@ pub enum Decision {
     Denied,
 }
 
-/// The store failed during a check (shared between concurrent waiters).
-pub type AccessError = Arc<StoreError>;
+mod circuit;
+pub mod hook;
+
+pub use hook::{HookFailure, HookMembership, HookSettings};
+
+/// A check could not be answered.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AccessError {
+    /// The store failed (shared between concurrent waiters).
+    #[error("the store failed")]
+    Store(#[source] Arc<StoreError>),
+    /// The authorization hook did not answer usably: an outage, never a denial.
+    #[error("the authorization hook is unavailable: {0}")]
+    Unavailable(HookFailure),
+}
+
+impl From<Arc<StoreError>> for AccessError {
+    fn from(e: Arc<StoreError>) -> Self {
+        AccessError::Store(e)
+    }
+}
+
+/// The user's token, kept on a socket only when the membership source
+/// wants it (`HERALD_ACCESS_FORWARD_TOKEN`).
+#[derive(Clone)]
+pub struct Credential(pub Arc<SecretString>);
 
 const CACHE_CAPACITY: u64 = 100_000;
 
@@ -42,8 +69,19 @@ pub type MembershipFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Where the answer to "may this user join this room?" comes from.
 pub trait Membership: Send + Sync + 'static {
-    /// May `user` join `room`? When allowed, the room's campaign.
-    fn check<'a>(&'a self, user: &'a Arc<str>, room: &'a Room) -> MembershipFuture<'a, Result<Decision, AccessError>>;
+    /// May `user` join `room`? When allowed, the room's campaign. `token`
+    /// is the user's token when [`Membership::wants_token`] says so.
+    fn check<'a>(
+        &'a self,
+        user: &'a Arc<str>,
+        room: &'a Room,
+        token: Option<&'a Credential>,
+    ) -> MembershipFuture<'a, Result<Decision, AccessError>>;
+
+    /// Whether checks need the user's token.
+    fn wants_token(&self) -> bool {
+        false
+    }
 
     /// Forgets what is cached of `user` in `campaign` (a revocation).
     fn forget<'a>(&'a self, campaign: &'a CampaignId, user: &'a Arc<str>) -> MembershipFuture<'a, ()>;
@@ -82,11 +120,11 @@ impl StoreMembership {
     }
 
     async fn settlement_campaign(&self, id: &SettlementId) -> Result<Option<CampaignId>, AccessError> {
-        self.settlements.try_get_with(id.clone(), async { self.store.settlement_campaign(id).await }).await
+        Ok(self.settlements.try_get_with(id.clone(), async { self.store.settlement_campaign(id).await }).await?)
     }
 
     async fn structure_settlement(&self, id: &StructureId) -> Result<Option<SettlementId>, AccessError> {
-        self.structures.try_get_with(id.clone(), async { self.store.structure_settlement(id).await }).await
+        Ok(self.structures.try_get_with(id.clone(), async { self.store.structure_settlement(id).await }).await?)
     }
 
     /// The campaign a room belongs to (`None` when its settlement or
@@ -104,7 +142,12 @@ impl StoreMembership {
 }
 
 impl Membership for StoreMembership {
-    fn check<'a>(&'a self, user: &'a Arc<str>, room: &'a Room) -> MembershipFuture<'a, Result<Decision, AccessError>> {
+    fn check<'a>(
+        &'a self,
+        user: &'a Arc<str>,
+        room: &'a Room,
+        _token: Option<&'a Credential>,
+    ) -> MembershipFuture<'a, Result<Decision, AccessError>> {
         Box::pin(async move {
             let Some(campaign) = self.campaign_of(room).await? else {
                 return Ok(Decision::Denied);
@@ -163,7 +206,7 @@ impl Access {
     /// forgets the revocations older than the retention).
     pub async fn remember_user_revocation(&self, user: &Arc<str>, at: u64) -> Result<(), AccessError> {
         let forget_before = unix_now().saturating_sub(self.revocation_ttl.as_secs());
-        self.store.revoke_user(user, at, forget_before).await.map_err(Arc::new)
+        self.store.revoke_user(user, at, forget_before).await.map_err(|e| AccessError::Store(Arc::new(e)))
     }
 
     /// Records in this instance's cache that `user`'s access was revoked
@@ -174,9 +217,19 @@ impl Access {
         self.revoked_users.insert(user.clone(), Some(latest)).await;
     }
 
-    /// May `user` join `room`?
-    pub async fn check(&self, user: &Arc<str>, room: &Room) -> Result<Decision, AccessError> {
-        self.membership.check(user, room).await
+    /// May `user` join `room`? (`token`: the user's, when [`Access::wants_token`].)
+    pub async fn check(
+        &self,
+        user: &Arc<str>,
+        room: &Room,
+        token: Option<&Credential>,
+    ) -> Result<Decision, AccessError> {
+        self.membership.check(user, room, token).await
+    }
+
+    /// Whether checks need the user's token (kept on each socket then).
+    pub fn wants_token(&self) -> bool {
+        self.membership.wants_token()
     }
 
     /// Forgets the cached membership of `user` in `campaign`.

@@ -21,14 +21,14 @@ use tower::util::{BoxCloneService, BoxCloneSyncService};
 use tower::{BoxError, Layer, ServiceBuilder, ServiceExt};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
-use crate::access::{Access, StoreMembership};
+use crate::access::{Access, HookMembership, HookSettings, Membership, StoreMembership};
 use crate::auth::{KeyError, Minter, Verifier};
 use crate::config::{Config, ConfigError, JwtAlgorithm, Mode};
 use crate::delivery::{Delivery, DeliveryLog};
 use crate::demo::{self, DemoState};
 use crate::event_log::{EventLog, LogError, MemoryLog, Offset, Stream, StreamLog, mark};
 use crate::gateway::Gateway;
-use crate::health::{self, OpsState, Probe};
+use crate::health::{self, HookReporter, OpsState, Probe};
 use crate::listener::{self, ListenerSettings};
 use crate::openapi;
 use crate::pending::PendingSessions;
@@ -54,6 +54,8 @@ pub enum BuildError {
     Log(#[source] LogError),
     #[error("{0}; give this deployment its own HERALD_REDIS_PREFIX (see the README's upgrade notes)")]
     LogClaimed(String),
+    #[error("the authorization hook's HTTP client")]
+    AccessHook(#[source] reqwest::Error),
     #[error("invalid CORS origin {0:?}")]
     CorsOrigin(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -182,6 +184,43 @@ struct SocketIoSide {
     io: SocketIo,
     transports: Arc<Transports>,
     delivery: Delivery,
+    /// The authorization hook's circuit, when membership comes from one.
+    access_hook: Option<HookReporter>,
+}
+
+/// Where membership answers come from: the authorization hook when
+/// `HERALD_ACCESS_URL` is set, the store's relations otherwise.
+fn membership(
+    config: &Config,
+    store: &SqlStore,
+    metrics: &Arc<Metrics>,
+) -> Result<(Arc<dyn Membership>, Option<HookReporter>), BuildError> {
+    let ttl = config.store.membership_cache_ttl;
+    let hook = &config.access;
+    let (Some(url), Some(secret)) = (&hook.access_url, &hook.access_secret) else {
+        return Ok((Arc::new(StoreMembership::new(store.clone(), ttl)), None));
+    };
+    let url = reqwest::Url::parse(url).map_err(|_| ConfigError::AccessUrl)?;
+    let host = url.host_str().map(str::to_owned);
+    let settings = HookSettings {
+        url,
+        secret: secret.clone(),
+        timeout: hook.access_timeout,
+        max_in_flight: hook.access_max_in_flight,
+        forward_token: hook.access_forward_token,
+        circuit_failures: hook.access_circuit_failures,
+        circuit_backoff: hook.access_circuit_backoff,
+        cache_ttl: ttl,
+    };
+    let membership = HookMembership::new(settings, metrics.clone()).map_err(BuildError::AccessHook)?;
+    let reporter = membership.circuit_reporter();
+    // The host alone: the URL's path, query or user part may hold credentials.
+    tracing::info!(
+        host = host.as_deref().unwrap_or("?"),
+        forward_token = hook.access_forward_token,
+        "membership from the authorization hook"
+    );
+    Ok((Arc::new(membership), Some(reporter)))
 }
 
 /// socketioxide's settings: the message size, buffer, heartbeat and connect
@@ -209,7 +248,7 @@ fn socket_io_side(
     store: &SqlStore,
     metrics: &Arc<Metrics>,
     opened: &OpenedLog,
-) -> SocketIoSide {
+) -> Result<SocketIoSide, BuildError> {
     let (layer, io) = socketioxide_settings(config).build_layer();
     let not_found =
         tower::service_fn(|_: Request<Body>| async { Ok::<_, Infallible>(StatusCode::NOT_FOUND.into_response()) });
@@ -224,7 +263,7 @@ fn socket_io_side(
         metrics.clone(),
     );
     let transports = Transports::new(engine, pending);
-    let membership = Arc::new(StoreMembership::new(store.clone(), config.store.membership_cache_ttl));
+    let (membership, access_hook) = membership(config, store, metrics)?;
     let access = Access::new(membership, store.clone(), config.store.membership_cache_ttl, config.store.revocation_ttl);
     let gateway =
         Gateway::new(verifier, access, metrics.clone(), transports.clone(), config.limits, config.auth.jwt_leeway);
@@ -239,7 +278,7 @@ fn socket_io_side(
     let delivery =
         Delivery::new(io.clone(), metrics.clone(), transports.clone(), config.retention(), delivery_log, revocations);
     gateway.attach(&io, delivery.clone());
-    SocketIoSide { io, transports, delivery }
+    Ok(SocketIoSide { io, transports, delivery, access_hook })
 }
 
 /// Step 5: what herald serves over HTTP: the Socket.IO endpoint, the
@@ -260,7 +299,7 @@ fn http_service(
     });
     let mut router = publish::router(publish_state.clone())
         .merge(revocation::router(publish_state))
-        .merge(health::router(OpsState { metrics, probes }))
+        .merge(health::router(OpsState { metrics, probes, access_hook: side.access_hook.clone() }))
         .merge(openapi::router());
     if let Some(minter) = credentials.demo {
         let demo = DemoState { minter, delivery: side.delivery.clone(), counter: AtomicU64::new(0) };
@@ -332,7 +371,7 @@ impl Application {
         let opened = open_log(&config, &metrics).await?;
         let mut probes = vec![("store", store.probe())];
         probes.extend(verifier.probe().map(|probe| ("jwks", probe)));
-        let side = socket_io_side(&config, verifier, &store, &metrics, &opened);
+        let side = socket_io_side(&config, verifier, &store, &metrics, &opened)?;
         probes.extend(opened.redis.as_ref().map(|redis| ("redis", side.delivery.probe(redis.clone()))));
         let dev = credentials.dev.take();
         let service = http_service(&config, &side, credentials, metrics.clone(), probes)?;

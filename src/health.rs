@@ -1,5 +1,11 @@
 //! Operations endpoints: `/healthz` (the process answers), `/readyz` (the
 //! store, the event log's Redis and the JWKS answer) and `/metrics`.
+//!
+//! The authorization hook is not a readiness probe: one slow application
+//! would take every instance of a fleet out of its load balancer at once,
+//! and the clients, whose subscribes are answered `Unavailable` meanwhile,
+//! could not even connect. `/readyz` names its circuit's state
+//! (`accessHook`) without changing its status.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -24,7 +30,13 @@ pub struct OpsState {
     pub metrics: Arc<Metrics>,
     /// Named probes; `/readyz` is 200 when all of them answer.
     pub probes: Vec<(&'static str, Probe)>,
+    /// The authorization hook's circuit state, when herald has a hook:
+    /// reported, never failing readiness.
+    pub access_hook: Option<HookReporter>,
 }
+
+/// Tells the authorization hook's circuit state (`closed`, `half-open`, `open`).
+pub type HookReporter = Arc<dyn Fn() -> &'static str + Send + Sync>;
 
 /// How long one probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -50,11 +62,15 @@ async fn readyz(State(state): State<OpsState>) -> impl IntoResponse {
         tracing::warn!(dependency = name, error = %error, "not ready");
         failing.insert((*name).to_owned(), json!("unavailable"));
     }
-    if failing.is_empty() {
-        (StatusCode::OK, Json(json!({ "status": "ready" })))
+    let (status, mut body) = if failing.is_empty() {
+        (StatusCode::OK, json!({ "status": "ready" }))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not ready", "failing": failing })))
+        (StatusCode::SERVICE_UNAVAILABLE, json!({ "status": "not ready", "failing": failing }))
+    };
+    if let Some(report) = &state.access_hook {
+        body["accessHook"] = json!({ "circuit": report() });
     }
+    (status, Json(body))
 }
 
 async fn metrics(State(state): State<OpsState>) -> impl IntoResponse {

@@ -16,8 +16,10 @@
 //! - [`store`]: the SQL store (SQLite or PostgreSQL): the membership and
 //!   hierarchy relations herald reads, the user revocations it writes.
 //! - [`access`]: who may join which room (the [`access::Membership`] seam:
-//!   the store's relations today) and whether a token outlived a user
-//!   revocation, each answer cached a short while.
+//!   the store's relations by default, or the application's authorization
+//!   hook over HTTP, `HERALD_ACCESS_URL`, in `access/hook.rs` with its
+//!   circuit breaker in `access/circuit.rs`) and whether a token outlived a
+//!   user revocation, each answer cached a short while.
 //! - [`events`]: the five domain event kinds, their validation and targeting.
 //! - [`idempotency`]: idempotency keys, and the keys an in-memory log has seen.
 //! - [`event_log`]: the event log (in memory, or Redis Streams a fleet shares,
@@ -47,7 +49,8 @@
 //! - [`demo`]: the development demo page and its development-only routes.
 //! - [`rate`]: the token bucket behind each socket's event rate limit.
 //! - [`expiry`]: cuts each socket when its token expires, on one shared timer.
-//! - [`health`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`health`]: `/healthz`, `/readyz` (which names the hook's circuit
+//!   without failing on it), `/metrics`.
 //! - [`telemetry`]: logs (one line each, whatever they quote) and metrics.
 //! - [`shutdown`]: the SIGTERM / ctrl-c signal.
 //! - [`app`]: builds it all from a config and serves it.

@@ -10,6 +10,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// Log line format.
@@ -85,15 +86,27 @@ impl std::io::Write for OneLine {
 }
 
 /// Dependencies whose debug and trace logs carry what clients send (frames
-/// with tokens, request lines with `?token=`) stay at `info` whatever
+/// with tokens, request lines with `?token=`) or what herald sends (the
+/// hook's signed requests) stay at `info` whatever
 /// `HERALD_LOG` says: secrets never reach the logs.
 fn quiet_dependencies() -> tracing_subscriber::filter::Targets {
     use tracing_subscriber::filter::LevelFilter;
-    ["tungstenite", "tokio_tungstenite", "engineioxide", "socketioxide", "hyper", "hyper_util", "axum", "tower_http"]
-        .into_iter()
-        .fold(tracing_subscriber::filter::Targets::new().with_default(LevelFilter::TRACE), |targets, target| {
-            targets.with_target(target, LevelFilter::INFO)
-        })
+    [
+        "tungstenite",
+        "tokio_tungstenite",
+        "engineioxide",
+        "socketioxide",
+        "hyper",
+        "hyper_util",
+        "axum",
+        "tower_http",
+        // The authorization hook's client: its requests carry the signature and a forwarded token.
+        "reqwest",
+    ]
+    .into_iter()
+    .fold(tracing_subscriber::filter::Targets::new().with_default(LevelFilter::TRACE), |targets, target| {
+        targets.with_target(target, LevelFilter::INFO)
+    })
 }
 
 type Labels1 = [(&'static str, &'static str); 1];
@@ -128,6 +141,18 @@ pub struct Metrics {
     pub fleet_entries_read: Counter,
     /// Shards of the log this instance follows.
     pub fleet_shards_followed: Gauge,
+    /// Authorization hook calls, by outcome (and checks answered without a call).
+    pub access_hook_calls: Family<Labels1, Counter>,
+    /// How long the authorization hook took to answer (or fail), in seconds.
+    pub access_hook_duration: Histogram,
+    /// Membership checks the authorization hook's cache answered.
+    pub access_hook_cache_hits: Counter,
+    /// The authorization hook's circuit: 0 closed, 1 half-open, 2 open.
+    pub access_hook_circuit: Gauge,
+    /// Authorization hook calls in flight.
+    pub access_hook_in_flight: Gauge,
+    /// Distinct membership checks waiting for the authorization hook (identical ones merged).
+    pub access_hook_checks: Gauge,
 }
 
 /// A fresh metric, registered under `name` (after the `herald_` prefix).
@@ -182,6 +207,37 @@ impl Metrics {
                 &mut r,
                 "fleet_shards_followed",
                 "Shards of the log this instance follows",
+            ),
+            access_hook_calls: registered(
+                &mut r,
+                "access_hook_calls",
+                "Authorization hook calls by outcome (circuit_open and overloaded: answered without a call)",
+            ),
+            access_hook_duration: {
+                // 1 ms to about 4 s.
+                let histogram = Histogram::new(exponential_buckets(0.001, 2.0, 13));
+                r.register(
+                    "access_hook_duration_seconds",
+                    "How long the authorization hook took to answer or fail",
+                    histogram.clone(),
+                );
+                histogram
+            },
+            access_hook_cache_hits: registered(
+                &mut r,
+                "access_hook_cache_hits",
+                "Membership checks the authorization hook's cache answered",
+            ),
+            access_hook_circuit: registered(
+                &mut r,
+                "access_hook_circuit",
+                "The authorization hook's circuit: 0 closed, 1 half-open, 2 open",
+            ),
+            access_hook_in_flight: registered(&mut r, "access_hook_in_flight", "Authorization hook calls in flight"),
+            access_hook_checks: registered(
+                &mut r,
+                "access_hook_checks",
+                "Distinct membership checks waiting for the authorization hook",
             ),
             registry: r,
         })

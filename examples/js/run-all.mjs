@@ -17,6 +17,10 @@
 // 7. `publish` (Rust) against a second herald whose Redis is down: it retries
 //    the 503s and succeeds once Redis is back (needs redis-server: SKIPPED
 //    without it, a failure with CI=true).
+// 8. access-hook.mjs as the authorization hook of a third herald: its
+//    `canView` rule (roles, a public campaign, a ban) decides each subscribe,
+//    one signed call per check; it refuses a forged and a replayed request;
+//    stopped, herald answers "Unavailable", never "Unauthorized".
 
 import { spawn, spawnSync } from "node:child_process";
 import crypto from "node:crypto";
@@ -26,6 +30,7 @@ import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 
 import initSqlJs from "sql.js";
+import { io } from "socket.io-client";
 
 import support from "../../test-support/index.cjs";
 
@@ -129,6 +134,27 @@ async function startHerald(name, env = {}) {
   const i = await herald.waitFor(/^herald listening on http:\/\//);
   herald.url = herald.lines[i].slice("herald listening on ".length).trim();
   return herald;
+}
+
+/** A token for `sub`, minted by `herald token` with the examples' secret. */
+function mintToken(sub) {
+  const minted = spawnSync(HERALD_BIN, ["token", "--sub", sub, "--ttl", "1h"], { env: { ...baseEnv, ...secrets } });
+  assert(minted.status === 0, `herald token failed: ${minted.stderr}`);
+  return minted.stdout.toString().trim();
+}
+
+/** Connects as the token's user, subscribes once, returns the ack and closes. */
+async function subscribeOnce(url, token, kind, id) {
+  const socket = io(url, { auth: { token }, transports: ["websocket"], reconnection: false, forceNew: true });
+  try {
+    await new Promise((resolve, reject) => {
+      socket.once("connect", resolve);
+      socket.once("connect_error", reject);
+    });
+    return await socket.timeout(5_000).emitWithAck(`subscribe_${kind}`, { [`${kind}Id`]: id });
+  } finally {
+    socket.close();
+  }
 }
 
 function assert(ok, message) {
@@ -239,6 +265,58 @@ async function main() {
       fleet.child.kill("SIGTERM");
       await fleet.exited;
       await redis.stop();
+    }
+  });
+
+  await step("access-hook.mjs decides herald's subscribes (signed calls, canView with roles); stopped: Unavailable", async () => {
+    const accessSecret = hex(32);
+    const hook = start("access-hook.mjs", process.execPath, ["access-hook.mjs"], {
+      env: { HERALD_ACCESS_SECRET: accessSecret, PORT: "0" },
+    });
+    const i = await hook.waitFor(/^access hook listening on http:\/\//);
+    const hookUrl = hook.lines[i].slice("access hook listening on ".length).trim();
+    const hooked = await startHerald("herald-hooked", {
+      HERALD_ACCESS_URL: hookUrl,
+      HERALD_ACCESS_SECRET: accessSecret,
+      HERALD_ACCESS_TIMEOUT: "500ms",
+    });
+    try {
+      const ok = { success: true };
+      const no = { success: false, error: "Unauthorized" };
+      const cases = [
+        ["demo-user", "campaign", "demo-campaign", ok], // a player
+        ["demo-user", "structure", "demo-structure", ok], // its campaign, from the hook
+        ["gm-user", "settlement", "demo-settlement", ok], // a GM
+        ["banned-user", "campaign", "demo-campaign", no], // banned
+        ["stranger", "campaign", "demo-campaign", no], // a private campaign
+        ["stranger", "campaign", "open-campaign", ok], // a public one (not in herald's store at all)
+        ["banned-user", "campaign", "open-campaign", no], // banned from the public one
+        ["demo-user", "structure", "no-such-structure", no],
+      ];
+      for (const [sub, kind, id, expected] of cases) {
+        const ack = await subscribeOnce(hooked.url, mintToken(sub), kind, id);
+        assert(JSON.stringify(ack) === JSON.stringify(expected), `${sub} ${kind}:${id}: ${JSON.stringify(ack)}`);
+      }
+      const checks = hook.lines.filter((line) => line.startsWith("check "));
+      assert(checks.length === cases.length, `the hook got ${checks.length} checks for ${cases.length} subscribes`);
+
+      const body = JSON.stringify({ version: 1, userId: "demo-user", room: { kind: "campaign", id: "demo-campaign" } });
+      const signed = (timestamp, secret = accessSecret) =>
+        "v1=" + crypto.createHmac("sha256", secret).update(`${timestamp}.${body}`).digest("hex");
+      const post = (timestamp, signature) =>
+        fetch(hookUrl, { method: "POST", headers: { "x-herald-timestamp": String(timestamp), "x-herald-signature": signature }, body });
+      const now = Math.floor(Date.now() / 1000);
+      assert((await post(now, signed(now))).status === 200, "a well-signed request is answered");
+      assert((await post(now, signed(now, "not-the-secret"))).status === 401, "a forged request is refused");
+      assert((await post(now - 300, signed(now - 300))).status === 401, "a replayed (old) request is refused");
+
+      hook.child.kill("SIGTERM");
+      await hook.exited;
+      const ack = await subscribeOnce(hooked.url, mintToken("gm-user"), "campaign", "demo-campaign");
+      assert(JSON.stringify(ack) === JSON.stringify({ success: false, error: "Unavailable" }), `hook down: ${JSON.stringify(ack)}`);
+    } finally {
+      hooked.child.kill("SIGTERM");
+      await hooked.exited;
     }
   });
 

@@ -104,6 +104,47 @@ pub struct StoreSettings {
     pub revocation_ttl: Duration,
 }
 
+/// The authorization hook: membership answered by the application over HTTP
+/// instead of the store's relations.
+#[derive(Debug, Clone, Args)]
+pub struct AccessHookSettings {
+    /// URL (http or https) herald POSTs each membership check to, instead of reading the store's
+    /// relations (see the README's authorization hook). Unset: the SQL store answers.
+    #[arg(long, help_heading = "Authorization hook", env = "HERALD_ACCESS_URL")]
+    pub access_url: Option<String>,
+
+    /// File holding the hook's signing secret (instead of HERALD_ACCESS_SECRET).
+    #[arg(long, help_heading = "Authorization hook", env = "HERALD_ACCESS_SECRET_FILE")]
+    pub access_secret_file: Option<PathBuf>,
+
+    /// Longest a hook call may take (waiting for a free slot included); past it the subscribe is
+    /// answered "Unavailable".
+    #[arg(long, help_heading = "Authorization hook", env = "HERALD_ACCESS_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub access_timeout: Duration,
+
+    /// Most hook calls one instance has in flight; a check that finds none free within the
+    /// timeout is answered "Unavailable".
+    #[arg(long, help_heading = "Authorization hook", env = "HERALD_ACCESS_MAX_IN_FLIGHT", default_value_t = 64)]
+    pub access_max_in_flight: usize,
+
+    /// Consecutive failed hook calls after which herald stops calling (the circuit opens).
+    #[arg(long, help_heading = "Authorization hook", env = "HERALD_ACCESS_CIRCUIT_FAILURES", default_value_t = 5)]
+    pub access_circuit_failures: u32,
+
+    /// How long the circuit stays open before one call probes the hook again.
+    #[arg(long, help_heading = "Authorization hook", env = "HERALD_ACCESS_CIRCUIT_BACKOFF", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub access_circuit_backoff: Duration,
+
+    /// Send the user's JWT to the hook as `Authorization: Bearer` (for applications that need
+    /// its other claims). Off: the hook gets the user id only.
+    #[arg(long, help_heading = "Authorization hook", env = "HERALD_ACCESS_FORWARD_TOKEN", default_value_t = false)]
+    pub access_forward_token: bool,
+
+    /// The hook's signing secret, from HERALD_ACCESS_SECRET or the secret file.
+    #[arg(skip)]
+    pub access_secret: Option<SecretString>,
+}
+
 /// A fleet of instances over one Redis.
 #[derive(Debug, Clone, Args)]
 pub struct FleetSettings {

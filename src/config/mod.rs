@@ -17,7 +17,8 @@ mod groups;
 mod secrets;
 
 pub use groups::{
-    AuthSettings, ConnectionSettings, FleetSettings, Limits, PublishSettings, ReplaySettings, StoreSettings,
+    AccessHookSettings, AuthSettings, ConnectionSettings, FleetSettings, Limits, PublishSettings, ReplaySettings,
+    StoreSettings,
 };
 pub use secrets::{MIN_JWT_SECRET, MIN_PUBLISH_TOKEN};
 
@@ -28,6 +29,8 @@ Secrets are never flags (a flag's value shows in `ps`). Give each one in the env
   HERALD_JWT_SECRET_FILE  file holding it (also --jwt-secret-file)
   HERALD_PUBLISH_TOKEN    bearer token of the publish API (POST /v1/events)
   HERALD_PUBLISH_TOKEN_FILE  file holding it (also --publish-token-file)
+  HERALD_ACCESS_SECRET    secret that signs the calls to the authorization hook (HERALD_ACCESS_URL)
+  HERALD_ACCESS_SECRET_FILE  file holding it (also --access-secret-file)
 In development mode (the default) missing secrets are generated at start and printed once, with a
 ready-to-use client token. With HERALD_ENV=production herald refuses to start without them.
 With HERALD_JWT_JWKS_URL, client tokens are verified with the identity provider's keys: no JWT secret is
@@ -102,6 +105,9 @@ pub struct Config {
     #[command(flatten, next_help_heading = "Membership store")]
     pub store: StoreSettings,
 
+    #[command(flatten, next_help_heading = "Authorization hook")]
+    pub access: AccessHookSettings,
+
     #[command(flatten, next_help_heading = "Fleet (Redis)")]
     pub fleet: FleetSettings,
 
@@ -159,6 +165,14 @@ pub enum ConfigError {
     JwksRefresh,
     #[error("{0} must be at least 1")]
     AtLeastOne(&'static str),
+    #[error(
+        "HERALD_ACCESS_URL needs HERALD_ACCESS_SECRET (or HERALD_ACCESS_SECRET_FILE): the application checks each call with it"
+    )]
+    MissingAccessSecret,
+    #[error("HERALD_ACCESS_URL must be an http:// or https:// URL")]
+    AccessUrl,
+    #[error("{0} must be more than zero")]
+    NotZero(&'static str),
 }
 
 impl Config {
@@ -169,14 +183,18 @@ impl Config {
             &mut self.auth.jwt_issuer,
             &mut self.auth.jwt_audience,
             &mut self.auth.jwt_jwks_url,
+            &mut self.access.access_url,
         ] {
             if field.as_deref().is_some_and(|v| v.trim().is_empty()) {
                 *field = None;
             }
         }
-        for path in
-            [&mut self.auth.jwt_secret_file, &mut self.auth.jwt_public_key_file, &mut self.publish.publish_token_file]
-        {
+        for path in [
+            &mut self.auth.jwt_secret_file,
+            &mut self.auth.jwt_public_key_file,
+            &mut self.publish.publish_token_file,
+            &mut self.access.access_secret_file,
+        ] {
             if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
                 *path = None;
             }
@@ -211,6 +229,7 @@ impl Config {
                 return Err(ConfigError::JwksRefresh);
             }
         }
+        self.validate_access_hook()?;
         let needs_key = match self.auth.jwt_algorithm {
             JwtAlgorithm::Hs256 => None,
             JwtAlgorithm::Rs256 => Some("RS256"),
@@ -237,6 +256,30 @@ impl Config {
             if self.publish.publish_token.as_ref().is_some_and(|s| s.expose_secret().len() < MIN_PUBLISH_TOKEN) {
                 return Err(ConfigError::TooShort("HERALD_PUBLISH_TOKEN", MIN_PUBLISH_TOKEN));
             }
+        }
+        Ok(())
+    }
+
+    /// The authorization hook's settings, when a URL is given: a signing
+    /// secret (as long as a JWT secret, in production), an http(s) URL, a
+    /// timeout, slots and a circuit threshold above zero.
+    fn validate_access_hook(&self) -> Result<(), ConfigError> {
+        let Some(url) = &self.access.access_url else { return Ok(()) };
+        if !matches!(reqwest::Url::parse(url), Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host()) {
+            return Err(ConfigError::AccessUrl);
+        }
+        let Some(secret) = &self.access.access_secret else { return Err(ConfigError::MissingAccessSecret) };
+        if self.mode == Mode::Production && secret.expose_secret().len() < MIN_JWT_SECRET {
+            return Err(ConfigError::TooShort("HERALD_ACCESS_SECRET", MIN_JWT_SECRET));
+        }
+        if self.access.access_timeout.is_zero() {
+            return Err(ConfigError::NotZero("HERALD_ACCESS_TIMEOUT"));
+        }
+        if self.access.access_max_in_flight < 1 {
+            return Err(ConfigError::AtLeastOne("HERALD_ACCESS_MAX_IN_FLIGHT"));
+        }
+        if self.access.access_circuit_failures < 1 {
+            return Err(ConfigError::AtLeastOne("HERALD_ACCESS_CIRCUIT_FAILURES"));
         }
         Ok(())
     }
@@ -318,6 +361,28 @@ mod tests {
             let error = conflict.validate().unwrap_err().to_string();
             assert!(error.contains(name) && error.contains("HERALD_JWT_JWKS_URL"), "{error}");
         }
+    }
+
+    #[test]
+    fn an_access_hook_needs_a_secret_and_an_http_url() {
+        let mut config = Config::defaults();
+        config.access.access_url = Some("http://app.internal/herald/access".into());
+        assert!(matches!(config.validate(), Err(ConfigError::MissingAccessSecret)));
+        config.access.access_secret = Some("short".into());
+        assert!(config.validate().is_ok());
+        config.mode = Mode::Production;
+        config.auth.jwt_secret = Some("s".repeat(32).into());
+        config.publish.publish_token = Some("p".repeat(16).into());
+        assert!(matches!(config.validate(), Err(ConfigError::TooShort("HERALD_ACCESS_SECRET", _))));
+        config.access.access_secret = Some("a".repeat(32).into());
+        assert!(config.validate().is_ok());
+        for bad in ["ftp://app/x", "app.internal/x", "http://"] {
+            config.access.access_url = Some(bad.into());
+            assert!(matches!(config.validate(), Err(ConfigError::AccessUrl)), "{bad}");
+        }
+        config.access.access_url = Some("https://app.internal/x".into());
+        config.access.access_max_in_flight = 0;
+        assert!(matches!(config.validate(), Err(ConfigError::AtLeastOne("HERALD_ACCESS_MAX_IN_FLIGHT"))));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Secrets: the JWT secret and the publish token come from the environment
+//! Secrets: the JWT secret, the publish token and the authorization hook's
+//! signing secret come from the environment
 //! or from a file named by a `_FILE` variable or flag, never from a flag's
 //! value (it would show in `ps`), and stay wrapped so that they cannot be
 //! printed.
@@ -53,6 +54,11 @@ impl Config {
             "HERALD_PUBLISH_TOKEN",
             std::env::var("HERALD_PUBLISH_TOKEN").ok(),
             self.publish.publish_token_file.as_deref(),
+        )?;
+        self.access.access_secret = resolve_secret(
+            "HERALD_ACCESS_SECRET",
+            std::env::var("HERALD_ACCESS_SECRET").ok(),
+            self.access.access_secret_file.as_deref(),
         )?;
         Ok(())
     }

@@ -9,7 +9,7 @@ use serde_json::Value;
 use socketioxide::ParserError;
 use socketioxide::extract::{AckSender, Event, SocketRef, TryData};
 
-use crate::access::Decision;
+use crate::access::{AccessError, Credential, Decision};
 use crate::auth::User;
 use crate::delivery::{Delivery, Joined};
 use crate::rate::Admission;
@@ -104,6 +104,10 @@ impl Gateway {
             return Err(Refusal::Unauthorized);
         }
         session.deadline.store(fresh.expires_at.saturating_add(self.token_leeway.as_secs()), Ordering::SeqCst);
+        if self.access.wants_token() {
+            let token = token.strip_prefix("Bearer ").unwrap_or(&token).to_owned();
+            s.extensions.insert(Credential(Arc::new(token.into())));
+        }
         s.extensions.insert(fresh);
         tracing::info!(user = &*current.id, "token refreshed");
         Ok(())
@@ -130,17 +134,22 @@ impl Gateway {
         let user = s.extensions.get::<User>().ok_or(Refusal::Unauthorized)?;
         let session = Session::of(s).ok_or(Refusal::Unauthorized)?;
         let revocations = session.revocations();
-        let campaign = match self.access.check(&user.id, &room).await {
+        let token = s.extensions.get::<Credential>();
+        let campaign = match self.access.check(&user.id, &room, token.as_ref()).await {
             Ok(Decision::Allowed(campaign)) => campaign,
             Ok(Decision::Denied) => {
                 tracing::info!(user = &*user.id, room = %room, "subscription refused");
                 return Err(Refusal::Unauthorized);
             }
+            Err(AccessError::Unavailable(failure)) => {
+                tracing::info!(user = &*user.id, room = %room, %failure, "subscription unavailable: the authorization hook did not answer");
+                return Err(Refusal::Unavailable);
+            }
             Err(e) => {
                 tracing::error!(
                     user = &*user.id,
                     room = %room,
-                    error = %crate::telemetry::error_chain(&*e),
+                    error = %crate::telemetry::error_chain(&e),
                     "membership lookup failed"
                 );
                 return Err(Refusal::Internal);

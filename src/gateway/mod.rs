@@ -28,7 +28,7 @@ use socketioxide::handler::ConnectHandler;
 use socketioxide::socket::DisconnectReason;
 use tokio::sync::Notify;
 
-use crate::access::Access;
+use crate::access::{Access, Credential};
 use crate::auth::{User, Verifier, find_token};
 use crate::config::Limits;
 use crate::delivery::Delivery;
@@ -176,6 +176,10 @@ impl Gateway {
         // Every socket of a user is in the user's room, so a revocation finds them.
         s.join(user_room(&user.id));
         s.extensions.insert(user);
+        if self.access.wants_token() {
+            let token = token.strip_prefix("Bearer ").unwrap_or(&token).to_owned();
+            s.extensions.insert(Credential(Arc::new(token.into())));
+        }
         self.register_handlers(s, delivery);
         Ok(())
     }
@@ -212,7 +216,7 @@ impl Gateway {
             Ok(true) => Ok(()),
             Ok(false) => Err(TokenRefused::Revoked),
             Err(e) => {
-                tracing::error!(error = %crate::telemetry::error_chain(&*e), "the user revocation lookup failed");
+                tracing::error!(error = %crate::telemetry::error_chain(&e), "the user revocation lookup failed");
                 Err(TokenRefused::StoreFailed)
             }
         }

@@ -68,6 +68,10 @@ pub enum Refusal {
     /// The store failed; details are logged, not sent.
     #[serde(rename = "Internal error")]
     Internal,
+    /// The authorization hook did not answer (down, slow, failing, or its
+    /// circuit open): retry later. Never a denial.
+    #[serde(rename = "Unavailable")]
+    Unavailable,
     /// No such client event.
     #[serde(rename = "Unknown event")]
     UnknownEvent,
@@ -85,6 +89,7 @@ impl Refusal {
             Refusal::InvalidPayload => "invalid",
             Refusal::Unauthorized => "unauthorized",
             Refusal::Internal => "error",
+            Refusal::Unavailable => "unavailable",
             Refusal::UnknownEvent => "unknown",
             Refusal::RateLimited => "rate_limited",
             Refusal::TooManySubscriptions => "too_many_subscriptions",

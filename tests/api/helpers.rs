@@ -10,6 +10,7 @@ use jsonwebtoken::{EncodingKey, Header};
 use serde_json::{Value, json};
 
 use crate::client::{Client, ConnectError};
+use crate::hook_server::{HOOK_SECRET, HookServer};
 
 pub const JWT_SECRET: &str = "test-jwt-secret-do-not-use-anywhere";
 pub const PUBLISH_TOKEN: &str = "test-publish-token-do-not-use";
@@ -28,9 +29,25 @@ pub struct TestApp {
     pub addr: SocketAddr,
     pub http: reqwest::Client,
     pub database_url: String,
+    /// The authorization hook herald asks, in hook mode.
+    pub hook: Option<HookServer>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     _dir: tempfile::TempDir,
+}
+
+/// Whether gateways ask an authorization hook (`HERALD_TEST_MEMBERSHIP=hook`)
+/// instead of reading the store's relations: the hook (a real HTTP server in
+/// the test process, see `hook_server`) answers from the same database, so
+/// every test runs alike in both modes.
+pub fn hook_mode() -> bool {
+    std::env::var("HERALD_TEST_MEMBERSHIP").is_ok_and(|v| v == "hook")
+}
+
+/// Points `config` at `hook`, with the test secret.
+pub fn use_hook(config: &mut Config, hook: &HookServer) {
+    config.access.access_url = Some(hook.url());
+    config.access.access_secret = Some(HOOK_SECRET.into());
 }
 
 /// The fixture: campaigns c1 (alice, bob) and c2 (carol); settlements s1 in
@@ -85,23 +102,46 @@ pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -
         Backend::Sqlite => format!("sqlite://{}", dir.path().join("herald.db").display()),
         Backend::Postgres => fresh_postgres_schema().await,
     };
-    start_app(dir, database_url, true, tweak).await
+    let hook = test_hook(&database_url).await;
+    start_app(dir, database_url, true, hook, tweak).await
+}
+
+/// A gateway on SQLite with the fixture whose membership comes from an
+/// authorization hook (whatever `HERALD_TEST_MEMBERSHIP` says), after `tweak`.
+pub async fn spawn_hooked_app(tweak: impl FnOnce(&mut Config)) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let database_url = format!("sqlite://{}", dir.path().join("herald.db").display());
+    let hook = HookServer::start(&database_url).await;
+    start_app(dir, database_url, true, Some(hook), tweak).await
+}
+
+/// The hook a test's gateway asks, in hook mode.
+async fn test_hook(database_url: &str) -> Option<HookServer> {
+    if hook_mode() { Some(HookServer::start(database_url).await) } else { None }
 }
 
 /// A gateway on an existing database (one that another, possibly stopped,
 /// app used: the caller keeps it alive), without inserting the fixture.
 pub async fn spawn_app_on(database_url: &str, tweak: impl FnOnce(&mut Config)) -> TestApp {
     let dir = tempfile::tempdir().expect("temp dir");
-    start_app(dir, database_url.to_owned(), false, tweak).await
+    let hook = test_hook(database_url).await;
+    start_app(dir, database_url.to_owned(), false, hook, tweak).await
 }
 
 async fn start_app(
     dir: tempfile::TempDir,
     database_url: String,
     fixture: bool,
+    hook: Option<HookServer>,
     tweak: impl FnOnce(&mut Config),
 ) -> TestApp {
-    let app = Application::build(test_config(&database_url, tweak)).await.expect("the gateway builds");
+    let config = test_config(&database_url, |c| {
+        if let Some(hook) = &hook {
+            use_hook(c, hook);
+        }
+        tweak(c);
+    });
+    let app = Application::build(config).await.expect("the gateway builds");
     let addr = app.local_addr().unwrap();
     if fixture {
         run_sql(&database_url, FIXTURE).await;
@@ -110,7 +150,7 @@ async fn start_app(
     let task = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
     }));
-    TestApp { addr, http: reqwest::Client::new(), database_url, stop: Some(stop), task: Some(task), _dir: dir }
+    TestApp { addr, http: reqwest::Client::new(), database_url, hook, stop: Some(stop), task: Some(task), _dir: dir }
 }
 
 /// A test gateway's config on `database_url` (port 0, the test secrets,

@@ -4,12 +4,14 @@
 mod binary;
 mod client;
 mod helpers;
+mod hook_server;
 
 mod auth;
 mod cuts;
 mod drop;
 mod exhaustion;
 mod fleet;
+mod hook;
 mod idempotency;
 mod jwks;
 mod layers;

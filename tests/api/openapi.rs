@@ -301,6 +301,10 @@ async fn every_answer_is_documented_and_every_documented_answer_is_given() {
     assert_eq!(api.post(&app, "/v1/access/revoke", revoke).await, (202, json!({"revoked": true})));
     assert_eq!(api.call(&app, Method::GET, "/healthz", |r| r).await, (200, json!({"status": "ok"})));
     assert_eq!(api.call(&app, Method::GET, "/readyz", |r| r).await, (200, json!({"status": "ready"})));
+    // With an authorization hook, /readyz names its circuit (and stays 200).
+    let hooked = spawn_hooked_app(|_| {}).await;
+    let with_hook = json!({"status": "ready", "accessHook": {"circuit": "closed"}});
+    assert_eq!(api.call(&hooked, Method::GET, "/readyz", |r| r).await, (200, with_hook));
     assert_eq!(api.call(&app, Method::GET, "/metrics", |r| r).await.0, 200);
     run_sql(&app.database_url, "ALTER TABLE campaign_members RENAME TO campaign_members_away;").await;
     let not_ready = json!({"status": "not ready", "failing": {"store": "unavailable"}});

@@ -20,7 +20,7 @@ use crate::helpers::*;
 /// Fails when any 8-character window of a secret is in `text`. A JWT's
 /// header is public (and shared by every token), so only its payload and
 /// signature count.
-fn assert_no_window_of(text: &str, secrets: &[&str], what: &str) {
+pub fn assert_no_window_of(text: &str, secrets: &[&str], what: &str) {
     for secret in secrets {
         let parts: Vec<&str> =
             if secret.starts_with("eyJ") { secret.split('.').skip(1).collect() } else { vec![secret] };

@@ -50,6 +50,8 @@ async fn a_revoked_member_leaves_the_campaign_rooms_and_only_those() {
     assert_eq!(alice.subscribe("settlement", "s1").await["error"], "Unauthorized");
     let m = app.metrics().await;
     assert_eq!(metric(&m, r#"herald_subscriptions{kind="campaign"}"#), 2.0, "bob's c1 and alice's c2");
+    // In hook mode (HERALD_TEST_MEMBERSHIP=hook) the hook answered: 5 checks, and the 2 after the revocation.
+    assert_eq!(app.hook.as_ref().map(|hook| (hook.calls(), hook.refused())), hook_mode().then_some((7, 0)));
 }
 
 #[tokio::test]
