@@ -14,10 +14,11 @@
 // 5. `revoke` (Rust): the subscriber gets `access_revoked`, then the final
 //    "io server disconnect", and exits 0.
 // 6. `embed` (Rust) serves, answers and stops by itself.
-// 7. `publish` (Rust) against a second herald whose Redis is down: it retries
+// 7. `hook_latency` (Rust) prints its figures for a short run.
+// 8. `publish` (Rust) against a second herald whose Redis is down: it retries
 //    the 503s and succeeds once Redis is back (needs redis-server: SKIPPED
 //    without it, a failure with CI=true).
-// 8. access-hook.mjs as the authorization hook of a third herald: its
+// 9. access-hook.mjs as the authorization hook of a third herald: its
 //    `canView` rule (roles, a public campaign, a ban) decides each subscribe,
 //    one signed call per check; it refuses a forged and a replayed request;
 //    stopped, herald answers "Unavailable", never "Unauthorized".
@@ -238,6 +239,15 @@ async function main() {
   await step("`embed` (Rust) serves its own herald and stops it", async () => {
     const output = await rustExample("embed", [], {});
     assert(output.some((line) => line.startsWith("herald stopped in")), "embed did not stop herald");
+  });
+
+  await step("`hook_latency` (Rust) measures a subscribe with the SQL store and with the hook", async () => {
+    const output = await rustExample("hook_latency", ["100"], {});
+    for (const row of ["campaign, 1 client, hook", "structure, 32 clients at once, SQL store"]) {
+      assert(output.some((line) => line.startsWith(row) && /p99= *[0-9.]+ ms/.test(line)), `no figures for ${row}`);
+    }
+    const calls = output.find((line) => line.startsWith("hook: "));
+    assert(/^hook: [1-9][0-9]* calls answered allow, 0 answers from the cache$/.test(calls ?? ""), `hook_latency: ${calls}`);
   });
 
   await step("`publish` (Rust) retries 503 while Redis is down, and succeeds once it is back", async () => {
