@@ -41,7 +41,7 @@ pub const MAX_USER_ID_LEN: usize = 256;
 /// id rule, since identity providers' subjects hold `|`, `@`, `:` or `.`
 /// (`auth0|5f7c…`, an email); strict enough that a user id never breaks a
 /// log line or a room name.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(transparent)]
 pub struct UserId(Arc<str>);
 

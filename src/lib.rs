@@ -19,6 +19,8 @@
 //!   the store's relations today) and whether a token outlived a user
 //!   revocation, each answer cached a short while.
 //! - [`events`]: the five domain event kinds, their validation and targeting.
+//! - [`audience`]: addressed events: the users an event is for, checked at
+//!   the edge and kept in the log with it.
 //! - [`idempotency`]: idempotency keys, and the keys an in-memory log has seen.
 //! - [`event_log`]: the event log (in memory, or Redis Streams a fleet shares,
 //!   one per shard of campaigns, and a control stream for revocations):
@@ -54,6 +56,7 @@
 
 pub mod access;
 pub mod app;
+pub mod audience;
 pub mod auth;
 pub mod config;
 pub mod delivery;

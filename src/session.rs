@@ -235,6 +235,12 @@ impl Session {
         self.rooms().joined.keys().cloned().collect()
     }
 
+    /// Whether the socket is in one of `rooms`.
+    pub fn in_any(&self, rooms: &[Room]) -> bool {
+        let joined = &self.rooms().joined;
+        rooms.iter().any(|room| joined.contains_key(room))
+    }
+
     /// Whether the socket is in `room`, and in how many rooms it is.
     pub fn subscribed(&self, room: &Room) -> (bool, usize) {
         let rooms = self.rooms();

@@ -51,6 +51,13 @@ export interface PublishedEvent<T extends EventType = EventType> {
    * once. 1 to 255 visible ASCII characters, no `"` or `\`. Never delivered.
    */
   idempotencyKey?: string;
+  /**
+   * Addresses this event to some users only: it reaches only their sockets
+   * among those in its rooms (live and in a replay). 1 to 1,000 distinct
+   * user ids (1 to 256 bytes, no whitespace or control character). Never
+   * delivered.
+   */
+  audience?: { users: string[] };
 }
 
 /** An event as a client receives it: always a timestamp and an offset. */

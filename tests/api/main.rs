@@ -5,6 +5,7 @@ mod binary;
 mod client;
 mod helpers;
 
+mod audience;
 mod auth;
 mod cuts;
 mod drop;
