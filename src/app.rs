@@ -32,6 +32,7 @@ use crate::health::{self, OpsState, Probe};
 use crate::listener::{self, ListenerSettings};
 use crate::openapi;
 use crate::pending::PendingSessions;
+use crate::presence::{self, Presence, api::PresenceApi};
 use crate::publish::{self, PublishState};
 use crate::redis_conn::{Redis, RedisError};
 use crate::revocation;
@@ -182,6 +183,7 @@ struct SocketIoSide {
     io: SocketIo,
     transports: Arc<Transports>,
     delivery: Delivery,
+    presence: Presence,
 }
 
 /// socketioxide's settings: the message size, buffer, heartbeat and connect
@@ -226,8 +228,16 @@ fn socket_io_side(
     let transports = Transports::new(engine, pending);
     let membership = Arc::new(StoreMembership::new(store.clone(), config.store.membership_cache_ttl));
     let access = Access::new(membership, store.clone(), config.store.membership_cache_ttl, config.store.revocation_ttl);
-    let gateway =
-        Gateway::new(verifier, access, metrics.clone(), transports.clone(), config.limits, config.auth.jwt_leeway);
+    let presence = Presence::start(io.clone(), transports.clone(), opened.redis.clone(), config.presence());
+    let gateway = Gateway::new(
+        verifier,
+        access,
+        metrics.clone(),
+        transports.clone(),
+        config.limits,
+        config.auth.jwt_leeway,
+        presence.clone(),
+    );
     let delivery_log = DeliveryLog {
         log: opened.log.clone(),
         local: opened.redis.is_none(),
@@ -239,7 +249,7 @@ fn socket_io_side(
     let delivery =
         Delivery::new(io.clone(), metrics.clone(), transports.clone(), config.retention(), delivery_log, revocations);
     gateway.attach(&io, delivery.clone());
-    SocketIoSide { io, transports, delivery }
+    SocketIoSide { io, transports, delivery, presence }
 }
 
 /// Step 5: what herald serves over HTTP: the Socket.IO endpoint, the
@@ -252,6 +262,8 @@ fn http_service(
     metrics: Arc<Metrics>,
     probes: Vec<(&'static str, Probe)>,
 ) -> Result<HttpService, BuildError> {
+    let presence_api =
+        Arc::new(PresenceApi { token: credentials.publish_token.clone(), presence: side.presence.clone() });
     let publish_state = Arc::new(PublishState {
         token: credentials.publish_token,
         max_body_bytes: config.publish.max_body_bytes,
@@ -260,6 +272,7 @@ fn http_service(
     });
     let mut router = publish::router(publish_state.clone())
         .merge(revocation::router(publish_state))
+        .merge(presence::api::router(presence_api))
         .merge(health::router(OpsState { metrics, probes }))
         .merge(openapi::router());
     if let Some(minter) = credentials.demo {
@@ -277,13 +290,16 @@ fn http_service(
     Ok(BoxCloneService::new(http.map_err(BoxError::from)))
 }
 
-/// Disconnects every socket, then lets go of Redis.
-fn closer(io: SocketIo, redis: Option<Redis>) -> Closer {
+/// Disconnects every socket, takes this instance's members out of the
+/// fleet's presence, then lets go of Redis.
+fn closer(io: SocketIo, presence: Presence, redis: Option<Redis>) -> Closer {
     Arc::new(move || {
         let io = io.clone();
+        let presence = presence.clone();
         let redis = redis.clone();
         Box::pin(async move {
             io.close().await;
+            presence.goodbye().await;
             if let Some(redis) = redis {
                 redis.shutdown();
             }
@@ -348,7 +364,7 @@ impl Application {
                 max_control_backlog: config.connections.max_control_backlog,
                 metrics,
             },
-            closer: closer(side.io, opened.redis),
+            closer: closer(side.io, side.presence, opened.redis),
             store,
             grace: config.shutdown_grace,
             dev,

@@ -34,6 +34,9 @@
 //!   `subscribe_*`, `unsubscribe_*`, `refresh_token`, the rate limit) and,
 //!   in `gateway/wire.rs`, what goes over the wire.
 //! - [`session`]: a socket's own state, and the one place its rooms change.
+//! - [`presence`]: who has a room open, per user, fleet-wide (a round every
+//!   interval: this instance's members to Redis, the others' back, the
+//!   differences to presence sockets), and `GET /v1/presence/{kind}/{id}`.
 //! - [`transport`]: a socket's transport below Socket.IO: the requests
 //!   socketioxide gets, and closing a transport (not the Socket.IO session)
 //!   so that the client comes back.
@@ -71,6 +74,7 @@ pub mod jwks;
 pub mod listener;
 pub mod openapi;
 pub mod pending;
+pub mod presence;
 pub mod publish;
 pub mod rate;
 pub mod redis_conn;

@@ -135,7 +135,8 @@ pub fn router(state: Arc<PublishState>) -> axum::Router {
     axum::Router::new().route("/v1/events", post(publish)).with_state(state)
 }
 
-fn authorized(headers: &HeaderMap, token: &SecretString) -> bool {
+/// Whether the request carries the publish token (compared in constant time).
+pub(crate) fn authorized(headers: &HeaderMap, token: &SecretString) -> bool {
     let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
         return false;
     };

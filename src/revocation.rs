@@ -151,6 +151,8 @@ impl Gateway {
     /// disconnected.
     async fn apply(&self, io: &SocketIo, revocation: Revocation) {
         let user: Arc<str> = Arc::from(revocation.user_id.as_str());
+        // Its absence from presence is told at once, wherever it was.
+        self.presence.revoked(&user);
         let Some(campaign) = revocation.campaign_id else {
             self.access.note_user_revocation(&user, revocation.revoked_at).await;
             // After shutdown the namespace is gone, and so are the sockets.

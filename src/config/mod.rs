@@ -159,6 +159,8 @@ pub enum ConfigError {
     JwksRefresh,
     #[error("{0} must be at least 1")]
     AtLeastOne(&'static str),
+    #[error("HERALD_PRESENCE_INTERVAL must be at least 10ms, and HERALD_PRESENCE_TIMEOUT at least twice it")]
+    PresenceTimes,
 }
 
 impl Config {
@@ -191,6 +193,10 @@ impl Config {
         }
         if self.limits.rate_limit_strikes < 1 {
             return Err(ConfigError::AtLeastOne("HERALD_RATE_LIMIT_STRIKES"));
+        }
+        let presence = self.presence();
+        if presence.interval < Duration::from_millis(10) || presence.timeout < presence.interval * 2 {
+            return Err(ConfigError::PresenceTimes);
         }
         if self.replay.max_events < 1 {
             return Err(ConfigError::AtLeastOne("HERALD_REPLAY_MAX_EVENTS"));
@@ -250,6 +256,14 @@ impl Config {
             max_bytes: self.replay.max_bytes,
             max_replay: (self.connections.socket_buffer / 2).max(1),
             keys_window: self.publish.idempotency_window,
+        }
+    }
+
+    /// How presence makes its rounds.
+    pub fn presence(&self) -> crate::presence::PresenceSettings {
+        crate::presence::PresenceSettings {
+            interval: self.fleet.presence_interval,
+            timeout: self.fleet.presence_timeout,
         }
     }
 

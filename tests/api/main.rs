@@ -17,6 +17,7 @@ mod layers;
 mod limits;
 mod openapi;
 mod operations;
+mod presence;
 mod process;
 mod properties;
 mod proxy;
