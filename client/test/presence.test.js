@@ -1,0 +1,85 @@
+// Presence with herald-client against the real herald: `presence: true`
+// and `onPresence` (the ack's list, then each join and leave), a second
+// subscription of a room asking for presence later, two tabs of one user,
+// and `useHeraldPresence` in React.
+
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+
+import React from 'react';
+import TestRenderer from 'react-test-renderer';
+
+import { createHeraldClient } from '../dist/index.js';
+import { useHeraldPresence } from '../dist/react.js';
+import { heraldSetup, waitUntil } from './helpers.js';
+
+globalThis.IS_REACT_ACT_ENVIRONMENT = true;
+const { act } = TestRenderer;
+
+const names = (members) => members.map((m) => `${m.userId}:${m.connections}`);
+
+describe('presence', () => {
+  let setup;
+  let herald;
+  const clients = [];
+  function client(user) {
+    const c = createHeraldClient({ url: herald.url, token: setup.token(user), reconnection: false });
+    clients.push(c);
+    return c;
+  }
+
+  before(async () => {
+    setup = await heraldSetup();
+    herald = await setup.start({ env: { HERALD_PRESENCE_INTERVAL: '100ms', HERALD_PRESENCE_TIMEOUT: '300ms' } });
+  });
+  after(async () => {
+    for (const c of clients) c.close();
+    await setup.stopAll();
+  });
+
+  test('onPresence follows the members; a later subscription may ask for presence; tabs are one member', async () => {
+    const alice = client('alice');
+    const seen = [];
+    // A subscription without presence first: the room joins without it.
+    const plain = alice.subscribeCampaign('c1', {});
+    await plain.ready;
+    const withPresence = alice.subscribeCampaign('c1', {
+      presence: true,
+      onPresence: (members, change) => seen.push([change.type, names(members)]),
+    });
+    const ack = await withPresence.ready;
+    assert.equal(ack.success, true);
+    await waitUntil(() => seen.some(([, list]) => list.includes('alice:1')), 'alice sees herself');
+
+    const bob = client('bob');
+    const bobSeen = [];
+    await bob.subscribeCampaign('c1', { presence: true, onPresence: (m) => bobSeen.push(names(m)) }).ready;
+    assert.deepEqual(bobSeen[0], ['alice:1'], "bob's ack lists alice");
+    await waitUntil(() => seen.at(-1)?.[1].join() === 'alice:1,bob:1', 'alice sees bob join');
+
+    const bob2 = client('bob');
+    await bob2.subscribeCampaign('c1', { presence: true }).ready;
+    bob.close();
+    bob2.close();
+    await waitUntil(() => seen.at(-1)?.[1].join() === 'alice:1', 'alice sees bob leave, once his last tab is gone');
+    const changes = seen.map(([type]) => type);
+    assert.deepEqual(changes.filter((t) => t === 'left'), ['left'], `one leave: ${JSON.stringify(seen)}`);
+    assert.deepEqual(plain.lastOffset, undefined);
+  });
+
+  test('useHeraldPresence renders the members', async () => {
+    const carol = client('carol');
+    const renders = [];
+    function Who() {
+      const members = useHeraldPresence('campaign', 'c2', { client: carol });
+      renders.push(names(members).join());
+      return React.createElement('span', null, names(members).join());
+    }
+    let renderer;
+    act(() => {
+      renderer = TestRenderer.create(React.createElement(Who));
+    });
+    await waitUntil(() => renders.at(-1) === 'carol:1', `carol sees herself: ${JSON.stringify(renders)}`);
+    act(() => renderer.unmount());
+  });
+});
