@@ -28,7 +28,7 @@ use socketioxide::extract::SocketRef;
 
 use crate::event_log::{Logged, Offset};
 use crate::expiry::TimerId;
-use crate::presence::{Presence, PresenceMember};
+use crate::presence::{Presence, PresenceAck};
 use crate::rate::TokenBucket;
 use crate::rooms::{CampaignId, Room};
 use crate::telemetry::Metrics;
@@ -235,7 +235,7 @@ impl Session {
     /// Makes the socket a member of `room`'s presence (it is in the room),
     /// and gives `ack` the members (see [`Presence::enter`]); false, and no
     /// ack, when the socket is not in the room (any more).
-    pub fn enter_presence(&self, socket: &SocketRef, room: &Room, ack: impl FnOnce(Vec<PresenceMember>)) -> bool {
+    pub fn enter_presence(&self, socket: &SocketRef, room: &Room, ack: impl FnOnce(PresenceAck)) -> bool {
         let mut rooms = self.rooms();
         let Some(in_room) = rooms.joined.get_mut(room) else { return false };
         if in_room.presence {

@@ -8,9 +8,9 @@
 // and the unknown fields that pass through unchanged. Everything else in the
 // package imports these names from "./events.js".
 
-import type { Ack, PresenceJoined, PresenceLeft, PresenceMember } from "./generated/acks.js";
+import type { Ack, PresenceCount, PresenceJoined, PresenceLeft, PresenceMember } from "./generated/acks.js";
 
-export type { PresenceJoined, PresenceLeft, PresenceMember };
+export type { PresenceCount, PresenceJoined, PresenceLeft, PresenceMember };
 import type * as Wire from "./generated/events.js";
 
 /** The five event kinds, each emitted under its own name. */

@@ -28,6 +28,7 @@ import { dispatch } from "./dispatch.js";
 import { createErrorListeners, type HeraldSubscribeError } from "./errors.js";
 import type {
   AnyHeraldEvent,
+  PresenceCount,
   PresenceJoined,
   PresenceLeft,
   PresenceMember,
@@ -112,7 +113,12 @@ export interface SubscriptionHandlers {
    * once, with its number of connections) after every ack and every change.
    */
   presence?: boolean;
-  /** The room's members, sorted by `userId`, after each change (with `presence: true`). */
+  /**
+   * The room's members, sorted by `userId`, after each change (with
+   * `presence: true`). In a room herald tells counts only (over
+   * `HERALD_PRESENCE_MAX_MEMBERS`), `members` is empty and `change` is
+   * `{ type: "count", count }`.
+   */
   onPresence?(members: PresenceMember[], change: PresenceChange): void;
 }
 
@@ -120,7 +126,8 @@ export interface SubscriptionHandlers {
 export type PresenceChange =
   | { type: "ack" }
   | { type: "joined"; userId: string; connections: number }
-  | { type: "left"; userId: string };
+  | { type: "left"; userId: string }
+  | { type: "count"; count: number };
 
 export type SubscribeSuccess = Extract<SubscribeAck, { success: true }>;
 
@@ -229,6 +236,7 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
     rooms.presence(event.room, { type: "joined", userId: event.userId, connections: event.connections }),
   );
   socket.on("presence_left", (event: PresenceLeft) => rooms.presence(event.room, { type: "left", userId: event.userId }));
+  socket.on("presence_count", (event: PresenceCount) => rooms.presence(event.room, { type: "count", count: event.count }));
 
   function subscribe(kind: SubscriptionKind, id: string, handlers: SubscriptionHandlers = {}): Subscription {
     if (closed) throw new Error("herald-client: subscribe on a closed client");

@@ -82,16 +82,39 @@ export function useHeraldSubscription(
   return state;
 }
 
+/** A room's presence, as `useHeraldPresence` gives it. */
+export interface HeraldPresence {
+  /** The members, sorted by `userId` (empty in a room herald tells counts only, and until the first ack). */
+  members: PresenceMember[];
+  /** How many members (in a room told counts only, herald's count). */
+  count: number;
+  /** The room is told counts only (over `HERALD_PRESENCE_MAX_MEMBERS`). */
+  countsOnly: boolean;
+}
+
 /**
- * The members of `<kind>:<id>`'s presence (subscribed with `presence: true`
- * while mounted), re-rendered on every change; empty until the first ack.
+ * The presence of `<kind>:<id>` (subscribed with `presence: true` while
+ * mounted), re-rendered on every change.
  */
 export function useHeraldPresence(
   kind: SubscriptionKind,
   id: string | null | undefined,
   options: { client?: HeraldClient } = {},
-): PresenceMember[] {
-  const [members, setMembers] = useState<PresenceMember[]>([]);
-  useHeraldSubscription(kind, id, { presence: true, onPresence: (list) => setMembers(list) }, options);
-  return members;
+): HeraldPresence {
+  const [presence, setPresence] = useState<HeraldPresence>({ members: [], count: 0, countsOnly: false });
+  useHeraldSubscription(
+    kind,
+    id,
+    {
+      presence: true,
+      onPresence: (members, change) =>
+        setPresence(
+          change.type === "count"
+            ? { members: [], count: change.count, countsOnly: true }
+            : { members, count: members.length, countsOnly: false },
+        ),
+    },
+    options,
+  );
+  return presence;
 }

@@ -47,6 +47,8 @@ export interface Room {
   presence: boolean;
   /** The members, per user id, as herald told them. */
   members: Map<string, number>;
+  /** In a room told counts only: the count. */
+  presenceCount: number | undefined;
 }
 
 /** What the rooms need of the client. */
@@ -148,7 +150,12 @@ export function createRooms(deps: RoomsDeps): Rooms {
       room.lastAck = ack;
       if (ack.presence) {
         room.members = new Map(ack.presence.map((m) => [m.userId, m.connections]));
+        room.presenceCount = undefined;
         tellPresence(room, { type: "ack" });
+      } else if (ack.presenceCount !== undefined) {
+        room.members = new Map();
+        room.presenceCount = ack.presenceCount;
+        tellPresence(room, { type: "count", count: ack.presenceCount });
       }
       for (const sub of [...room.subs]) {
         if (!sub.active) continue;
@@ -189,6 +196,10 @@ export function createRooms(deps: RoomsDeps): Rooms {
     if (!room || !room.presence || !room.joined) return;
     if (change.type === "joined") room.members.set(change.userId, change.connections);
     else if (change.type === "left") room.members.delete(change.userId);
+    else if (change.type === "count") {
+      room.members = new Map();
+      room.presenceCount = change.count;
+    }
     tellPresence(room, change);
   }
 
@@ -230,6 +241,7 @@ export function createRooms(deps: RoomsDeps): Rooms {
         releaseWaiters: [],
         presence: false,
         members: new Map(),
+        presenceCount: undefined,
       };
       rooms.set(key, room);
     }
@@ -293,8 +305,10 @@ export function createRooms(deps: RoomsDeps): Rooms {
     const members: PresenceMember[] = [...room.members.entries()]
       .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
       .map(([userId, connections]) => ({ userId, connections }));
+    const change: PresenceChange =
+      room.presenceCount === undefined ? { type: "ack" } : { type: "count", count: room.presenceCount };
     try {
-      sub.handlers.onPresence?.(members, { type: "ack" });
+      sub.handlers.onPresence?.(members, change);
     } catch (e) {
       reportError(e);
     }

@@ -71,15 +71,33 @@ describe('presence', () => {
     const carol = client('carol');
     const renders = [];
     function Who() {
-      const members = useHeraldPresence('campaign', 'c2', { client: carol });
-      renders.push(names(members).join());
+      const { members, count, countsOnly } = useHeraldPresence('campaign', 'c2', { client: carol });
+      renders.push(`${names(members).join()} ${count} ${countsOnly}`);
       return React.createElement('span', null, names(members).join());
     }
     let renderer;
     act(() => {
       renderer = TestRenderer.create(React.createElement(Who));
     });
-    await waitUntil(() => renders.at(-1) === 'carol:1', `carol sees herself: ${JSON.stringify(renders)}`);
+    await waitUntil(() => renders.at(-1) === 'carol:1 1 false', `carol sees herself: ${JSON.stringify(renders)}`);
     act(() => renderer.unmount());
+  });
+
+  test('a room over HERALD_PRESENCE_MAX_MEMBERS is told counts only', async () => {
+    const small = await setup.start({
+      env: { HERALD_PRESENCE_INTERVAL: '100ms', HERALD_PRESENCE_TIMEOUT: '300ms', HERALD_PRESENCE_MAX_MEMBERS: '1' },
+    });
+    const on = (user) => {
+      const c = createHeraldClient({ url: small.url, token: setup.token(user), reconnection: false });
+      clients.push(c);
+      return c;
+    };
+    const changes = [];
+    await on('alice').subscribeSettlement('s1', { presence: true, onPresence: (m, change) => changes.push([change, names(m)]) }).ready;
+    const bobChanges = [];
+    await on('bob').subscribeSettlement('s1', { presence: true, onPresence: (m, change) => bobChanges.push([change, names(m)]) }).ready;
+    await waitUntil(() => changes.some(([c]) => c.type === 'count' && c.count === 2), `a count of 2: ${JSON.stringify(changes)}`);
+    assert.deepEqual(changes.at(-1), [{ type: 'count', count: 2 }, []]);
+    await waitUntil(() => bobChanges.at(-1)?.[0].type === 'count', `bob switched to counts: ${JSON.stringify(bobChanges)}`);
   });
 });

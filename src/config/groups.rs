@@ -139,6 +139,11 @@ pub struct FleetSettings {
     /// the fleet's presence (it is taken for dead). At least twice HERALD_PRESENCE_INTERVAL.
     #[arg(long, help_heading = "Fleet (Redis)", env = "HERALD_PRESENCE_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub presence_timeout: Duration,
+
+    /// Above this many members (users), a room's presence listeners are told counts only
+    /// (`presence_count`, at most one a second) instead of each join and leave.
+    #[arg(long, help_heading = "Fleet (Redis)", env = "HERALD_PRESENCE_MAX_MEMBERS", default_value_t = 100)]
+    pub presence_max_members: usize,
 }
 
 /// What the event log keeps for recovery.

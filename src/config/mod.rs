@@ -264,6 +264,7 @@ impl Config {
         crate::presence::PresenceSettings {
             interval: self.fleet.presence_interval,
             timeout: self.fleet.presence_timeout,
+            max_members: self.fleet.presence_max_members,
         }
     }
 

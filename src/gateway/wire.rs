@@ -9,7 +9,7 @@ use ts_rs::TS;
 
 use crate::auth::Unauthorized;
 use crate::event_log::Offset;
-use crate::presence::{PresenceJoined, PresenceLeft, PresenceMember};
+use crate::presence::{PresenceAck, PresenceCount, PresenceJoined, PresenceLeft, PresenceMember};
 use crate::rooms::{Room, RoomKind};
 
 /// An ack, exactly as sent: `{ "success": true }` (with `"recovered"` for a
@@ -28,6 +28,10 @@ pub enum Reply {
         #[serde(skip_serializing_if = "Option::is_none")]
         #[ts(optional)]
         presence: Option<Vec<PresenceMember>>,
+        /// Instead of `presence`, in a room told counts only: how many members.
+        #[serde(rename = "presenceCount", skip_serializing_if = "Option::is_none")]
+        #[ts(optional)]
+        presence_count: Option<usize>,
     },
     Refused {
         success: Literal<false>,
@@ -99,11 +103,15 @@ impl Refusal {
 
 impl Reply {
     pub(crate) fn ok(recovered: Option<bool>) -> Reply {
-        Reply::Accepted { success: Literal, recovered, presence: None }
+        Reply::Accepted { success: Literal, recovered, presence: None, presence_count: None }
     }
 
-    pub(crate) fn with_presence(recovered: Option<bool>, members: Vec<PresenceMember>) -> Reply {
-        Reply::Accepted { success: Literal, recovered, presence: Some(members) }
+    pub(crate) fn with_presence(recovered: Option<bool>, presence: PresenceAck) -> Reply {
+        let (members, count) = match presence {
+            PresenceAck::Members(members) => (Some(members), None),
+            PresenceAck::Count(count) => (None, Some(count)),
+        };
+        Reply::Accepted { success: Literal, recovered, presence: members, presence_count: count }
     }
 
     pub(crate) fn refused(why: Refusal) -> Reply {
@@ -196,7 +204,13 @@ pub fn typescript() -> String {
     let cfg = ts_rs::Config::new();
     crate::events::typescript_file(
         "herald's Rust ack and presence types (src/gateway/wire.rs, src/presence/mod.rs)",
-        [Reply::decl(&cfg), PresenceMember::decl(&cfg), PresenceJoined::decl(&cfg), PresenceLeft::decl(&cfg)],
+        [
+            Reply::decl(&cfg),
+            PresenceMember::decl(&cfg),
+            PresenceJoined::decl(&cfg),
+            PresenceLeft::decl(&cfg),
+            PresenceCount::decl(&cfg),
+        ],
     )
 }
 

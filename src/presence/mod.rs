@@ -22,11 +22,16 @@
 //! round. An instance that stops making rounds (it died) has its members
 //! dropped once it missed them for the timeout (see [`store`]).
 //!
+//! Above `HERALD_PRESENCE_MAX_MEMBERS`, a room's listeners here are told
+//! counts only (`presence_count`, at most once a second), for as long as the
+//! room has listeners here. A round is in [`round`].
+//!
 //! An ack and the differences sent after it are made under one lock, from
 //! one state (what the room's sockets were last told), so a client that
 //! applies them in order has the members as of the latest round.
 
 pub mod api;
+mod round;
 mod store;
 
 use std::collections::{BTreeMap, HashMap};
@@ -35,14 +40,13 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::Serialize;
+use socketioxide::SocketIo;
 use socketioxide::extract::SocketRef;
-use socketioxide::{SendError, SocketError, SocketIo};
 use tokio::sync::Notify;
 use ts_rs::TS;
 
 use crate::redis_conn::{Redis, RedisError};
 use crate::rooms::Room;
-use crate::session::Session;
 use crate::transport::Transports;
 
 use store::RedisPresence;
@@ -75,8 +79,29 @@ pub struct PresenceLeft {
     pub user_id: String,
 }
 
+/// `presence_count`: how many members a room has, for a room told counts
+/// only (over `HERALD_PRESENCE_MAX_MEMBERS`).
+#[derive(Debug, Clone, Serialize, TS)]
+#[serde(rename_all = "camelCase")]
+pub struct PresenceCount {
+    /// The room, `<kind>:<id>`.
+    pub room: String,
+    pub count: usize,
+}
+
+/// What a presence subscription's ack carries: the members, or, in a room
+/// told counts only, how many there are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PresenceAck {
+    Members(Vec<PresenceMember>),
+    Count(usize),
+}
+
 /// Users and their connection counts.
 type Members = BTreeMap<Arc<str>, u32>;
+
+/// Most often a room told counts only is told its count.
+const COUNT_EVERY: Duration = Duration::from_secs(1);
 
 /// How often presence makes a round, and after how long without a round an
 /// instance's members are dropped (it is taken for dead).
@@ -84,6 +109,8 @@ type Members = BTreeMap<Arc<str>, u32>;
 pub struct PresenceSettings {
     pub interval: Duration,
     pub timeout: Duration,
+    /// Above this many members, a room's listeners here are told counts only.
+    pub max_members: usize,
 }
 
 /// One room's presence on this instance.
@@ -94,11 +121,21 @@ struct LocalRoom {
     sent: Members,
     /// The users told of but missing from the latest rounds, since when.
     missing: HashMap<Arc<str>, Instant>,
+    /// Its listeners here are told counts only (it went over the maximum;
+    /// it stays so while it has listeners here), and the count they were
+    /// last told, when.
+    counts_only: bool,
+    told_count: Option<(usize, Instant)>,
 }
 
 impl LocalRoom {
     fn told(sent: Members) -> LocalRoom {
-        LocalRoom { users: HashMap::new(), sent, missing: HashMap::new() }
+        LocalRoom { users: HashMap::new(), sent, missing: HashMap::new(), counts_only: false, told_count: None }
+    }
+
+    /// What an ack carries: what the room's listeners here were last told.
+    fn ack(&self) -> PresenceAck {
+        if self.counts_only { PresenceAck::Count(self.sent.len()) } else { PresenceAck::Members(listed(&self.sent)) }
     }
 }
 
@@ -180,7 +217,7 @@ impl Presence {
             wake: Notify::new(),
             said_goodbye: tokio::sync::Mutex::new(false),
         });
-        tokio::spawn(tick_forever(Arc::downgrade(&inner)));
+        tokio::spawn(round::tick_forever(Arc::downgrade(&inner)));
         Presence(inner)
     }
 
@@ -216,25 +253,19 @@ impl Presence {
     /// from the next round on, and `ack` is given the members its room's
     /// sockets were last told (called under the lock the rounds take, so
     /// that no difference reaches the socket before its ack).
-    pub(crate) fn enter(
-        &self,
-        socket: &SocketRef,
-        room: &Room,
-        user: &Arc<str>,
-        ack: impl FnOnce(Vec<PresenceMember>),
-    ) {
+    pub(crate) fn enter(&self, socket: &SocketRef, room: &Room, user: &Arc<str>, ack: impl FnOnce(PresenceAck)) {
         let mut rooms = self.0.rooms.lock();
         let local = rooms.entry(room.clone()).or_insert_with(|| LocalRoom::told(Members::new()));
         *local.users.entry(user.clone()).or_default() += 1;
         socket.join(presence_room(room));
-        ack(listed(&local.sent));
+        ack(local.ack());
     }
 
     /// The members `room`'s presence sockets here were last told, for an
     /// ack (the socket already a member).
-    pub(crate) fn told(&self, room: &Room, ack: impl FnOnce(Vec<PresenceMember>)) {
+    pub(crate) fn told(&self, room: &Room, ack: impl FnOnce(PresenceAck)) {
         let rooms = self.0.rooms.lock();
-        ack(rooms.get(room).map(|local| listed(&local.sent)).unwrap_or_default());
+        ack(rooms.get(room).map_or(PresenceAck::Members(Vec::new()), LocalRoom::ack));
     }
 
     /// A presence socket of `user` leaves `room`.
@@ -296,123 +327,6 @@ impl Presence {
             && let Err(e) = store.goodbye(&self.0.instance).await
         {
             tracing::warn!(error = %crate::telemetry::error_chain(&e), "presence: the goodbye failed");
-        }
-    }
-}
-
-/// Makes a round every interval (or when woken), until presence is dropped.
-async fn tick_forever(inner: std::sync::Weak<Inner>) {
-    loop {
-        let Some(strong) = inner.upgrade() else { return };
-        let interval = strong.settings.interval;
-        {
-            let said_goodbye = strong.said_goodbye.lock().await;
-            if *said_goodbye {
-                return;
-            }
-            strong.round().await;
-        }
-        let wake = async { strong.wake.notified().await };
-        let _ = tokio::time::timeout(interval, wake).await;
-    }
-}
-
-impl Inner {
-    /// One round: writes and reads the fleet's members (in a fleet), then
-    /// tells each room's presence sockets what changed.
-    async fn round(&self) {
-        let (writes, names): (Vec<(Room, String)>, Vec<Room>) = {
-            let rooms = self.rooms.lock();
-            let writes = rooms.iter().map(|(room, local)| (room.clone(), encode(&local.users))).collect();
-            (writes, rooms.keys().cloned().collect())
-        };
-        let (grace, others) = match &self.store {
-            None => (false, vec![Vec::new(); names.len()]),
-            Some(store) => match store.tick(&self.instance, &writes, &names).await {
-                Ok(read) if read.rooms.len() == names.len() => (read.grace, read.rooms),
-                Ok(_) => {
-                    tracing::warn!("presence: a round's reply does not match its rooms");
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %crate::telemetry::error_chain(&e), "presence: a round failed");
-                    return;
-                }
-            },
-        };
-        // After shutdown the namespace is gone: nobody to tell.
-        if self.io.of("/").is_none() {
-            return;
-        }
-        let mut to_cut = Vec::new();
-        let revoked = {
-            let mut revoked = self.revoked.lock();
-            revoked.retain(|_, at| at.elapsed() < self.settings.timeout);
-            revoked.clone()
-        };
-        {
-            let mut rooms = self.rooms.lock();
-            for ((room, _), fields) in writes.iter().zip(others) {
-                let Some(local) = rooms.get_mut(room) else { continue };
-                let mut now = Members::new();
-                for pair in fields.chunks(2) {
-                    if let [_, encoded] = pair {
-                        add_encoded(&mut now, encoded);
-                    }
-                }
-                add_local(&mut now, &local.users);
-                let mut messages: Vec<(&'static str, serde_json::Value)> = Vec::new();
-                for (user, n) in &now {
-                    if !local.sent.contains_key(user) {
-                        let joined =
-                            PresenceJoined { room: room.to_string(), user_id: user.to_string(), connections: *n };
-                        messages.extend(serde_json::to_value(joined).ok().map(|v| ("presence_joined", v)));
-                    }
-                }
-                local.missing.retain(|user, _| !now.contains_key(user));
-                for (user, n) in &local.sent {
-                    if now.contains_key(user) {
-                        continue;
-                    }
-                    let since = *local.missing.entry(user.clone()).or_insert_with(Instant::now);
-                    let revoked = revoked.contains_key(user);
-                    // Redis is being rebuilt, or the user may be reconnecting: not gone yet.
-                    if grace || (!revoked && since.elapsed() < self.settings.timeout) {
-                        now.insert(user.clone(), *n);
-                        continue;
-                    }
-                    local.missing.remove(user);
-                    let left = PresenceLeft { room: room.to_string(), user_id: user.to_string() };
-                    messages.extend(serde_json::to_value(left).ok().map(|v| ("presence_left", v)));
-                }
-                local.sent = now;
-                if let (false, Some(ns)) = (messages.is_empty(), self.io.of("/")) {
-                    for socket in ns.local().to(presence_room(room)).sockets() {
-                        for (name, message) in &messages {
-                            match socket.emit(*name, message) {
-                                Ok(()) => {}
-                                Err(SendError::Socket(SocketError::InternalChannelFull)) => {
-                                    to_cut.push(socket.clone());
-                                    break;
-                                }
-                                Err(_) => break,
-                            }
-                        }
-                    }
-                }
-            }
-            // A room with no presence socket here, written empty this round
-            // (so none of this instance's members stays in Redis): forgotten.
-            let written_empty: std::collections::HashSet<&Room> =
-                writes.iter().filter(|(_, encoded)| encoded.is_empty()).map(|(room, _)| room).collect();
-            rooms.retain(|room, local| !local.users.is_empty() || !written_empty.contains(room));
-        }
-        // A socket that cannot take what it was told is cut, and comes back
-        // to a fresh ack (after the lock: cutting takes its session's).
-        for socket in to_cut {
-            if let Some(session) = Session::of(&socket) {
-                session.cut(&socket, &self.transports);
-            }
         }
     }
 }

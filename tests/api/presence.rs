@@ -261,3 +261,78 @@ async fn a_fleet_shares_presence_and_drops_a_dead_instances_members_within_the_b
     println!("a stopped instance's members gone from the query within {:?}", stopped.elapsed());
     assert_eq!(presence_events(&mut alice, LEAVE).await, vec![left("bob")]);
 }
+
+#[tokio::test]
+async fn a_big_room_is_told_counts_only_at_most_once_a_second() {
+    let app = spawn_app_with(Backend::Sqlite, |c| {
+        fast(c);
+        c.fleet.presence_max_members = 3;
+    })
+    .await;
+    let users: Vec<String> = (0..30).map(|i| format!("u{i}")).collect();
+    let rows: Vec<String> = users.iter().map(|u| format!("('c1', '{u}')")).collect();
+    run_sql(
+        &app.database_url,
+        &format!("INSERT INTO campaign_members (campaign_id, user_id) VALUES {};", rows.join(", ")),
+    )
+    .await;
+    let mut alice = app.connect("alice").await;
+    subscribe_with_presence(&mut alice, "campaign", "c1").await;
+    let mut bob = app.connect("bob").await;
+    subscribe_with_presence(&mut bob, "campaign", "c1").await;
+    members_become(&app, "campaign", "c1", &[("alice", 1), ("bob", 1)], Duration::from_secs(2)).await;
+    presence_events(&mut alice, INTERVAL * 3).await;
+    presence_events(&mut bob, Duration::ZERO).await;
+
+    // A storm: 30 users join within a round or two; past 3 members, counts
+    // only. Alice's events are timed as they arrive, while the storm goes on.
+    let started = Instant::now();
+    let listener = tokio::spawn(async move {
+        let mut counts = Vec::new();
+        let mut joined = 0;
+        let deadline = Instant::now() + Duration::from_secs(4);
+        while let Some((name, event)) = alice.next_event(deadline.saturating_duration_since(Instant::now())).await {
+            match name.as_str() {
+                "presence_count" => {
+                    assert_eq!(event["room"], "campaign:c1");
+                    counts.push((started.elapsed(), event["count"].as_u64().unwrap()));
+                }
+                "presence_joined" => joined += 1,
+                other => panic!("{other} {event}"),
+            }
+        }
+        (counts, joined)
+    });
+    let mut storm = Vec::new();
+    for user in &users {
+        let mut c = app.connect(user).await;
+        assert_eq!(subscribe_with_presence(&mut c, "campaign", "c1").await["success"], true);
+        storm.push(c);
+    }
+    let (counts, joined) = listener.await.unwrap();
+    println!("a storm of 30 joins: {joined} presence_joined then {} presence_count: {counts:?}", counts.len());
+    assert_eq!(counts.last().map(|(_, n)| *n), Some(32), "the count catches up");
+    assert!(joined <= 1, "past the maximum, no more joins are told: {joined}");
+    for pair in counts.windows(2) {
+        // One a second at the server; arrival times here jitter.
+        assert!(pair[1].0 - pair[0].0 >= Duration::from_millis(800), "at most one count a second: {counts:?}");
+    }
+    // A listener coming in now is acked the count.
+    let mut late = app.connect("u0").await;
+    let ack = subscribe_with_presence(&mut late, "settlement", "s1").await;
+    assert_eq!(ack, json!({"success": true, "presence": []}), "another room is not big");
+    let ack = subscribe_with_presence(&mut late, "campaign", "c1").await;
+    assert_eq!(ack, json!({"success": true, "presenceCount": 32}));
+    // Counts go down too (after the linger), still at most once a second.
+    storm.iter().for_each(Client::close);
+    let mut last = None;
+    while let Some((name, event)) = bob.next_event(Duration::from_secs(2)).await {
+        // Bob may have been told one join before the room went over 3 members.
+        if name == "presence_joined" && last.is_none() {
+            continue;
+        }
+        assert_eq!(name, "presence_count", "{event}");
+        last = event["count"].as_u64();
+    }
+    assert_eq!(last, Some(3), "alice, bob and the late u0");
+}

@@ -6,7 +6,11 @@ export type Ack = { success: true, recovered?: boolean,
 /**
  * The room's presence members, for a subscription with `presence: true`.
  */
-presence?: Array<PresenceMember>, } | { success: false, error: "Invalid payload" | "Unauthorized" | "Internal error" | "Unknown event" | "Rate limited" | "Too many subscriptions", };
+presence?: Array<PresenceMember>, 
+/**
+ * Instead of `presence`, in a room told counts only: how many members.
+ */
+presenceCount?: number, } | { success: false, error: "Invalid payload" | "Unauthorized" | "Internal error" | "Unknown event" | "Rate limited" | "Too many subscriptions", };
 
 export type PresenceMember = { userId: string, connections: number, };
 
@@ -21,3 +25,9 @@ export type PresenceLeft = {
  * The room, `<kind>:<id>`.
  */
 room: string, userId: string, };
+
+export type PresenceCount = { 
+/**
+ * The room, `<kind>:<id>`.
+ */
+room: string, count: number, };
