@@ -228,7 +228,8 @@ fn socket_io_side(
     let transports = Transports::new(engine, pending);
     let membership = Arc::new(StoreMembership::new(store.clone(), config.store.membership_cache_ttl));
     let access = Access::new(membership, store.clone(), config.store.membership_cache_ttl, config.store.revocation_ttl);
-    let presence = Presence::start(io.clone(), transports.clone(), opened.redis.clone(), config.presence());
+    let presence =
+        Presence::start(io.clone(), transports.clone(), metrics.clone(), opened.redis.clone(), config.presence());
     let gateway = Gateway::new(
         verifier,
         access,

@@ -128,6 +128,12 @@ pub struct Metrics {
     pub fleet_entries_read: Counter,
     /// Shards of the log this instance follows.
     pub fleet_shards_followed: Gauge,
+    /// Rooms this instance keeps presence for (with a presence socket here, or leaving).
+    pub presence_rooms: Gauge,
+    /// Presence subscriptions (socket, room) on this instance.
+    pub presence_subscriptions: Gauge,
+    /// Presence events sent to sockets, by event.
+    pub presence_messages: Family<Labels1, Counter>,
 }
 
 /// A fresh metric, registered under `name` (after the `herald_` prefix).
@@ -183,6 +189,17 @@ impl Metrics {
                 "fleet_shards_followed",
                 "Shards of the log this instance follows",
             ),
+            presence_rooms: registered(
+                &mut r,
+                "presence_rooms",
+                "Rooms this instance keeps presence for (with a presence socket here, or leaving)",
+            ),
+            presence_subscriptions: registered(
+                &mut r,
+                "presence_subscriptions",
+                "Presence subscriptions (socket, room) on this instance",
+            ),
+            presence_messages: registered(&mut r, "presence_messages", "Presence events sent to sockets, by event"),
             registry: r,
         })
     }

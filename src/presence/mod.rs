@@ -47,6 +47,7 @@ use ts_rs::TS;
 
 use crate::redis_conn::{Redis, RedisError};
 use crate::rooms::Room;
+use crate::telemetry::Metrics;
 use crate::transport::Transports;
 
 use store::RedisPresence;
@@ -146,6 +147,7 @@ struct Inner {
     settings: PresenceSettings,
     io: SocketIo,
     transports: Arc<Transports>,
+    metrics: Arc<Metrics>,
     rooms: Mutex<HashMap<Room, LocalRoom>>,
     /// Users revoked lately (within the timeout), and when: their absence
     /// is told at once.
@@ -201,6 +203,7 @@ impl Presence {
     pub fn start(
         io: SocketIo,
         transports: Arc<Transports>,
+        metrics: Arc<Metrics>,
         redis: Option<Redis>,
         settings: PresenceSettings,
     ) -> Presence {
@@ -212,6 +215,7 @@ impl Presence {
             settings,
             io,
             transports,
+            metrics,
             rooms: Mutex::new(HashMap::new()),
             revoked: Mutex::new(HashMap::new()),
             wake: Notify::new(),
@@ -255,6 +259,9 @@ impl Presence {
     /// that no difference reaches the socket before its ack).
     pub(crate) fn enter(&self, socket: &SocketRef, room: &Room, user: &Arc<str>, ack: impl FnOnce(PresenceAck)) {
         let mut rooms = self.0.rooms.lock();
+        let count = rooms.len() + usize::from(!rooms.contains_key(room));
+        self.0.metrics.presence_rooms.set(count as i64);
+        self.0.metrics.presence_subscriptions.inc();
         let local = rooms.entry(room.clone()).or_insert_with(|| LocalRoom::told(Members::new()));
         *local.users.entry(user.clone()).or_default() += 1;
         socket.join(presence_room(room));
@@ -278,6 +285,7 @@ impl Presence {
             if *n == 0 {
                 local.users.remove(user);
             }
+            self.0.metrics.presence_subscriptions.dec();
         }
         socket.leave(presence_room(room));
     }

@@ -116,7 +116,9 @@ impl Inner {
                     for socket in ns.local().to(presence_room(room)).sockets() {
                         for (name, message) in &messages {
                             match socket.emit(*name, message) {
-                                Ok(()) => {}
+                                Ok(()) => {
+                                    self.metrics.presence_messages.get_or_create(&[("event", name)]).inc();
+                                }
                                 Err(SendError::Socket(SocketError::InternalChannelFull)) => {
                                     to_cut.push(socket.clone());
                                     break;
@@ -132,6 +134,7 @@ impl Inner {
             let written_empty: std::collections::HashSet<&Room> =
                 writes.iter().filter(|(_, encoded)| encoded.is_empty()).map(|(room, _)| room).collect();
             rooms.retain(|room, local| !local.users.is_empty() || !written_empty.contains(room));
+            self.metrics.presence_rooms.set(rooms.len() as i64);
         }
         // A socket that cannot take what it was told is cut, and comes back
         // to a fresh ack (after the lock: cutting takes its session's).

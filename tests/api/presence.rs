@@ -120,6 +120,25 @@ async fn members_are_users_with_connection_counts_and_join_and_leave_once() {
     members_become(&app, "campaign", "c1", &[("bob", 1)], Duration::from_secs(2)).await;
     assert_eq!(presence_events(&mut alice2, INTERVAL * 2).await, vec![], "an unsubscribed socket hears nothing");
     plain.expect_silence(Duration::ZERO).await;
+    let m = app.metrics().await;
+    assert_eq!(
+        metric(&m, "herald_presence_messages_total{event=\"presence_joined\"}"),
+        3.0,
+        "alice told of herself, both of bob"
+    );
+    assert_eq!(metric(&m, "herald_presence_messages_total{event=\"presence_left\"}"), 1.0);
+    // Everyone gone: what presence holds goes back to exactly nothing.
+    bob.close();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let m = app.metrics().await;
+        let held = (metric(&m, "herald_presence_subscriptions"), metric(&m, "herald_presence_rooms"));
+        if held == (0.0, 0.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "presence still holds {held:?}");
+        tokio::time::sleep(INTERVAL).await;
+    }
 }
 
 #[tokio::test]
