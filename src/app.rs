@@ -36,6 +36,7 @@ use crate::presence::{self, Presence, api::PresenceApi};
 use crate::publish::{self, PublishState};
 use crate::redis_conn::{Redis, RedisError};
 use crate::revocation;
+use crate::session::Session;
 use crate::store::{DEMO_USER, SqlStore, StoreError};
 use crate::telemetry::Metrics;
 use crate::transport::{Engine, SOCKET_IO_PATH, Transports};
@@ -228,8 +229,13 @@ fn socket_io_side(
     let transports = Transports::new(engine, pending);
     let membership = Arc::new(StoreMembership::new(store.clone(), config.store.membership_cache_ttl));
     let access = Access::new(membership, store.clone(), config.store.membership_cache_ttl, config.store.revocation_ttl);
-    let presence =
-        Presence::start(io.clone(), transports.clone(), metrics.clone(), opened.redis.clone(), config.presence());
+    let cutter = transports.clone();
+    let cut: presence::Cut = Box::new(move |socket| {
+        if let Some(session) = Session::of(socket) {
+            session.cut(socket, &cutter);
+        }
+    });
+    let presence = Presence::start(io.clone(), cut, metrics.clone(), opened.redis.clone(), config.presence());
     let gateway = Gateway::new(
         verifier,
         access,

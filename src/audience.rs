@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::auth::UserId;
+use crate::users::UserId;
 
 /// Most users one event may be addressed to.
 pub const MAX_AUDIENCE: usize = 1_000;

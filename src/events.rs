@@ -476,7 +476,7 @@ pub fn parse_event(value: &Value, at: &str) -> Result<Event, InvalidEvent> {
 }
 
 /// The audience of `users`, refused at its path under `at`.
-fn audience_of(users: Vec<crate::auth::UserId>, at: &str) -> Result<Audience, InvalidEvent> {
+fn audience_of(users: Vec<crate::users::UserId>, at: &str) -> Result<Audience, InvalidEvent> {
     Audience::new(users).map_err(|e| {
         let users = join(at, "audience.users");
         let path = match e.at {

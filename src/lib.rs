@@ -9,6 +9,7 @@
 //!
 //! - [`config`]: every setting, from flags and `HERALD_*` variables (each
 //!   group in `config/groups.rs`); secrets from the environment or files.
+//! - [`users`]: the user id rule (tokens, the revoke API, audiences).
 //! - [`auth`]: JWT verification (the handshake, `refresh_token`), token
 //!   minting, and the clock of token times.
 //! - [`jwks`]: an identity provider's keys (JWKS), fetched and kept fresh.
@@ -85,6 +86,7 @@ pub mod shutdown;
 pub mod store;
 pub mod telemetry;
 pub mod transport;
+pub mod users;
 
 pub use app::{Application, BuildError};
 pub use config::Config;

@@ -38,9 +38,9 @@ use socketioxide::SocketIo;
 use crate::auth::{User, UserId, unix_now};
 use crate::delivery::{RevocationError, RevocationFuture, Revocations};
 use crate::events::{InvalidEvent, parse_object_body};
-use crate::gateway::{Gateway, user_room};
+use crate::gateway::Gateway;
 use crate::publish::{PublishError, PublishState, read_checked_body};
-use crate::rooms::CampaignId;
+use crate::rooms::{CampaignId, user_room};
 use crate::session::Session;
 
 /// The body of `POST /v1/access/revoke`.

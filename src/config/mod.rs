@@ -163,6 +163,16 @@ pub enum ConfigError {
     PresenceTimes,
 }
 
+/// How often presence makes a round, after how long without a round an
+/// instance's members are dropped (it is taken for dead), and above how many
+/// members a room is told counts only.
+#[derive(Debug, Clone, Copy)]
+pub struct PresenceSettings {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub max_members: usize,
+}
+
 impl Config {
     /// Treats settings given as empty strings (`HERALD_REDIS_URL=`) as not given.
     pub fn drop_empty(&mut self) {
@@ -260,8 +270,8 @@ impl Config {
     }
 
     /// How presence makes its rounds.
-    pub fn presence(&self) -> crate::presence::PresenceSettings {
-        crate::presence::PresenceSettings {
+    pub fn presence(&self) -> PresenceSettings {
+        PresenceSettings {
             interval: self.fleet.presence_interval,
             timeout: self.fleet.presence_timeout,
             max_members: self.fleet.presence_max_members,

@@ -47,10 +47,9 @@ use crate::event_log::{
     Appended, Appends, EventLog, LogError, Logged, NewEntry, Offset, Retention, Stream, mark, shard_of,
 };
 use crate::events::Event;
-use crate::gateway::user_room;
 use crate::health::Probe;
 use crate::redis_conn::Redis;
-use crate::rooms::Room;
+use crate::rooms::{Room, user_room};
 use crate::session::{JoinRefused, Session, Ticket};
 use crate::telemetry::Metrics;
 use crate::transport::Transports;

@@ -36,6 +36,7 @@ use crate::expiry::{Expiring, Expiry};
 use crate::pending::PendingSession;
 use crate::presence::Presence;
 use crate::rate::TokenBucket;
+use crate::rooms::user_room;
 use crate::session::Session;
 use crate::telemetry::Metrics;
 use crate::transport::Transports;
@@ -302,10 +303,4 @@ impl Gateway {
             ),
         }
     }
-}
-
-/// The room every socket of a user is in (not a subscription room: the
-/// `user:` kind is not one clients can name).
-pub(crate) fn user_room(user: &str) -> String {
-    format!("user:{user}")
 }

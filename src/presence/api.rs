@@ -31,7 +31,7 @@ async fn query(
     headers: HeaderMap,
     Path((kind, id)): Path<(String, String)>,
 ) -> Response {
-    if !crate::publish::authorized(&headers, &state.token) {
+    if !crate::auth::bearer_matches(&headers, &state.token) {
         let mut response = (StatusCode::UNAUTHORIZED, Json(json!({ "error": "Unauthorized" }))).into_response();
         response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
         return response;

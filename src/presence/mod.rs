@@ -45,10 +45,10 @@ use socketioxide::extract::SocketRef;
 use tokio::sync::Notify;
 use ts_rs::TS;
 
+pub use crate::config::PresenceSettings;
 use crate::redis_conn::{Redis, RedisError};
 use crate::rooms::Room;
 use crate::telemetry::Metrics;
-use crate::transport::Transports;
 
 use store::RedisPresence;
 
@@ -98,21 +98,14 @@ pub enum PresenceAck {
     Count(usize),
 }
 
+/// How presence cuts a socket whose buffer is full.
+pub type Cut = Box<dyn Fn(&SocketRef) + Send + Sync>;
+
 /// Users and their connection counts.
 type Members = BTreeMap<Arc<str>, u32>;
 
 /// Most often a room told counts only is told its count.
 const COUNT_EVERY: Duration = Duration::from_secs(1);
-
-/// How often presence makes a round, and after how long without a round an
-/// instance's members are dropped (it is taken for dead).
-#[derive(Debug, Clone, Copy)]
-pub struct PresenceSettings {
-    pub interval: Duration,
-    pub timeout: Duration,
-    /// Above this many members, a room's listeners here are told counts only.
-    pub max_members: usize,
-}
 
 /// One room's presence on this instance.
 struct LocalRoom {
@@ -146,7 +139,9 @@ struct Inner {
     store: Option<RedisPresence>,
     settings: PresenceSettings,
     io: SocketIo,
-    transports: Arc<Transports>,
+    /// Cuts a socket that cannot take what it is told (it comes back, to a
+    /// fresh ack): its session's cut, given at start.
+    cut: Cut,
     metrics: Arc<Metrics>,
     rooms: Mutex<HashMap<Room, LocalRoom>>,
     /// Users revoked lately (within the timeout), and when: their absence
@@ -202,7 +197,7 @@ impl Presence {
     /// `redis`, the fleet's. Starts its ticker.
     pub fn start(
         io: SocketIo,
-        transports: Arc<Transports>,
+        cut: Cut,
         metrics: Arc<Metrics>,
         redis: Option<Redis>,
         settings: PresenceSettings,
@@ -214,7 +209,7 @@ impl Presence {
             store,
             settings,
             io,
-            transports,
+            cut,
             metrics,
             rooms: Mutex::new(HashMap::new()),
             revoked: Mutex::new(HashMap::new()),

@@ -7,7 +7,6 @@ use std::time::Instant;
 use socketioxide::{SendError, SocketError};
 
 use crate::rooms::Room;
-use crate::session::Session;
 
 use super::{
     COUNT_EVERY, Inner, Members, PresenceCount, PresenceJoined, PresenceLeft, add_encoded, add_local, encode,
@@ -139,9 +138,7 @@ impl Inner {
         // A socket that cannot take what it was told is cut, and comes back
         // to a fresh ack (after the lock: cutting takes its session's).
         for socket in to_cut {
-            if let Some(session) = Session::of(&socket) {
-                session.cut(&socket, &self.transports);
-            }
+            (self.cut)(&socket);
         }
     }
 }
