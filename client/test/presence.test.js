@@ -1,6 +1,7 @@
 // Presence with herald-client against the real herald: `presence: true`
 // and `onPresence` (the ack's list, then each join and leave), a second
 // subscription of a room asking for presence later, two tabs of one user,
+// a dropped connection that comes back (not a leave), counts in a big room,
 // and `useHeraldPresence` in React.
 
 import assert from 'node:assert/strict';
@@ -99,5 +100,28 @@ describe('presence', () => {
     await waitUntil(() => changes.some(([c]) => c.type === 'count' && c.count === 2), `a count of 2: ${JSON.stringify(changes)}`);
     assert.deepEqual(changes.at(-1), [{ type: 'count', count: 2 }, []]);
     await waitUntil(() => bobChanges.at(-1)?.[0].type === 'count', `bob switched to counts: ${JSON.stringify(bobChanges)}`);
+  });
+
+  test('a dropped connection that comes back within the timeout is not a leave', async () => {
+    const watcher = client('bob');
+    const seen = [];
+    await watcher.subscribeStructure('st1', { presence: true, onPresence: (m, change) => seen.push([change.type, names(m)]) }).ready;
+    // Away longer than a round (100 ms), so that a round sees alice missing,
+    // and shorter than the timeout (300 ms).
+    const away = { reconnectionDelay: 150, reconnectionDelayMax: 150, randomizationFactor: 0 };
+    const alice = createHeraldClient({ url: herald.url, token: () => setup.token('alice'), ...away });
+    clients.push(alice);
+    const acks = [];
+    await alice.subscribeStructure('st1', { presence: true, onPresence: (m, change) => acks.push(change.type) }).ready;
+    await waitUntil(() => seen.at(-1)?.[1].join() === 'alice:1,bob:1', `bob sees alice: ${JSON.stringify(seen)}`);
+    // The transport drops (as a network does); socket.io-client reconnects by
+    // itself, and herald-client subscribes again, with presence.
+    const before = acks.filter((t) => t === 'ack').length;
+    alice.socket.io.engine.close();
+    await waitUntil(() => acks.filter((t) => t === 'ack').length > before, 'alice re-subscribed');
+    // Longer than the timeout (300 ms) and a few rounds: no leave, no join.
+    await new Promise((r) => setTimeout(r, 800));
+    const after = seen.slice(seen.findIndex(([, list]) => list.join() === 'alice:1,bob:1') + 1);
+    assert.deepEqual(after.filter(([type]) => type === 'left' || type === 'joined'), [], JSON.stringify(seen));
   });
 });
