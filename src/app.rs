@@ -32,9 +32,11 @@ use crate::health::{self, HookReporter, OpsState, Probe};
 use crate::listener::{self, ListenerSettings};
 use crate::openapi;
 use crate::pending::PendingSessions;
+use crate::presence::{self, Presence, api::PresenceApi};
 use crate::publish::{self, PublishState};
 use crate::redis_conn::{Redis, RedisError};
 use crate::revocation;
+use crate::session::Session;
 use crate::store::{DEMO_USER, SqlStore, StoreError};
 use crate::telemetry::Metrics;
 use crate::transport::{Engine, SOCKET_IO_PATH, Transports};
@@ -184,6 +186,7 @@ struct SocketIoSide {
     io: SocketIo,
     transports: Arc<Transports>,
     delivery: Delivery,
+    presence: Presence,
     /// The authorization hook's circuit, when membership comes from one.
     access_hook: Option<HookReporter>,
 }
@@ -265,8 +268,22 @@ fn socket_io_side(
     let transports = Transports::new(engine, pending);
     let (membership, access_hook) = membership(config, store, metrics)?;
     let access = Access::new(membership, store.clone(), config.store.membership_cache_ttl, config.store.revocation_ttl);
-    let gateway =
-        Gateway::new(verifier, access, metrics.clone(), transports.clone(), config.limits, config.auth.jwt_leeway);
+    let cutter = transports.clone();
+    let cut: presence::Cut = Box::new(move |socket| {
+        if let Some(session) = Session::of(socket) {
+            session.cut(socket, &cutter);
+        }
+    });
+    let presence = Presence::start(io.clone(), cut, metrics.clone(), opened.redis.clone(), config.presence());
+    let gateway = Gateway::new(
+        verifier,
+        access,
+        metrics.clone(),
+        transports.clone(),
+        config.limits,
+        config.auth.jwt_leeway,
+        presence.clone(),
+    );
     let delivery_log = DeliveryLog {
         log: opened.log.clone(),
         local: opened.redis.is_none(),
@@ -278,7 +295,7 @@ fn socket_io_side(
     let delivery =
         Delivery::new(io.clone(), metrics.clone(), transports.clone(), config.retention(), delivery_log, revocations);
     gateway.attach(&io, delivery.clone());
-    Ok(SocketIoSide { io, transports, delivery, access_hook })
+    Ok(SocketIoSide { io, transports, delivery, access_hook, presence })
 }
 
 /// Step 5: what herald serves over HTTP: the Socket.IO endpoint, the
@@ -291,6 +308,8 @@ fn http_service(
     metrics: Arc<Metrics>,
     probes: Vec<(&'static str, Probe)>,
 ) -> Result<HttpService, BuildError> {
+    let presence_api =
+        Arc::new(PresenceApi { token: credentials.publish_token.clone(), presence: side.presence.clone() });
     let publish_state = Arc::new(PublishState {
         token: credentials.publish_token,
         max_body_bytes: config.publish.max_body_bytes,
@@ -299,6 +318,7 @@ fn http_service(
     });
     let mut router = publish::router(publish_state.clone())
         .merge(revocation::router(publish_state))
+        .merge(presence::api::router(presence_api))
         .merge(health::router(OpsState { metrics, probes, access_hook: side.access_hook.clone() }))
         .merge(openapi::router());
     if let Some(minter) = credentials.demo {
@@ -316,13 +336,16 @@ fn http_service(
     Ok(BoxCloneService::new(http.map_err(BoxError::from)))
 }
 
-/// Disconnects every socket, then lets go of Redis.
-fn closer(io: SocketIo, redis: Option<Redis>) -> Closer {
+/// Disconnects every socket, takes this instance's members out of the
+/// fleet's presence, then lets go of Redis.
+fn closer(io: SocketIo, presence: Presence, redis: Option<Redis>) -> Closer {
     Arc::new(move || {
         let io = io.clone();
+        let presence = presence.clone();
         let redis = redis.clone();
         Box::pin(async move {
             io.close().await;
+            presence.goodbye().await;
             if let Some(redis) = redis {
                 redis.shutdown();
             }
@@ -387,7 +410,7 @@ impl Application {
                 max_control_backlog: config.connections.max_control_backlog,
                 metrics,
             },
-            closer: closer(side.io, opened.redis),
+            closer: closer(side.io, side.presence, opened.redis),
             store,
             grace: config.shutdown_grace,
             dev,

@@ -33,40 +33,7 @@ pub struct User {
     pub issued_at: Option<u64>,
 }
 
-/// Longest user id accepted, in bytes.
-pub const MAX_USER_ID_LEN: usize = 256;
-
-/// A user id, as tokens (`sub`) and the revoke API (`userId`) carry it: 1 to
-/// 256 bytes, no whitespace and no control character. Looser than the room
-/// id rule, since identity providers' subjects hold `|`, `@`, `:` or `.`
-/// (`auth0|5f7c…`, an email); strict enough that a user id never breaks a
-/// log line or a room name.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
-#[serde(transparent)]
-pub struct UserId(Arc<str>);
-
-/// Why a string is not a user id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("expected a user id: 1 to 256 bytes, no whitespace or control character")]
-pub struct InvalidUserId;
-
-impl UserId {
-    pub fn parse(s: &str) -> Result<UserId, InvalidUserId> {
-        let ok = !s.is_empty() && s.len() <= MAX_USER_ID_LEN && !s.chars().any(|c| c.is_whitespace() || c.is_control());
-        if ok { Ok(UserId(Arc::from(s))) } else { Err(InvalidUserId) }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl<'de> Deserialize<'de> for UserId {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        UserId::parse(&s).map_err(serde::de::Error::custom)
-    }
-}
+pub use crate::users::{InvalidUserId, MAX_USER_ID_LEN, UserId};
 
 /// The claims herald reads.
 #[derive(Debug, Serialize, Deserialize)]
@@ -304,7 +271,7 @@ impl Verifier {
             return Err(Unauthorized);
         }
         let id = UserId::parse(&sub).map_err(|_| Unauthorized)?;
-        Ok(User { id: id.0, expires_at: exp.0, issued_at: iat.map(|iat| iat.0) })
+        Ok(User { id: id.into_shared(), expires_at: exp.0, issued_at: iat.map(|iat| iat.0) })
     }
 }
 
@@ -368,6 +335,18 @@ pub fn find_token(auth: Option<&serde_json::Value>, query: Option<&str>) -> Opti
     }
     let query = query?;
     form_urlencoded::parse(query.as_bytes()).find(|(k, v)| k == "token" && !v.is_empty()).map(|(_, v)| v.into_owned())
+}
+
+/// Whether a request carries `Authorization: Bearer <token>` with this token
+/// (compared in constant time): the publish token of the backends' APIs.
+pub(crate) fn bearer_matches(headers: &axum::http::HeaderMap, token: &SecretString) -> bool {
+    let Some(value) = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let Some(given) = value.strip_prefix("Bearer ") else {
+        return false;
+    };
+    constant_time_eq::constant_time_eq(given.as_bytes(), token.expose_secret().as_bytes())
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use ts_rs::TS;
 
+use crate::audience::{Audience, IncomingAudience};
 use crate::idempotency::IdempotencyKey;
 use crate::rooms::{CampaignId, EntityId, Room, SettlementId, StructureId};
 
@@ -321,6 +322,8 @@ pub struct Event {
     pub rooms: Vec<Room>,
     /// Its idempotency key (never delivered to clients).
     pub key: Option<IdempotencyKey>,
+    /// The users it is for (`None`: everyone in its rooms); never delivered.
+    pub audience: Option<Audience>,
 }
 
 impl Event {
@@ -354,6 +357,8 @@ struct Incoming {
     metadata: Option<Value>,
     #[serde(default, rename = "idempotencyKey", deserialize_with = "present")]
     idempotency_key: Option<IdempotencyKey>,
+    #[serde(default, deserialize_with = "present")]
+    audience: Option<Value>,
 }
 
 /// Joins a path prefix and a field.
@@ -447,6 +452,14 @@ pub fn parse_event(value: &Value, at: &str) -> Result<Event, InvalidEvent> {
         EventKind::StructureUpdated => Payload::StructureUpdated(typed(&payload_value, &payload_at)?),
     };
     let Value::Object(payload_map) = payload_value else { unreachable!("built as an object") };
+    let audience = match incoming.audience {
+        None => None,
+        Some(audience @ Value::Object(_)) => {
+            let IncomingAudience { users } = typed(&audience, &join(at, "audience"))?;
+            Some(audience_of(users, at)?)
+        }
+        Some(_) => return Err(InvalidEvent { path: join(at, "audience"), message: "expected an object".into() }),
+    };
     let rooms = payload.rooms();
     Ok(Event {
         envelope: Envelope {
@@ -458,6 +471,19 @@ pub fn parse_event(value: &Value, at: &str) -> Result<Event, InvalidEvent> {
         payload,
         rooms,
         key: incoming.idempotency_key,
+        audience,
+    })
+}
+
+/// The audience of `users`, refused at its path under `at`.
+fn audience_of(users: Vec<crate::users::UserId>, at: &str) -> Result<Audience, InvalidEvent> {
+    Audience::new(users).map_err(|e| {
+        let users = join(at, "audience.users");
+        let path = match e.at {
+            Some(i) => format!("{users}[{i}]"),
+            None => users,
+        };
+        InvalidEvent { path, message: e.message.into() }
     })
 }
 

@@ -9,6 +9,7 @@
 //!
 //! - [`config`]: every setting, from flags and `HERALD_*` variables (each
 //!   group in `config/groups.rs`); secrets from the environment or files.
+//! - [`users`]: the user id rule (tokens, the revoke API, audiences).
 //! - [`auth`]: JWT verification (the handshake, `refresh_token`), token
 //!   minting, and the clock of token times.
 //! - [`jwks`]: an identity provider's keys (JWKS), fetched and kept fresh.
@@ -21,6 +22,8 @@
 //!   circuit breaker in `access/circuit.rs`) and whether a token outlived a
 //!   user revocation, each answer cached a short while.
 //! - [`events`]: the five domain event kinds, their validation and targeting.
+//! - [`audience`]: addressed events: the users an event is for, checked at
+//!   the edge and kept in the log with it.
 //! - [`idempotency`]: idempotency keys, and the keys an in-memory log has seen.
 //! - [`event_log`]: the event log (in memory, or Redis Streams a fleet shares,
 //!   one per shard of campaigns, and a control stream for revocations):
@@ -34,6 +37,9 @@
 //!   `subscribe_*`, `unsubscribe_*`, `refresh_token`, the rate limit) and,
 //!   in `gateway/wire.rs`, what goes over the wire.
 //! - [`session`]: a socket's own state, and the one place its rooms change.
+//! - [`presence`]: who has a room open, per user, fleet-wide (a round every
+//!   interval: this instance's members to Redis, the others' back, the
+//!   differences to presence sockets), and `GET /v1/presence/{kind}/{id}`.
 //! - [`transport`]: a socket's transport below Socket.IO: the requests
 //!   socketioxide gets, and closing a transport (not the Socket.IO session)
 //!   so that the client comes back.
@@ -57,6 +63,7 @@
 
 pub mod access;
 pub mod app;
+pub mod audience;
 pub mod auth;
 pub mod config;
 pub mod delivery;
@@ -71,6 +78,7 @@ pub mod jwks;
 pub mod listener;
 pub mod openapi;
 pub mod pending;
+pub mod presence;
 pub mod publish;
 pub mod rate;
 pub mod redis_conn;
@@ -81,6 +89,7 @@ pub mod shutdown;
 pub mod store;
 pub mod telemetry;
 pub mod transport;
+pub mod users;
 
 pub use app::{Application, BuildError};
 pub use config::Config;

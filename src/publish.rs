@@ -21,9 +21,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde_json::json;
 
+use crate::auth::bearer_matches;
 use crate::delivery::{Delivery, DeliveryError, Published, RevocationError};
 use crate::event_log::LogError;
 use crate::events::{self, Event, InvalidEvent};
@@ -135,16 +136,6 @@ pub fn router(state: Arc<PublishState>) -> axum::Router {
     axum::Router::new().route("/v1/events", post(publish)).with_state(state)
 }
 
-fn authorized(headers: &HeaderMap, token: &SecretString) -> bool {
-    let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
-        return false;
-    };
-    let Some(given) = value.strip_prefix("Bearer ") else {
-        return false;
-    };
-    constant_time_eq::constant_time_eq(given.as_bytes(), token.expose_secret().as_bytes())
-}
-
 fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
@@ -231,7 +222,7 @@ async fn read_body(mut body: Body, limit: usize, keep: bool) -> Result<Bytes, Pu
 }
 
 fn check_headers(state_token: &SecretString, limit: usize, headers: &HeaderMap) -> Result<(), PublishError> {
-    if !authorized(headers, state_token) {
+    if !bearer_matches(headers, state_token) {
         return Err(PublishError::Unauthorized);
     }
     if !is_json(headers) {

@@ -38,9 +38,9 @@ use socketioxide::SocketIo;
 use crate::auth::{User, UserId, unix_now};
 use crate::delivery::{RevocationError, RevocationFuture, Revocations};
 use crate::events::{InvalidEvent, parse_object_body};
-use crate::gateway::{Gateway, user_room};
+use crate::gateway::Gateway;
 use crate::publish::{PublishError, PublishState, read_checked_body};
-use crate::rooms::CampaignId;
+use crate::rooms::{CampaignId, user_room};
 use crate::session::Session;
 
 /// The body of `POST /v1/access/revoke`.
@@ -151,6 +151,8 @@ impl Gateway {
     /// disconnected.
     async fn apply(&self, io: &SocketIo, revocation: Revocation) {
         let user: Arc<str> = Arc::from(revocation.user_id.as_str());
+        // Its absence from presence is told at once, wherever it was.
+        self.presence.revoked(&user);
         let Some(campaign) = revocation.campaign_id else {
             self.access.note_user_revocation(&user, revocation.revoked_at).await;
             // After shutdown the namespace is gone, and so are the sockets.

@@ -168,6 +168,13 @@ impl fmt::Display for Room {
     }
 }
 
+/// The Socket.IO room every socket of a user is in (not a subscription
+/// room: the `user:` kind is not one clients can name), so that a
+/// revocation, or an addressed event, finds the user's sockets.
+pub(crate) fn user_room(user: &str) -> String {
+    format!("user:{user}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,9 @@
 //! before a revocation of its campaign is refused at the join, so that no
 //! socket is in a room its user lost.
 //!
+//! A room joined with presence counts the socket's user in the room's
+//! presence ([`crate::presence`]) until the socket leaves it, whichever path.
+//!
 //! The session id is a credential (with it, anyone can take over a polling
 //! session), so it is never logged: a per-process socket number is.
 
@@ -25,6 +28,7 @@ use socketioxide::extract::SocketRef;
 
 use crate::event_log::{Logged, Offset};
 use crate::expiry::TimerId;
+use crate::presence::{Presence, PresenceAck};
 use crate::rate::TokenBucket;
 use crate::rooms::{CampaignId, Room};
 use crate::telemetry::Metrics;
@@ -52,6 +56,10 @@ pub struct SessionState {
     pub ready: AtomicBool,
     /// Set once the socket is gone and its state released (see [`Session::release`]).
     released: AtomicBool,
+    /// Its user.
+    pub user: Arc<str>,
+    /// The presence its rooms' members are counted in.
+    presence: Presence,
     /// Most subscription rooms it may be in.
     max_rooms: usize,
     rooms: Mutex<Rooms>,
@@ -80,6 +88,8 @@ struct InRoom {
     /// already got through one of these, so overlapping rooms never deliver
     /// an event twice.
     covered_from: Option<Offset>,
+    /// Whether the socket is a member of the room's presence.
+    presence: bool,
 }
 
 impl std::ops::Deref for Session {
@@ -110,9 +120,18 @@ pub enum JoinRefused {
 }
 
 impl Session {
-    /// A new session for a socket whose token lets it live until `deadline`,
-    /// in at most `max_rooms` subscription rooms.
-    pub fn new(deadline: u64, timer: TimerId, bucket: TokenBucket, max_rooms: usize, metrics: Arc<Metrics>) -> Session {
+    /// A new session for a socket of `user` whose token lets it live until
+    /// `deadline`, in at most `max_rooms` subscription rooms, counted in
+    /// `presence` where it asks to be.
+    pub fn new(
+        user: Arc<str>,
+        deadline: u64,
+        timer: TimerId,
+        bucket: TokenBucket,
+        max_rooms: usize,
+        presence: Presence,
+        metrics: Arc<Metrics>,
+    ) -> Session {
         Session(Arc::new(SessionState {
             number: SOCKET_NUMBERS.fetch_add(1, Ordering::Relaxed),
             deadline: AtomicU64::new(deadline),
@@ -120,6 +139,8 @@ impl Session {
             bucket: Mutex::new(bucket),
             ready: AtomicBool::new(false),
             released: AtomicBool::new(false),
+            user,
+            presence,
             max_rooms,
             rooms: Mutex::new(Rooms::default()),
             metrics,
@@ -186,7 +207,8 @@ impl Session {
         if fresh && rooms.joined.len() >= self.max_rooms {
             return Err(JoinRefused::TooManyRooms);
         }
-        rooms.joined.insert(room.clone(), InRoom { campaign: ticket.campaign.clone(), covered_from });
+        let presence = rooms.joined.get(room).is_some_and(|r| r.presence);
+        rooms.joined.insert(room.clone(), InRoom { campaign: ticket.campaign.clone(), covered_from, presence });
         if fresh {
             socket.join(room.to_string());
             self.gauge(room, 1);
@@ -201,11 +223,27 @@ impl Session {
     }
 
     fn leave_locked(&self, rooms: &mut Rooms, socket: &SocketRef, room: &Room) -> bool {
-        if rooms.joined.remove(room).is_none() {
-            return false;
-        }
+        let Some(left) = rooms.joined.remove(room) else { return false };
         socket.leave(room.to_string());
         self.gauge(room, -1);
+        if left.presence {
+            self.presence.exit(socket, room, &self.user);
+        }
+        true
+    }
+
+    /// Makes the socket a member of `room`'s presence (it is in the room),
+    /// and gives `ack` the members (see [`Presence::enter`]); false, and no
+    /// ack, when the socket is not in the room (any more).
+    pub fn enter_presence(&self, socket: &SocketRef, room: &Room, ack: impl FnOnce(PresenceAck)) -> bool {
+        let mut rooms = self.rooms();
+        let Some(in_room) = rooms.joined.get_mut(room) else { return false };
+        if in_room.presence {
+            self.presence.told(room, ack);
+        } else {
+            in_room.presence = true;
+            self.presence.enter(socket, room, &self.user, ack);
+        }
         true
     }
 
@@ -227,12 +265,23 @@ impl Session {
         let mut rooms = self.rooms();
         let of_campaign: Vec<Room> =
             rooms.joined.iter().filter(|(_, r)| r.campaign == *campaign).map(|(room, _)| room.clone()).collect();
-        of_campaign.iter().filter(|room| self.leave_locked(&mut rooms, socket, room)).count()
+        let left = of_campaign.iter().filter(|room| self.leave_locked(&mut rooms, socket, room)).count();
+        if left > 0 {
+            // The others learn at once that its user is gone.
+            self.presence.hurry();
+        }
+        left
     }
 
     /// The subscription rooms the socket is in.
     pub fn subscriptions(&self) -> Vec<Room> {
         self.rooms().joined.keys().cloned().collect()
+    }
+
+    /// Whether the socket is in one of `rooms`.
+    pub fn in_any(&self, rooms: &[Room]) -> bool {
+        let joined = &self.rooms().joined;
+        rooms.iter().any(|room| joined.contains_key(room))
     }
 
     /// Whether the socket is in `room`, and in how many rooms it is.
@@ -249,9 +298,12 @@ impl Session {
             return false;
         }
         rooms.closed = true;
-        for (room, _) in std::mem::take(&mut rooms.joined) {
+        for (room, left) in std::mem::take(&mut rooms.joined) {
             socket.leave(room.to_string());
             self.gauge(&room, -1);
+            if left.presence {
+                self.presence.exit(socket, &room, &self.user);
+            }
         }
         true
     }
@@ -265,6 +317,7 @@ impl Session {
         if !self.close(socket) {
             return false;
         }
+        self.presence.hurry();
         if let Err(SocketError::InternalChannelFull) = socket.clone().disconnect() {
             transports.close_transport(socket);
         }

@@ -153,6 +153,12 @@ pub struct Metrics {
     pub access_hook_in_flight: Gauge,
     /// Distinct membership checks waiting for the authorization hook (identical ones merged).
     pub access_hook_checks: Gauge,
+    /// Rooms this instance keeps presence for (with a presence socket here, or leaving).
+    pub presence_rooms: Gauge,
+    /// Presence subscriptions (socket, room) on this instance.
+    pub presence_subscriptions: Gauge,
+    /// Presence events sent to sockets, by event.
+    pub presence_messages: Family<Labels1, Counter>,
 }
 
 /// A fresh metric, registered under `name` (after the `herald_` prefix).
@@ -239,6 +245,17 @@ impl Metrics {
                 "access_hook_checks",
                 "Distinct membership checks waiting for the authorization hook",
             ),
+            presence_rooms: registered(
+                &mut r,
+                "presence_rooms",
+                "Rooms this instance keeps presence for (with a presence socket here, or leaving)",
+            ),
+            presence_subscriptions: registered(
+                &mut r,
+                "presence_subscriptions",
+                "Presence subscriptions (socket, room) on this instance",
+            ),
+            presence_messages: registered(&mut r, "presence_messages", "Presence events sent to sockets, by event"),
             registry: r,
         })
     }

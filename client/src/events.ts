@@ -8,7 +8,9 @@
 // and the unknown fields that pass through unchanged. Everything else in the
 // package imports these names from "./events.js".
 
-import type { Ack } from "./generated/acks.js";
+import type { Ack, PresenceCount, PresenceJoined, PresenceLeft, PresenceMember } from "./generated/acks.js";
+
+export type { PresenceCount, PresenceJoined, PresenceLeft, PresenceMember };
 import type * as Wire from "./generated/events.js";
 
 /** The five event kinds, each emitted under its own name. */
@@ -51,6 +53,13 @@ export interface PublishedEvent<T extends EventType = EventType> {
    * once. 1 to 255 visible ASCII characters, no `"` or `\`. Never delivered.
    */
   idempotencyKey?: string;
+  /**
+   * Addresses this event to some users only: it reaches only their sockets
+   * among those in its rooms (live and in a replay). 1 to 1,000 distinct
+   * user ids (1 to 256 bytes, no whitespace or control character). Never
+   * delivered.
+   */
+  audience?: { users: string[] };
 }
 
 /** An event as a client receives it: always a timestamp and an offset. */

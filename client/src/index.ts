@@ -18,6 +18,9 @@
 //   (`refresh_token`) before it expires.
 // - status.ts: the connection status, and what a disconnect means for it.
 // - errors.ts: the error classes, and the `onError` listeners.
+// - presence: a room subscribed with `presence: true` keeps its members (the
+//   ack's list, then `presence_joined` / `presence_left`) in rooms.ts, and
+//   calls `onPresence` with the whole list after each change.
 
 import { io, type ManagerOptions, type Socket, type SocketOptions } from "socket.io-client";
 
@@ -25,6 +28,10 @@ import { dispatch } from "./dispatch.js";
 import { createErrorListeners, type HeraldSubscribeError } from "./errors.js";
 import type {
   AnyHeraldEvent,
+  PresenceCount,
+  PresenceJoined,
+  PresenceLeft,
+  PresenceMember,
   EntityUpdatedEvent,
   EventType,
   HeraldEvent,
@@ -100,7 +107,27 @@ export interface SubscriptionHandlers {
   onResync?(info: ResyncInfo): void;
   /** A re-subscription (after a reconnect) was refused; the subscription is dropped. */
   onError?(error: HeraldSubscribeError): void;
+  /**
+   * Subscribe with `presence: true`: this socket's user counts as a member of
+   * the room, and `onPresence` is called with the room's members (each user
+   * once, with its number of connections) after every ack and every change.
+   */
+  presence?: boolean;
+  /**
+   * The room's members, sorted by `userId`, after each change (with
+   * `presence: true`). In a room herald tells counts only (over
+   * `HERALD_PRESENCE_MAX_MEMBERS`), `members` is empty and `change` is
+   * `{ type: "count", count }`.
+   */
+  onPresence?(members: PresenceMember[], change: PresenceChange): void;
 }
+
+/** What changed a room's presence list. */
+export type PresenceChange =
+  | { type: "ack" }
+  | { type: "joined"; userId: string; connections: number }
+  | { type: "left"; userId: string }
+  | { type: "count"; count: number };
 
 export type SubscribeSuccess = Extract<SubscribeAck, { success: true }>;
 
@@ -205,6 +232,11 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
   for (const type of EVENT_TYPES) {
     socket.on(type, (event: HeraldEvent) => dispatch(event as AnyHeraldEvent, rooms.get, reportError));
   }
+  socket.on("presence_joined", (event: PresenceJoined) =>
+    rooms.presence(event.room, { type: "joined", userId: event.userId, connections: event.connections }),
+  );
+  socket.on("presence_left", (event: PresenceLeft) => rooms.presence(event.room, { type: "left", userId: event.userId }));
+  socket.on("presence_count", (event: PresenceCount) => rooms.presence(event.room, { type: "count", count: event.count }));
 
   function subscribe(kind: SubscriptionKind, id: string, handlers: SubscriptionHandlers = {}): Subscription {
     if (closed) throw new Error("herald-client: subscribe on a closed client");

@@ -4,7 +4,7 @@
 import { createContext, createElement, useContext, useEffect, useRef, useState, type ReactNode } from "react";
 
 import type { HeraldClient, HeraldSubscribeError, SubscribeSuccess, SubscriptionHandlers } from "./index.js";
-import type { SubscriptionKind } from "./events.js";
+import type { PresenceMember, SubscriptionKind } from "./events.js";
 
 const HeraldContext = createContext<HeraldClient | null>(null);
 
@@ -26,7 +26,7 @@ export interface HeraldSubscriptionState {
 
 /**
  * Subscribes to `<kind>:<id>` on mount and unsubscribes on unmount (or when
- * `kind`, `id` or the client change). The latest `handlers` are always used,
+ * `kind`, `id`, `handlers.presence` or the client change). The latest `handlers` are always used,
  * without re-subscribing when their identity changes. React 18 strict mode's
  * mount, unmount, mount costs nothing: the client defers leaving a room by a
  * macrotask and keeps it when it is subscribed again meanwhile. `id` null or
@@ -43,6 +43,7 @@ export function useHeraldSubscription(
   const client = options.client ?? contextClient;
   const handlersRef = useRef(handlers);
   handlersRef.current = handlers;
+  const presence = handlers.presence === true;
   const [state, setState] = useState<HeraldSubscriptionState>({ state: "idle" });
 
   useEffect(() => {
@@ -59,6 +60,8 @@ export function useHeraldSubscription(
       onStructureUpdated: (e) => handlersRef.current.onStructureUpdated?.(e),
       onEvent: (e) => handlersRef.current.onEvent?.(e),
       onResync: (info) => handlersRef.current.onResync?.(info),
+      presence,
+      onPresence: (members, change) => handlersRef.current.onPresence?.(members, change),
       onError: (err) => {
         handlersRef.current.onError?.(err);
         if (live) setState({ state: "error", error: err });
@@ -74,7 +77,44 @@ export function useHeraldSubscription(
       live = false;
       void subscription.unsubscribe();
     };
-  }, [client, kind, id]);
+  }, [client, kind, id, presence]);
 
   return state;
+}
+
+/** A room's presence, as `useHeraldPresence` gives it. */
+export interface HeraldPresence {
+  /** The members, sorted by `userId` (empty in a room herald tells counts only, and until the first ack). */
+  members: PresenceMember[];
+  /** How many members (in a room told counts only, herald's count). */
+  count: number;
+  /** The room is told counts only (over `HERALD_PRESENCE_MAX_MEMBERS`). */
+  countsOnly: boolean;
+}
+
+/**
+ * The presence of `<kind>:<id>` (subscribed with `presence: true` while
+ * mounted), re-rendered on every change.
+ */
+export function useHeraldPresence(
+  kind: SubscriptionKind,
+  id: string | null | undefined,
+  options: { client?: HeraldClient } = {},
+): HeraldPresence {
+  const [presence, setPresence] = useState<HeraldPresence>({ members: [], count: 0, countsOnly: false });
+  useHeraldSubscription(
+    kind,
+    id,
+    {
+      presence: true,
+      onPresence: (members, change) =>
+        setPresence(
+          change.type === "count"
+            ? { members: [], count: change.count, countsOnly: true }
+            : { members, count: members.length, countsOnly: false },
+        ),
+    },
+    options,
+  );
+  return presence;
 }

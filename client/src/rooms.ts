@@ -4,13 +4,15 @@
 // the last one goes (kept when it is subscribed again meanwhile: React strict
 // mode). This module sends the subscribes (the first one, and after a
 // reconnect every room again, broadest kind first, with `since`) and handles
-// their acks: `ready`, `onResync`, and a refusal that drops the room.
+// their acks: `ready`, `onResync`, and a refusal that drops the room. A room
+// that any of its subscriptions asks presence of is subscribed with
+// `presence: true`, and keeps its members (`onPresence`).
 
 import type { Socket } from "socket.io-client";
 
 import { HeraldSubscribeError, type ReportError } from "./errors.js";
-import type { SubscribeAck, SubscriptionKind } from "./events.js";
-import type { SubscribeSuccess, Subscription, SubscriptionHandlers } from "./index.js";
+import type { PresenceMember, SubscribeAck, SubscriptionKind } from "./events.js";
+import type { PresenceChange, SubscribeSuccess, Subscription, SubscriptionHandlers } from "./index.js";
 import { RoomOffsets } from "./offsets.js";
 
 export interface Sub {
@@ -41,6 +43,12 @@ export interface Room {
   generation: number;
   releaseTimer: ReturnType<typeof setTimeout> | undefined;
   releaseWaiters: Array<() => void>;
+  /** Subscribed (or to be) with `presence: true`. */
+  presence: boolean;
+  /** The members, per user id, as herald told them. */
+  members: Map<string, number>;
+  /** In a room told counts only: the count. */
+  presenceCount: number | undefined;
 }
 
 /** What the rooms need of the client. */
@@ -63,6 +71,8 @@ export interface Rooms {
   disconnected(): void;
   /** The client closes: every subscription stops, and pending ones are rejected. */
   close(): void;
+  /** A presence event for `roomKey`. */
+  presence(roomKey: string, change: PresenceChange): void;
 }
 
 export function createRooms(deps: RoomsDeps): Rooms {
@@ -92,9 +102,12 @@ export function createRooms(deps: RoomsDeps): Rooms {
     const conn = connection();
     room.joining = true;
     const resubscribe = room.wasJoined;
-    const payload: Record<string, string> = { [`${room.kind}Id`]: room.id };
+    // Joined already (presence asked for later): nothing was missed.
+    const rejoin = room.joined;
+    const payload: Record<string, string | boolean> = { [`${room.kind}Id`]: room.id };
     const since = room.offsets.last;
-    if (resubscribe && since !== undefined) payload.since = since;
+    if (resubscribe && !rejoin && since !== undefined) payload.since = since;
+    if (room.presence) payload.presence = true;
     socket.timeout(ackTimeoutMs).emit(`subscribe_${room.kind}`, payload, (err: Error | null, ack: SubscribeAck) => {
       try {
         onAck(err, ack);
@@ -135,11 +148,20 @@ export function createRooms(deps: RoomsDeps): Rooms {
       room.wasJoined = true;
       room.offsets.advance();
       room.lastAck = ack;
+      if (ack.presence) {
+        room.members = new Map(ack.presence.map((m) => [m.userId, m.connections]));
+        room.presenceCount = undefined;
+        tellPresence(room, { type: "ack" });
+      } else if (ack.presenceCount !== undefined) {
+        room.members = new Map();
+        room.presenceCount = ack.presenceCount;
+        tellPresence(room, { type: "count", count: ack.presenceCount });
+      }
       for (const sub of [...room.subs]) {
         if (!sub.active) continue;
         if (!sub.settled) {
           sub.resolve(ack);
-        } else if (resubscribe && ack.recovered !== true) {
+        } else if (resubscribe && !rejoin && ack.recovered !== true) {
           try {
             sub.handlers.onResync?.({
               kind: room.kind,
@@ -152,6 +174,33 @@ export function createRooms(deps: RoomsDeps): Rooms {
         }
       }
     }
+  }
+
+  /** Calls `onPresence` of the room's subscriptions that asked for it. */
+  function tellPresence(room: Room, change: PresenceChange): void {
+    const members: PresenceMember[] = [...room.members.entries()]
+      .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
+      .map(([userId, connections]) => ({ userId, connections }));
+    for (const sub of room.subs) {
+      if (!sub.active || !sub.handlers.presence) continue;
+      try {
+        sub.handlers.onPresence?.(members, change);
+      } catch (e) {
+        reportError(e);
+      }
+    }
+  }
+
+  function presence(roomKey: string, change: PresenceChange): void {
+    const room = rooms.get(roomKey);
+    if (!room || !room.presence || !room.joined) return;
+    if (change.type === "joined") room.members.set(change.userId, change.connections);
+    else if (change.type === "left") room.members.delete(change.userId);
+    else if (change.type === "count") {
+      room.members = new Map();
+      room.presenceCount = change.count;
+    }
+    tellPresence(room, change);
   }
 
   function release(room: Room): void {
@@ -190,9 +239,15 @@ export function createRooms(deps: RoomsDeps): Rooms {
         generation: 0,
         releaseTimer: undefined,
         releaseWaiters: [],
+        presence: false,
+        members: new Map(),
+        presenceCount: undefined,
       };
       rooms.set(key, room);
     }
+    // Presence asked for a room joined (or joining) without it: subscribe again, with it.
+    const addsPresence = handlers.presence === true && !room.presence;
+    if (addsPresence) room.presence = true;
     const theRoom = room;
     let resolve!: (ack: SubscribeSuccess) => void;
     let reject!: (err: Error) => void;
@@ -216,8 +271,11 @@ export function createRooms(deps: RoomsDeps): Rooms {
       },
     };
     theRoom.subs.add(sub);
-    if (theRoom.joined && theRoom.lastAck) sub.resolve({ success: true });
-    else if (isNew && socket.connected) void join(theRoom);
+    if (addsPresence && !isNew && (theRoom.joined || theRoom.joining) && socket.connected) void join(theRoom);
+    else if (theRoom.joined && theRoom.lastAck) {
+      sub.resolve({ success: true });
+      if (handlers.presence && theRoom.presence) tellPresenceTo(sub, theRoom);
+    } else if (isNew && socket.connected) void join(theRoom);
 
     let unsubscribed: Promise<void> | undefined;
     return {
@@ -242,8 +300,23 @@ export function createRooms(deps: RoomsDeps): Rooms {
     };
   }
 
+  /** A subscription added to a room that knows its members already. */
+  function tellPresenceTo(sub: Sub, room: Room): void {
+    const members: PresenceMember[] = [...room.members.entries()]
+      .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
+      .map(([userId, connections]) => ({ userId, connections }));
+    const change: PresenceChange =
+      room.presenceCount === undefined ? { type: "ack" } : { type: "count", count: room.presenceCount };
+    try {
+      sub.handlers.onPresence?.(members, change);
+    } catch (e) {
+      reportError(e);
+    }
+  }
+
   return {
     get: (key) => rooms.get(key),
+    presence,
     subscribe,
     resubscribeAll,
     disconnected() {

@@ -170,6 +170,21 @@ pub struct FleetSettings {
     /// How long an instance keeps reading a shard once none of its sockets is in a room of it.
     #[arg(long, help_heading = "Fleet (Redis)", env = "HERALD_LOG_SHARD_LINGER", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shard_linger: Duration,
+
+    /// How often presence makes a round: writes this instance's members (to Redis, in a fleet),
+    /// reads the others' and tells presence sockets who joined and left.
+    #[arg(long, help_heading = "Fleet (Redis)", env = "HERALD_PRESENCE_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub presence_interval: Duration,
+
+    /// How long an instance may go without a presence round before its members are dropped from
+    /// the fleet's presence (it is taken for dead). At least twice HERALD_PRESENCE_INTERVAL.
+    #[arg(long, help_heading = "Fleet (Redis)", env = "HERALD_PRESENCE_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub presence_timeout: Duration,
+
+    /// Above this many members (users), a room's presence listeners are told counts only
+    /// (`presence_count`, at most one a second) instead of each join and leave.
+    #[arg(long, help_heading = "Fleet (Redis)", env = "HERALD_PRESENCE_MAX_MEMBERS", default_value_t = 100)]
+    pub presence_max_members: usize,
 }
 
 /// What the event log keeps for recovery.

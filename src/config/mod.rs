@@ -173,6 +173,18 @@ pub enum ConfigError {
     AccessUrl,
     #[error("{0} must be more than zero")]
     NotZero(&'static str),
+    #[error("HERALD_PRESENCE_INTERVAL must be at least 10ms, and HERALD_PRESENCE_TIMEOUT at least twice it")]
+    PresenceTimes,
+}
+
+/// How often presence makes a round, after how long without a round an
+/// instance's members are dropped (it is taken for dead), and above how many
+/// members a room is told counts only.
+#[derive(Debug, Clone, Copy)]
+pub struct PresenceSettings {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub max_members: usize,
 }
 
 impl Config {
@@ -209,6 +221,10 @@ impl Config {
         }
         if self.limits.rate_limit_strikes < 1 {
             return Err(ConfigError::AtLeastOne("HERALD_RATE_LIMIT_STRIKES"));
+        }
+        let presence = self.presence();
+        if presence.interval < Duration::from_millis(10) || presence.timeout < presence.interval * 2 {
+            return Err(ConfigError::PresenceTimes);
         }
         if self.replay.max_events < 1 {
             return Err(ConfigError::AtLeastOne("HERALD_REPLAY_MAX_EVENTS"));
@@ -293,6 +309,15 @@ impl Config {
             max_bytes: self.replay.max_bytes,
             max_replay: (self.connections.socket_buffer / 2).max(1),
             keys_window: self.publish.idempotency_window,
+        }
+    }
+
+    /// How presence makes its rounds.
+    pub fn presence(&self) -> PresenceSettings {
+        PresenceSettings {
+            interval: self.fleet.presence_interval,
+            timeout: self.fleet.presence_timeout,
+            max_members: self.fleet.presence_max_members,
         }
     }
 

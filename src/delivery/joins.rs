@@ -7,6 +7,7 @@ use serde_json::value::RawValue;
 use socketioxide::extract::SocketRef;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::auth::User;
 use crate::event_log::{Logged, Offset, Position, Stream};
 use crate::rooms::Room;
 use crate::session::{JoinRefused, Session, Ticket};
@@ -80,8 +81,11 @@ impl Inner {
         head: Option<Offset>,
         events: &[Logged],
     ) -> Result<bool, JoinRefused> {
+        // An addressed event is replayed only to its audience's sockets.
+        let user = join.socket.extensions.get::<User>().map(|user| user.id);
+        let for_user = |l: &Logged| l.audience.is_none() || user.as_deref().is_some_and(|u| l.is_for(u));
         let events: Vec<Logged> =
-            events.iter().filter(|l| l.offset > since && l.targets(&join.room)).cloned().collect();
+            events.iter().filter(|l| l.offset > since && l.targets(&join.room) && for_user(l)).cloned().collect();
         let missed = session.missed(&events, &join.room);
         if missed.len() > self.retention.max_replay {
             // More than the socket's buffer can take at once: the client refetches.

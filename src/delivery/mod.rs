@@ -20,6 +20,9 @@
 //! (serving joins meanwhile), so no event logged after a revocation reaches
 //! the sockets it took out.
 //!
+//! An addressed event (with an audience) goes only to the sockets of its
+//! audience's users among those in its rooms, live and in a replay.
+//!
 //! A socket whose buffer is full when an event arrives (a slow consumer) is
 //! cut (see [`Session::cut`]) rather than left to miss it; so is every socket
 //! in a shard's rooms when that shard's stream was lost (a new epoch).
@@ -46,7 +49,7 @@ use crate::event_log::{
 use crate::events::Event;
 use crate::health::Probe;
 use crate::redis_conn::Redis;
-use crate::rooms::Room;
+use crate::rooms::{Room, user_room};
 use crate::session::{JoinRefused, Session, Ticket};
 use crate::telemetry::Metrics;
 use crate::transport::Transports;
@@ -214,6 +217,7 @@ impl Delivery {
                 NewEntry::Event {
                     kind: event.kind(),
                     rooms: Arc::from(event.rooms.clone()),
+                    audience: event.audience.clone(),
                     envelope,
                     key: event.key.as_ref().map(|key| key.scoped(campaign)),
                 },
@@ -347,14 +351,25 @@ impl Inner {
         }
     }
 
-    /// Delivers one logged event to the local sockets in its rooms. An event
-    /// no local socket wants (another campaign of a shard this instance
-    /// follows) costs only the look-up.
+    /// Delivers one logged event to the local sockets in its rooms (of its
+    /// audience's users, when it has one). An event no local socket wants
+    /// (another campaign of a shard this instance follows) costs only the
+    /// look-up.
     async fn deliver(&self, logged: &Logged) {
         // After shutdown the namespace is gone: nothing to deliver to.
         let Some(ns) = self.io.of("/") else { return };
-        let rooms: Vec<String> = logged.rooms.iter().map(ToString::to_string).collect();
-        let sockets = ns.local().to(rooms).sockets();
+        let sockets = match &logged.audience {
+            None => ns.local().to(logged.rooms.iter().map(ToString::to_string).collect::<Vec<_>>()).sockets(),
+            // The audience's sockets here (each user's room), those in one of
+            // the event's rooms: the cost follows the audience, not the rooms.
+            Some(audience) => ns
+                .local()
+                .to(audience.users().map(user_room).collect::<Vec<_>>())
+                .sockets()
+                .into_iter()
+                .filter(|socket| Session::of(socket).is_some_and(|session| session.in_any(&logged.rooms)))
+                .collect(),
+        };
         if sockets.is_empty() {
             return;
         }

@@ -147,12 +147,13 @@ impl MemoryLog {
                     appends.duplicates += 1;
                     continue;
                 }
-                NewEntry::Event { kind, rooms, envelope, .. } => {
+                NewEntry::Event { kind, rooms, audience, envelope, .. } => {
                     let position = Position { major: log.stream(stream).next, minor: 0 };
                     match Offset::at(epoch, position) {
-                        Some(offset) => {
-                            Entry::Event { logged: Logged::new(offset, kind, rooms, &envelope), after: Some(after) }
-                        }
+                        Some(offset) => Entry::Event {
+                            logged: Logged::new(offset, kind, rooms, audience, &envelope),
+                            after: Some(after),
+                        },
                         None => Entry::Unreadable,
                     }
                 }
@@ -274,6 +275,7 @@ mod tests {
         NewEntry::Event {
             kind: EventKind::StateInvalidated,
             rooms: rooms.clone(),
+            audience: None,
             envelope: envelope.to_owned(),
             key: None,
         }
@@ -381,6 +383,7 @@ mod tests {
         let keyed = |key: &str| NewEntry::Event {
             kind: EventKind::StateInvalidated,
             rooms: c1.clone(),
+            audience: None,
             envelope: "{}".into(),
             key: Some(Arc::from(key)),
         };

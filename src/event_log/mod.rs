@@ -45,6 +45,7 @@ use std::time::Duration;
 pub use memory::MemoryLog;
 pub use stream::StreamLog;
 
+use crate::audience::Audience;
 use crate::events::EventKind;
 use crate::redis_conn::RedisError;
 use crate::rooms::{CampaignId, Room};
@@ -163,6 +164,8 @@ pub struct Logged {
     pub offset: Offset,
     pub kind: EventKind,
     pub rooms: Arc<[Room]>,
+    /// The users it is for (`None`: every socket in its rooms).
+    pub audience: Option<Audience>,
     /// The event object clients receive, offset included.
     pub json: Arc<str>,
 }
@@ -170,25 +173,36 @@ pub struct Logged {
 impl Logged {
     /// Builds the event object clients receive: the published envelope
     /// (`{...}`) with `"offset"` added as its last field.
-    pub fn new(offset: Offset, kind: EventKind, rooms: Arc<[Room]>, envelope: &str) -> Logged {
+    pub fn new(
+        offset: Offset,
+        kind: EventKind,
+        rooms: Arc<[Room]>,
+        audience: Option<Audience>,
+        envelope: &str,
+    ) -> Logged {
         let body = envelope.trim_end();
         let body = body.strip_suffix('}').unwrap_or(body);
         let json = format!("{body},\"offset\":\"{offset}\"}}");
-        Logged { offset, kind, rooms, json: json.into() }
+        Logged { offset, kind, rooms, audience, json: json.into() }
     }
 
     /// Whether it is delivered to `room`.
     pub fn targets(&self, room: &Room) -> bool {
         self.rooms.iter().any(|r| r == room)
     }
+
+    /// Whether `user` may receive it (it has no audience, or `user` is in it).
+    pub fn is_for(&self, user: &str) -> bool {
+        self.audience.as_ref().is_none_or(|audience| audience.contains(user))
+    }
 }
 
-/// What is appended: an event (its kind, rooms, published envelope and
-/// idempotency key scoped to its campaign) to a shard, or a revocation (its
-/// JSON: the log does not read it) to the control stream.
+/// What is appended: an event (its kind, rooms, audience, published
+/// envelope and idempotency key scoped to its campaign) to a shard, or a
+/// revocation (its JSON: the log does not read it) to the control stream.
 #[derive(Debug, Clone)]
 pub enum NewEntry {
-    Event { kind: EventKind, rooms: Arc<[Room]>, envelope: String, key: Option<Arc<str>> },
+    Event { kind: EventKind, rooms: Arc<[Room]>, audience: Option<Audience>, envelope: String, key: Option<Arc<str>> },
     Revocation(String),
 }
 
@@ -353,7 +367,7 @@ mod tests {
     #[test]
     fn the_offset_is_the_last_field_of_the_event_object() {
         let o = Offset { epoch: 1, major: 2, minor: 0 };
-        let l = Logged::new(o, EventKind::StateInvalidated, Arc::from(vec![]), r#"{"type":"state_invalidated"}"#);
+        let l = Logged::new(o, EventKind::StateInvalidated, Arc::from(vec![]), None, r#"{"type":"state_invalidated"}"#);
         assert!(mark(2, Position { major: 1, minor: 0 }) > mark(1, Position { major: 9, minor: 9 }), "epoch first");
         let v: serde_json::Value = serde_json::from_str(&l.json).unwrap();
         assert_eq!(v["offset"], o.to_string());

@@ -31,6 +31,11 @@
 //! down, appended nothing; one that timed out, or whose connection broke,
 //! has an unknown outcome ([`LogError::Unknown`]): Redis may still run it.
 //!
+//! An addressed event keeps its audience in the entry's field `a`, and its
+//! kind is marked (`entity_updated@to`) so that a version that knows no
+//! audience skips it (an entry it cannot read) instead of delivering it to
+//! every socket in its rooms.
+//!
 //! `{p}:log` was the one stream of the versions before the sharded log; it
 //! now holds this log's layout (see [`EventLog::claim`]), so that an older
 //! instance on the same prefix fails loudly (its reads and appends hit a
@@ -39,6 +44,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::audience::Audience;
 use crate::redis_conn::{Conn, Redis, RedisError};
 use crate::rooms::Room;
 
@@ -93,9 +99,9 @@ end
 /// empty, the control stream and its epoch, whose head marks the events
 /// (else `ARGV[4]` is the mark). `ARGV[1]`: the cap (entries per stream,
 /// keys per shard); `ARGV[2]`: the window (ms); `ARGV[3]`: the key window
-/// (ms); then quintuples: the triple (from 1), kind, rooms, content, key
-/// (`''`: none). An event whose key is in its triple's keys is not
-/// appended. Returns, per triple, its epoch and the id of its last entry
+/// (ms); then sextuples: the triple (from 1), kind, rooms, content, key
+/// (`''`: none), audience (`''`: none; else kept in the field `a`). An
+/// event whose key is in its triple's keys is not appended. Returns, per triple, its epoch and the id of its last entry
 /// appended (`''`: none), then how many events were not.
 const APPEND: &str = concat!(
     lua_prelude!(),
@@ -115,8 +121,8 @@ for p = 1, n do
   redis.call('ZREMRANGEBYSCORE', KEYS[3 * p], '-inf', now - tonumber(ARGV[3]))
 end
 local duplicates = 0
-for i = 5, #ARGV, 5 do
-  local p, key = tonumber(ARGV[i]), ARGV[i + 4]
+for i = 5, #ARGV, 6 do
+  local p, key, audience = tonumber(ARGV[i]), ARGV[i + 4], ARGV[i + 5]
   if key ~= '' and redis.call('ZSCORE', KEYS[3 * p], key) then
     duplicates = duplicates + 1
   else
@@ -124,8 +130,13 @@ for i = 5, #ARGV, 5 do
     if ARGV[i + 1] == '@revoke' then
       c = ''
     end
-    last[p] = redis.call('XADD', KEYS[3 * p - 2], 'MAXLEN', '~', cap, '*',
-      'k', ARGV[i + 1], 'r', ARGV[i + 2], 'e', ARGV[i + 3], 'c', c, 'epoch', epochs[p])
+    if audience == '' then
+      last[p] = redis.call('XADD', KEYS[3 * p - 2], 'MAXLEN', '~', cap, '*',
+        'k', ARGV[i + 1], 'r', ARGV[i + 2], 'e', ARGV[i + 3], 'c', c, 'epoch', epochs[p])
+    else
+      last[p] = redis.call('XADD', KEYS[3 * p - 2], 'MAXLEN', '~', cap, '*',
+        'k', ARGV[i + 1], 'r', ARGV[i + 2], 'e', ARGV[i + 3], 'c', c, 'epoch', epochs[p], 'a', audience)
+    end
     if key ~= '' then
       redis.call('ZADD', KEYS[3 * p], now, key)
     end
@@ -152,6 +163,10 @@ const HEAD: &str =
 
 /// The stream entry kind of a revocation.
 const REVOKE: &str = "@revoke";
+/// What follows the kind of an addressed event (`entity_updated@to`), whose
+/// audience is in the field `a`: a version before addressed events reads no
+/// kind there, and skips the entry rather than deliver it to everyone.
+const ADDRESSED: &str = "@to";
 /// How many entries one read takes at most.
 const READ_BATCH: usize = 512;
 /// The longest blocking read a reader makes.
@@ -231,12 +246,15 @@ impl StreamLog {
             };
             invocation.arg(triple + 1);
             match entry {
-                NewEntry::Event { kind, rooms, envelope, key } => invocation
-                    .arg(kind.as_str())
-                    .arg(room_names(rooms))
-                    .arg(envelope)
-                    .arg(key.as_deref().unwrap_or_default()),
-                NewEntry::Revocation(json) => invocation.arg(REVOKE).arg("").arg(json).arg(""),
+                NewEntry::Event { kind, rooms, audience, envelope, key } => match audience {
+                    None => invocation.arg(kind.as_str()),
+                    Some(_) => invocation.arg(format!("{}{ADDRESSED}", kind.as_str())),
+                }
+                .arg(room_names(rooms))
+                .arg(envelope)
+                .arg(key.as_deref().unwrap_or_default())
+                .arg(audience.as_ref().map(Audience::encode).unwrap_or_default()),
+                NewEntry::Revocation(json) => invocation.arg(REVOKE).arg("").arg(json).arg("").arg(""),
             };
         }
         if after.is_none() {
@@ -313,11 +331,15 @@ fn decode(epoch: u64, entry: &redis::streams::StreamId) -> Option<(Position, Ent
         if kind == REVOKE {
             return Some(Entry::Revocation(text("e")?));
         }
+        let (kind, audience) = match kind.strip_suffix(ADDRESSED) {
+            Some(kind) => (kind.to_owned(), Some(Audience::decode(&text("a")?)?)),
+            None => (kind, None),
+        };
         let kind = serde_json::from_value(serde_json::Value::String(kind)).ok()?;
         let rooms: Vec<Room> = text("r")?.split(' ').filter_map(Room::parse).collect();
         let offset = Offset::at(epoch, position)?;
         let after = text("c").and_then(|mark| Offset::parse(&mark));
-        Some(Entry::Event { logged: Logged::new(offset, kind, rooms.into(), &text("e")?), after })
+        Some(Entry::Event { logged: Logged::new(offset, kind, rooms.into(), audience, &text("e")?), after })
     })();
     Some((position, decoded.unwrap_or(Entry::Unreadable)))
 }

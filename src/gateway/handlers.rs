@@ -17,7 +17,7 @@ use crate::rooms::RoomKind;
 use crate::session::{JoinRefused, Session};
 
 use super::Gateway;
-use super::wire::{Action, ClientEvent, Refusal, Reply, parse_room_request, parse_since, truncate};
+use super::wire::{Action, ClientEvent, Refusal, Reply, parse_presence, parse_room_request, parse_since, truncate};
 
 impl Gateway {
     /// Takes a token from the socket's bucket; disconnects a socket that
@@ -131,6 +131,7 @@ impl Gateway {
     ) -> Result<Option<bool>, Refusal> {
         let room = parse_room_request(kind, data)?;
         let since = parse_since(data)?;
+        let presence = parse_presence(data)?;
         let user = s.extensions.get::<User>().ok_or(Refusal::Unauthorized)?;
         let session = Session::of(s).ok_or(Refusal::Unauthorized)?;
         let revocations = session.revocations();
@@ -161,11 +162,31 @@ impl Gateway {
             self.limit_hit("subscriptions");
             return Err(Refusal::TooManySubscriptions);
         }
-        // The ack goes out from inside the join, before any later event.
+        if presence {
+            self.presence.prime(&room).await;
+        }
+        // The ack goes out from inside the join, before any later event (and,
+        // with presence, before any later presence event).
         let sender = ack.take();
+        let (socket, joining, in_session) = (s.clone(), room.clone(), session.clone());
         let joined = Joined::new(move |result| {
-            if let Some(sender) = sender {
-                let _ = sender.send(&result.map_or_else(|why| Reply::refused(join_refusal(why)), Reply::ok));
+            let Some(sender) = sender else { return };
+            match result {
+                Ok(recovered) if presence => {
+                    let entered = in_session.enter_presence(&socket, &joining, |members| {
+                        let _ = sender.send(&Reply::with_presence(recovered, members));
+                    });
+                    // Gone from the room meanwhile (its socket cut): the client comes back.
+                    if !entered {
+                        tracing::debug!(room = %joining, "left its room before it entered its presence");
+                    }
+                }
+                Ok(recovered) => {
+                    let _ = sender.send(&Reply::ok(recovered));
+                }
+                Err(why) => {
+                    let _ = sender.send(&Reply::refused(join_refusal(why)));
+                }
             }
         });
         let ticket = session.ticket(campaign, revocations);

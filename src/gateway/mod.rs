@@ -34,7 +34,9 @@ use crate::config::Limits;
 use crate::delivery::Delivery;
 use crate::expiry::{Expiring, Expiry};
 use crate::pending::PendingSession;
+use crate::presence::Presence;
 use crate::rate::TokenBucket;
+use crate::rooms::user_room;
 use crate::session::Session;
 use crate::telemetry::Metrics;
 use crate::transport::Transports;
@@ -83,6 +85,8 @@ pub struct Gateway {
     /// Clock leeway added to a token's `exp` before its socket is cut.
     token_leeway: Duration,
     expiry: Expiry,
+    /// Who is in which room, for the sockets that ask.
+    pub(crate) presence: Presence,
     /// Woken each time a socket's connect handler has run (see [`SessionState::ready`]).
     sockets_ready: Notify,
 }
@@ -98,6 +102,7 @@ impl Gateway {
         transports: Arc<Transports>,
         limits: Limits,
         token_leeway: Duration,
+        presence: Presence,
     ) -> Arc<Self> {
         Arc::new(Gateway {
             verifier,
@@ -107,6 +112,7 @@ impl Gateway {
             limits,
             token_leeway,
             expiry: Expiry::start(),
+            presence,
             sockets_ready: Notify::new(),
         })
     }
@@ -167,10 +173,12 @@ impl Gateway {
             return Err(HandshakeError::Unauthorized);
         }
         s.extensions.insert(Session::new(
+            user.id.clone(),
             user.expires_at.saturating_add(self.token_leeway.as_secs()),
             self.expiry.next_id(),
             TokenBucket::new(self.limits.client_event_rate, self.limits.client_event_burst),
             self.limits.max_subscriptions,
+            self.presence.clone(),
             self.metrics.clone(),
         ));
         // Every socket of a user is in the user's room, so a revocation finds them.
@@ -299,10 +307,4 @@ impl Gateway {
             ),
         }
     }
-}
-
-/// The room every socket of a user is in (not a subscription room: the
-/// `user:` kind is not one clients can name).
-pub(crate) fn user_room(user: &str) -> String {
-    format!("user:{user}")
 }

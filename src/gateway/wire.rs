@@ -9,12 +9,13 @@ use ts_rs::TS;
 
 use crate::auth::Unauthorized;
 use crate::event_log::Offset;
+use crate::presence::{PresenceAck, PresenceCount, PresenceJoined, PresenceLeft, PresenceMember};
 use crate::rooms::{Room, RoomKind};
 
 /// An ack, exactly as sent: `{ "success": true }` (with `"recovered"` for a
-/// subscription with `since`) or `{ "success": false, "error": "…" }`.
+/// subscription with `since`, `"presence"` for one with `presence: true`) or `{ "success": false, "error": "…" }`.
 /// herald-client's `SubscribeAck` is generated from it (see [`typescript`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, TS)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, TS)]
 #[serde(untagged)]
 #[ts(rename = "Ack")]
 pub enum Reply {
@@ -23,6 +24,14 @@ pub enum Reply {
         #[serde(skip_serializing_if = "Option::is_none")]
         #[ts(optional)]
         recovered: Option<bool>,
+        /// The room's presence members, for a subscription with `presence: true`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        #[ts(optional)]
+        presence: Option<Vec<PresenceMember>>,
+        /// Instead of `presence`, in a room told counts only: how many members.
+        #[serde(rename = "presenceCount", skip_serializing_if = "Option::is_none")]
+        #[ts(optional)]
+        presence_count: Option<usize>,
     },
     Refused {
         success: Literal<false>,
@@ -99,7 +108,15 @@ impl Refusal {
 
 impl Reply {
     pub(crate) fn ok(recovered: Option<bool>) -> Reply {
-        Reply::Accepted { success: Literal, recovered }
+        Reply::Accepted { success: Literal, recovered, presence: None, presence_count: None }
+    }
+
+    pub(crate) fn with_presence(recovered: Option<bool>, presence: PresenceAck) -> Reply {
+        let (members, count) = match presence {
+            PresenceAck::Members(members) => (Some(members), None),
+            PresenceAck::Count(count) => (None, Some(count)),
+        };
+        Reply::Accepted { success: Literal, recovered, presence: members, presence_count: count }
     }
 
     pub(crate) fn refused(why: Refusal) -> Reply {
@@ -173,6 +190,15 @@ pub fn parse_since(data: &Result<Value, ParserError>) -> Result<Option<Offset>, 
     }
 }
 
+/// Reads the optional `presence` of a subscription: absent, or a boolean.
+pub fn parse_presence(data: &Result<Value, ParserError>) -> Result<bool, Refusal> {
+    match data.as_ref().ok().and_then(|v| v.get("presence")) {
+        None => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(Refusal::InvalidPayload),
+    }
+}
+
 /// Where the TypeScript declaration of the ack is committed.
 pub const TYPESCRIPT_PATH: &str = "client/src/generated/acks.ts";
 
@@ -180,7 +206,17 @@ pub const TYPESCRIPT_PATH: &str = "client/src/generated/acks.ts";
 /// herald-client exports as `SubscribeAck` (a test fails when the committed
 /// copy differs).
 pub fn typescript() -> String {
-    crate::events::typescript_file("herald's Rust ack type (src/gateway/wire.rs)", [Reply::decl(&ts_rs::Config::new())])
+    let cfg = ts_rs::Config::new();
+    crate::events::typescript_file(
+        "herald's Rust ack and presence types (src/gateway/wire.rs, src/presence/mod.rs)",
+        [
+            Reply::decl(&cfg),
+            PresenceMember::decl(&cfg),
+            PresenceJoined::decl(&cfg),
+            PresenceLeft::decl(&cfg),
+            PresenceCount::decl(&cfg),
+        ],
+    )
 }
 
 /// Why a verified token was refused.

@@ -6,6 +6,7 @@ mod client;
 mod helpers;
 mod hook_server;
 
+mod audience;
 mod auth;
 mod cuts;
 mod drop;
@@ -18,6 +19,7 @@ mod layers;
 mod limits;
 mod openapi;
 mod operations;
+mod presence;
 mod process;
 mod properties;
 mod proxy;

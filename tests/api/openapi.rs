@@ -53,6 +53,20 @@ impl Document {
         ops
     }
 
+    /// `path` with each parameter (`{id}`) replaced by its documented example.
+    fn example_path(&self, op: &Operation) -> String {
+        let (_, operation) = self.resolve(self.operation_at(op));
+        let mut path = op.1.clone();
+        for parameter in operation["parameters"].as_array().into_iter().flatten().filter(|p| p["in"] == "path") {
+            let name = parameter["name"].as_str().expect("a parameter's name");
+            let example =
+                parameter["example"].as_str().unwrap_or_else(|| panic!("{}: document {name}'s example", op.1));
+            path = path.replace(&format!("{{{name}}}"), example);
+        }
+        assert!(!path.contains('{'), "{}: a parameter without an example", op.1);
+        path
+    }
+
     /// The pointer of `method path`'s operation.
     fn operation_at(&self, (method, path): &Operation) -> String {
         format!("/paths/{}/{}", token(path), method.as_str().to_ascii_lowercase())
@@ -85,7 +99,8 @@ impl Document {
     /// `instance` against the schema at `pointer`, its `$ref`s resolved in the document.
     fn validate(&self, pointer: &str, instance: &Value) -> Result<(), String> {
         let mut root = self.0.clone();
-        root["$ref"] = json!(format!("#{pointer}"));
+        // As a URI fragment: a path's parameters' braces percent-encoded.
+        root["$ref"] = json!(format!("#{}", pointer.replace('{', "%7B").replace('}', "%7D")));
         let validator = jsonschema::options()
             .with_draft(jsonschema::Draft::Draft202012)
             .build(&root)
@@ -157,7 +172,21 @@ impl Api {
         path: &str,
         request: impl FnOnce(RequestBuilder) -> RequestBuilder,
     ) -> (u16, Value) {
-        let response = request(app.http.request(method.clone(), app.url(path))).send().await.expect("herald answers");
+        self.call_at(app, method, path, path, request).await
+    }
+
+    /// Calls `url_path`, an instance of the documented `path` (its
+    /// parameters filled in).
+    async fn call_at(
+        &mut self,
+        app: &TestApp,
+        method: Method,
+        path: &str,
+        url_path: &str,
+        request: impl FnOnce(RequestBuilder) -> RequestBuilder,
+    ) -> (u16, Value) {
+        let response =
+            request(app.http.request(method.clone(), app.url(url_path))).send().await.expect("herald answers");
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let body = response.bytes().await.expect("the body");
@@ -198,10 +227,11 @@ async fn herald_serves_its_document_and_every_operation_in_it() {
                 examples.values().map(|e| e["value"].clone()).collect()
             }
         };
+        let url_path = api.doc.example_path(&op);
         for example in examples {
             let body = (!example.is_null()).then(|| example.to_string());
             let (status, answer) = api
-                .call(&app, method.clone(), path, |r| {
+                .call_at(&app, method.clone(), path, &url_path, |r| {
                     let r = r.bearer_auth(PUBLISH_TOKEN);
                     match body {
                         Some(body) => r.header(CONTENT_TYPE, "application/json").body(body),
@@ -299,6 +329,15 @@ async fn every_answer_is_documented_and_every_documented_answer_is_given() {
     assert!(answer["error"].as_str().unwrap().starts_with("Idempotency-Key: "), "{answer}");
     let revoke = r#"{"userId": "alice", "campaignId": "c1"}"#;
     assert_eq!(api.post(&app, "/v1/access/revoke", revoke).await, (202, json!({"revoked": true})));
+    // Presence: the members, a room that is not one, no token.
+    let presence = "/v1/presence/{kind}/{id}";
+    let with_token = |r: RequestBuilder| r.bearer_auth(PUBLISH_TOKEN);
+    let empty = json!({"room": "campaign:c1", "members": [], "count": 0});
+    assert_eq!(api.call_at(&app, Method::GET, presence, "/v1/presence/campaign/c1", with_token).await, (200, empty));
+    let (status, answer) = api.call_at(&app, Method::GET, presence, "/v1/presence/guild/c1", with_token).await;
+    assert_eq!(status, 400, "{answer}");
+    let (status, _) = api.call_at(&app, Method::GET, presence, "/v1/presence/campaign/c1", |r| r).await;
+    assert_eq!(status, 401);
     assert_eq!(api.call(&app, Method::GET, "/healthz", |r| r).await, (200, json!({"status": "ok"})));
     assert_eq!(api.call(&app, Method::GET, "/readyz", |r| r).await, (200, json!({"status": "ready"})));
     // With an authorization hook, /readyz names its circuit (and stays 200).
@@ -345,6 +384,11 @@ async fn every_answer_is_documented_and_every_documented_answer_is_given() {
         assert_eq!(answer["accepted"], 0, "{path}: {answer}");
     }
     api.call(&fleet, Method::GET, herald::openapi::PATH, |r| r).await;
+    // Presence, which a fleet reads from Redis: unavailable.
+    let presence = "/v1/presence/{kind}/{id}";
+    let (status, answer) =
+        api.call_at(&fleet, Method::GET, presence, "/v1/presence/campaign/c1", |r| r.bearer_auth(PUBLISH_TOKEN)).await;
+    assert_eq!(status, 503, "{answer}");
 
     let documented = api.doc.statuses();
     let missing: Vec<_> = documented.difference(&api.seen).collect();
