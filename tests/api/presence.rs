@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::client::Client;
-use crate::fleet::{Redis, fleet_with};
+use crate::fleet::{Cluster, Redis, fleet_with, in_fleet};
 use crate::helpers::*;
 
 /// Fast rounds, so that the tests wait little.
@@ -354,4 +354,36 @@ async fn a_big_room_is_told_counts_only_at_most_once_a_second() {
         last = event["count"].as_u64();
     }
     assert_eq!(last, Some(3), "alice, bob and the late u0");
+}
+
+/// On a Redis Cluster: presence lives in one slot (one hash tag), and its
+/// scripts work there: two instances share their members, a leave is told.
+#[tokio::test]
+async fn on_a_cluster_a_fleet_shares_presence() {
+    let Some(cluster) = Cluster::start().await else { return };
+    let mut apps = Vec::new();
+    for _ in 0..2 {
+        let url = cluster.url();
+        apps.push(
+            spawn_app_with(Backend::Sqlite, move |c| {
+                in_fleet(c, &url, "herald-cluster-presence");
+                fast(c);
+            })
+            .await,
+        );
+    }
+    let (a, b) = (&apps[0], &apps[1]);
+    let mut alice = a.connect("alice").await;
+    assert_eq!(subscribe_with_presence(&mut alice, "campaign", "c1").await["success"], true);
+    let mut bob = b.connect("bob").await;
+    assert_eq!(subscribe_with_presence(&mut bob, "campaign", "c1").await["success"], true);
+    for app in [a, b] {
+        members_become(app, "campaign", "c1", &[("alice", 1), ("bob", 1)], Duration::from_secs(3)).await;
+    }
+    let mut seen = presence_events(&mut alice, INTERVAL * 4).await;
+    seen.sort();
+    assert_eq!(seen, vec![joined("alice"), joined("bob")], "each user once");
+    bob.close();
+    assert_eq!(presence_events(&mut alice, LEAVE * 2).await, vec![left("bob")]);
+    members_become(a, "campaign", "c1", &[("alice", 1)], Duration::ZERO).await;
 }
