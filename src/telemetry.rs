@@ -178,12 +178,6 @@ impl Metrics {
         let mut r = Registry::with_prefix("herald");
         let log_errors: Counter =
             registered(&mut r, "log_errors", "Event log (Redis) failures: operations and lost connections");
-        // The name before 0.2, kept for one release: the same counter.
-        r.register(
-            "adapter_errors",
-            "Deprecated, the same as herald_log_errors_total (removed in the next release)",
-            log_errors.clone(),
-        );
         Arc::new(Metrics {
             connections: registered(&mut r, "connections", "Connected Socket.IO clients"),
             pending_sessions: registered(
