@@ -68,6 +68,8 @@ pub struct Storm {
     pub clients: u32,
     pub joined: u64,
     pub failed: u64,
+    /// Joined, then lost their connection before leaving.
+    pub dropped: u64,
     pub first_error: Option<String>,
     /// From the first connect to the last subscribe ack.
     pub join_s: f64,
@@ -233,6 +235,7 @@ async fn join_leave_storm(b: &Bench, s: &Session<'_>) -> Result<Storm> {
     let (leave_tx, leave_rx) = watch::channel(false);
     let acked = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
+    let dropped = Arc::new(AtomicU64::new(0));
     let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let t0 = tokio::time::Instant::now();
     let spread = move |j: u32| Duration::from_secs_f64(j as f64 / n as f64);
@@ -241,7 +244,8 @@ async fn join_leave_storm(b: &Bench, s: &Session<'_>) -> Result<Storm> {
         let addr = s.instances()[(j % 2) as usize].addr;
         let user = format!("u{}", p.clients + j);
         let (key, ws_config, mut leave) = (cfg.key.clone(), cfg.ws_config, leave_rx.clone());
-        let (acked, failed, first_error) = (acked.clone(), failed.clone(), first_error.clone());
+        let (acked, failed, dropped, first_error) =
+            (acked.clone(), failed.clone(), dropped.clone(), first_error.clone());
         let start = t0 + spread(j);
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until(start).await;
@@ -264,7 +268,10 @@ async fn join_leave_storm(b: &Bench, s: &Session<'_>) -> Result<Storm> {
                             let _ = ws.send(Message::text("3")).await;
                         }
                         Some(Ok(_)) => {}
-                        _ => return None,
+                        _ => {
+                            dropped.fetch_add(1, Relaxed);
+                            return None;
+                        }
                     },
                 }
             }
@@ -336,6 +343,7 @@ async fn join_leave_storm(b: &Bench, s: &Session<'_>) -> Result<Storm> {
         clients: n,
         joined: acked.load(Relaxed),
         failed: failed.load(Relaxed),
+        dropped: dropped.load(Relaxed),
         first_error: first_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         join_s: round2(join_s),
         leave_s: round2(leave_s),
@@ -357,13 +365,17 @@ async fn join_leave_storm(b: &Bench, s: &Session<'_>) -> Result<Storm> {
     Ok(storm)
 }
 
-/// The checks on what scenario 8 measured: every storm client joined, no existing subscriber
+/// The checks on what scenario 8 measured: every storm client joined and stayed until it left,
+/// no existing subscriber
 /// was disconnected by the storm, and a session without presence received no presence event.
 /// The fan-out's own losses and errors are checked with every scenario's (`scenarios::check`).
 pub fn problems(server: &str, v: &Presence, smoke: bool, out: &mut Vec<String>) {
     let st = &v.storm;
     if st.failed > 0 {
         out.push(format!("{server} s8: {} of {} storm clients failed: {:?}", st.failed, st.clients, st.first_error));
+    }
+    if st.dropped > 0 {
+        out.push(format!("{server} s8: {} storm clients lost their connection before leaving", st.dropped));
     }
     if smoke && st.disconnects > 0 {
         out.push(format!("{server} s8: {} subscribers disconnected during the storm", st.disconnects));
