@@ -13,7 +13,7 @@ use crate::servers::Kind;
 #[derive(Parser, Debug)]
 #[command(name = "herald-bench", version)]
 pub struct Cli {
-    /// Scenarios to run: `all` or a comma-separated list of 1..7.
+    /// Scenarios to run: `all` or a comma-separated list of 1..8 (with --smoke, `all` is 1..7).
     #[arg(long, default_value = "all")]
     pub scenario: String,
     /// Servers to run against, comma-separated: herald,node,floor [default: all three; herald with --smoke].
@@ -75,6 +75,19 @@ pub struct Cli {
     /// Scenario 7: campaigns the clients are spread over (client i in `c<i % n>`).
     #[arg(long, default_value_t = 4)]
     pub soak_campaigns: u32,
+    /// Scenario 8: presence subscribers of campaign c0 over two instances [default: 10000; 200 with --smoke].
+    #[arg(long)]
+    pub presence_clients: Option<u32>,
+    /// Scenario 8: clients of the join/leave storm, all connecting within one second [default: 1000; 50 with --smoke].
+    #[arg(long)]
+    pub presence_storm: Option<u32>,
+    /// Scenario 8: rounds of the fan-out comparison, each one session with presence and one
+    /// without, in alternating order [default: 2; 1 with --smoke].
+    #[arg(long)]
+    pub presence_rounds: Option<u32>,
+    /// Scenario 8: seconds of traffic per fan-out session, at `--rate` (5) ev/s [default: 20; 3 with --smoke].
+    #[arg(long)]
+    pub presence_duration: Option<f64>,
     /// Tiny run for CI: 200 clients, 2-3 s per scenario, herald only; exits non-zero on any loss,
     /// duplicate, protocol error, failed connection or failed publish. Never a timed assertion.
     #[arg(long)]
@@ -130,6 +143,7 @@ pub struct Cfg {
     pub campaigns: u32,
     pub fleet: FleetCfg,
     pub soak: SoakCfg,
+    pub presence: PresenceCfg,
     pub smoke: bool,
     pub settle: Duration,
     pub quiet: Duration,
@@ -156,6 +170,14 @@ pub struct SoakCfg {
     pub campaigns: u32,
 }
 
+/// Scenario 8's settings.
+pub struct PresenceCfg {
+    pub clients: u32,
+    pub storm: u32,
+    pub rounds: u32,
+    pub duration_s: f64,
+}
+
 fn list<T: std::str::FromStr>(what: &str, given: &Option<String>, default: &str) -> Result<Vec<T>> {
     let s = given.as_deref().unwrap_or(default);
     s.split(',').map(|x| x.trim().parse::<T>().map_err(|_| anyhow::anyhow!("bad {what} {x:?}"))).collect()
@@ -164,13 +186,14 @@ fn list<T: std::str::FromStr>(what: &str, given: &Option<String>, default: &str)
 pub fn resolve(cli: &Cli) -> Result<Cfg> {
     let smoke = cli.smoke;
     let scenarios: Vec<u8> = if cli.scenario.trim() == "all" {
-        vec![1, 2, 3, 4, 5, 6, 7]
+        // Scenario 8's short form would add about 22 s to the smoke run: it runs there only when named.
+        if smoke { vec![1, 2, 3, 4, 5, 6, 7] } else { vec![1, 2, 3, 4, 5, 6, 7, 8] }
     } else {
         let mut v = Vec::new();
         for s in cli.scenario.split(',') {
             let n: u8 = s.trim().parse().with_context(|| format!("bad scenario {s:?}"))?;
-            if !(1..=7).contains(&n) {
-                bail!("scenario {n} does not exist (1..7)");
+            if !(1..=8).contains(&n) {
+                bail!("scenario {n} does not exist (1..8)");
             }
             v.push(n);
         }
@@ -228,6 +251,15 @@ pub fn resolve(cli: &Cli) -> Result<Cfg> {
             "scenario 7 needs clients, 1..1000 campaigns, a churn of at most the clients, a positive rate and duration"
         );
     }
+    let presence = PresenceCfg {
+        clients: cli.presence_clients.unwrap_or(if smoke { 200 } else { 10_000 }),
+        storm: cli.presence_storm.unwrap_or(if smoke { 50 } else { 1_000 }),
+        rounds: cli.presence_rounds.unwrap_or(if smoke { 1 } else { 2 }),
+        duration_s: cli.presence_duration.unwrap_or(if smoke { 3.0 } else { 20.0 }),
+    };
+    if presence.clients < 2 || presence.storm == 0 || presence.rounds == 0 || !rate_check(presence.duration_s) {
+        bail!("scenario 8 needs at least 2 clients, a storm, a round and a positive duration");
+    }
     let cfg = Cfg {
         scenarios,
         servers,
@@ -242,6 +274,7 @@ pub fn resolve(cli: &Cli) -> Result<Cfg> {
         campaigns: cli.campaigns.max(1),
         fleet,
         soak,
+        presence,
         smoke,
         settle: if smoke { Duration::from_millis(200) } else { Duration::from_secs(1) },
         quiet: if smoke { Duration::from_secs(2) } else { Duration::from_secs(10) },

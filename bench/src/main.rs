@@ -12,6 +12,8 @@
 //! - `fleet`: scenario 6, herald's fleet on a Redis Cluster, and what it measures.
 //! - `soak`: scenario 7, the churn soak: clients arriving, leaving, cut and coming back while
 //!   events flow; gaps, duplicates, RSS over time and the gauges against what it holds.
+//! - `presence`: scenario 8, presence: fan-out with presence on against off, and a join/leave
+//!   storm in a 10,000-member room (Redis commands, CPU, presence events per member).
 //! - `results`: what they measured, as types, and the JSON document.
 //! - `session`: the servers and clients of one scenario: start, connect, traffic, stop.
 //! - `servers`: starting and stopping herald, the Node reference, the floor and Redis; fixtures.
@@ -23,6 +25,7 @@
 mod cli;
 mod fleet;
 mod load;
+mod presence;
 mod proto;
 mod report;
 mod results;

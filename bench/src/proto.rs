@@ -38,6 +38,33 @@ pub struct Client {
     pub addr: SocketAddr,
     pub subscribed: AtomicBool,
     pub seen: Mutex<SeqSet>,
+    /// Subscribes with `presence: true` (scenario 8).
+    pub presence: bool,
+    /// Presence events received: `presence_joined`, `presence_left`, `presence_count`.
+    pub presence_events: [AtomicU64; 3],
+}
+
+/// The presence events a client counts, in the order of [`Client::presence_events`].
+pub const PRESENCE_EVENTS: [&str; 3] = ["presence_joined", "presence_left", "presence_count"];
+
+/// Which of [`PRESENCE_EVENTS`] a `42["<type>",..]` frame is, if it is one.
+pub fn presence_kind(t: &str) -> Option<usize> {
+    let rest = t.strip_prefix("42[\"")?;
+    PRESENCE_EVENTS.iter().position(|e| rest.strip_prefix(e).is_some_and(|r| r.starts_with('"')))
+}
+
+/// The `subscribe_campaign` frame with ack id 1, with `presence: true` when asked.
+pub fn subscribe_frame(campaign: u32, presence: bool) -> String {
+    let flag = if presence { ",\"presence\":true" } else { "" };
+    format!("421[\"subscribe_campaign\",{{\"campaignId\":\"c{campaign}\"{flag}}}]")
+}
+
+/// Whether the text after `431` is a successful subscribe ack.
+pub fn ack_ok(rest: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(rest)
+        .ok()
+        .and_then(|v| v.get(0).and_then(|a| a.get("success")).and_then(|s| s.as_bool()))
+        .unwrap_or(false)
 }
 
 #[derive(Serialize)]
@@ -109,7 +136,7 @@ pub async fn run(cfg: Arc<ClientCfg>, c: Arc<Client>) {
     }
 }
 
-async fn next_text(ws: &mut Ws) -> Result<String, String> {
+pub async fn next_text(ws: &mut Ws) -> Result<String, String> {
     loop {
         match ws.next().await {
             Some(Ok(Message::Text(t))) => return Ok(t.as_str().to_owned()),
@@ -203,7 +230,7 @@ async fn setup(cfg: &ClientCfg, c: &Client) -> Result<Ws, String> {
     let mut ws = open(c.addr, cfg.ws_config).await?;
     send_connect(&mut ws, &cfg.key, &format!("u{}", c.idx)).await?;
     connected(&mut ws).await?;
-    ws.send(Message::text(format!("421[\"subscribe_campaign\",{{\"campaignId\":\"c{}\"}}]", c.campaign)))
+    ws.send(Message::text(subscribe_frame(c.campaign, c.presence)))
         .await
         .map_err(|e| format!("send subscribe: {e}"))?;
     loop {
@@ -211,11 +238,7 @@ async fn setup(cfg: &ClientCfg, c: &Client) -> Result<Ws, String> {
         if t == "2" {
             ws.send(Message::text("3")).await.map_err(|e| format!("send pong: {e}"))?;
         } else if let Some(rest) = t.strip_prefix("431") {
-            let ok = serde_json::from_str::<serde_json::Value>(rest)
-                .ok()
-                .and_then(|v| v.get(0).and_then(|a| a.get("success")).and_then(|s| s.as_bool()))
-                .unwrap_or(false);
-            if ok {
+            if ack_ok(rest) {
                 return Ok(ws);
             }
             return Err(format!("subscribe refused: {}", short(rest)));
@@ -256,6 +279,13 @@ pub fn offset_of(t: &str) -> Option<&str> {
 
 fn on_event(c: &Client, shared: &Shared, t: &str) {
     let now = now_ns();
+    if let Some(k) = presence_kind(t) {
+        if !c.presence {
+            shared.protocol_error("a presence event for a client subscribed without presence");
+        }
+        c.presence_events[k].fetch_add(1, Relaxed);
+        return;
+    }
     let Some((sent, seq, camp)) = parse_delivery(t) else {
         return shared.protocol_error(t);
     };
@@ -293,5 +323,22 @@ mod tests {
         assert_eq!(parse_delivery("42[\"x\",{}]"), None);
         assert_eq!(parse_delivery("43[\"x\"]"), None);
         assert_eq!(parse_delivery(r#"42["x",{"sentAtNs":"a","seq":1,"campaignId":"c1"}]"#), None);
+    }
+
+    #[test]
+    fn tells_presence_events_and_builds_subscribes() {
+        assert_eq!(
+            presence_kind(r#"42["presence_joined",{"room":"campaign:c0","userId":"u1","connections":1}]"#),
+            Some(0)
+        );
+        assert_eq!(presence_kind(r#"42["presence_left",{"room":"campaign:c0","userId":"u1"}]"#), Some(1));
+        assert_eq!(presence_kind(r#"42["presence_count",{"room":"campaign:c0","count":7}]"#), Some(2));
+        assert_eq!(presence_kind(r#"42["presence_counter",{}]"#), None);
+        assert_eq!(presence_kind(r#"42["entity_updated",{"presence_count":1}]"#), None);
+        assert_eq!(subscribe_frame(3, false), r#"421["subscribe_campaign",{"campaignId":"c3"}]"#);
+        assert_eq!(subscribe_frame(0, true), r#"421["subscribe_campaign",{"campaignId":"c0","presence":true}]"#);
+        assert!(ack_ok(r#"[{"success":true,"presenceCount":10000}]"#));
+        assert!(!ack_ok(r#"[{"success":false}]"#));
+        assert!(!ack_ok("nonsense"));
     }
 }

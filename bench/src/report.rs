@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Display;
 
 use crate::cli::Cfg;
+use crate::proto::PRESENCE_EVENTS;
 use crate::results::{Outcome, Scenarios, ServerResults, Traffic};
 use crate::soak::Soak;
 use crate::stats::Latency;
@@ -329,6 +330,9 @@ pub fn print_tables(cfg: &Cfg, results: &BTreeMap<&str, ServerResults>) {
     if want(7) {
         soak_tables(cfg, servers);
     }
+    if want(8) {
+        presence_tables(cfg, servers);
+    }
     println!();
 }
 
@@ -412,6 +416,113 @@ fn fleet_tables(cfg: &Cfg, servers: &[(String, &ServerResults)]) {
     }
     t.print();
     sum.print();
+}
+
+fn presence_tables(cfg: &Cfg, servers: &[(String, &ServerResults)]) {
+    let p = &cfg.presence;
+    let mut t = Table::new(
+        format!(
+            "Scenario 8: fan-out with presence on and off, {} subscribers of c0 over 2 instances + Redis, {} ev/s \
+             for {} s per session, sessions in the order they ran",
+            p.clients, cfg.rate_one, p.duration_s
+        ),
+        &[
+            "server",
+            "presence",
+            "subs",
+            "events",
+            "deliv/s",
+            "p50 ms",
+            "p99 ms",
+            "lost",
+            "dup",
+            "srv µs/deliv",
+            "srv CPU%",
+            "presence msgs",
+        ],
+    );
+    let mut sum = Table::new(
+        "Scenario 8: presence's cost in the fan-out (mean over the sessions; target: under 5%)".into(),
+        &["server", "µs/deliv on", "µs/deliv off", "CPU overhead %", "p99 ms on", "p99 ms off"],
+    );
+    let mut st = Table::new(
+        format!(
+            "Scenario 8: storm of {} presence clients joining within a second, then leaving, in a room of {} \
+             (window: first join to two rounds after the presence timeout; target: a few dozen presence messages \
+             per member at most)",
+            p.storm, p.clients
+        ),
+        &[
+            "server",
+            "joined",
+            "join s",
+            "leave s",
+            "window s",
+            "Redis cmds (above idle)",
+            "Redis CPU s",
+            "CPU s per instance (above idle)",
+            "msgs/member max",
+            "mean",
+            "joined/left/count max",
+        ],
+    );
+    for (name, r) in servers {
+        let v = match entry(r, |s| &s.s8) {
+            None => continue,
+            Some(Err(e)) => {
+                sum.rows.push(vec![format!("{name}: {e}")]);
+                continue;
+            }
+            Some(Ok(v)) => v,
+        };
+        for run in &v.fanout {
+            let tr = &run.traffic;
+            t.rows.push(vec![
+                name.clone(),
+                yes_no(run.presence),
+                int(tr.subscribers),
+                int(tr.events_accepted),
+                fixed(tr.deliveries_per_s, 0),
+                fixed(tr.latency_ms.p50_ms, 2),
+                fixed(tr.latency_ms.p99_ms, 2),
+                int(tr.lost),
+                int(tr.duplicates),
+                fixed(tr.server_cpu_us_per_delivery, 2),
+                fixed(tr.server_cpu_pct, 1),
+                int(run.presence_events),
+            ]);
+        }
+        sum.rows.push(vec![
+            name.clone(),
+            fixed(v.cpu_us_per_delivery_on, 2),
+            fixed(v.cpu_us_per_delivery_off, 2),
+            fixed(v.presence_cpu_overhead_pct, 1),
+            fixed(v.p99_ms_on, 2),
+            fixed(v.p99_ms_off, 2),
+        ]);
+        let s = &v.storm;
+        let kinds = PRESENCE_EVENTS
+            .iter()
+            .map(|e| s.by_kind.get(e).map(|k| int(k.max)).unwrap_or_else(|| "-".into()))
+            .collect::<Vec<_>>()
+            .join(" / ");
+        st.rows.push(vec![
+            name.clone(),
+            format!("{} of {}", s.joined, s.clients),
+            fixed(s.join_s, 2),
+            fixed(s.leave_s, 2),
+            fixed(s.window_s, 1),
+            format!("{} ({})", opt(s.redis_commands), fixed(s.redis_commands_above_idle, 0)),
+            fixed(s.redis_cpu_s, 2),
+            per_instance(&s.per_instance, |i| format!("{} ({})", fixed(i.cpu_s, 2), fixed(i.cpu_above_idle_s, 2))),
+            int(s.events_per_client_max),
+            fixed(s.events_per_client_mean, 2),
+            kinds,
+        ]);
+    }
+    t.print();
+    sum.print();
+    st.print();
 }
 
 /// "a / b" of one figure per instance.

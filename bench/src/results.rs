@@ -1,6 +1,6 @@
 //! What a run measures, as types: the setup of a scenario's clients (`Setup`), one traffic phase
 //! (`Traffic`), each scenario's result (scenario 6's, `Fleet`, is beside it in `fleet`, and 7's,
-//! `Soak`, in `soak`), and the JSON document a run prints (`Document`). The
+//! `Soak`, in `soak`, and 8's, `Presence`, in `presence`), and the JSON document a run prints (`Document`). The
 //! field names are the JSON's (bench/README.md): the document is serialized once, at the edge
 //! (the last stdout line, `--json-out`). A figure that could not be read is `None` (`null`).
 
@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::fleet::Fleet;
+use crate::presence::Presence;
 use crate::soak::Soak;
 use crate::stats::Latency;
 
@@ -189,6 +190,8 @@ pub struct Scenarios {
     pub s6: Option<Outcome<Fleet>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub s7: Option<Outcome<Soak>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s8: Option<Outcome<Presence>>,
 }
 
 /// The setup and the traffic phases of one scenario that ran, for the checks.
@@ -220,6 +223,9 @@ impl Scenarios {
         for r in self.s6.as_ref().and_then(Outcome::done).map(|f| f.runs.as_slice()).unwrap_or_default() {
             let traffic = std::iter::once(&r.mix).chain(&r.others).collect();
             out.push(Measured { key: "s6", setup: &r.setup, traffic });
+        }
+        for r in self.s8.as_ref().and_then(Outcome::done).map(|p| p.fanout.as_slice()).unwrap_or_default() {
+            out.push(Measured { key: "s8", setup: &r.setup, traffic: vec![&r.traffic] });
         }
         out
     }

@@ -56,7 +56,10 @@ pub async fn run(cli: Cli) -> Result<bool> {
         pin,
         max_connections: 25_000,
     };
-    let users = cfg.clients.max(cfg.ramp_clients).max(cfg.fleet.clients);
+    let mut users = cfg.clients.max(cfg.ramp_clients).max(cfg.fleet.clients);
+    if cfg.scenarios.contains(&8) {
+        users = users.max(cfg.presence.clients + cfg.presence.storm);
+    }
     let mut rows = servers::membership_rows(users, cfg.campaigns);
     if cfg.scenarios.contains(&7) {
         rows.extend(soak::membership_rows(&cfg.soak));

@@ -1,4 +1,4 @@
-//! The scenarios (1 and 2 share their clients; 3, 4 and 5; 6 is in `fleet`, 7 in `soak`), the chosen ones run against one
+//! The scenarios (1 and 2 share their clients; 3, 4 and 5; 6 is in `fleet`, 7 in `soak`, 8 in `presence`), the chosen ones run against one
 //! server (`on_server`), and the checks on what they measured (`check`). Each scenario starts
 //! its own session, so it begins on freshly started servers.
 
@@ -6,6 +6,7 @@ use anyhow::Result;
 
 use crate::cli::Cfg;
 use crate::fleet;
+use crate::presence;
 use crate::results::{
     Measured, Outcome, Ramp, Scenario1, Scenario4, Scenarios, Step, Traffic, TrafficScenario, compact,
 };
@@ -58,6 +59,13 @@ pub async fn on_server(b: &Bench, kind: Kind, failures: &mut Vec<String>) -> Sce
             outcome(failures, name, "s7", soak::scenario_7(b).await)
         } else {
             Outcome::NotApplicable { na: "scenario 7 checks herald's own gauges and fleet".into() }
+        });
+    }
+    if want(8) {
+        res.s8 = Some(if kind == Kind::Herald {
+            outcome(failures, name, "s8", presence::scenario_8(b).await)
+        } else {
+            Outcome::NotApplicable { na: "scenario 8 measures herald's presence".into() }
         });
     }
     res
@@ -205,6 +213,9 @@ pub fn check(cfg: &Cfg, server: &str, res: &Scenarios, failures: &mut Vec<String
     }
     if let Some(v) = res.s7.as_ref().and_then(Outcome::done) {
         soak::problems(server, v, cfg.smoke, failures);
+    }
+    if let Some(v) = res.s8.as_ref().and_then(Outcome::done) {
+        presence::problems(server, v, cfg.smoke, failures);
     }
 }
 

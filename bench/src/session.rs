@@ -39,6 +39,8 @@ pub struct Session<'a> {
     route: Vec<usize>,
     /// The seq ranges `[lo, hi)` per campaign of the last traffic phase.
     last_range: Option<(Vec<u64>, Vec<u64>)>,
+    /// Whether the clients `connect` sets up subscribe with `presence: true`.
+    presence: bool,
 }
 
 /// Where a session's instances share their events.
@@ -150,6 +152,7 @@ impl<'a> Session<'a> {
             publishers,
             route: vec![0; campaigns as usize],
             last_range: None,
+            presence: false,
         })
     }
 
@@ -159,6 +162,26 @@ impl<'a> Session<'a> {
         for (c, r) in self.route.iter_mut().enumerate() {
             *r = owner(c as u32);
         }
+    }
+
+    /// From now on, the clients `connect` sets up subscribe with `presence: true` when `on`.
+    pub fn subscribe_with_presence(&mut self, on: bool) {
+        self.presence = on;
+    }
+
+    /// Every client `connect` set up, subscribed or not.
+    pub fn clients(&self) -> &[Arc<Client>] {
+        &self.clients
+    }
+
+    /// The counters every client task updates.
+    pub fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    /// The clients' settings (signing key, WebSocket settings).
+    pub fn client_cfg(&self) -> &ClientCfg {
+        &self.ccfg
     }
 
     pub fn instances(&self) -> &[Instance] {
@@ -208,6 +231,8 @@ impl<'a> Session<'a> {
                 addr: self.instances[inst].addr,
                 subscribed: false.into(),
                 seen: Mutex::new(SeqSet::default()),
+                presence: self.presence,
+                presence_events: Default::default(),
             });
             self.clients.push(c.clone());
             self.handles.push(tokio::spawn(proto::run(self.ccfg.clone(), c)));
